@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import psycopg
 import pytest
 from psycopg import sql
@@ -68,3 +69,35 @@ def cli_env(pg_url: str, schema_name: str, tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "BQX_"))}
     env.update(BQX_DATABASE_URL=pg_url, BQX_SCHEMA=schema_name, BQX_HOME=str(tmp_path / "home"))
     return env
+
+
+def random_walk_bars(
+    start: str, minutes: int, *, seed: int = 0, level: float = 1.08, missing: float = 0.03
+) -> tuple[np.ndarray, np.ndarray]:
+    """Minute bars with weekend gaps and a few missing minutes: (times datetime64[us], ohlcv)."""
+    rng = np.random.default_rng(seed)
+    t = np.datetime64(start, "m") + np.arange(minutes).astype("timedelta64[m]")
+    # forex week: drop Friday 22:00 .. Sunday 22:00 UTC (minute_of_week 0 = Monday 00:00)
+    minute_of_week = ((t.astype(np.int64) + 3 * 1440) % (7 * 1440)).astype(np.int64)
+    closed = (minute_of_week >= 4 * 1440 + 22 * 60) & (minute_of_week < 6 * 1440 + 22 * 60)
+    keep = ~closed & (rng.random(minutes) >= missing)
+    t = t[keep].astype("datetime64[us]")
+    close = np.round(level * np.exp(np.cumsum(rng.normal(0, 1e-4, len(t)))), 5)
+    opn = np.concatenate(([close[0]], close[:-1]))
+    high = np.maximum(opn, close) + 0.00002
+    low = np.minimum(opn, close) - 0.00002
+    vol = rng.integers(1, 100, len(t)).astype(np.float64)
+    return t, np.column_stack([opn, high, low, close, vol])
+
+
+@pytest.fixture
+def make_bars(conn: psycopg.Connection, layout: Layout):
+    """Store random-walk bars for a pair: make_bars('eurusd', '2024-07-01', minutes, seed=1)."""
+    from bqx.sources.load import load_bars
+
+    def make(pair: str, start: str, minutes: int, **kw: object) -> tuple[np.ndarray, np.ndarray]:
+        times, ohlcv = random_walk_bars(start, minutes, **kw)
+        load_bars(conn, layout, pair, times, ohlcv, mode="replace")
+        return times, ohlcv
+
+    return make

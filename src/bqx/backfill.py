@@ -236,6 +236,30 @@ def init(
     return len(pairs) * len(months)
 
 
+def worker_is_dead(worker: str | None) -> bool:
+    """True when ``host:pid`` names a process on this host that no longer exists.
+
+    Lets a restart take over a dead local worker's job at once instead of waiting for its
+    heartbeat to go stale; workers on other hosts are judged by their heartbeat alone.
+    """
+    if not worker or ":" not in worker:
+        return False
+    host, pid = worker.rsplit(":", 1)
+    if host != worker_id().rsplit(":", 1)[0] or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:  # a killed process nobody has reaped yet is a zombie: dead too
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
 # -- the ledger ---------------------------------------------------------------------------
 
 
@@ -272,10 +296,10 @@ class Ledger:
         todo, skipped = [], []
         with conn.transaction():
             existing = {
-                (p, Month.of(m)): (status, h, sig, stale)
-                for p, m, status, h, sig, stale in conn.execute(
+                (p, Month.of(m)): (status, h, sig, stale or worker_is_dead(worker))
+                for p, m, status, h, sig, worker, stale in conn.execute(
                     self._q(
-                        "SELECT pair, month, status, param_hash, source_sig,"
+                        "SELECT pair, month, status, param_hash, source_sig, worker,"
                         " heartbeat_at < now() - make_interval(secs => %s) FROM {jobs}"
                         " WHERE pair = ANY(%s) FOR UPDATE"
                     ),
