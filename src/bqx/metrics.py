@@ -1,0 +1,332 @@
+"""The BQX formulas (SPEC 2): arrays in, metric columns out. Pure computation, no I/O.
+
+For the bar at t with price p_t and the W bars before it, P = (p_{t-W}, …, p_{t-1}):
+
+- ``w{W}_bqx_return``   Σ (p_{t-i} − p_t) / p_t
+- ``w{W}_bqx_max/min/avg``  max / min / mean of P
+- ``w{W}_bqx_stdev``    sample standard deviation of P (n − 1)
+- ``w{W}_bqx_endpoint`` (p_{t-W} − p_t) / p_t
+- ``agg_bqx_*``         the same over the largest window, plus range (max − min)/p_t and
+  volatility stdev/p_t.
+
+The windows are nested (each is a prefix of the largest, read backwards from t−1), so one
+backward scan of W_max bars per row yields every window at once. Sums are taken of differences
+from p_{t-1}, which are exact for nearby prices (Sterbenz) and small, so the variance needs no
+subtraction of large numbers: no digits are lost at 1.07 or at 160, and a constant window gives
+exactly 0. Each row's arithmetic depends only on its own window, in a fixed order, so results
+are bit-identical however a series is split into jobs. The scan is O(W_max) per bar in a numba
+kernel that runs across rows in its inner loop (SIMD).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numba
+import numpy as np
+
+DEFAULT_WINDOWS: tuple[int, ...] = (15, 30, 45, 60, 75)
+MODES: tuple[str, ...] = ("bars", "clock")
+
+WINDOW_STATS: tuple[str, ...] = ("return", "max", "min", "avg", "stdev", "endpoint")
+AGG_STATS: tuple[str, ...] = ("return", "max", "min", "avg", "stdev", "range", "volatility")
+
+
+def normalize_windows(windows: Sequence[int]) -> tuple[int, ...]:
+    """Sorted unique positive window sizes; ValueError for anything else."""
+    try:
+        wins = sorted({int(w) for w in windows})
+    except (TypeError, ValueError):
+        raise ValueError(f"windows must be integers, got {windows!r}") from None
+    if not wins:
+        raise ValueError("at least one window is needed")
+    if wins[0] < 2:
+        raise ValueError(f"window {wins[0]} is too small: a sample stdev needs at least 2 bars")
+    return tuple(wins)
+
+
+def metric_columns(windows: Sequence[int] = DEFAULT_WINDOWS) -> list[str]:
+    """Metric column names in table order: 6 per window, then 7 aggregates (37 by default)."""
+    cols = [f"w{w}_bqx_{s}" for w in normalize_windows(windows) for s in WINDOW_STATS]
+    return cols + [f"agg_bqx_{s}" for s in AGG_STATS]
+
+
+def lookback_bars(windows: Sequence[int]) -> int:
+    """Bars of history needed before the first bar wanted (``bars`` mode)."""
+    return max(normalize_windows(windows))
+
+
+def lookback_minutes(windows: Sequence[int], max_fill: int) -> int:
+    """Minutes of history needed before the first bar wanted (``clock`` mode).
+
+    The oldest window minute is W_max before t, and its price may come from a bar up to
+    ``max_fill`` minutes older still.
+    """
+    return max(normalize_windows(windows)) + int(max_fill)
+
+
+# -- kernel -------------------------------------------------------------------------------
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _sums_contiguous(values, e0, m, k0, k1, s, s1, s2):  # pragma: no cover
+    for k in range(k0, k1 + 1):
+        for j in range(m):
+            d = values[e0 + j - k] - s[j]
+            s1[j] += d
+            s2[j] += d * d
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _sums_gather(values, at, r0, m, k0, k1, s, s1, s2):  # pragma: no cover
+    for k in range(k0, k1 + 1):
+        for j in range(m):
+            d = values[at[r0 + j] - k] - s[j]
+            s1[j] += d
+            s2[j] += d * d
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _sums_safe(values, at, r0, m, k0, k1, s, s1, s2):  # pragma: no cover
+    for k in range(k0, k1 + 1):
+        for j in range(m):
+            e = at[r0 + j]
+            d = (values[e - k] if e >= k else np.nan) - s[j]
+            s1[j] += d
+            s2[j] += d * d
+
+
+_BLOCK = 128  # rows scanned together: the inner loops run across rows, so they vectorise
+
+
+@numba.njit(cache=True, nogil=True)
+def _scan(values, at, p_now, wins, out, contiguous):  # pragma: no cover - compiled
+    """For each row r: the windows of ``values`` ending just before index ``at[r]``.
+
+    ``values`` may hold NaN (a minute with no usable price): a window containing one is NaN,
+    and so is every larger window. ``out`` has 6 rows per window then 7 aggregate rows.
+
+    Sums: rows are taken ``_BLOCK`` at a time and the backward scan runs k = 1..W with the
+    rows as the inner loop; each row still sums its own window in the same order, so a row's
+    values never depend on which other rows are computed with it (bit-identical splits).
+    Max/min, which round nothing, come from a sparse table (O(log W) per block element).
+    """
+    n = at.shape[0]
+    nw = wins.shape[0]
+    wmax = wins[nw - 1]
+    levels = 1
+    while (1 << levels) <= wmax:
+        levels += 1
+    nan = np.nan
+    s = np.empty(_BLOCK)
+    s1 = np.empty(_BLOCK)
+    s2 = np.empty(_BLOCK)
+    cap = _BLOCK + wmax
+    tmax = np.empty((levels, cap))
+    tmin = np.empty((levels, cap))
+    for r0 in range(0, n, _BLOCK):
+        m = min(_BLOCK, n - r0)
+        e0 = at[r0]
+        for j in range(m):
+            e = at[r0 + j]
+            s[j] = values[e - 1] if e >= 1 else nan  # shift: p_{t-1}, differences are exact
+            s1[j] = 0.0
+            s2[j] = 0.0
+        # sparse table over the values the block's windows cover: [seg, at[last])
+        seg = max(0, e0 - wmax)
+        span = at[r0 + m - 1] - seg
+        if span > cap:  # a gap in clock mode can widen a block's span
+            cap = span
+            tmax = np.empty((levels, cap))
+            tmin = np.empty((levels, cap))
+        for i in range(span):
+            tmax[0, i] = values[seg + i]
+            tmin[0, i] = values[seg + i]
+        for lv in range(1, levels):
+            h = 1 << (lv - 1)
+            for i in range(span - (1 << lv) + 1):
+                a = tmax[lv - 1, i]
+                b = tmax[lv - 1, i + h]
+                tmax[lv, i] = a if a > b else b
+                a = tmin[lv - 1, i]
+                b = tmin[lv - 1, i + h]
+                tmin[lv, i] = a if a < b else b
+        k0 = 1
+        for wi in range(nw):
+            w_int = wins[wi]
+            # accumulate bars k0..W back; the branch is outside the loops so they vectorise
+            if e0 < wmax:  # the first rows of the series: a missing bar k back gives NaN
+                _sums_safe(values, at, r0, m, k0, w_int, s, s1, s2)
+            elif contiguous:
+                _sums_contiguous(values, e0, m, k0, w_int, s, s1, s2)
+            else:
+                _sums_gather(values, at, r0, m, k0, w_int, s, s1, s2)
+            k0 = w_int + 1
+            lv = 0
+            while (2 << lv) <= w_int:
+                lv += 1
+            width = 1 << lv
+            base = 6 * wi
+            w = float(w_int)
+            inv_w = 1.0 / w
+            inv_w1 = 1.0 / (w - 1.0)
+            # branch-free so that it vectorises; a NaN in the window makes s1 NaN
+            for j in range(m):
+                r = r0 + j
+                e = at[r]
+                p = p_now[r]
+                inv_p = 1.0 / p
+                ok = s1[j] == s1[j]
+                a = max(e - w_int - seg, 0)
+                b = max(e - width - seg, 0)
+                x1 = tmax[lv, a]
+                x2 = tmax[lv, b]
+                hi = x1 if x1 > x2 else x2
+                x1 = tmin[lv, a]
+                x2 = tmin[lv, b]
+                lo = x1 if x1 < x2 else x2
+                mean_d = s1[j] * inv_w
+                var = (s2[j] - s1[j] * mean_d) * inv_w1
+                sd = np.sqrt(var if var > 0.0 else 0.0)
+                # Σ(p_{t-i} − p_t) = Σd + W (s − p_t); s − p_t is exact too
+                out[base, r] = (s1[j] + w * (s[j] - p)) * inv_p
+                out[base + 1, r] = hi if ok else nan
+                out[base + 2, r] = lo if ok else nan
+                out[base + 3, r] = s[j] + mean_d
+                out[base + 4, r] = (0.0 if hi == lo else sd) if ok else nan  # constant: 0
+                out[base + 5, r] = (values[max(e - w_int, 0)] - p) * inv_p if ok else nan
+        last = 6 * (nw - 1)
+        agg = 6 * nw
+        for j in range(m):
+            r = r0 + j
+            inv_p = 1.0 / p_now[r]
+            out[agg, r] = out[last, r]
+            out[agg + 1, r] = out[last + 1, r]
+            out[agg + 2, r] = out[last + 2, r]
+            out[agg + 3, r] = out[last + 3, r]
+            out[agg + 4, r] = out[last + 4, r]
+            out[agg + 5, r] = (out[last + 1, r] - out[last + 2, r]) * inv_p
+            out[agg + 6, r] = out[last + 4, r] * inv_p
+
+
+@numba.njit(cache=True, nogil=True)
+def _minute_grid(minutes, prices, max_fill):  # pragma: no cover - compiled
+    """Calendar-minute prices from the first bar's minute on, forward-filled at most
+    ``max_fill`` minutes; NaN where no bar is recent enough."""
+    first = minutes[0]
+    size = minutes[minutes.shape[0] - 1] - first + 1
+    grid = np.empty(size, dtype=np.float64)
+    j = 0
+    last_price = np.nan
+    last_minute = first
+    for g in range(size):
+        m = first + g
+        if minutes[j] == m:
+            last_price = prices[j]
+            last_minute = m
+            j += 1
+        grid[g] = last_price if m - last_minute <= max_fill else np.nan
+    return grid
+
+
+# -- API ----------------------------------------------------------------------------------
+
+
+def _to_minutes(times: np.ndarray) -> np.ndarray:
+    """Whole minutes since the epoch (floored) as int64, for any datetime64 unit."""
+    unit, count = np.datetime_data(times.dtype)
+    per_minute = {"m": 1, "s": 60, "ms": 60_000, "us": 60_000_000, "ns": 60_000_000_000}
+    if unit in per_minute:
+        factor = per_minute[unit]
+        ticks = times.view(np.int64) * count if count != 1 else times.view(np.int64)
+        return ticks // factor if factor != 1 else ticks.copy()
+    return times.astype("datetime64[m]").view(np.int64)
+
+
+def _validate(times: np.ndarray, prices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    times = np.asarray(times)
+    prices = np.asarray(prices)
+    if times.ndim != 1 or prices.ndim != 1:
+        raise ValueError("times and prices must be one-dimensional arrays")
+    if len(times) != len(prices):
+        raise ValueError(f"times has {len(times)} elements but prices has {len(prices)}")
+    if not np.issubdtype(times.dtype, np.datetime64):
+        raise ValueError(f"times must be numpy datetime64, got dtype {times.dtype}")
+    ticks = times.view(np.int64)  # unit-agnostic: order and NaT checks need no conversion
+    nat = ticks == np.iinfo(np.int64).min
+    if nat.any():
+        raise ValueError(f"times[{int(np.flatnonzero(nat)[0])}] is NaT")
+    try:
+        prices = prices.astype(np.float64, copy=False)
+    except (TypeError, ValueError):
+        raise ValueError(f"prices must be numeric, got dtype {prices.dtype}") from None
+    bad = ~(np.isfinite(prices) & (prices > 0))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"prices[{i}] is {float(prices[i])!r}: prices must be finite and > 0")
+    step = np.diff(ticks)
+    if (step <= 0).any():
+        i = int(np.flatnonzero(step <= 0)[0]) + 1
+        why = "a duplicate of" if step[i - 1] == 0 else "earlier than"
+        raise ValueError(
+            f"times[{i}] ({times[i]}) is {why} times[{i - 1}]: times must be sorted and unique"
+        )
+    return ticks, np.ascontiguousarray(prices)
+
+
+def compute_matrix(
+    times: np.ndarray,
+    prices: np.ndarray,
+    *,
+    windows: Sequence[int] = DEFAULT_WINDOWS,
+    mode: str = "bars",
+    max_fill: int = 5,
+) -> np.ndarray:
+    """Like :func:`compute`, as one (columns × bars) float64 array in ``metric_columns`` order."""
+    wins = np.array(normalize_windows(windows), dtype=np.int64)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if int(max_fill) < 0:
+        raise ValueError(f"max_fill must be >= 0, got {max_fill}")
+    ticks, prices = _validate(times, prices)
+    n = len(prices)
+    out = np.empty((6 * len(wins) + len(AGG_STATS), n), dtype=np.float64)
+    if n == 0:
+        return out
+    if mode == "bars":
+        _scan(prices, np.arange(n, dtype=np.int64), prices, wins, out, True)
+    else:
+        minutes = _to_minutes(np.asarray(times))
+        if (np.diff(minutes) <= 0).any():
+            i = int(np.flatnonzero(np.diff(minutes) <= 0)[0]) + 1
+            raise ValueError(
+                f"times[{i}] falls in the same minute as times[{i - 1}]: clock mode needs at "
+                "most one bar per minute"
+            )
+        grid = _minute_grid(minutes, prices, int(max_fill))
+        _scan(grid, minutes - minutes[0], prices, wins, out, False)
+    return out
+
+
+def compute(
+    times: np.ndarray,
+    prices: np.ndarray,
+    *,
+    windows: Sequence[int] = DEFAULT_WINDOWS,
+    mode: str = "bars",
+    max_fill: int = 5,
+) -> Mapping[str, np.ndarray]:
+    """Every window and aggregate column of SPEC 1.2 for each bar, NaN where the DB gets NULL.
+
+    ``times``: sorted unique ``numpy.datetime64`` (any unit); ``prices``: float64, finite, > 0.
+    ``mode="bars"``: a window is the W bars before t, however much clock time they span; the
+    first W bars have no such window. ``mode="clock"``: a window is the W calendar minutes
+    t−W … t−1, each priced by the last bar at or before it if that bar is at most ``max_fill``
+    minutes old, else the whole window is NaN (a weekend gives NaN, not a mix of sessions).
+
+    Computing a tail with ``lookback_bars(windows)`` bars (bars mode) or
+    ``lookback_minutes(windows, max_fill)`` minutes (clock mode) of history before it gives
+    the same values, bit for bit, as computing the whole series.
+    """
+    matrix = compute_matrix(times, prices, windows=windows, mode=mode, max_fill=max_fill)
+    return dict(zip(metric_columns(windows), matrix, strict=True))

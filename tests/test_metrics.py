@@ -1,0 +1,339 @@
+"""The metric engine against a plain reference written here, in both window modes."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bqx.metrics import (
+    DEFAULT_WINDOWS,
+    compute,
+    lookback_bars,
+    lookback_minutes,
+    metric_columns,
+)
+
+STATS = ("return", "max", "min", "avg", "stdev", "endpoint")
+DIMENSIONLESS = ("return", "endpoint", "range", "volatility")
+
+# -- the reference: loops over each window, two-pass variance, nothing shared with bqx --------
+
+
+def window_stats(window: list[float], p_t: float) -> dict[str, float]:
+    w = len(window)
+    mean = sum(window) / w
+    var = sum((x - mean) ** 2 for x in window) / (w - 1)
+    return {
+        "return": sum((x - p_t) / p_t for x in window),
+        "max": max(window),
+        "min": min(window),
+        "avg": mean,
+        "stdev": math.sqrt(var),
+        "endpoint": (window[0] - p_t) / p_t,
+    }
+
+
+def reference(
+    times: np.ndarray, prices: np.ndarray, windows=DEFAULT_WINDOWS, mode="bars", max_fill=5
+) -> dict[str, np.ndarray]:
+    minutes = [int(t) for t in times.astype("datetime64[m]").astype(np.int64)]
+    by_minute = dict(zip(minutes, prices.tolist(), strict=True))
+    n = len(prices)
+    out = {c: np.full(n, np.nan) for c in metric_columns(windows)}
+    wmax = max(windows)
+    for i in range(n):
+        p_t = float(prices[i])
+        for w in windows:
+            if mode == "bars":
+                window = prices[i - w : i].tolist() if i >= w else None
+            else:
+                window = []
+                for m in range(minutes[i] - w, minutes[i]):
+                    # the last bar at or before m, if at most max_fill minutes old
+                    price = None
+                    for age in range(max_fill + 1):
+                        if m - age < minutes[0]:
+                            break
+                        if m - age in by_minute:
+                            price = by_minute[m - age]
+                            break
+                    if price is None or m < minutes[0]:
+                        window = None
+                        break
+                    window.append(price)
+            if window is None:
+                continue
+            stats = window_stats(window, p_t)
+            for s in STATS:
+                out[f"w{w}_bqx_{s}"][i] = stats[s]
+            if w == wmax:
+                for s in ("return", "max", "min", "avg", "stdev"):
+                    out[f"agg_bqx_{s}"][i] = stats[s]
+                out["agg_bqx_range"][i] = (stats["max"] - stats["min"]) / p_t
+                out["agg_bqx_volatility"][i] = stats["stdev"] / p_t
+    return out
+
+
+def assert_close(got: dict[str, np.ndarray], ref: dict[str, np.ndarray], prices: np.ndarray):
+    """SPEC 2 tolerances; NaN exactly where the reference has no window."""
+    assert list(got) == list(ref)
+    for col, want in ref.items():
+        have = np.asarray(got[col])
+        assert np.array_equal(np.isnan(have), np.isnan(want)), f"{col}: NULLs differ"
+        ok = ~np.isnan(want)
+        scale = 1.0 if col.endswith(DIMENSIONLESS) else prices[ok]
+        tol = 1e-9 * np.abs(want[ok]) + 1e-12 * scale
+        err = np.abs(have[ok] - want[ok])
+        assert (err <= tol).all(), f"{col}: max error/tolerance {np.max(err / tol):.3g}"
+
+
+# -- data ------------------------------------------------------------------------------------
+
+
+def walk(n: int, level: float, seed: int, decimals: int = 5, vol: float = 1e-4) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.round(level * np.exp(np.cumsum(rng.normal(0, vol, n))), decimals)
+
+
+def minutes_from(start: str, offsets) -> np.ndarray:
+    return np.datetime64(start, "m") + np.asarray(offsets, dtype=np.int64).astype("timedelta64[m]")
+
+
+def with_gaps(n: int, seed: int) -> np.ndarray:
+    """Minute times with a few missing minutes and a 48-hour weekend in the middle."""
+    rng = np.random.default_rng(seed)
+    steps = np.where(rng.random(n) < 0.05, rng.integers(2, 9, n), 1)
+    steps[n // 2] = 48 * 60
+    return minutes_from("2024-07-05T20:00", np.cumsum(steps))
+
+
+# -- accuracy against the reference ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["bars", "clock"])
+@pytest.mark.parametrize("level,decimals", [(1.07, 5), (160.0, 3)], ids=["EUR", "JPY"])
+def test_random_walk_matches_reference(mode, level, decimals):
+    n = 1500
+    times = with_gaps(n, seed=7)
+    prices = walk(n, level, seed=11, decimals=decimals)
+    got = compute(times, prices, mode=mode)
+    assert_close(got, reference(times, prices, mode=mode), prices)
+
+
+@pytest.mark.parametrize("mode", ["bars", "clock"])
+def test_flat_stretches_have_stdev_exactly_zero(mode):
+    n = 600
+    prices = walk(n, 1.08, seed=3)
+    prices[100:300] = prices[100]  # a flat stretch of 200 bars
+    times = minutes_from("2024-07-01", np.arange(n))
+    got = compute(times, prices, mode=mode)
+    assert_close(got, reference(times, prices, mode=mode), prices)
+    for w in DEFAULT_WINDOWS:
+        inside = got[f"w{w}_bqx_stdev"][100 + w : 301]
+        assert (inside == 0.0).all() and not np.signbit(inside).any()
+    assert (got["agg_bqx_volatility"][175:301] == 0.0).all()
+
+
+def test_a_jump_after_a_flat_window_keeps_stdev_exactly_zero():
+    # the bar at t jumps, the window before it is constant: stdev 0, return = W*(c - p_t)/p_t
+    prices = np.array([1.5] * 80 + [1.7])
+    times = minutes_from("2024-07-01", np.arange(81))
+    got = compute(times, prices)
+    assert got["w75_bqx_stdev"][80] == 0.0
+    assert got["w75_bqx_return"][80] == pytest.approx(75 * (1.5 - 1.7) / 1.7, rel=1e-14)
+
+
+@pytest.mark.parametrize("mode", ["bars", "clock"])
+@pytest.mark.parametrize("n", [0, 1, 2, 14, 15, 16, 74, 75, 76])
+def test_series_shorter_than_the_windows(mode, n):
+    times = minutes_from("2024-07-01", np.arange(n))
+    prices = walk(n, 1.08, seed=n)
+    got = compute(times, prices, mode=mode)
+    assert all(len(v) == n for v in got.values())
+    assert_close(got, reference(times, prices, mode=mode), prices)
+    for w in DEFAULT_WINDOWS:  # exactly the first w bars have no window
+        col = got[f"w{w}_bqx_avg"]
+        assert np.isnan(col[:w]).all() and not np.isnan(col[w:]).any()
+
+
+def test_custom_windows_and_column_order():
+    cols = metric_columns((30, 10))
+    assert cols[:6] == [f"w10_bqx_{s}" for s in STATS]
+    assert cols[-7:] == [
+        f"agg_bqx_{s}" for s in ("return", "max", "min", "avg", "stdev", "range", "volatility")
+    ]
+    assert len(metric_columns()) == 37
+    n = 300
+    times, prices = minutes_from("2024-07-01", np.arange(n)), walk(n, 0.66, seed=5)
+    got = compute(times, prices, windows=(30, 10))
+    assert_close(got, reference(times, prices, windows=(10, 30)), prices)
+
+
+def test_any_time_unit_gives_the_same_result():
+    n = 400
+    times = with_gaps(n, seed=1)
+    prices = walk(n, 1.27, seed=2)
+    for mode in ("bars", "clock"):
+        base = compute(times, prices, mode=mode)
+        for unit in ("s", "ms", "us", "ns"):
+            other = compute(times.astype(f"datetime64[{unit}]"), prices, mode=mode)
+            for col in base:
+                assert np.array_equal(base[col], other[col], equal_nan=True)
+
+
+# -- properties ----------------------------------------------------------------------------
+
+
+@st.composite
+def series(draw):
+    n = draw(st.integers(min_value=0, max_value=400))
+    seed = draw(st.integers(min_value=0, max_value=2**32 - 1))
+    rng = np.random.default_rng(seed)
+    gaps = rng.choice([1, 1, 1, 1, 2, 3, 7, 600], size=n)
+    times = minutes_from("2024-07-01", np.cumsum(gaps))
+    level = draw(st.sampled_from([0.61, 1.07, 160.0]))
+    prices = np.round(level * np.exp(np.cumsum(rng.normal(0, 3e-4, n))), 5)
+    flat = draw(st.integers(min_value=0, max_value=n))
+    if flat < n:
+        prices[flat : flat + 90] = prices[flat]
+    return times, prices
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    data=series(), cut=st.floats(min_value=0, max_value=1), mode=st.sampled_from(["bars", "clock"])
+)
+def test_tail_with_lookback_equals_whole_series(data, cut, mode):
+    """Bit for bit: a row's values depend only on its own window."""
+    times, prices = data
+    whole = compute(times, prices, mode=mode, max_fill=5)
+    split = int(cut * len(times))
+    if mode == "bars":
+        lo = max(0, split - lookback_bars(DEFAULT_WINDOWS))
+    elif split < len(times):
+        first = times[split] - np.timedelta64(lookback_minutes(DEFAULT_WINDOWS, 5), "m")
+        lo = int(np.searchsorted(times, first))
+    else:
+        lo = split
+    tail = compute(times[lo:], prices[lo:], mode=mode, max_fill=5)
+    for col in whole:
+        assert np.array_equal(tail[col][split - lo :], whole[col][split:], equal_nan=True), col
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=series())
+def test_nulls_exactly_where_history_is_short_in_bars_mode(data):
+    times, prices = data
+    got = compute(times, prices)
+    for w in DEFAULT_WINDOWS:
+        for s in STATS:
+            nulls = np.isnan(got[f"w{w}_bqx_{s}"])
+            assert np.array_equal(nulls, np.arange(len(times)) < w)
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=series(), mode=st.sampled_from(["bars", "clock"]))
+def test_deterministic(data, mode):
+    times, prices = data
+    a = compute(times, prices, mode=mode)
+    b = compute(times.copy(), prices.copy(), mode=mode)
+    for col in a:
+        assert np.array_equal(a[col], b[col], equal_nan=True)
+        assert a[col].dtype == np.float64
+
+
+# -- clock mode, by hand ------------------------------------------------------------------------
+
+
+def clock_case(offsets, prices, max_fill=5, windows=(3,)):
+    return compute(
+        minutes_from("2024-07-01", offsets), np.array(prices, dtype=float),
+        windows=windows, mode="clock", max_fill=max_fill,
+    )  # fmt: skip
+
+
+def test_clock_gap_of_exactly_max_fill_is_filled():
+    # bars at minutes 0,1,2 then 8: minutes 3..7 take the price of minute 2 (ages 1..5)
+    got = clock_case([0, 1, 2, 8], [1.0, 2.0, 3.0, 4.0], max_fill=5)
+    # t = 8: window minutes 5,6,7, all filled with 3.0 (age 3,4,5)
+    assert got["w3_bqx_avg"][3] == 3.0
+    assert got["w3_bqx_stdev"][3] == 0.0
+    assert got["w3_bqx_return"][3] == pytest.approx(3 * (3.0 - 4.0) / 4.0)
+    assert got["w3_bqx_endpoint"][3] == pytest.approx((3.0 - 4.0) / 4.0)
+    # t = 2: window minutes -1, 0, 1 starts before the first bar: NULL
+    assert np.isnan(got["w3_bqx_avg"][2])
+
+
+def test_clock_gap_one_minute_longer_than_max_fill_is_null():
+    # minute 8 would need the price of minute 2 at age 6 > 5
+    got = clock_case([0, 1, 2, 9], [1.0, 2.0, 3.0, 4.0], max_fill=5)
+    assert np.isnan(got["w3_bqx_avg"][3]) and np.isnan(got["agg_bqx_range"][3])
+    # the same series in bars mode has a window: the modes differ exactly here
+    bars = compute(minutes_from("2024-07-01", [0, 1, 2, 9]), np.array([1.0, 2.0, 3.0, 4.0]),
+                   windows=(3,))  # fmt: skip
+    assert bars["w3_bqx_avg"][3] == 2.0
+
+
+def test_clock_max_fill_zero_needs_every_minute():
+    got = clock_case([0, 1, 2, 3, 5, 6, 7, 8], [1.0, 1.1, 1.2, 1.3, 1.5, 1.6, 1.7, 1.8], 0)
+    avg = got["w3_bqx_avg"]
+    assert avg[3] == pytest.approx((1.0 + 1.1 + 1.2) / 3)
+    assert np.isnan(avg[4:7]).all()  # windows containing minute 4
+    assert avg[7] == pytest.approx((1.5 + 1.6 + 1.7) / 3)
+
+
+def test_clock_weekend_gives_null_until_a_full_window_after_the_reopen():
+    # Friday 21:50..21:59, then Sunday 22:00..22:20
+    fri = np.datetime64("2024-07-05T21:50", "m") + np.arange(10).astype("timedelta64[m]")
+    sun = np.datetime64("2024-07-07T22:00", "m") + np.arange(21).astype("timedelta64[m]")
+    times = np.concatenate([fri, sun])
+    prices = np.linspace(1.08, 1.09, len(times))
+    got = compute(times, prices, windows=(5,), mode="clock", max_fill=5)
+    sunday = got["w5_bqx_avg"][10:]
+    assert np.isnan(sunday[:5]).all()  # windows reaching back into the closed market
+    assert not np.isnan(sunday[5:]).any()
+    assert sunday[5] == pytest.approx(prices[10:15].mean())
+    bars = compute(times, prices, windows=(5,))  # bars mode reaches back into Friday
+    assert bars["w5_bqx_avg"][10] == pytest.approx(prices[5:10].mean())
+
+
+# -- input validation -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "times,prices,message",
+    [
+        (minutes_from("2024-07-01", [0, 2, 1]), [1.0, 1.0, 1.0], r"times\[2\].*earlier than times\[1\]"),
+        (minutes_from("2024-07-01", [0, 1, 1]), [1.0, 1.0, 1.0], r"times\[2\].*duplicate of times\[1\]"),
+        (minutes_from("2024-07-01", [0, 1, 2]), [1.0, np.nan, 1.0], r"prices\[1\] is nan"),
+        (minutes_from("2024-07-01", [0, 1, 2]), [1.0, 1.0, np.inf], r"prices\[2\] is inf"),
+        (minutes_from("2024-07-01", [0, 1, 2]), [1.0, 0.0, 1.0], r"prices\[1\] is 0.0"),
+        (minutes_from("2024-07-01", [0, 1, 2]), [-1.0, 1.0, 1.0], r"prices\[0\] is -1.0"),
+        (minutes_from("2024-07-01", [0, 1]), [1.0, 1.0, 1.0], r"times has 2 elements but prices has 3"),
+        (np.arange(3), [1.0, 1.0, 1.0], r"times must be numpy datetime64"),
+        (np.array(["2024-07-01", "NaT"], dtype="datetime64[m]"), [1.0, 1.0], r"times\[1\] is NaT"),
+    ],
+)  # fmt: skip
+def test_bad_input_names_the_index(times, prices, message):
+    with pytest.raises(ValueError, match=message):
+        compute(times, np.array(prices))
+
+
+def test_clock_mode_refuses_two_bars_in_one_minute():
+    times = np.array(["2024-07-01T00:00:00", "2024-07-01T00:00:30"], dtype="datetime64[s]")
+    with pytest.raises(ValueError, match=r"times\[1\] falls in the same minute"):
+        compute(times, np.array([1.0, 1.0]), mode="clock")
+
+
+def test_bad_options():
+    t, p = minutes_from("2024-07-01", [0, 1]), np.array([1.0, 1.0])
+    with pytest.raises(ValueError, match="mode"):
+        compute(t, p, mode="ticks")
+    with pytest.raises(ValueError, match="max_fill"):
+        compute(t, p, mode="clock", max_fill=-1)
+    with pytest.raises(ValueError, match="too small"):
+        compute(t, p, windows=(1, 5))
