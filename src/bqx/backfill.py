@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import date
 from typing import Any
@@ -160,10 +161,12 @@ def _source_months(
         cond.append(sql.SQL("{} < %s").format(layout.time))
         args.append(end.end)
     where = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(cond) if cond else sql.SQL("")
-    # sum over numeric is exact and order-independent, so the signature is deterministic
+    # an integer sum of per-bar hashes (binding each price to its time) is exact and
+    # order-independent, so the signature is deterministic and changes when any bar does
     q = sql.SQL(
         "SELECT date_trunc('month', {t})::date, count(*), min({t})::text, max({t})::text,"
-        " sum({p}::numeric)::text FROM {src}{where} GROUP BY 1 ORDER BY 1"
+        " sum(hashfloat8(date_part('epoch', {t})) # hashfloat8({p}::float8))::text"
+        " FROM {src}{where} GROUP BY 1 ORDER BY 1"
     ).format(t=layout.time, p=layout.price, src=layout.source(pair), where=where)
     jobs = []
     for first_day, count, lo, hi, total in conn.execute(q, args):
@@ -172,12 +175,37 @@ def _source_months(
     return jobs
 
 
+def _plan_jobs(
+    conn: psycopg.Connection, layout: Layout, pairs: Sequence[str], start: Month | None,
+    end: Month | None, url: str | None,
+) -> list[Job]:  # fmt: skip
+    """Every (pair, month) with bars; the per-pair scans run two at a time when a URL is given."""
+    if url is None or len(pairs) < 2:
+        return [job for pair in pairs for job in _source_months(conn, layout, pair, start, end)]
+    local = threading.local()
+
+    def scan(pair: str) -> list[Job]:
+        if not hasattr(local, "conn"):
+            local.conn = connect(url, autocommit=True)
+            conns.append(local.conn)
+        return _source_months(local.conn, layout, pair, start, end)
+
+    conns: list[psycopg.Connection] = []
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            return [job for jobs in pool.map(scan, pairs) for job in jobs]
+    finally:
+        for c in conns:
+            c.close()
+
+
 def preflight(
     conn: psycopg.Connection,
     params: Params,
     pairs: Sequence[str] | None,
     start: Month | None,
     end: Month | None,
+    url: str | None = None,
 ) -> list[Job]:
     """Check everything a run needs, then create targets, partitions and the ledger.
 
@@ -199,7 +227,7 @@ def preflight(
     for pair in pairs:
         _check_source(conn, layout, pair)
         check_target_columns(conn, layout, pair, params.windows)
-    jobs = [job for pair in pairs for job in _source_months(conn, layout, pair, start, end)]
+    jobs = _plan_jobs(conn, layout, pairs, start, end, url)
     with conn.transaction():
         create_ledger(conn, layout)
         for pair in pairs:
@@ -789,7 +817,7 @@ def backfill(
     workers = workers or os.cpu_count() or 1
     url = resolve_url(settings)
     with connect(url, autocommit=True) as conn:
-        jobs = preflight(conn, params, pairs, start, end)
+        jobs = preflight(conn, params, pairs, start, end, url)
         ledger = Ledger(layout)
         doc = {
             "pairs": sorted({j.pair for j in jobs}),

@@ -1,0 +1,114 @@
+"""Synthetic bars: market-like, triangular, forex week, pip precision, reproducible, stored."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from psycopg import sql
+
+from bqx.schema import REPORT_PAIRS, Month
+from bqx.sources.generate import generate, pip_digits, synth_bars
+
+JULY = Month(2024, 7)
+
+
+@pytest.fixture(scope="module")
+def july() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    return {p: (t, o) for p, t, o in synth_bars(REPORT_PAIRS, JULY, JULY, seed=0)}
+
+
+def test_28_pairs_with_about_30700_bars_a_month(july):
+    assert sorted(july) == sorted(REPORT_PAIRS) and len(july) == 28
+    counts = [len(t) for t, _ in july.values()]
+    assert all(31_500 <= c <= 33_200 for c in counts)  # July has more open minutes than most
+    # the report's average month: 10,313,378 / 336 = 30,694 bars; a 12-month run lands there
+    year = sum(len(t) for _, t, _ in synth_bars(["eurusd"], JULY, Month(2025, 6)))
+    assert 12 * 30_000 <= year <= 12 * 31_400
+
+
+def test_only_the_forex_week(july):
+    times, _ = july["eurusd"]
+    minutes = times.astype("datetime64[m]").astype(np.int64)
+    minute_of_week = (minutes + 3 * 1440) % (7 * 1440)  # Monday 00:00 = 0
+    closed = (minute_of_week >= 4 * 1440 + 22 * 60) & (minute_of_week < 6 * 1440 + 22 * 60)
+    assert not closed.any()
+    weekday = (times.astype("datetime64[D]").astype(np.int64) + 3) % 7
+    assert not (weekday == 5).any()  # no Saturday at all
+    assert (np.diff(times) > np.timedelta64(0)).all()  # sorted, unique
+    gaps = np.diff(minutes)
+    assert 0.005 < (gaps == 2).mean() < 0.05  # a few percent of minutes missing
+
+
+def test_triangles_agree(july):
+    eurusd, usdjpy, eurjpy = (july[p] for p in ("eurusd", "usdjpy", "eurjpy"))
+    common = np.intersect1d(np.intersect1d(eurusd[0], usdjpy[0]), eurjpy[0])
+    assert len(common) > 25_000
+
+    def close_at(pair):
+        t, o = pair
+        return o[np.searchsorted(t, common), 3]
+
+    implied = close_at(eurusd) * close_at(usdjpy)
+    rel = np.abs(implied / close_at(eurjpy) - 1)
+    assert rel.max() < 2e-5  # pip rounding only
+
+
+def test_levels_and_volatility_like_mid_2024(july):
+    first = {p: o[0, 3] for p, (_, o) in july.items()}
+    assert first["eurusd"] == pytest.approx(1.075, rel=0.01)
+    assert first["usdjpy"] == pytest.approx(160.5, rel=0.01)
+    assert first["gbpusd"] == pytest.approx(1.27, rel=0.01)
+    for pair, (_, o) in july.items():
+        r = np.diff(np.log(o[:, 3]))
+        assert 3e-5 < r.std() < 3e-4, pair
+
+
+def test_pip_precision_and_ohlc_consistent(july):
+    for pair, (_, o) in july.items():
+        scaled = o[:, :4] * 10.0 ** pip_digits(pair)
+        assert np.abs(scaled - np.round(scaled)).max() < 1e-6, pair
+        opn, high, low, close, vol = o.T
+        assert (low <= np.minimum(opn, close)).all() and (np.maximum(opn, close) <= high).all()
+        assert (low > 0).all() and (vol >= 1).all()
+
+
+def test_reproducible_and_subset_consistent(july):
+    again = dict((p, (t, o)) for p, t, o in synth_bars(["usdjpy", "eurusd"], JULY, JULY, seed=0))
+    for pair in ("usdjpy", "eurusd"):
+        assert np.array_equal(again[pair][0], july[pair][0])
+        assert np.array_equal(again[pair][1], july[pair][1])
+    other = next(synth_bars(["eurusd"], JULY, JULY, seed=1))
+    assert not np.array_equal(other[2][:, 3][:1000], july["eurusd"][1][:1000, 3])
+
+
+def test_stored_exactly(settings, layout, conn):
+    summary = generate(settings, layout, ["EURUSD", "usdjpy"], JULY, Month(2024, 8), workers=2)
+    expected = {p: (t, o) for p, t, o in synth_bars(["eurusd", "usdjpy"], JULY, Month(2024, 8))}
+    assert summary.bars == sum(len(t) for t, _ in expected.values())
+    assert summary.months == ["2024-07", "2024-08"]
+    for pair, (times, ohlcv) in expected.items():
+        for month in (JULY, Month(2024, 8)):
+            part = layout.source_partition(pair, month)
+            n = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(part)).fetchone()[0]
+            in_month = (times >= np.datetime64(month.start.replace(tzinfo=None))) & (
+                times < np.datetime64(month.end.replace(tzinfo=None))
+            )
+            assert n == in_month.sum()
+        rows = conn.execute(
+            sql.SQL(
+                "SELECT time, open, high, low, close, volume FROM {} ORDER BY time LIMIT 3"
+            ).format(layout.source(pair))
+        ).fetchall()
+        for row, t, o in zip(rows, times[:3], ohlcv[:3], strict=True):
+            assert np.datetime64(row[0].replace(tzinfo=None), "us") == t
+            assert list(row[1:]) == o.tolist()
+    # generating July again replaces July (bars depend on the range asked) and leaves August
+    august = layout.source_partition("eurusd", Month(2024, 8))
+    count = sql.SQL("SELECT count(*) FROM {}")
+    n_aug = conn.execute(count.format(august)).fetchone()[0]
+    generate(settings, layout, ["eurusd"], JULY, JULY)
+    _, july_only, _ = next(synth_bars(["eurusd"], JULY, JULY))
+    assert conn.execute(count.format(layout.source_partition("eurusd", JULY))).fetchone()[0] == len(
+        july_only
+    )
+    assert conn.execute(count.format(august)).fetchone()[0] == n_aug
