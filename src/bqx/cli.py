@@ -265,7 +265,7 @@ def backfill(
 def demo(
     months: Annotated[
         int, typer.Option("--months", min=1, max=12, help="Months from 2024-07 (12 = the report).")
-    ] = 1,
+    ] = 3,
     pairs: PairsOpt = None,
     workers: WorkersOpt = None,
     out: Annotated[Path, typer.Option("--out", help="Where the report goes.")] = Path("bqx-report"),
@@ -309,6 +309,140 @@ def _print_run(summary, json_out: bool) -> None:
 
 # -- status / verify / report -------------------------------------------------------------
 # (section: operate)
+
+
+def _render_status(doc: dict) -> Any:
+    from rich.console import Group
+    from rich.table import Table
+
+    from bqx.progress import format_eta
+
+    jobs, run = doc["jobs"], doc["run"]
+    head = Table.grid(padding=(0, 2))
+    if run is None:
+        head.add_row("no backfill run recorded yet")
+        return head
+    head.add_row(
+        f"run {run['run_id']} [bold]{run['status']}[/] since {run['started_at']}",
+        f"{jobs['done']}/{jobs['total']} done · {jobs['running']} running ·"
+        f" {jobs['failed']} failed · {jobs['pending']} pending",
+    )
+    head.add_row(
+        f"{doc['rows']:,} rows · {doc['rows_per_s']:,.0f} rows/s",
+        f"ETA {format_eta(doc['eta_s'])}"
+        + (f" · [red]{len(doc['stale'])} stale[/]" if doc["stale"] else ""),
+    )
+    pairs = Table(title="per pair", show_edge=False)
+    for col in ("pair", "months", "rows", "running", "failed"):
+        pairs.add_column(col, justify="left" if col == "pair" else "right")
+    for p in doc["pairs"]:
+        pairs.add_row(p["pair"].upper(), f"{p['months_done']}/{p['months_planned']}",
+                      f"{p['rows']:,}", str(p["running"]), str(p["failed"]))  # fmt: skip
+    parts: list[Any] = [head, pairs]
+    if doc["running"]:
+        running = Table(title="running jobs", show_edge=False)
+        for col in ("pair", "month", "worker", "running s", "heartbeat age s", "stale"):
+            running.add_column(col)
+        for j in doc["running"]:
+            stale = "[red]STALE[/]" if j["stale"] else ""
+            running.add_row(j["pair"].upper(), j["month"], j["worker"] or "",
+                            f"{j['running_s']}", f"{j['heartbeat_age_s']}", stale)  # fmt: skip
+        parts.append(running)
+    if doc["errors"]:
+        errors = Table(title="last errors", show_edge=False)
+        for col in ("at", "pair", "month", "outcome", "error"):
+            errors.add_column(col)
+        for e in doc["errors"]:
+            errors.add_row(e["at"], e["pair"].upper(), e["month"], e["status"], e["error"])
+        parts.append(errors)
+    return Group(*parts)
+
+
+@app.command()
+def status(
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh live until Ctrl-C.")] = False,
+    interval: Annotated[float, typer.Option("--interval", help="Seconds between refreshes.")] = 1.5,
+    json_out: JsonOpt = False,
+    database_url: DatabaseOpt = None,
+    schema: SchemaOpt = None,
+) -> None:
+    """Progress of the latest backfill from the ledger: jobs, rows, rate, ETA, workers, errors."""
+    import time as _time
+
+    from rich.live import Live
+
+    from bqx.db import connect
+    from bqx.schema import Layout
+    from bqx.status import status as read_status
+
+    settings = settings_from(database_url, schema)
+    layout = Layout(settings.schema_name)
+    with connect(settings, autocommit=True) as conn:
+        if json_out:
+            print_json(read_status(conn, layout))
+            return
+        if not watch:
+            console.print(_render_status(read_status(conn, layout)))
+            return
+        try:
+            with Live(_render_status(read_status(conn, layout)), console=console) as live:
+                while True:
+                    _time.sleep(interval)
+                    live.update(_render_status(read_status(conn, layout)))
+        except KeyboardInterrupt:
+            pass
+
+
+SampleOpt = Annotated[int, typer.Option("--sample", help="Rows per pair recomputed from source.")]
+
+
+@app.command()
+def verify(
+    sample: SampleOpt = 50,
+    run: Annotated[int | None, typer.Option("--run", help="Run id [default: latest].")] = None,
+    json_out: JsonOpt = False,
+    database_url: DatabaseOpt = None,
+    schema: SchemaOpt = None,
+) -> None:
+    """Exact checks: partitions, row counts, keys, NULLs, recomputed samples, ledger."""
+    from bqx.db import connect
+    from bqx.schema import Layout
+    from bqx.verify import verify as run_verify
+
+    settings = settings_from(database_url, schema)
+    with connect(settings, autocommit=True) as conn:
+        result = run_verify(conn, Layout(settings.schema_name), sample=sample, run_id=run)
+    if json_out:
+        print_json(result.as_dict())
+    else:
+        for c in result.checks:
+            mark = "[green]PASS[/]" if c.ok else "[bold red]FAIL[/]"
+            console.print(f"{mark} {c.name}: {c.detail}", highlight=False, soft_wrap=True)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    out: Annotated[
+        Path, typer.Option("--out", help="Directory for report.md and report.html.")
+    ] = Path("bqx-report"),
+    run: Annotated[int | None, typer.Option("--run", help="Run id [default: latest].")] = None,
+    sample: SampleOpt = 20,
+    database_url: DatabaseOpt = None,
+    schema: SchemaOpt = None,
+) -> None:
+    """The completion report (Markdown and self-contained HTML with charts) from the ledger."""
+    from bqx.db import connect
+    from bqx.report import write_report
+    from bqx.schema import Layout
+
+    settings = settings_from(database_url, schema)
+    with connect(settings, autocommit=True) as conn:
+        md, html, _ = write_report(
+            conn, Layout(settings.schema_name), out, run_id=run, sample=sample
+        )
+    console.print(f"report: {md}\n        {html}", highlight=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,8 +10,11 @@ from typing import Any
 
 from bqx.backfill import RunSummary, backfill
 from bqx.config import Settings
+from bqx.db import connect
+from bqx.report import write_report
 from bqx.schema import REPORT_PAIRS, Layout, Month
 from bqx.sources.generate import generate
+from bqx.verify import verify
 
 DEMO_START = Month(2024, 7)  # the report's first month
 
@@ -30,7 +33,7 @@ class DemoResult:
 def run_demo(
     settings: Settings,
     *,
-    months: int = 1,
+    months: int = 3,
     pairs: Sequence[str] | None = None,
     workers: int | None = None,
     out: Path = Path("bqx-report"),
@@ -60,5 +63,19 @@ def run_demo(
         f"    run {run.run_id}: {run.jobs_done} jobs done, {run.jobs_skipped} skipped,"
         f" {run.jobs_failed} failed · {run.rows_written:,} rows in {run.duration_s:.1f}s"
         f" ({run.rows_per_s:,.0f} rows/s)"
+    )
+    with connect(settings, autocommit=True) as conn:
+        say("3/4 verifying (exact counts, keys, NULLs, recomputed samples, ledger)")
+        check = verify(conn, layout, sample=20)
+        result.verify_ok, result.verify = check.ok, check
+        for c in check.checks:
+            say(f"    {'PASS' if c.ok else 'FAIL'} {c.name}: {c.detail}")
+        say("4/4 writing the completion report")
+        md, html, _ = write_report(conn, layout, out, sample=5)
+    result.report_dir = out
+    say(f"    {md}\n    {html}  (open it in a browser)")
+    say(
+        "next: `bqx status`, `bqx verify`, `bqx report --out DIR`, or psql"
+        ' "$(bqx db url --show-password)"'
     )
     return result
