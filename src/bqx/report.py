@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import re
 import statistics
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -193,14 +194,13 @@ def markdown(d: ReportData) -> str:
     p = d.run["params"]
     windows = sorted(p["windows"])
     ok = d.verification.ok if d.verification else None
-    status = (
-        "✅ COMPLETE" if s["jobs_done"] == s["jobs_total"] and ok is not False else "❌ INCOMPLETE"
-    )
+    complete = s["jobs_done"] == s["jobs_total"] and ok is not False
+    status = "COMPLETE" if complete else "INCOMPLETE"
     lines = [
         "# BQX Backfill Completion Report", "",
         f"**Run:** {d.run['run_id']} · **Status:** {status} · **Schema:** `{d.layout.schema}`", "",
         "## Summary", "",
-        "| | |", "|---|---|",
+        "| Figure | Value |", "|---|---|",
         f"| Jobs | {s['jobs_done']}/{s['jobs_total']} done ({s['jobs_run']} in this run,"
         f" {s['jobs_skipped']} already done and skipped, {s['jobs_failed']} failed) |",
         f"| Rows in target partitions (exact `count(*)`) | {s['rows']:,} |",
@@ -216,7 +216,7 @@ def markdown(d: ReportData) -> str:
         keys = [(pair, m) for m in d.months if (pair, m) in d.sources or (pair, m) in d.rows]
         done = sum(1 for k in keys if d.statuses.get(k) == "done")
         rows = sum(d.rows.get(k, 0) for k in keys)
-        state = "✅ Complete" if done == len(keys) else f"❌ {len(keys) - done} not done"
+        state = "complete" if done == len(keys) else f"INCOMPLETE: {len(keys) - done} not done"
         lines.append(f"| {pair.upper()} | {rows:,} | {done}/{len(keys)} | {state} |")
     lines += [f"| **Total** | **{s['rows']:,}** | | **{len(d.pairs)} pairs** |", ""]
     lines += [
@@ -312,8 +312,10 @@ def _md_to_html(md: str) -> str:
         text = "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
         while "**" in text:
             text = text.replace("**", "<strong>", 1).replace("**", "</strong>", 1)
-        text = text.replace("PASS", '<span class="pass">PASS</span>')
-        return text.replace("FAIL", '<span class="fail">FAIL</span>')
+        for word, css in (("PASS", "pass"), ("FAIL", "fail"), ("INCOMPLETE", "fail"),
+                          ("COMPLETE", "pass")):  # fmt: skip
+            text = re.sub(rf"\b{word}\b", f'<span class="{css}">{word}</span>', text)
+        return text
 
     for line in md.splitlines():
         if line.startswith("```"):
@@ -330,7 +332,8 @@ def _md_to_html(md: str) -> str:
             out.append("</ul>")
             in_list = False
         if line.startswith("|"):
-            cells = [c.strip() for c in line.strip("|").split(" | ")]
+            inner = line.strip()[1:-1] if line.strip().endswith("|") else line.strip()[1:]
+            cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", inner)]
             if set(line) <= set("|-: "):
                 continue
             tag = "th" if not in_table else "td"

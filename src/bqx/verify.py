@@ -354,19 +354,21 @@ def _sample_faults(
     rng = random.Random(seed)
     select = sql.SQL("SELECT ts_utc, rate, {} FROM {} WHERE ts_utc = ANY(%s)")
     for pair in pairs:
-        # a repeatable Bernoulli sample, large enough to hold `sample` rows, then cut to it
+        # a repeatable Bernoulli sample over all partitions, about 3× too large, then cut to
+        # size at random (a LIMIT would keep the first partition's rows only)
         n = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(layout.target(pair))).fetchone()[
             0
         ]
         if n == 0:
             continue
         percent = min(100.0, 100.0 * 3 * sample / n)
-        picked = [r[0] for r in conn.execute(
-            sql.SQL(
-                "SELECT ts_utc FROM {} TABLESAMPLE BERNOULLI (%s) REPEATABLE (%s) LIMIT %s"
-            ).format(layout.target(pair)),
-            (percent, seed + rng.randrange(1 << 30), sample),
+        drawn = [r[0] for r in conn.execute(
+            sql.SQL("SELECT ts_utc FROM {} TABLESAMPLE BERNOULLI (%s) REPEATABLE (%s)").format(
+                layout.target(pair)
+            ),
+            (percent, seed + rng.randrange(1 << 30)),
         )]  # fmt: skip
+        picked = rng.sample(drawn, min(sample, len(drawn)))
         rows = conn.execute(
             select.format(sql.SQL(", ").join(map(sql.Identifier, cols)), layout.target(pair)),
             (picked,),

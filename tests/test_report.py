@@ -1,0 +1,97 @@
+"""bqx report: exact totals from the tables, every section, a self-contained HTML with charts."""
+
+from __future__ import annotations
+
+import base64
+import re
+from html.parser import HTMLParser
+
+from psycopg import sql
+
+from bqx.backfill import backfill
+from bqx.report import write_report
+
+SECTIONS = [
+    "## Summary", "## Per-pair completion", "## Database verification",
+    "## Per-month distribution", "## Verification (`bqx verify`)", "## Technical details",
+    "## Performance", "## Failures and retries", "## Check it yourself",
+]  # fmt: skip
+
+
+class Images(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: dict[str, str] = {}
+        self.tags: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        a = dict(attrs)
+        if tag == "img":
+            self.images[a.get("id", "")] = a.get("src", "")
+
+
+def test_report_states_exact_totals_and_renders_charts(settings, layout, conn, make_bars, tmp_path):
+    make_bars("eurusd", "2024-07-01", 62 * 1440, seed=1)
+    make_bars("gbpusd", "2024-07-01", 62 * 1440, seed=2, level=1.27)
+    backfill(settings, layout, workers=2)
+    md_path, html_path, data = write_report(conn, layout, tmp_path / "out", sample=5)
+    md = md_path.read_text()
+
+    exact = {
+        p: conn.execute(sql.SQL("SELECT count(*) FROM {}").format(layout.target(p))).fetchone()[0]
+        for p in ("eurusd", "gbpusd")
+    }
+    total = sum(exact.values())
+    assert f"| Rows in target partitions (exact `count(*)`) | {total:,} |" in md
+    assert f"| EURUSD | {exact['eurusd']:,} | 2/2 | complete |" in md
+    assert f"| GBPUSD | {exact['gbpusd']:,} | 2/2 | complete |" in md
+    assert "| Jobs | 4/4 done (4 in this run" in md
+    assert "Metrics per row: 40 fields (3 core + 30 window + 7 aggregates)" in md
+    for section in SECTIONS:
+        assert section in md, section
+    july = conn.execute(
+        sql.SQL("SELECT count(*) FROM {}").format(
+            layout.target_partition("eurusd", data_month("2024-07"))
+        )
+    ).fetchone()[0]
+    gb_july = conn.execute(
+        sql.SQL("SELECT count(*) FROM {}").format(
+            layout.target_partition("gbpusd", data_month("2024-07"))
+        )
+    ).fetchone()[0]
+    assert f"| 2024-07 | 2 | {july + gb_july:,} |" in md
+    assert "| recompute_sample | PASS |" in md and "FAIL" not in md
+    assert "None: every job succeeded at its first attempt." in md
+
+    page = html_path.read_text()
+    parser = Images()
+    parser.feed(page)
+    assert set(parser.images) == {"coverage", "throughput", "durations"}
+    for src in parser.images.values():
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "http://" not in page and "https://" not in page  # self-contained
+    assert parser.tags.count("table") == 4  # summary, per pair, per month, verification
+    assert re.search(r"<td>EURUSD</td><td>[\d,]+</td>", page)
+
+
+def test_report_lists_failures_with_their_errors(settings, layout, conn, make_bars, tmp_path):
+    make_bars("eurusd", "2024-07-01", 40 * 1440, seed=1)
+    part = layout.source_partition("eurusd", data_month("2024-08"))
+    conn.execute(
+        sql.SQL("UPDATE {} SET close = 0 WHERE time = (SELECT min(time) FROM {})").format(
+            part, part
+        )
+    )
+    backfill(settings, layout, workers=1)
+    md = write_report(conn, layout, tmp_path, sample=3)[0].read_text()
+    assert "**Status:** INCOMPLETE" in md
+    assert "| EURUSD | 2024-08 | 1 | failed | EURUSD 2024-08:" in md
+    assert "must be finite and &gt; 0" in (tmp_path / "report.html").read_text()
+
+
+def data_month(text: str):
+    from bqx.schema import Month
+
+    return Month.parse(text)

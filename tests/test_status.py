@@ -1,0 +1,84 @@
+"""bqx status: progress read from the ledger, while a backfill runs elsewhere and after."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+from bqx.status import status
+
+
+def test_no_run_yet_gives_zeros(conn, layout):
+    doc = status(conn, layout)
+    assert doc["jobs"] == {"total": 0, "done": 0, "running": 0, "failed": 0, "pending": 0}
+    assert doc["run"] is None and doc["rows"] == 0
+
+
+def test_status_follows_a_backfill_in_another_process(conn, layout, make_bars, cli_env):
+    for i, pair in enumerate(("eurusd", "usdjpy", "gbpusd")):
+        make_bars(pair, "2024-07-01", 92 * 1440, seed=i, missing=0.0)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bqx.cli", "backfill", "--workers", "1"],
+        env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    seen = []
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        seen.append(status(conn, layout))
+        time.sleep(0.05)
+    assert proc.wait(timeout=60) == 0
+    during = [d for d in seen if d["run"] is not None and d["run"]["status"] == "running"]
+    assert during, "never saw the run in progress"
+    # jobs moved from pending to done, and an ETA was given while work remained
+    assert any(d["jobs"]["pending"] > 0 for d in during)
+    assert any(0 < d["jobs"]["done"] < d["jobs"]["total"] for d in during)
+    assert any(d["eta_s"] is not None and d["eta_s"] > 0 and d["jobs"]["pending"] for d in during)
+    dones = [d["jobs"]["done"] for d in during]
+    assert dones == sorted(dones)  # never goes backwards
+    assert all(d["jobs"]["total"] == 9 for d in during)
+    res = subprocess.run(
+        [sys.executable, "-m", "bqx.cli", "status", "--json"],
+        env=cli_env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    final = json.loads(res.stdout)
+    assert final["jobs"] == {"total": 9, "done": 9, "running": 0, "failed": 0, "pending": 0}
+    assert final["eta_s"] == 0 and final["rows"] == 3 * 92 * 1440 - final_weekend_minutes(
+        conn, layout
+    )
+    assert final["rows_per_s"] > 0
+    assert {p["pair"]: (p["months_done"], p["months_planned"]) for p in final["pairs"]} == {
+        "eurusd": (3, 3),
+        "gbpusd": (3, 3),
+        "usdjpy": (3, 3),
+    }
+
+
+def final_weekend_minutes(conn, layout) -> int:
+    """Minutes the source does not have (the forex weekend), counted from the source itself."""
+    have = sum(
+        conn.execute(f"SELECT count(*) FROM {layout.schema}.m1_{p}").fetchone()[0]  # noqa: S608
+        for p in ("eurusd", "usdjpy", "gbpusd")
+    )
+    return 3 * 92 * 1440 - have
+
+
+def test_stale_running_job_is_flagged(conn, layout, make_bars, settings):
+    from psycopg import sql
+
+    from bqx.backfill import backfill
+
+    make_bars("eurusd", "2024-07-01", 3 * 1440, seed=1)
+    backfill(settings, layout, workers=1)
+    conn.execute(
+        sql.SQL(
+            "UPDATE {} SET status = 'running', worker = 'otherhost:1',"
+            " heartbeat_at = now() - interval '5 minutes', started_at = now() - interval '6 minutes'"
+        ).format(layout.table("bqx_jobs"))
+    )
+    doc = status(conn, layout)
+    assert doc["jobs"]["running"] == 1 and len(doc["stale"]) == 1
+    job = doc["stale"][0]
+    assert job["pair"] == "eurusd" and job["worker"] == "otherhost:1"
+    assert job["heartbeat_age_s"] >= 299
