@@ -307,6 +307,63 @@ def _print_run(summary, json_out: bool) -> None:
 # -- ingest -------------------------------------------------------------------------------
 # (section: ingest)
 
+
+@app.command()
+def ingest(
+    files: Annotated[
+        list[Path], typer.Argument(help="Bar files (.csv, .txt, .gz, .zip, .parquet).")
+    ],
+    pair: Annotated[str, typer.Option("--pair", help="The pair these bars are, e.g. EURUSD.")],
+    fmt: Annotated[
+        str, typer.Option("--format", help="auto|histdata|dukascopy|metatrader|csv|parquet.")
+    ] = "auto",
+    tz: Annotated[
+        str | None,
+        typer.Option(
+            "--tz", help="Time zone of naive times (MetaTrader server time, CSV), e.g. EET."
+        ),
+    ] = None,
+    columns: Annotated[
+        str | None,
+        typer.Option("--columns", help="csv/parquet column mapping: time=Date,close=Last,volume="),
+    ] = None,
+    time_format: Annotated[
+        str | None, typer.Option("--time-format", help="csv/parquet strptime format of the time.")
+    ] = None,
+    rejects: Annotated[
+        Path | None,
+        typer.Option("--rejects", help="Rejects file [default: FIRST_FILE.rejects.csv]."),
+    ] = None,
+    json_out: JsonOpt = False,
+    database_url: DatabaseOpt = None,
+    schema: SchemaOpt = None,
+) -> None:
+    """Load minute-bar files into m1_{pair}; bad rows go to a rejects file with line and reason."""
+    from bqx.schema import Layout
+    from bqx.sources.ingest import Mapping, ingest_files
+
+    settings = settings_from(database_url, schema)
+    say = None if json_out else (lambda text: err_console.print(text, highlight=False))
+    summary = ingest_files(
+        settings, Layout(settings.schema_name), files, pair, fmt=fmt, tz=tz,
+        mapping=Mapping.parse(columns, time_format), rejects_path=rejects, progress=say,
+    )  # fmt: skip
+    if json_out:
+        print_json(summary.as_dict())
+        return
+    console.print(
+        f"{summary.pair.upper()}: {summary.accepted:,} bars accepted ({summary.inserted:,} new,"
+        f" {summary.updated:,} changed, {summary.unchanged:,} unchanged),"
+        f" {summary.rejected:,} rejected, {summary.duplicates:,} duplicates"
+        f" in {summary.seconds:.1f}s",
+        highlight=False,
+    )
+    if summary.rejects_file:
+        console.print(
+            f"rejected rows with line and reason: {summary.rejects_file}", highlight=False
+        )
+
+
 # -- status / verify / report -------------------------------------------------------------
 # (section: operate)
 

@@ -80,6 +80,11 @@ def load_bars(
                 cur.execute(sql.SQL("TRUNCATE {}").format(part))
                 copy_in(cur, part, cols, times[sl], ohlcv[sl])
                 result.inserted += n
+            elif cur.execute(
+                sql.SQL("SELECT NOT EXISTS (SELECT 1 FROM {})").format(part)
+            ).fetchone()[0]:
+                copy_in(cur, part, cols, times[sl], ohlcv[sl])  # an empty month: no conflicts
+                result.inserted += n
             else:
                 ins, upd = _merge(cur, layout, part, cols, times[sl], ohlcv[sl])
                 result.inserted += ins
