@@ -50,7 +50,8 @@ def child(path: str, schema: str) -> None:
     s = ingest_files(settings, Layout(schema), [path], "EURUSD")
     dt = time.perf_counter() - t0
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"lines": s.accepted + s.rejected, "seconds": dt, "peak_rss_mb": peak_kb / 1024,
+    lines = s.accepted + s.rejected
+    print(json.dumps({"lines": lines, "seconds": dt, "peak_rss_mb": peak_kb / 1024,
                       "accepted": s.accepted, "rejected": s.rejected}))  # fmt: skip
 
 
@@ -75,8 +76,10 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "bqx.cli", "db", "start"], env=env, check=True,
                        capture_output=True)  # fmt: skip
         drop = f"DROP SCHEMA IF EXISTS {schema} CASCADE"  # noqa: S608 - a fixed bench name
-        url = subprocess.run([sys.executable, "-m", "bqx.cli", "db", "url", "--show-password"],
-                             env=env, check=True, capture_output=True, text=True).stdout.strip()  # fmt: skip
+        url = subprocess.run(
+            [sys.executable, "-m", "bqx.cli", "db", "url", "--show-password"],
+            env=env, check=True, capture_output=True, text=True,
+        ).stdout.strip()  # fmt: skip
         import psycopg
 
         with psycopg.connect(url, autocommit=True) as conn:
@@ -88,7 +91,8 @@ def main() -> None:
         run["file_mb"] = path.stat().st_size / 2**20
         runs.append(run)
         print(
-            f"{n:>10,} lines: {run['lines_per_s']:,.0f} lines/s, peak RSS {run['peak_rss_mb']:.0f} MB"
+            f"{n:>10,} lines: {run['lines_per_s']:,.0f} lines/s,"
+            f" peak RSS {run['peak_rss_mb']:.0f} MB"
         )
     result = {"when": datetime.now(UTC).isoformat(timespec="seconds"), "runs": runs,
               "target_lines_per_s": 500_000}  # fmt: skip
