@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -335,3 +336,111 @@ def test_connection_error_names_the_database_without_password(tmp_path):
         connect(bad)
     assert "s3cret" not in str(err.value)
     assert "bob:****@127.0.0.1:1/nowhere" in str(err.value)
+
+
+def test_ctrl_c_stops_every_worker_and_the_next_run_resumes(
+    settings, layout, conn, two_pairs, cli_env, pg_url
+):
+    # hold the workers inside their first jobs, then press Ctrl-C
+    blocker = psycopg.connect(pg_url)
+    backfill(settings, layout, pairs=["eurusd"], start=Month(2024, 7), end=Month(2024, 7))
+    blocker.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(layout.table("bqx_attempts")))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bqx.cli", "backfill", "--workers", "2"],
+        env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    jobs = layout.table("bqx_jobs")
+    try:
+        _wait_for(
+            lambda: (
+                conn.execute(
+                    sql.SQL("SELECT count(*) FROM {} WHERE status = 'running'").format(jobs)
+                ).fetchone()[0]
+                == 2
+            ),
+            what="two running jobs",
+        )
+        workers = [
+            int(w.rsplit(":", 1)[1])
+            for (w,) in conn.execute(
+                sql.SQL("SELECT worker FROM {} WHERE status = 'running'").format(jobs)
+            )
+        ]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+    finally:
+        blocker.rollback()
+        blocker.close()
+        if proc.poll() is None:
+            proc.kill()
+    assert "Traceback" not in proc.stderr.read()
+    for pid in workers:  # no orphan: every worker is gone (or a zombie nobody waits for)
+        try:
+            os.kill(pid, 0)
+            with open(f"/proc/{pid}/stat") as f:
+                assert f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except ProcessLookupError:
+            pass
+    run = conn.execute(
+        sql.SQL("SELECT status FROM {} ORDER BY run_id DESC LIMIT 1").format(
+            layout.table("bqx_runs")
+        )
+    ).fetchone()[0]
+    assert run == "interrupted"
+    left = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE status = 'running'").format(jobs))
+    assert left.fetchone()[0] == 0  # handed back as pending, not left for a heartbeat to expire
+    resumed = backfill(settings, layout)
+    assert resumed.jobs_failed == 0 and resumed.jobs_skipped == 1 and resumed.jobs_done == 5
+
+
+def test_job_timeout_stops_the_job_retries_then_fails_it(settings, layout, conn, make_bars, pg_url):
+    make_bars("eurusd", "2024-07-01", 5 * 1440, seed=1)
+    backfill(settings, layout, workers=1)
+    before = target_rows(conn, layout, "eurusd")
+    # a reader holding the partition makes the job's TRUNCATE wait: the job hangs
+    blocker = psycopg.connect(pg_url)
+    part = layout.target_partition("eurusd", Month(2024, 7))
+    blocker.execute(sql.SQL("LOCK TABLE {} IN ACCESS SHARE MODE").format(part))
+    timer = threading.Timer(30, blocker.cancel)  # never hold the lock past the test
+    timer.start()
+    try:
+        summary = backfill(settings, layout, workers=1, force=True, job_timeout=1.5, max_attempts=2)
+    finally:
+        timer.cancel()
+        blocker.rollback()
+        blocker.close()
+    assert (summary.jobs_failed, summary.status) == (1, "failed")
+    assert "EURUSD 2024-07: timed out after 1.5s" in summary.failures[0][2]
+    outcomes = conn.execute(
+        sql.SQL("SELECT status, error FROM {} WHERE run_id = %s ORDER BY attempt_id").format(
+            layout.table("bqx_attempts")
+        ),
+        (summary.run_id,),
+    ).fetchall()
+    assert [o[0] for o in outcomes] == ["retried", "failed"]
+    after = target_rows(conn, layout, "eurusd")
+    assert np.array_equal(before[1], after[1], equal_nan=True)  # the month is as it was
+    again = backfill(settings, layout, workers=1)
+    assert (again.jobs_done, again.jobs_failed) == (1, 0)
+
+
+def test_init_is_idempotent(settings, layout, conn):
+    from bqx.backfill import init
+
+    months = [Month(2024, 7), Month(2024, 8)]
+    assert init(conn, layout, ["EURUSD", "usdjpy"], months) == 4
+    first = _schema_objects(conn, layout.schema)
+    assert init(conn, layout, ["EURUSD", "usdjpy"], months) == 4
+    assert _schema_objects(conn, layout.schema) == first
+    assert {"bqx_eurusd_2024m07", "m1_usdjpy_2024m08", "bqx_runs", "bqx_jobs"} <= set(first)
+
+
+def test_db_url_masks_the_password(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "BQX_"))}
+    env["BQX_DATABASE_URL"] = "postgresql://alice:hunter2@db.example:5432/fx"
+    shown = subprocess.run([sys.executable, "-m", "bqx.cli", "db", "url"], env=env,
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert shown.stdout.strip() == "postgresql://alice:****@db.example:5432/fx"
+    full = subprocess.run([sys.executable, "-m", "bqx.cli", "db", "url", "--show-password"],
+                          env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert full.stdout.strip() == env["BQX_DATABASE_URL"]

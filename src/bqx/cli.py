@@ -66,6 +66,10 @@ def main() -> None:
     except BqxError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
+    except KeyboardInterrupt:
+        # the backfill has already stopped its workers and handed their jobs back
+        err_console.print("interrupted: run the same command again to resume", highlight=False)
+        sys.exit(130)
 
 
 # -- db -----------------------------------------------------------------------------------
@@ -282,7 +286,7 @@ def demo(
     console.print(f"database: {describe_target(settings)}", highlight=False)
     result = run_demo(
         settings, months=months, pairs=parse_pairs(pairs), workers=workers, out=out, seed=seed,
-        say=lambda text: console.print(text, highlight=False),
+        say=lambda text: console.print(text, highlight=False, soft_wrap=True),
     )  # fmt: skip
     if result.run.jobs_failed or result.verify_ok is False:
         raise typer.Exit(1)

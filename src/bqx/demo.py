@@ -71,7 +71,7 @@ def run_demo(
         for c in check.checks:
             say(f"    {'PASS' if c.ok else 'FAIL'} {c.name}: {c.detail}")
         say("4/4 writing the completion report")
-        md, html, _ = write_report(conn, layout, out, sample=5)
+        md, html, _ = write_report(conn, layout, out, verification=check)
     result.report_dir = out
     say(f"    {md}\n    {html}  (open it in a browser)")
     say(

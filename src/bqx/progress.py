@@ -87,4 +87,5 @@ class BackfillProgress:
                 f" {state['failed']} failed) · {state['rows']:,} rows · {rate:,.0f} rows/s"
                 f" · ETA {format_eta(eta)}",
                 highlight=False,
+                soft_wrap=True,  # one line per report in logs, whatever the width
             )

@@ -45,7 +45,7 @@ class ReportData:
 
 def collect(
     conn: psycopg.Connection, layout: Layout, *, run_id: int | None = None, sample: int = 20,
-    with_verify: bool = True,
+    verification: Verification | None = None,
 ) -> ReportData:  # fmt: skip
     """Everything the report states, read from the database."""
     run = latest_run(conn, layout, run_id)
@@ -90,7 +90,8 @@ def collect(
         {k: v for k, v in rows.items() if k in planned},
         {k: v for k, v in sources.items() if k in planned},
         statuses, attempts,
-        verify(conn, layout, sample=sample, run_id=run["run_id"]) if with_verify else None,
+        verification if verification is not None and verification.run_id == run["run_id"]
+        else verify(conn, layout, sample=sample, run_id=run["run_id"]),
     )  # fmt: skip
     data.total_rows = sum(data.rows.values())
     data.partitions = len(planned)
@@ -379,10 +380,14 @@ def html_page(d: ReportData, md: str) -> str:
 
 def write_report(
     conn: psycopg.Connection, layout: Layout, out_dir: Path, *, run_id: int | None = None,
-    sample: int = 20,
+    sample: int = 20, verification: Verification | None = None,
 ) -> tuple[Path, Path, ReportData]:  # fmt: skip
-    """Write ``report.md`` and ``report.html`` into ``out_dir``; return their paths and data."""
-    data = collect(conn, layout, run_id=run_id, sample=sample)
+    """Write ``report.md`` and ``report.html`` into ``out_dir``; return their paths and data.
+
+    ``verification``: a result of ``bqx.verify`` for the same run, to reuse instead of
+    verifying again.
+    """
+    data = collect(conn, layout, run_id=run_id, sample=sample, verification=verification)
     md = markdown(data)
     out_dir.mkdir(parents=True, exist_ok=True)
     md_path, html_path = out_dir / "report.md", out_dir / "report.html"
