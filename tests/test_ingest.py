@@ -188,13 +188,11 @@ def test_interrupted_ingest_keeps_earlier_months_and_the_interrupted_one(
     new = tmp_path / "new.csv"
     new.write_text("20240701 000000;1.1;1.2;1.0;1.15;0\n20240801 000000;3.1;3.2;3.0;3.15;0\n")
     real = ingest_mod.load_bars
-    calls = []
 
-    def failing_second_month(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
+    def failing_second_month(conn, layout, pair, times, *args, **kwargs):
+        if str(times[0]).startswith("2024-08"):
             raise KeyboardInterrupt  # the user pressed Ctrl-C while August was loading
-        return real(*args, **kwargs)
+        return real(conn, layout, pair, times, *args, **kwargs)
 
     monkeypatch.setattr(ingest_mod, "load_bars", failing_second_month)
     with pytest.raises(KeyboardInterrupt):

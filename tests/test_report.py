@@ -62,6 +62,10 @@ def test_report_states_exact_totals_and_renders_charts(settings, layout, conn, m
     ).fetchone()[0]
     assert f"| 2024-07 | 2 | {july + gb_july:,} |" in md
     assert "| recompute_sample | PASS |" in md and "FAIL" not in md
+    assert "- Partitions present in the catalog: 4 of 4; empty: 0" in md
+    # the report's own "check it yourself" SQL gives the same exact total
+    total_sql = md.split("SELECT sum(n) AS total_rows", 1)[1].split(";", 1)[0]
+    assert conn.execute("SELECT sum(n) AS total_rows" + total_sql).fetchone()[0] == total
     assert "None: every job succeeded at its first attempt." in md
 
     page = html_path.read_text()
@@ -73,7 +77,7 @@ def test_report_states_exact_totals_and_renders_charts(settings, layout, conn, m
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     assert "http://" not in page and "https://" not in page  # self-contained
     assert parser.tags.count("table") == 4  # summary, per pair, per month, verification
-    assert re.search(r"<td>EURUSD</td><td>[\d,]+</td>", page)
+    assert re.search(r'<td>EURUSD</td><td class="num">[\d,]+</td>', page)  # numbers right-aligned
 
 
 def test_report_lists_failures_with_their_errors(settings, layout, conn, make_bars, tmp_path):

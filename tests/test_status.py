@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -48,6 +49,8 @@ def test_status_follows_a_backfill_in_another_process(conn, layout, make_bars, c
         conn, layout
     )
     assert final["rows_per_s"] > 0
+    assert final["ledger"] == {"total": 9, "done": 9, "running": 0, "failed": 0, "pending": 0,
+                               "rows": final["rows"]}  # fmt: skip
     assert {p["pair"]: (p["months_done"], p["months_planned"]) for p in final["pairs"]} == {
         "eurusd": (3, 3),
         "gbpusd": (3, 3),
@@ -64,7 +67,7 @@ def final_weekend_minutes(conn, layout) -> int:
     return 3 * 92 * 1440 - have
 
 
-def test_stale_running_job_is_flagged(conn, layout, make_bars, settings):
+def test_stale_running_job_is_flagged(conn, layout, make_bars, settings, cli_env):
     from psycopg import sql
 
     from bqx.backfill import backfill
@@ -74,7 +77,8 @@ def test_stale_running_job_is_flagged(conn, layout, make_bars, settings):
     conn.execute(
         sql.SQL(
             "UPDATE {} SET status = 'running', worker = 'otherhost:1',"
-            " heartbeat_at = now() - interval '5 minutes', started_at = now() - interval '6 minutes'"
+            " heartbeat_at = now() - interval '5 minutes', started_at = now() - interval '6 minutes',"
+            " finished_at = NULL"
         ).format(layout.table("bqx_jobs"))
     )
     doc = status(conn, layout)
@@ -82,3 +86,33 @@ def test_stale_running_job_is_flagged(conn, layout, make_bars, settings):
     job = doc["stale"][0]
     assert job["pair"] == "eurusd" and job["worker"] == "otherhost:1"
     assert job["heartbeat_age_s"] >= 299
+    assert doc["run"]["stalled"] is False  # the run itself ended
+    # a run still marked running whose only job went silent: its driver is gone
+    conn.execute(
+        sql.SQL(
+            "UPDATE {} SET status = 'running', ended_at = NULL,"
+            " started_at = now() - interval '10 minutes'"
+        ).format(layout.table("bqx_runs"))
+    )
+    doc = status(conn, layout)
+    assert doc["run"]["stalled"] is True and doc["run"]["last_activity_s"] >= 299
+    res = subprocess.run(
+        [sys.executable, "-m", "bqx.cli", "status"],
+        env=cli_env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 0
+    assert "STALE" in res.stdout and "otherhost:1" in res.stdout and "no activity" in res.stdout
+
+
+def test_watch_refreshes_until_interrupted(cli_env):
+    """`status --watch` keeps reading the ledger until Ctrl-C, then exits cleanly."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bqx.cli", "status", "--watch", "--interval", "0.2"],
+        env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(2.5)
+    assert proc.poll() is None  # still watching
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "no backfill run recorded yet" in out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -46,7 +47,8 @@ def test_clean_run_passes_every_check(conn, done):
         "ledger",
     ]
     assert all(ok for ok, _ in result.values()), result
-    assert "80 sampled rows" in result["recompute_sample"][1]
+    # 40 random rows per pair plus each month's first bar (its window crosses the month)
+    assert "84 sampled rows (4 of them first bars of a month)" in result["recompute_sample"][1]
 
 
 def test_deleted_row_fails_then_forced_redo_of_the_pair_passes(settings, conn, done):
@@ -97,8 +99,11 @@ def test_corrupted_value_is_caught_by_recomputation(conn, done):
     )
     bad = failing(conn, done)
     assert set(bad) == {"recompute_sample"}
-    assert "USDJPY 2024-08" in bad["recompute_sample"]
-    assert "w30_bqx_stdev" in bad["recompute_sample"]
+    # every sampled August row is wrong in that one column, and the detail says where
+    assert re.fullmatch(
+        r"USDJPY 2024-08: w30_bqx_stdev wrong on (\d+) of \1 sampled rows \(first .*\)",
+        bad["recompute_sample"],
+    ), bad["recompute_sample"]
 
 
 def test_unexpected_null_is_caught(conn, done):
@@ -108,7 +113,7 @@ def test_unexpected_null_is_caught(conn, done):
         ).format(done.target_partition("eurusd", AUG), done.target_partition("eurusd", AUG))
     )
     bad = failing(conn, done)
-    assert "EURUSD w45: 1 unexpected NULL rows" in bad["nulls"]
+    assert bad["nulls"] == "EURUSD 2024-08 w45: 1 unexpected NULL rows"
 
 
 def test_job_left_running_by_a_dead_worker(conn, done):
@@ -121,7 +126,8 @@ def test_job_left_running_by_a_dead_worker(conn, done):
     )
     bad = failing(conn, done)
     assert set(bad) == {"ledger"}
-    assert bad["ledger"] == "USDJPY 2024-08: job is running"
+    assert bad["ledger"].startswith("USDJPY 2024-08: job left running by elsewhere:4242")
+    assert re.search(r"\(heartbeat 360\d s old; worker is gone\)$", bad["ledger"])
 
 
 def test_ledger_count_that_disagrees_with_the_table(conn, done):
@@ -150,3 +156,45 @@ def test_cli_json_and_exit_code(conn, done, cli_env):
     conn.execute(sql.SQL("DROP TABLE {}").format(done.target_partition("eurusd", AUG)))
     code, doc = run()
     assert code == 1 and doc["ok"] is False
+
+
+def test_a_forced_redo_of_one_pair_does_not_hide_faults_in_another(settings, conn, done):
+    conn.execute(sql.SQL("DELETE FROM {}").format(done.target_partition("usdjpy", AUG)))
+    backfill(settings, done, pairs=["EURUSD"], force=True)
+    # the latest run covered EURUSD only; verify still checks every job the ledger holds
+    bad = failing(conn, done)
+    assert "USDJPY 2024-08: 0 rows for" in bad["row_counts"]
+    assert "EURUSD" not in bad["row_counts"]
+    latest = verify(conn, done, sample=5).run_id
+    assert verify(conn, done, sample=5, run_id=latest).ok  # that run's own plan is fine
+    backfill(settings, done, pairs=["USDJPY"], force=True)
+    assert failing(conn, done) == {}
+
+
+def test_clock_mode_nulls_and_recomputation(settings, layout, conn, make_bars):
+    """Clock mode: NULL exactly where a window has a minute without a price (weekends, holes)."""
+    make_bars("eurusd", "2024-07-22", 16 * 1440, seed=3, missing=0.05)
+    backfill(settings, layout, workers=1, mode="clock", max_fill=2)
+    result = checks(conn, layout)
+    assert all(ok for ok, _ in result.values()), result
+    nulls = conn.execute(
+        sql.SQL("SELECT count(*) FROM {} WHERE w15_bqx_avg IS NULL").format(layout.target("eurusd"))
+    ).fetchone()[0]
+    assert nulls > 15  # weekend gaps and holes, not only the start of history
+    part = layout.target_partition("eurusd", AUG)
+    # a value where the window has a hole, and a NULL where it is full
+    conn.execute(
+        sql.SQL(
+            "UPDATE {p} SET w15_bqx_avg = 1.0 WHERE ts_utc = (SELECT max(ts_utc) FROM {p}"
+            " WHERE w15_bqx_avg IS NULL)"
+        ).format(p=part)
+    )
+    conn.execute(
+        sql.SQL(
+            "UPDATE {p} SET agg_bqx_range = NULL WHERE ts_utc = (SELECT max(ts_utc) FROM {p}"
+            " WHERE agg_bqx_range IS NOT NULL)"
+        ).format(p=part)
+    )
+    bad = failing(conn, layout)
+    assert "EURUSD 2024-08 w15: 1 rows without full history not NULL" in bad["nulls"]
+    assert "EURUSD 2024-08 w75: 1 unexpected NULL rows" in bad["nulls"]

@@ -371,6 +371,7 @@ class Ledger:
             row = conn.execute(
                 self._q(
                     "UPDATE {jobs} j SET status = 'running', run_id = %s, worker = %s,"
+                    " backend_pid = pg_backend_pid(),"
                     " started_at = now(), heartbeat_at = now(), attempts = j.attempts + 1,"
                     " updated_at = now()"
                     " WHERE (j.pair, j.month) = (SELECT pair, month FROM {jobs}"
@@ -703,6 +704,8 @@ class JobRunner:
 
 def _describe(exc: BaseException | None, pair: str, month: Month) -> str:
     text = str(exc).strip().splitlines()[0] if exc is not None and str(exc).strip() else ""
+    if isinstance(exc, _Permanent):  # our own wording needs no class name
+        return f"{pair.upper()} {month}: {text}"
     return f"{pair.upper()} {month}: {type(exc).__name__}: {text}"
 
 
@@ -769,10 +772,11 @@ class LocalExecutor:
         return [pr for pr in dead if pr.process.returncode != 0]
 
     def kill(self, worker: str) -> None:
-        for pr in self.procs:
-            if pr.worker == worker:
-                pr.process.kill()
-                pr.process.wait(timeout=10)
+        """Kill a worker (its job timed out); it is then no longer watched."""
+        for pr in [p for p in self.procs if p.worker == worker]:
+            pr.process.kill()
+            pr.process.wait(timeout=10)
+            self.procs.remove(pr)
 
     def shutdown(self) -> list[str]:
         """Stop every worker (terminate, then kill); returns their worker ids."""
@@ -866,7 +870,7 @@ def _drive(
         state["elapsed"] = time.monotonic() - started
         reporter(state)
         for pr in executor.reap():  # a worker died mid-job (killed, crashed)
-            error = f"worker {pr.worker} died (exit code {pr.process.exitcode})"
+            error = f"worker {pr.worker} died (exit code {pr.process.returncode})"
             _abandon(conn, ledger, pr.worker, error, max_attempts)
         for pair, month, worker in ledger.late(conn, keys, job_timeout):
             if worker in {pr.worker for pr in executor.procs}:
@@ -884,7 +888,18 @@ def _drive(
 def _abandon(
     conn: psycopg.Connection, ledger: Ledger, worker: str, error: str, max_attempts: int
 ) -> None:
-    """The job a dead or killed worker held goes back to pending, or fails once out of tries."""
+    """The job a dead or killed worker held goes back to pending, or fails once out of tries.
+
+    Its database session is ended first: a session waiting on a lock does not notice that
+    its client is gone, and would keep the job's row locked.
+    """
+    conn.execute(
+        ledger._q(
+            "SELECT pg_terminate_backend(backend_pid) FROM {jobs} WHERE status = 'running'"
+            " AND worker = %s AND backend_pid IS NOT NULL AND backend_pid <> pg_backend_pid()"
+        ),
+        (worker,),
+    )
     with conn.transaction():
         conn.execute(
             ledger._q(

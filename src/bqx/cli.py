@@ -383,16 +383,38 @@ def _render_status(doc: dict) -> Any:
     if run is None:
         head.add_row("no backfill run recorded yet")
         return head
+    color = {"done": "green", "running": "cyan"}.get(run["status"], "red")
+    start = run["started_at"][:19].replace("T", " ")
+    when = f"started {start} UTC"
+    if run["ended_at"]:
+        end = run["ended_at"][:19].replace("T", " ")
+        when += f", ended {end[11:] if end[:10] == start[:10] else end}"
     head.add_row(
-        f"run {run['run_id']} [bold]{run['status']}[/] since {run['started_at']}",
-        f"{jobs['done']}/{jobs['total']} done · {jobs['running']} running ·"
-        f" {jobs['failed']} failed · {jobs['pending']} pending",
+        f"run {run['run_id']} [bold {color}]{run['status']}[/] · {when} ({run['elapsed_s']:.1f} s)"
+        f" · {run['workers']} {run['executor']} workers on {run['host']}"
     )
     head.add_row(
-        f"{doc['rows']:,} rows · {doc['rows_per_s']:,.0f} rows/s",
-        f"ETA {format_eta(doc['eta_s'])}"
-        + (f" · [red]{len(doc['stale'])} stale[/]" if doc["stale"] else ""),
+        f"jobs {jobs['done']}/{jobs['total']} done · {jobs['running']} running ·"
+        f" [{'red' if jobs['failed'] else 'default'}]{jobs['failed']} failed[/] ·"
+        f" {jobs['pending']} pending ({run['skipped']} skipped as already done)"
     )
+    eta = "finished" if run["status"] != "running" else f"ETA {format_eta(doc['eta_s'])}"
+    head.add_row(
+        f"rows {doc['rows']:,} · {doc['rows_per_s']:,.0f} rows/s · {eta}"
+        + (f" · [red]{len(doc['stale'])} stale[/]" if doc["stale"] else "")
+    )
+    ledger = doc.get("ledger") or {}
+    if ledger and ledger["total"] != jobs["total"]:  # the run covered part of the ledger
+        head.add_row(
+            f"whole ledger: {ledger['done']}/{ledger['total']} jobs done · {ledger['running']}"
+            f" running · {ledger['failed']} failed · {ledger['pending']} pending ·"
+            f" {ledger['rows']:,} rows"
+        )
+    if run.get("stalled"):
+        head.add_row(
+            f"[bold red]no activity for {run['last_activity_s']:.0f} s[/]: the backfill driving"
+            " this run seems gone; rerun `bqx backfill` to resume"
+        )
     pairs = Table(title="per pair", show_edge=False)
     for col in ("pair", "months", "rows", "running", "failed"):
         pairs.add_column(col, justify="left" if col == "pair" else "right")
@@ -411,10 +433,12 @@ def _render_status(doc: dict) -> Any:
         parts.append(running)
     if doc["errors"]:
         errors = Table(title="last errors", show_edge=False)
-        for col in ("at", "pair", "month", "outcome", "error"):
-            errors.add_column(col)
+        for col in ("at", "pair", "month", "outcome"):
+            errors.add_column(col, no_wrap=True)
+        errors.add_column("error", overflow="fold")
         for e in doc["errors"]:
-            errors.add_row(e["at"], e["pair"].upper(), e["month"], e["status"], e["error"])
+            errors.add_row(e["at"].replace("T", " ")[:19], e["pair"].upper(), e["month"],
+                           e["status"], e["error"])  # fmt: skip
         parts.append(errors)
     return Group(*parts)
 
@@ -438,20 +462,40 @@ def status(
 
     settings = settings_from(database_url, schema)
     layout = Layout(settings.schema_name)
-    with connect(settings, autocommit=True) as conn:
+    if json_out or not watch:
+        with connect(settings, autocommit=True) as conn:
+            doc = read_status(conn, layout)
         if json_out:
-            print_json(read_status(conn, layout))
-            return
-        if not watch:
-            console.print(_render_status(read_status(conn, layout)))
-            return
-        try:
-            with Live(_render_status(read_status(conn, layout)), console=console) as live:
-                while True:
-                    _time.sleep(interval)
-                    live.update(_render_status(read_status(conn, layout)))
-        except KeyboardInterrupt:
-            pass
+            print_json(doc)
+        else:
+            console.print(_render_status(doc))
+        return
+    # --watch keeps one connection; when it is lost (server restart, network) a notice is
+    # shown and the connection reopened instead of ending the watch
+    import psycopg
+    from rich.text import Text
+
+    conn: Any = connect(settings, autocommit=True)  # a bad configuration fails here, at once
+    try:
+        with Live(Text("reading the ledger…"), console=console, auto_refresh=False) as live:
+            while True:
+                try:
+                    if conn is None or conn.closed:
+                        conn = connect(settings, autocommit=True)
+                    view = _render_status(read_status(conn, layout))
+                except (psycopg.OperationalError, BqxError) as exc:
+                    if conn is not None:
+                        conn.close()
+                    conn = None
+                    first = (str(exc).strip() or "error").splitlines()[0]
+                    view = Text(f"database unreachable, retrying: {first}", style="red")
+                live.update(view, refresh=True)
+                _time.sleep(interval)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if conn is not None:
+            conn.close()
 
 
 SampleOpt = Annotated[int, typer.Option("--sample", help="Rows per pair recomputed from source.")]

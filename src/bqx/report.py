@@ -24,7 +24,7 @@ from bqx.errors import BqxError
 from bqx.metrics import metric_columns
 from bqx.schema import LEDGER_ATTEMPTS, Layout, Month, table_columns
 from bqx.status import latest_run, planned_jobs
-from bqx.verify import Verification, verify
+from bqx.verify import Verification, attached_partitions, verify
 
 
 @dataclass
@@ -95,6 +95,10 @@ def collect(
     )  # fmt: skip
     data.total_rows = sum(data.rows.values())
     data.partitions = len(planned)
+    attached = attached_partitions(conn, layout)
+    data.extras["partitions_present"] = sum(
+        1 for p_, m in planned if layout.target_partition_name(p_, Month.parse(m)) in attached
+    )
     return data
 
 
@@ -145,42 +149,93 @@ def charts(d: ReportData) -> dict[str, str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     out = {}
-    cover = np.array([[d.rows.get((p, m), 0) / d.sources[(p, m)] if d.sources.get((p, m)) else
-                       np.nan for m in d.months] for p in d.pairs])  # fmt: skip
-    fig, ax = plt.subplots(
-        figsize=(max(4, 0.6 * len(d.months) + 2), max(2.5, 0.28 * len(d.pairs) + 1))
-    )
-    im = ax.imshow(cover, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-    ax.set_xticks(range(len(d.months)), d.months, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(d.pairs)), [p.upper() for p in d.pairs], fontsize=8)
-    ax.set_title("Coverage: target rows / source bars per pair and month")
-    fig.colorbar(im, ax=ax, fraction=0.03)
-    out["coverage"] = _png(fig)
+    out["coverage"] = _coverage_chart(d, plt)
 
-    done = [a for a in d.attempts if a["status"] == "done"]
-    fig, ax = plt.subplots(figsize=(7, 3))
+    # throughput: each job's rows spread evenly over its own run time, summed per time bin,
+    # so the curve shows rows/s as the workers produced them (not only when jobs committed)
+    done = [a for a in d.attempts if a["status"] == "done" and a["finished_at"] is not None]
+    fig, ax = plt.subplots(figsize=(8, 3.2))
     if done:
-        t0 = d.run["started_at"]
-        secs = [(a["finished_at"] - t0).total_seconds() for a in done]
-        cum = np.cumsum([a["rows_written"] or 0 for a in done])
-        ax.plot(secs, cum / 1e6, drawstyle="steps-post")
-        ax.set_xlabel("seconds since start")
-        ax.set_ylabel("rows written (millions)")
+        t0 = min(min(a["started_at"] for a in done), d.run["started_at"])
+        spans = [((a["started_at"] - t0).total_seconds(), (a["finished_at"] - t0).total_seconds(),
+                  a["rows_written"] or 0) for a in done]  # fmt: skip
+        end = max(e for _, e, _ in spans) or 1.0
+        edges = np.linspace(0.0, end, min(40, max(8, len(done) // 3)) + 1)
+        width = edges[1] - edges[0]
+        rate = np.zeros(len(edges) - 1)
+        for s, e, n in spans:
+            e = max(e, s + 1e-6)
+            overlap = np.clip(np.minimum(edges[1:], e) - np.maximum(edges[:-1], s), 0, None)
+            rate += n * overlap / (e - s)
+        ax.bar(edges[:-1], rate / width, width=width, align="edge", color="#4c72b0", alpha=0.8,
+               label="rows/s")  # fmt: skip
+        ax.set_ylabel("rows/s")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.StrMethodFormatter("{x:,.0f}"))
+        ax.set_xlabel("seconds since the run started")
+        ax2 = ax.twinx()
+        finish = sorted((e, n) for _, e, n in spans)
+        ax2.plot([0.0] + [e for e, _ in finish], np.cumsum([0] + [n for _, n in finish]) / 1e6,
+                 color="#dd8452", drawstyle="steps-post", label="rows written (M)")  # fmt: skip
+        ax2.set_ylabel("rows written (millions)")
+        ax2.set_ylim(bottom=0)
+        lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+        ax.legend(lines, ["rows/s", "rows written (M)"], loc="upper left", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no job ran in this run", ha="center", va="center",
+                transform=ax.transAxes)  # fmt: skip
     ax.set_title("Throughput over time")
     ax.grid(alpha=0.3)
     out["throughput"] = _png(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 3))
+    fig, ax = plt.subplots(figsize=(8, 3.2))
     durations = _durations(d)
     if durations:
         ax.hist(durations, bins=min(40, max(5, len(durations) // 4)), color="#4c72b0")
+        for q, style in ((50, "-"), (90, "--")):
+            v = _pct(durations, q)
+            ax.axvline(v, color="#c44e52", linestyle=style, label=f"p{q} {v:.2f} s")
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no job ran in this run", ha="center", va="center",
+                transform=ax.transAxes)  # fmt: skip
     ax.set_xlabel("job duration (s)")
     ax.set_ylabel("jobs")
-    ax.set_title("Job durations")
+    ax.set_title(f"Job durations ({len(durations)} jobs)")
     out["durations"] = _png(fig)
     return out
+
+
+def _coverage_chart(d: ReportData, plt: Any) -> str:
+    """Pair × month: colour = target rows / source bars, text = rows (or the job's state)."""
+    cover = np.array([[d.rows.get((p, m), 0) / d.sources[(p, m)] if d.sources.get((p, m)) else
+                       np.nan for m in d.months] for p in d.pairs])  # fmt: skip
+    fig, ax = plt.subplots(
+        figsize=(max(4.5, 0.75 * len(d.months) + 2.5), max(2.5, 0.3 * len(d.pairs) + 1.2))
+    )
+    cmap = plt.get_cmap("RdYlGn").with_extremes(bad="#dddddd")  # grey: no source bars
+    im = ax.imshow(cover, vmin=0, vmax=1, cmap=cmap, aspect="auto")
+    ax.set_xticks(range(len(d.months)), d.months, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(d.pairs)), [p.upper() for p in d.pairs], fontsize=8)
+    ax.set_xticks(np.arange(len(d.months) + 1) - 0.5, minor=True)
+    ax.set_yticks(np.arange(len(d.pairs) + 1) - 0.5, minor=True)
+    ax.grid(which="minor", color="white", linewidth=1)
+    ax.tick_params(which="minor", length=0)
+    if len(d.pairs) * len(d.months) <= 400:
+        size = 7 if len(d.months) <= 12 else 5
+        for i, p in enumerate(d.pairs):
+            for j, m in enumerate(d.months):
+                state = d.statuses.get((p, m), "pending")
+                text = f"{d.rows.get((p, m), 0) / 1000:.1f}k" if state == "done" else state
+                dark = not np.isnan(cover[i, j]) and not 0.15 <= cover[i, j] <= 0.85
+                # white on the dark green and dark red ends of the scale
+                ax.text(j, i, text, ha="center", va="center", fontsize=size,
+                        color="white" if dark else "black")  # fmt: skip
+    ax.set_title("Coverage: target rows / source bars (cells: rows)")
+    fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
+    return _png(fig)
 
 
 # -- rendering --------------------------------------------------------------------------------
@@ -192,6 +247,7 @@ def _fmt_time(t: datetime | None) -> str:
 
 def markdown(d: ReportData) -> str:
     s = _summary(d)
+    per_part = [d.rows.get(k, 0) for k in d.sources]
     p = d.run["params"]
     windows = sorted(p["windows"])
     ok = d.verification.ok if d.verification else None
@@ -223,8 +279,12 @@ def markdown(d: ReportData) -> str:
     lines += [
         "## Database verification", "",
         f"- Partitions planned: {d.partitions} ({len(d.pairs)} pairs × months with source bars)",
+        f"- Partitions present in the catalog: {d.extras.get('partitions_present', 0)}"
+        f" of {d.partitions}; empty: {sum(1 for k in d.sources if not d.rows.get(k))}",
         f"- Rows in partitions (exact): {d.total_rows:,}",
-        f"- Source bars in the same months (exact): {sum(d.sources.values()):,}", "",
+        f"- Source bars in the same months (exact): {sum(d.sources.values()):,}",
+        f"- Rows per partition: min {min(per_part, default=0):,}, average"
+        f" {sum(per_part) / max(1, len(per_part)):,.0f}, max {max(per_part, default=0):,}", "",
         "## Per-month distribution", "",
         "| Month | Partitions | Rows | Average rows per partition |", "|---|---:|---:|---:|",
     ]  # fmt: skip
@@ -259,7 +319,12 @@ def markdown(d: ReportData) -> str:
         f"- Job durations (s): min {min(durations, default=0):.2f}, median"
         f" {statistics.median(durations) if durations else 0:.2f}, p90 {_pct(durations, 90):.2f},"
         f" max {max(durations, default=0):.2f} over {len(durations)} jobs",
-        f"- Throughput: {s['rows_per_s']:,.0f} rows/s over the run",
+        f"- Throughput: {s['rows_per_s']:,.0f} rows/s over the run"
+        + (f", {s['rows_written'] / sum(durations):,.0f} rows/s per busy worker" if durations
+           and sum(durations) > 0 else ""),
+        f"- Busy time: {sum(durations):.1f} s of job work in {s['duration_s']:.1f} s of wall time"
+        f" with {d.run['workers']} workers (average parallelism"
+        f" {sum(durations) / s['duration_s'] if s['duration_s'] > 0 else 0:.2f})",
         "", "## Failures and retries", "",
     ]  # fmt: skip
     bad = [a for a in d.attempts if a["status"] != "done"]
@@ -278,8 +343,18 @@ def markdown(d: ReportData) -> str:
     jobs_t, attempts_t = d.layout.table("bqx_jobs"), d.layout.table(LEDGER_ATTEMPTS)
     lines += [
         "", "## Check it yourself", "", "```sql",
-        "-- exact rows per pair (not pg_stat estimates)",
-        *[q("SELECT count(*) FROM {};", d.layout.target(p_)) for p_ in d.pairs[:3]],
+        "-- exact rows over every pair of the run (count(*), not pg_stat estimates)",
+        q("SELECT sum(n) AS total_rows FROM (\n  {}\n) t;", sql.SQL("\n  UNION ALL ").join(
+            sql.SQL("SELECT count(*) AS n FROM {}").format(d.layout.target(p_)) for p_ in d.pairs
+        )),
+        "-- exact rows per month of one pair",
+        q("SELECT date_trunc('month', ts_utc) AS month, count(*) FROM {} GROUP BY 1 ORDER BY 1;",
+          d.layout.target(d.pairs[0])) if d.pairs else "",
+        "-- partitions in the catalog with their bounds",
+        q("SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i"
+          " JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_namespace n ON n.oid = c.relnamespace"
+          " WHERE n.nspname = {} AND c.relname LIKE 'bqx\\_%' ORDER BY 1;",
+          sql.Literal(d.layout.schema)),
         "-- jobs by status in the ledger",
         q("SELECT status, count(*), sum(rows_written) FROM {} GROUP BY status;", jobs_t),
         "-- attempts of this run",
@@ -296,7 +371,8 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem 
 max-width:1100px;color:#222;line-height:1.45;padding:0 1rem}
 table{border-collapse:collapse;margin:.5rem 0 1.2rem}
 td,th{border:1px solid #ddd;padding:.3rem .6rem}
-th{background:#f4f4f4}td{text-align:left}h1{border-bottom:2px solid #333}h2{margin-top:2rem}
+th{background:#f4f4f4}td{text-align:left}td:not(:last-child){white-space:nowrap}td.num{text-align:right;font-variant-numeric:tabular-nums}
+h1{border-bottom:2px solid #333}h2{margin-top:2rem}
 code,pre{background:#f6f8fa;border-radius:4px}pre{padding:.8rem;overflow-x:auto}
 img{max-width:100%;border:1px solid #eee;margin:.5rem 0}
 .fail{color:#b00020;font-weight:600}.pass{color:#1b7f3b;font-weight:600}
@@ -306,6 +382,7 @@ img{max-width:100%;border:1px solid #eee;margin:.5rem 0}
 def _md_to_html(md: str) -> str:
     """A small converter for the Markdown this module writes (headings, tables, lists, code)."""
     out, in_table, in_code, in_list = [], False, False, False
+    aligns: list[bool] = []
 
     def inline(text: str) -> str:
         text = html.escape(text)
@@ -335,13 +412,22 @@ def _md_to_html(md: str) -> str:
         if line.startswith("|"):
             inner = line.strip()[1:-1] if line.strip().endswith("|") else line.strip()[1:]
             cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", inner)]
-            if set(line) <= set("|-: "):
+            if set(line) <= set("|-: "):  # the alignment row: `---:` right-aligns a column
+                aligns = [c.endswith(":") for c in cells]
                 continue
             tag = "th" if not in_table else "td"
             if not in_table:
                 out.append("<table>")
-                in_table = True
-            out.append("<tr>" + "".join(f"<{tag}>{inline(c)}</{tag}>" for c in cells) + "</tr>")
+                in_table, aligns = True, []
+            opens = [
+                f'<{tag} class="num">' if tag == "td" and i < len(aligns) and aligns[i]
+                else f"<{tag}>" for i in range(len(cells))
+            ]  # fmt: skip
+            out.append(
+                "<tr>"
+                + "".join(o + inline(c) + f"</{tag}>" for o, c in zip(opens, cells, strict=True))
+                + "</tr>"
+            )
         elif line.startswith("#"):
             level = len(line) - len(line.lstrip("#"))
             out.append(f"<h{level}>{inline(line.lstrip('# '))}</h{level}>")
@@ -350,6 +436,8 @@ def _md_to_html(md: str) -> str:
                 out.append("<ul>")
                 in_list = True
             out.append(f"<li>{inline(line[2:])}</li>")
+        elif line.startswith("*") and line.endswith("*") and not line.startswith("**"):
+            out.append(f"<p><em>{inline(line[1:-1])}</em></p>")
         elif line.strip():
             out.append(f"<p>{inline(line)}</p>")
     if in_table:

@@ -252,6 +252,8 @@ CREATE TABLE IF NOT EXISTS {attempts} (
     error        text
 );
 CREATE INDEX IF NOT EXISTS {attempts_run_idx} ON {attempts} (run_id, finished_at);
+-- the worker's database session, so a stuck job's session can be ended with its worker
+ALTER TABLE {jobs} ADD COLUMN IF NOT EXISTS backend_pid integer;
 """
 
 

@@ -55,11 +55,23 @@ def status(conn: psycopg.Connection, layout: Layout, *, errors: int = 10) -> dic
     doc: dict[str, Any] = {
         "jobs": {"total": 0, "done": 0, "running": 0, "failed": 0, "pending": 0},
         "rows": 0, "rows_per_s": 0.0, "eta_s": None, "pairs": [], "running": [], "stale": [],
-        "errors": [], "run": None, "as_of": datetime.now(UTC).isoformat(timespec="seconds"),
+        "errors": [], "run": None, "ledger": None,
+        "as_of": datetime.now(UTC).isoformat(timespec="seconds"),
     }  # fmt: skip
     run = latest_run(conn, layout)
     if run is None:
         return doc
+    # every job the ledger holds, whichever run planned it (the latest run may cover a subset)
+    doc["ledger"] = {"total": 0, **dict.fromkeys(STATUSES, 0), "rows": 0}
+    for st, n, rows_ in conn.execute(
+        psycopg.sql.SQL(
+            "SELECT status, count(*), coalesce(sum(rows_written) FILTER (WHERE status = 'done'), 0)"
+            " FROM {} GROUP BY status"
+        ).format(layout.table(LEDGER_JOBS))
+    ):
+        doc["ledger"][st] = int(n)
+        doc["ledger"]["total"] += int(n)
+        doc["ledger"]["rows"] += int(rows_)
     keys = planned_jobs(run)
     q = psycopg.sql.SQL(
         "SELECT k.pair, k.month, coalesce(j.status, 'pending'), j.rows_written, j.source_bars,"
@@ -121,8 +133,21 @@ def status(conn: psycopg.Connection, layout: Layout, *, errors: int = 10) -> dic
             (errors,),
         )
     ]  # fmt: skip
+    # seconds since any job of the run last showed life (claim, heartbeat, finish): a run
+    # still marked running with no activity for long has lost its driver process
+    idle = conn.execute(
+        psycopg.sql.SQL(
+            "SELECT extract(epoch FROM now() - greatest(max(started_at), max(heartbeat_at),"
+            " max(finished_at), %s::timestamptz))::float8 FROM {} WHERE run_id = %s"
+        ).format(layout.table(LEDGER_JOBS)),
+        (run["started_at"], run["run_id"]),
+    ).fetchone()[0]
+    idle = float(idle) if idle is not None else run["elapsed_s"]
     doc["run"] = {
         "run_id": run["run_id"], "status": run["status"],
+        "last_activity_s": round(idle, 1),
+        "stalled": run["status"] == "running" and unfinished > 0 and not any(
+            not j["stale"] for j in doc["running"]) and idle > STALE_AFTER_S,
         "started_at": run["started_at"].isoformat(timespec="seconds"),
         "ended_at": run["ended_at"].isoformat(timespec="seconds") if run["ended_at"] else None,
         "elapsed_s": round(run["elapsed_s"], 1), "workers": run["workers"],
