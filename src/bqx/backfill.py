@@ -33,7 +33,15 @@ from psycopg import sql
 
 from bqx import metrics
 from bqx.config import Settings
-from bqx.db import connect, copy_in, copy_out_series, current_user, resolve_url, worker_id
+from bqx.db import (
+    connect,
+    copy_in,
+    copy_out_series,
+    current_user,
+    pool,
+    resolve_url,
+    worker_id,
+)
 from bqx.errors import BqxError
 from bqx.schema import (
     LEDGER_ATTEMPTS,
@@ -182,21 +190,14 @@ def _plan_jobs(
     """Every (pair, month) with bars; the per-pair scans run two at a time when a URL is given."""
     if url is None or len(pairs) < 2:
         return [job for pair in pairs for job in _source_months(conn, layout, pair, start, end)]
-    local = threading.local()
+    with pool(url, 2) as conns:
 
-    def scan(pair: str) -> list[Job]:
-        if not hasattr(local, "conn"):
-            local.conn = connect(url, autocommit=True)
-            conns.append(local.conn)
-        return _source_months(local.conn, layout, pair, start, end)
+        def scan(pair: str) -> list[Job]:
+            with conns.connection() as conn:
+                return _source_months(conn, layout, pair, start, end)
 
-    conns: list[psycopg.Connection] = []
-    try:
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            return [job for jobs in pool.map(scan, pairs) for job in jobs]
-    finally:
-        for c in conns:
-            c.close()
+        with ThreadPoolExecutor(max_workers=2) as threads:
+            return [job for jobs in threads.map(scan, pairs) for job in jobs]
 
 
 def preflight(

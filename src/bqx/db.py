@@ -16,7 +16,8 @@ import stat
 import subprocess
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -25,6 +26,7 @@ import numba
 import numpy as np
 import psycopg
 from psycopg import sql
+from psycopg_pool import ConnectionPool
 
 from bqx.config import Settings
 from bqx.errors import BqxError
@@ -221,6 +223,16 @@ def connect(settings: Settings | str, *, autocommit: bool = False) -> psycopg.Co
         shown = mask_url(url) if url else "the server named by PG* variables"
         raise BqxError(f"cannot connect to {shown}: {str(exc).strip().splitlines()[0]}") from None
     return conn
+
+
+@contextmanager
+def pool(url: str, size: int) -> Iterator[ConnectionPool]:
+    """Up to ``size`` autocommit connections in UTC, shared by threads (``pool.connection()``)."""
+    with ConnectionPool(
+        url, min_size=1, max_size=max(1, size), open=True,
+        kwargs={"autocommit": True, "options": "-c timezone=UTC"},
+    ) as p:  # fmt: skip
+        yield p
 
 
 def describe_target(settings: Settings) -> str:

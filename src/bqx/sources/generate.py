@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bqx.config import Settings
-from bqx.db import connect, resolve_url
+from bqx.db import connect, pool, resolve_url
 from bqx.errors import BqxError
 from bqx.schema import REPORT_PAIRS, Layout, Month, create_source_table, validate_pair
 from bqx.sources.load import load_bars
@@ -163,14 +163,15 @@ def generate(
 
     def load(pair: str) -> tuple[str, int, list[str]]:
         times, ohlcv = pair_bars(pair, minutes, paths, seed)
-        with connect(url, autocommit=True) as conn:
+        with conns.connection() as conn:
             result = load_bars(conn, layout, pair, times, ohlcv, mode="replace")
         if progress is not None:
             progress(pair, len(times))
         return pair, len(times), list(result.months)
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for pair, n, months in pool.map(load, pairs):
+    workers = max(1, workers)
+    with pool(url, workers) as conns, ThreadPoolExecutor(max_workers=workers) as threads:
+        for pair, n, months in threads.map(load, pairs):
             summary.per_pair[pair] = n
             summary.bars += n
             summary.months = sorted(set(summary.months) | set(months))

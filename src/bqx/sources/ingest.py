@@ -19,7 +19,6 @@ import csv
 import gzip
 import re
 import tempfile
-import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -31,13 +30,12 @@ from pathlib import Path
 from typing import IO
 
 import numpy as np
-import psycopg
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from bqx.config import Settings
-from bqx.db import connect, resolve_url
+from bqx.db import connect, pool, resolve_url
 from bqx.errors import BqxError
 from bqx.schema import Layout, Month, create_source_table, ensure_source_partition, validate_pair
 from bqx.sources.load import LoadResult, load_bars
@@ -463,36 +461,28 @@ def _store(
         create_source_table(conn, layout, pair)
         for month in spill.months():
             ensure_source_partition(conn, layout, pair, Month.parse(month))
-    local = threading.local()
-    conns: list[psycopg.Connection] = []
 
     def store(month: str) -> tuple[str, int, int, LoadResult]:
-        if not hasattr(local, "conn"):
-            local.conn = connect(url, autocommit=True)
-            conns.append(local.conn)
         rec = spill.read(month)
         rec = rec[np.lexsort((rec["seq"], rec["t"]))]  # by time; among duplicates the later wins
         last = np.ones(len(rec), dtype=bool)
         last[:-1] = rec["t"][1:] != rec["t"][:-1]
         rec = rec[last]
         times = rec["t"].astype("datetime64[us]")
-        result = load_bars(local.conn, layout, pair, times, rec["v"], mode="merge")
+        with conns.connection() as conn:
+            result = load_bars(conn, layout, pair, times, rec["v"], mode="merge")
         return month, len(rec), int((~last).sum()), result
 
-    try:
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            for month, n, dups, result in pool.map(store, spill.months()):
-                summary.duplicates += dups
-                summary.inserted += result.inserted
-                summary.updated += result.updated
-                summary.unchanged += result.unchanged
-                summary.accepted += n
-                summary.months[str(Month.parse(month))] = n
-                if progress:
-                    progress(f"{pair.upper()} {month}: {n:,} bars stored")
-    finally:
-        for c in conns:
-            c.close()
+    with pool(url, 2) as conns, ThreadPoolExecutor(max_workers=2) as threads:
+        for month, n, dups, result in threads.map(store, spill.months()):
+            summary.duplicates += dups
+            summary.inserted += result.inserted
+            summary.updated += result.updated
+            summary.unchanged += result.unchanged
+            summary.accepted += n
+            summary.months[str(Month.parse(month))] = n
+            if progress:
+                progress(f"{pair.upper()} {month}: {n:,} bars stored")
 
 
 def ingest_files(
