@@ -867,9 +867,6 @@ def _drive(
     started = time.monotonic()
     while True:
         time.sleep(0.25)
-        state = ledger.progress(conn, keys)
-        state["elapsed"] = time.monotonic() - started
-        reporter(state)
         for pr in executor.reap():  # a worker died mid-job (killed, crashed)
             error = f"worker {pr.worker} died (exit code {pr.process.returncode})"
             _abandon(conn, ledger, pr.worker, error, max_attempts)
@@ -879,6 +876,8 @@ def _drive(
                 error = f"{pair.upper()} {str(month)[:7]}: timed out after {job_timeout:g}s"
                 _abandon(conn, ledger, worker, error, max_attempts)
         state = ledger.progress(conn, keys)
+        state["elapsed"] = time.monotonic() - started
+        reporter(state)
         if state["pending"] == 0 and state["running"] == 0:
             return
         claimable = state["pending"] + state["stale"]
