@@ -5,10 +5,11 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import random
 import subprocess
 import sys
 import zipfile
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -33,7 +34,7 @@ def stored(conn, layout, pair: str) -> list[tuple]:
 
 
 def rejects_of(path) -> list[tuple[int, str]]:
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return [(int(r["line"]), r["reason"]) for r in csv.DictReader(f)]
 
 
@@ -51,6 +52,12 @@ this is not a bar
 19600101 000000;1.1;1.1;1.1;1.1;0
 2024073 23350;1.1;1.1;1.1;1.1;0
 20240731 233600;nan;1.1;1.1;1.1;0
+20240731 233700;1.1;1.1;1.1;inf;0
+20240731 233800;0;1.1;1.1;1.1;0
+20240731 233900;1.1;1.1;1.1;1.1;0;7
+20240231 000000;1.1;1.1;1.1;1.1;0
+20991231 000000;1.1;1.1;1.1;1.1;0
+20240731 234000;1.1;1.2;1.0;1.1;
 """
 
 
@@ -64,9 +71,13 @@ def test_histdata_exact_bars_times_and_rejects(settings, layout, conn, tmp_path)
         (utc(2024, 3, 10, 7, 30), 1.085, 1.0851, 1.0849, 1.08505, 0.0),
         (utc(2024, 8, 1, 4, 29), 1.089, 1.0891, 1.0889, 1.08905, 0.0),
         (utc(2024, 8, 1, 4, 30), 1.09001, 1.09011, 1.08991, 1.09006, 0.0),  # the later line wins
+        (utc(2024, 8, 1, 4, 40), 1.1, 1.2, 1.0, 1.1, None),  # no volume: NULL
     ]
-    assert (s.accepted, s.rejected, s.duplicates) == (3, 8, 1)
-    assert s.months == {"2024-03": 1, "2024-08": 2}
+    assert (s.accepted, s.rejected, s.duplicates) == (4, 13, 1)
+    assert s.months == {"2024-03": 1, "2024-08": 3}
+    assert [(f.format, f.lines, f.accepted, f.rejected) for f in s.files] == [
+        ("histdata", 19, 5, 13)  # 5 valid rows, one of them a duplicate; the blank line skipped
+    ]
     assert rejects_of(s.rejects_file) == [
         (4, "wrong number of fields"),
         (5, "unparseable close"),
@@ -76,7 +87,102 @@ def test_histdata_exact_bars_times_and_rejects(settings, layout, conn, tmp_path)
         (11, "time out of range"),
         (12, "unparseable time"),
         (13, "open is nan: must be finite and > 0"),
+        (14, "close is inf: must be finite and > 0"),
+        (15, "open is 0.0: must be finite and > 0"),
+        (16, "wrong number of fields"),
+        (17, "unparseable time"),  # February 31st
+        (18, "time out of range"),  # the future
     ]
+    with open(s.rejects_file, encoding="utf-8") as fh:
+        first = next(csv.DictReader(fh))
+    assert first == {"file": str(f), "line": "4", "reason": "wrong number of fields",
+                     "text": "this is not a bar"}  # fmt: skip
+
+
+def test_histdata_zip_as_shipped_with_crlf_and_bom(settings, layout, conn, tmp_path):
+    f = tmp_path / "HISTDATA_COM_ASCII_EURUSD_M1202407.zip"
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("DAT_ASCII_EURUSD_M1_202407.txt", "HistData.com status report\r\ngaps: none\r\n")
+        z.writestr(
+            "DAT_ASCII_EURUSD_M1_202407.csv",
+            "\ufeff20240630 170000;1.07100;1.07120;1.07090;1.07120;0\r\n"
+            "20240630 170100;1.07120;1.07130;1.07110;1.07125;0\r\n",
+        )
+    assert sniff(f) == "histdata"
+    s = ingest_files(settings, layout, [f], "EURUSD")
+    assert stored(conn, layout, "eurusd") == [
+        (utc(2024, 6, 30, 22, 0), 1.071, 1.0712, 1.0709, 1.0712, 0.0),
+        (utc(2024, 6, 30, 22, 1), 1.0712, 1.0713, 1.0711, 1.07125, 0.0),
+    ]
+    assert (s.accepted, s.rejected, s.rejects_file) == (2, 0, None)
+
+
+def test_big_unsorted_file_across_blocks_gives_exact_bars_lines_and_duplicates(
+    settings, layout, conn, tmp_path, monkeypatch
+):
+    """Many small blocks (so block edges fall everywhere), shuffled lines over a month edge,
+    duplicates inside the file and in a second file, and every kind of bad line."""
+    monkeypatch.setattr(ingest_mod, "BLOCK_BYTES", 700)
+    rng = random.Random(5)
+    start = datetime(2024, 7, 31, 17, 0)  # EST: 22:00 UTC, two hours before August
+    good = []
+    for i in range(600):
+        t = start + timedelta(minutes=i)
+        p = round(1.1 + i * 1e-5, 5)
+        good.append((t, (p, round(p + 1e-4, 5), round(p - 1e-4, 5), p, float(i % 7))))
+    rows = good + [(t, (o, h, lo, round(c + 2e-5, 5), v)) for t, (o, h, lo, c, v) in good[::12]]
+    rng.shuffle(rows)
+
+    def line(t: datetime, v: tuple) -> str:
+        return f"{t:%Y%m%d %H%M%S};" + ";".join(f"{x:.5f}" for x in v[:4]) + f";{v[4]:g}"
+
+    bad_kinds = [
+        ("garbage", "wrong number of fields"),
+        ("20240731 1700;1.1;1.2;1.0;1.1;0", "unparseable time"),
+        ("20240731 170000;abc;1.2;1.0;1.1;0", "unparseable open"),
+        ("20240731 170000;1.1;1.0;1.2;1.1;0", "high 1.0 < low 1.2"),
+        ("20240731 170000;1.1;1.2;1.0;inf;0", "close is inf: must be finite and > 0"),
+        ("20240731 170000;1.1;1.2;1.0;1.1;-3", "volume is -3.0: must be finite and ≥ 0"),
+        ("19690101 000000;1.1;1.2;1.0;1.1;0", "time out of range"),
+        ("20240731 170000;1.1;1.2;1.0;1.1;0;0", "wrong number of fields"),
+    ]
+    text, expected_rejects, kept = [], [], {}
+    for k, (t, v) in enumerate(rows):
+        if k % 37 == 5:  # a bad line takes this row's place
+            bad, reason = bad_kinds[(k // 37) % len(bad_kinds)]
+            text.append(bad)
+            expected_rejects.append((len(text), reason))
+        elif k % 101 == 50:
+            text.append("")  # blank lines are skipped, not rejected, but still counted
+            continue
+        else:
+            text.append(line(t, v))
+            kept[t] = v  # the last line with a time wins
+    f = tmp_path / "unsorted.csv.gz"
+    with gzip.open(f, "wt") as g:
+        g.write("\n".join(text) + "\n")
+    s = ingest_files(settings, layout, [f], "EURUSD", fmt="histdata")
+    want = [(t.replace(tzinfo=UTC) + timedelta(hours=5), *v) for t, v in sorted(kept.items())]
+    assert stored(conn, layout, "eurusd") == want
+    assert rejects_of(s.rejects_file) == expected_rejects
+    valid = len(text) - len(expected_rejects) - text.count("")
+    assert (s.accepted, s.rejected, s.duplicates) == (len(kept), len(expected_rejects),
+                                                       valid - len(kept))  # fmt: skip
+    assert s.duplicates > 0 and set(s.months) == {"2024-07", "2024-08"}
+    assert s.files[0].lines == len(text)
+
+    # re-ingesting changes nothing, not even the rows' versions
+    xmins = conn.execute(
+        sql.SQL("SELECT time, xmin::text FROM {} ORDER BY time").format(layout.source("eurusd"))
+    ).fetchall()
+    again = ingest_files(settings, layout, [f], "EURUSD")
+    assert (again.inserted, again.updated, again.unchanged) == (0, 0, len(kept))
+    assert (
+        conn.execute(
+            sql.SQL("SELECT time, xmin::text FROM {} ORDER BY time").format(layout.source("eurusd"))
+        ).fetchall()
+        == xmins
+    )
 
 
 def test_reingest_changes_nothing_and_overlapping_files_merge(settings, layout, conn, tmp_path):
@@ -84,27 +190,22 @@ def test_reingest_changes_nothing_and_overlapping_files_merge(settings, layout, 
     a.write_text("20240701 000000;1.1;1.2;1.0;1.15;1\n20240701 000100;1.1;1.2;1.0;1.15;2\n")
     ingest_files(settings, layout, [a], "EURUSD")
     before = stored(conn, layout, "eurusd")
-    xmins = conn.execute(
-        sql.SQL("SELECT xmin::text FROM {}").format(layout.source("eurusd"))
-    ).fetchall()
     again = ingest_files(settings, layout, [a], "EURUSD")
     assert (again.inserted, again.updated, again.unchanged) == (0, 0, 2)
     assert stored(conn, layout, "eurusd") == before
-    assert (
-        conn.execute(
-            sql.SQL("SELECT xmin::text FROM {}").format(layout.source("eurusd"))
-        ).fetchall()
-        == xmins
-    )
     b = tmp_path / "b.csv.gz"
     with gzip.open(b, "wt") as f:
         f.write("20240701 000100;1.1;1.2;1.0;1.16;2\n20240701 000200;1.1;1.2;1.0;1.17;3\n")
     merged = ingest_files(settings, layout, [b], "EURUSD")
     assert (merged.inserted, merged.updated, merged.unchanged) == (1, 1, 0)
     assert [r[4] for r in stored(conn, layout, "eurusd")] == [1.15, 1.16, 1.17]
+    # two overlapping files in one call: the later file's bar wins and counts as a duplicate
+    both = ingest_files(settings, layout, [b, a], "EURUSD")
+    assert (both.accepted, both.duplicates) == (3, 1)
+    assert [r[4] for r in stored(conn, layout, "eurusd")] == [1.15, 1.15, 1.17]
 
 
-def test_dukascopy_gz(settings, layout, conn, tmp_path):
+def test_dukascopy_gmt_and_local_time_exports(settings, layout, conn, tmp_path):
     f = tmp_path / "EURUSD_Candlestick_1_M_BID_01.07.2024-31.07.2024.csv.gz"
     with gzip.open(f, "wt") as g:
         g.write(
@@ -113,6 +214,7 @@ def test_dukascopy_gz(settings, layout, conn, tmp_path):
             "01.07.2024 00:00:00.000,1.07100,1.07120,1.07090,1.07120,99.1\n"
             "31.06.2024 00:00:00.000,1.07100,1.07120,1.07090,1.07120,99.1\n"
             "01.07.2024 00:02:00.000,1.07120,1.07130,1.07110,1.07125,-5\n"
+            "01.07.2024 00:03:00.000,1.07120,1.07130\n"
         )
     assert sniff(f) == "dukascopy"
     s = ingest_files(settings, layout, [f], "eurusd", fmt="auto")
@@ -122,8 +224,18 @@ def test_dukascopy_gz(settings, layout, conn, tmp_path):
     ]
     assert rejects_of(s.rejects_file) == [
         (4, "unparseable time"),
-        (5, "volume is -5.0: must be ≥ 0"),
+        (5, "volume is -5.0: must be finite and ≥ 0"),
+        (6, "wrong number of fields"),
     ]
+    local = tmp_path / "GBPUSD_local.csv"
+    local.write_text(
+        "Local time,Open,High,Low,Close,Volume\n"
+        "01.07.2024 03:00:00.000 GMT+0300,1.26,1.27,1.25,1.26,10\n"
+        "01.12.2024 02:00:00.000 GMT+0200,1.26,1.27,1.25,1.26,10\n"
+    )
+    assert sniff(local) == "dukascopy"
+    ingest_files(settings, layout, [local], "GBPUSD")
+    assert [r[0] for r in stored(conn, layout, "gbpusd")] == [utc(2024, 7, 1), utc(2024, 12, 1)]
 
 
 def test_metatrader_zip_with_server_time_zone_across_dst(settings, layout, conn, tmp_path):
@@ -149,18 +261,46 @@ def test_metatrader_zip_with_server_time_zone_across_dst(settings, layout, conn,
     assert rejects_of(s.rejects_file) == [(2, "local time does not exist (daylight-saving gap)")]
 
 
+def test_metatrader5_tab_export_in_a_fixed_offset_zone(settings, layout, conn, tmp_path):
+    f = tmp_path / "EURUSD_M1_202407.csv"
+    f.write_text(
+        "<DATE>\t<TIME>\t<OPEN>\t<HIGH>\t<LOW>\t<CLOSE>\t<TICKVOL>\t<VOL>\t<SPREAD>\n"
+        "2024.07.01\t00:00:00\t1.07100\t1.07120\t1.07090\t1.07120\t45\t0\t2\n"
+        "2024.07.01\t00:01:00\t1.07120\t1.07130\t1.07110\t1.07125\t12\t0\t2\n"
+    )
+    assert sniff(f) == "metatrader"
+    ingest_files(settings, layout, [f], "EURUSD", tz="Etc/GMT-2")  # POSIX sign: UTC+2
+    assert stored(conn, layout, "eurusd") == [
+        (utc(2024, 6, 30, 22, 0), 1.071, 1.0712, 1.0709, 1.0712, 45.0),
+        (utc(2024, 6, 30, 22, 1), 1.0712, 1.0713, 1.0711, 1.07125, 12.0),
+    ]
+
+
 def test_generic_csv_and_parquet_with_a_column_mapping(settings, layout, conn, tmp_path):
     f = tmp_path / "bars.csv"
     f.write_text(
-        "Date,O,H,L,Last\n2024-07-01T00:00:00Z,1.1,1.2,1.0,1.15\n2024-07-01 00:01,1.1,1.2,1.0,1.16\n"
+        "Date,O,H,L,Last\n"
+        "2024-07-01T00:00:00Z,1.1,1.2,1.0,1.15\n"
+        "2024-07-01 00:01,1.1,1.2,1.0,1.16\n"
+        "2024-07-01T02:02:00+02:00,1.1,1.2,1.0,1.17\n"
+        "2024-07-01 00:03:00.000,1.1,1.2,1.0,\n"
     )
     mapping = Mapping.parse("time=Date,open=O,high=H,low=L,close=Last,volume=")
     s = ingest_files(settings, layout, [f], "AUDUSD", fmt="csv", mapping=mapping)
-    assert s.accepted == 2 and s.rejected == 0
+    assert (s.accepted, s.rejected) == (3, 1)
+    assert rejects_of(s.rejects_file) == [(5, "missing close")]
     assert stored(conn, layout, "audusd") == [
         (utc(2024, 7, 1, 0, 0), 1.1, 1.2, 1.0, 1.15, None),
         (utc(2024, 7, 1, 0, 1), 1.1, 1.2, 1.0, 1.16, None),
+        (utc(2024, 7, 1, 0, 2), 1.1, 1.2, 1.0, 1.17, None),
     ]
+    # a strptime format and a time zone for naive local times
+    g = tmp_path / "ny.csv"
+    g.write_text("when;open;high;low;close;volume\n01/07/2024 20:00;1.1;1.2;1.0;1.15;3\n")
+    ingest_files(settings, layout, [g], "USDCAD", mapping=Mapping.parse("time=when", "%d/%m/%Y %H:%M"),
+                 tz="America/New_York")  # fmt: skip
+    assert stored(conn, layout, "usdcad") == [(utc(2024, 7, 2, 0, 0), 1.1, 1.2, 1.0, 1.15, 3.0)]
+
     p = tmp_path / "bars.parquet"
     table = pa.table({
         "ts": pa.array([datetime(2024, 7, 2, 0, 0), datetime(2024, 7, 2, 0, 1)], pa.timestamp("ms")),
@@ -172,10 +312,6 @@ def test_generic_csv_and_parquet_with_a_column_mapping(settings, layout, conn, t
     assert (s.accepted, s.rejected) == (1, 1)
     assert rejects_of(s.rejects_file) == [(2, "high 1.2 < low 1.3")]
     assert stored(conn, layout, "audusd")[-1] == (utc(2024, 7, 2, 0, 0), 1.1, 1.2, 1.0, 1.15, 5.0)
-    with pytest.raises(BqxError, match=r"no column 'Stamp' for time"):
-        ingest_files(
-            settings, layout, [f], "AUDUSD", fmt="csv", mapping=Mapping.parse("time=Stamp")
-        )
 
 
 def test_interrupted_ingest_keeps_earlier_months_and_the_interrupted_one(
@@ -201,33 +337,72 @@ def test_interrupted_ingest_keeps_earlier_months_and_the_interrupted_one(
     assert rows[0] == (utc(2024, 7, 1, 5, 0), 1.1, 1.2, 1.0, 1.15, 0.0)  # July stored
     assert rows[1:] == august_before  # August as it was
 
+    # the server failing in the middle of a month's transaction (a NULL close planted in the
+    # last row, after the month's other rows were sent) leaves that month as it was
+    monkeypatch.setattr(ingest_mod, "load_bars", real)
+    read = ingest_mod._Spill.read
+
+    def poisoned(self, month):
+        times, ohlcv, dups = read(self, month)
+        if month == "2024-08":
+            ohlcv = ohlcv.copy()
+            ohlcv[-1, 3] = float("nan")  # NaN goes to PostgreSQL as NULL
+        return times, ohlcv, dups
+
+    monkeypatch.setattr(ingest_mod._Spill, "read", poisoned)
+    newer = tmp_path / "newer.csv"
+    newer.write_text("20240801 000000;4.1;4.2;4.0;4.15;0\n20240801 000100;4.1;4.2;4.0;4.15;0\n")
+    with pytest.raises(Exception, match="null value"):
+        ingest_files(settings, layout, [newer], "EURUSD")
+    assert stored(conn, layout, "eurusd")[1:] == august_before
+
 
 def test_bad_invocations_fail_clearly_and_write_nothing(settings, layout, conn, tmp_path, cli_env):
     good = tmp_path / "good.csv"
-    good.write_text("20240701 000000;1.1;1.2;1.0;1.15;0\n")
+    good.write_text("20240701 000000;1.1;1.2;1.0;1.15;0\nbad line\n")
     junk = tmp_path / "junk.txt"
     junk.write_text("12345 hello\n")
+    broken = tmp_path / "broken.csv.gz"
+    broken.write_bytes(b"this is not gzip")
+    mapped = tmp_path / "mapped.csv"
+    mapped.write_text("Stamp,open,high,low,close\n2024-07-01 00:00,1.1,1.2,1.0,1.15\nbad\n")
+    unmapped = tmp_path / "unmapped.csv"
+    unmapped.write_text("time,open,high,low,close\n2024-07-01 00:01,1.1,1.2,1.0,1.15\n")
     cases = [
-        ([tmp_path / "missing.csv"], "EURUSD", "auto", r"missing.csv: no such file"),
-        ([junk], "EURUSD", "auto", r"junk.txt: unknown format"),
-        ([good], "EURUS", "auto", r"invalid pair name 'EURUS'"),
-        ([good], "EURUSD", "excel", r"unknown --format 'excel'"),
-        ([good, tmp_path / "missing.csv"], "EURUSD", "auto", r"missing.csv: no such file"),
-    ]
-    for files, pair, fmt, message in cases:
+        ([tmp_path / "missing.csv"], "EURUSD", "auto", {}, r"missing.csv: no such file"),
+        ([junk], "EURUSD", "auto", {}, r"junk.txt: unknown format"),
+        ([good], "EURUS", "auto", {}, r"invalid pair name 'EURUS'"),
+        ([good], "EURUSD", "excel", {}, r"unknown --format 'excel'"),
+        ([good, tmp_path / "missing.csv"], "EURUSD", "auto", {}, r"missing.csv: no such file"),
+        ([good, tmp_path], "EURUSD", "auto", {}, r"is a directory"),
+        ([good, broken], "EURUSD", "auto", {}, r"broken.csv.gz: cannot read"),
+        ([good], "EURUSD", "auto", {"tz": "Mars/Olympus"}, r"unknown time zone"),
+        ([mapped, unmapped], "EURUSD", "auto", {"mapping": Mapping.parse("time=Stamp")},
+         r"unmapped.csv: no column 'Stamp' for time"),
+    ]  # fmt: skip
+    for files, pair, fmt, kw, message in cases:
         with pytest.raises(BqxError, match=message):
-            ingest_files(settings, layout, files, pair, fmt=fmt)
+            ingest_files(settings, layout, files, pair, fmt=fmt, **kw)
     exists = conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname = %s", (layout.schema,))
     assert exists.fetchone()[0] == 0  # nothing was created
-    res = subprocess.run(
-        [sys.executable, "-m", "bqx.cli", "ingest", str(junk), "--pair", "EURUSD"],
-        env=cli_env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert res.returncode == 1 and "Traceback" not in res.stderr
-    assert res.stderr.count("\n") == 1 and "unknown format" in res.stderr
+    assert not list(tmp_path.glob("*.rejects.csv"))  # no rejects file either
+    with pytest.raises(BqxError, match=r"cannot write rejects file"):
+        ingest_files(settings, layout, [good], "EURUSD", rejects_path=tmp_path / "no" / "r.csv")
+    assert conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname = %s",
+                        (layout.schema,)).fetchone()[0] == 0  # fmt: skip
+    for args, message in [
+        ([str(junk), "--pair", "EURUSD"], "unknown format"),
+        ([str(good), "--pair", "EUR/USD"], "invalid pair name"),
+    ]:
+        res = subprocess.run(
+            [sys.executable, "-m", "bqx.cli", "ingest", *args],
+            env=cli_env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert res.returncode == 1 and "Traceback" not in res.stderr
+        assert res.stderr.count("\n") == 1 and message in res.stderr
 
 
-def test_cli_json_summary(tmp_path, cli_env):
+def test_cli_json_and_human_summaries_agree(tmp_path, cli_env):
     f = tmp_path / "h.csv"
     f.write_text("20240701 000000;1.1;1.2;1.0;1.15;0\n20240701 000000;1.1;1.2;1.0;1.15;0\nbad\n")
     res = subprocess.run(
@@ -238,3 +413,15 @@ def test_cli_json_summary(tmp_path, cli_env):
     doc = json.loads(res.stdout)
     assert (doc["accepted"], doc["rejected"], doc["duplicates"]) == (1, 1, 1)
     assert doc["rejects_file"] == str(f) + ".rejects.csv"
+    assert doc["files"][0]["format"] == "histdata"
+    res = subprocess.run(
+        [sys.executable, "-m", "bqx.cli", "ingest", str(f), "--pair", "EURUSD",
+         "--rejects", str(tmp_path / "r.csv")],
+        env=cli_env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    out = " ".join(res.stdout.split())  # rich wraps long lines
+    assert "1 bars accepted (0 new, 0 changed, 1 unchanged), 1 rejected, 1 duplicates" in out
+    assert str(tmp_path / "r.csv") in res.stdout.replace("\n", "")
+    assert "histdata (detected)" in " ".join(res.stderr.split())  # says which format it chose
+    assert rejects_of(tmp_path / "r.csv") == [(3, "wrong number of fields")]

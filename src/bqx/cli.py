@@ -361,10 +361,13 @@ def ingest(
         f" {summary.rejected:,} rejected, {summary.duplicates:,} duplicates"
         f" in {summary.seconds:.1f}s",
         highlight=False,
+        soft_wrap=True,  # one line, for people and for grep
     )
     if summary.rejects_file:
         console.print(
-            f"rejected rows with line and reason: {summary.rejects_file}", highlight=False
+            f"rejected rows with line and reason: {summary.rejects_file}",
+            highlight=False,
+            soft_wrap=True,
         )
 
 

@@ -1,33 +1,41 @@
 """``bqx ingest``: the minute-bar files people actually have, into ``m1_{pair}``.
 
-Formats: HistData.com generic ASCII M1 (``YYYYMMDD HHMMSS;o;h;l;c;v``, fixed EST = UTC−5 all
-year), Dukascopy CSV exports (``Gmt time,Open,High,Low,Close,Volume``), MetaTrader history
-exports (``YYYY.MM.DD,HH:MM,o,h,l,c,v`` in the server's time zone, ``--tz``), and generic CSV or
-Parquet with a column mapping. ``.gz`` and ``.zip`` inputs are read directly.
+Formats:
 
-Files are streamed in blocks with pyarrow's CSV reader (every field read as text, then parsed
-and validated column-wise), so memory stays bounded whatever the file's size. Valid bars are
-spilled per month to a temporary directory; each month is then merged into its partition in
-one transaction (``bqx.sources.load``), so an interrupted ingest leaves earlier months stored
-and the interrupted one as it was, and re-ingesting a file changes nothing. Bad rows are not
-loaded: they go to a rejects file with file, line number and reason.
+- HistData.com generic ASCII M1: ``YYYYMMDD HHMMSS;o;h;l;c;v``, fixed EST = UTC−5 all year;
+- Dukascopy CSV exports: ``Gmt time,Open,High,Low,Close,Volume`` with ``dd.mm.yyyy
+  HH:MM:SS.fff`` (also ``Local time`` exports whose times end in ``GMT+0200``);
+- MetaTrader history exports: MT4 ``YYYY.MM.DD,HH:MM,o,h,l,c,v`` and MT5 tab-separated
+  ``<DATE> <TIME> <OPEN> …`` files, in the broker's server time given by ``--tz``;
+- generic CSV or Parquet with a column mapping (ISO 8601 times or ``--time-format``).
+
+``.gz`` and ``.zip`` inputs are read directly. Files are streamed in blocks with pyarrow's CSV
+reader (every field read as text, then parsed and validated column-wise with numpy, no Python
+per row), so memory stays bounded whatever the file's size. Valid bars are spilled per month to
+a temporary directory; once every file is read, each month is merged into its partition in one
+transaction (``bqx.sources.load``): an interrupted ingest leaves earlier months stored and the
+interrupted one as it was, and re-ingesting a file changes nothing. Bad rows are not loaded:
+they go to a rejects file with file, physical line number, reason and the row's text. Among
+rows with the same time, the last one read (last file, last line) is kept; the others are
+counted as duplicates. (A quoted CSV field may not span lines: files are cut at newlines.)
 """
 
 from __future__ import annotations
 
 import csv
 import gzip
-import re
 import tempfile
 import time
 import zipfile
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 import pyarrow as pa
@@ -42,10 +50,13 @@ from bqx.sources.load import LoadResult, load_bars
 
 FORMATS = ("auto", "histdata", "dukascopy", "metatrader", "csv", "parquet")
 FIELDS = ("open", "high", "low", "close", "volume")
-BLOCK_BYTES = 4 << 20  # pyarrow reads this much text at a time: bounds memory per block
+BLOCK_BYTES = 2 << 20  # text parsed per block: a block takes ~25x its size while parsed
 EARLIEST = datetime(1971, 1, 1, tzinfo=UTC)  # no FX minute bars before this
-_NUMBER = r"(?i)^\s*[-+]?((\d+\.?\d*|\.\d+)(e[-+]?\d+)?|inf|infinity|nan)\s*$"
+HISTDATA_SHIFT = timedelta(hours=5)  # HistData times are EST (UTC−5) all year
 _US_PER_MIN = 60_000_000
+_NAT = np.iinfo(np.int64).min  # unparseable time
+_GAP = _NAT + 1  # a local time that does not exist (the spring-forward hour)
+_READ_ERRORS = (OSError, EOFError, zipfile.BadZipFile, pa.ArrowInvalid)
 
 
 @dataclass
@@ -71,6 +82,8 @@ class Mapping:
             key = key.strip().lower()
             if key not in ("time", *FIELDS):
                 raise BqxError(f"--columns: unknown field {key!r} (time, {', '.join(FIELDS)})")
+            if key != "volume" and not value.strip():
+                raise BqxError(f"--columns: {key} needs a column name ({key}=NAME)")
             setattr(m, key, value.strip() or None)
         return m
 
@@ -86,6 +99,8 @@ class FileSummary:
 
 @dataclass
 class IngestSummary:
+    """What an ingest did. ``accepted`` counts distinct bars stored (duplicates excluded)."""
+
     pair: str
     accepted: int = 0
     rejected: int = 0
@@ -98,7 +113,7 @@ class IngestSummary:
     months: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "pair": self.pair.upper(), "accepted": self.accepted, "rejected": self.rejected,
             "duplicates": self.duplicates, "rejects_file": self.rejects_file,
@@ -113,7 +128,11 @@ class IngestSummary:
 
 @contextmanager
 def open_input(path: Path) -> Iterator[IO[bytes]]:
-    """A binary stream of the file's text, through gzip or the zip's data member."""
+    """A binary stream of the file's text, through gzip or the zip's data member.
+
+    HistData zips hold the bars as ``.csv`` next to a ``.txt`` status report: a ``.csv``
+    member is preferred.
+    """
     name = path.name.lower()
     if name.endswith(".gz"):
         with gzip.open(path, "rb") as f:
@@ -132,298 +151,614 @@ def open_input(path: Path) -> Iterator[IO[bytes]]:
 
 
 def _head(path: Path, lines: int = 5) -> list[str]:
-    with open_input(path) as f:
-        text = f.read(64 << 10).decode("utf-8", errors="replace")
+    """The first non-blank lines (BOM and surrounding white space removed)."""
+    try:
+        with open_input(path) as f:
+            text = f.read(64 << 10).decode("utf-8", errors="replace")
+    except _READ_ERRORS as exc:
+        raise BqxError(f"{path}: cannot read: {_why(exc)}") from None
     return [ln.strip().lstrip("\ufeff") for ln in text.splitlines() if ln.strip()][:lines]
 
 
+def _why(exc: BaseException) -> str:
+    text = (str(exc).strip().splitlines() or [""])[0]
+    return getattr(exc, "strerror", None) or text or type(exc).__name__
+
+
 def sniff(path: Path) -> str:
-    """Which format a file is in, from its name and first lines."""
+    """Which format a file is in, from its name and first line."""
     if path.name.lower().endswith(".parquet"):
         return "parquet"
-    head = _head(path)
+    with open(path, "rb") as f:
+        if f.read(4) == b"PAR1":
+            return "parquet"
+    head = _head(path, 1)
     if not head:
         raise BqxError(f"{path}: the file is empty")
     first = head[0]
-    if re.match(r"^\d{8} \d{6};", first):
+    if _matches(first.split(";")[0], "YYYYMMDD hhmmss") and first.count(";") >= 4:
         return "histdata"
-    if first.lower().startswith("gmt time"):
+    if first.lower().startswith(("gmt time", "local time")):
         return "dukascopy"
-    if re.match(r"^\d{4}\.\d{2}\.\d{2},\d{2}:\d{2}", first):
+    if first.upper().startswith("<DATE>") or (
+        _matches(first[:16], "YYYY.MM.DD,hh:mm") and first.count(",") >= 5
+    ):
         return "metatrader"
-    if re.match(r"^[A-Za-z_\"' ]", first) and ("," in first or ";" in first):
+    if (first[:1].isalpha() or first[:1] in "\"'_") and any(s in first for s in ",;\t"):
         return "csv"
-    raise BqxError(f"{path}: unknown format (first line {first[:60]!r}); give --format")
+    raise BqxError(
+        f"{path}: unknown format (first line {first[:60]!r}); give --format "
+        f"({', '.join(FORMATS[1:])})"
+    )
 
 
-# -- parsing --------------------------------------------------------------------------------
+def _matches(text: str, template: str) -> bool:
+    tpl = _compile(template)
+    col = pa.array([text], pa.string())
+    return bool(_fixed_times(col, tpl)[1][0])
+
+
+# -- times ----------------------------------------------------------------------------------
+#
+# The formats' times are fixed-width digits. They are parsed straight from the Arrow string
+# buffer with numpy (about 10x strptime): a template names each character, Y M D h m s for the
+# date and time, f for fractions of a second, S H N for a ±HHMM offset, ? for 'T' or ' ', and
+# anything else (or a letter after a backslash) must be that character. Rows no template fits
+# go to strptime if a format is given, else they are unparseable.
+
+
+@dataclass(frozen=True)
+class _Template:
+    text: str
+    width: int
+    digits: np.ndarray  # positions of digit characters
+    literal_pos: np.ndarray
+    literal_val: np.ndarray
+    either: np.ndarray  # positions of '?': 'T', 't' or ' '
+    sign: int | None
+    spans: dict[str, np.ndarray]  # letter -> its positions
+
+    @property
+    def aware(self) -> bool:
+        return self.sign is not None
+
+
+@lru_cache(maxsize=64)
+def _compile(text: str) -> _Template:
+    digit_letters = "YMDhmsfHN"
+    spans: dict[str, list[int]] = {}
+    digits, lit_pos, lit_val, either, sign = [], [], [], [], None
+    chars: list[tuple[str, bool]] = []  # (character, escaped)
+    it = iter(text)
+    for ch in it:
+        chars.append((next(it), True) if ch == "\\" else (ch, False))
+    for i, (ch, escaped) in enumerate(chars):
+        if not escaped and ch in digit_letters:
+            digits.append(i)
+            spans.setdefault(ch, []).append(i)
+        elif not escaped and ch == "?":
+            either.append(i)
+        elif not escaped and ch == "S":
+            sign = i
+        else:
+            lit_pos.append(i)
+            lit_val.append(ord(ch))
+    return _Template(
+        text, len(chars), np.array(digits, np.intp), np.array(lit_pos, np.intp),
+        np.array(lit_val, np.uint8), np.array(either, np.intp), sign,
+        {k: np.array(v, np.intp) for k, v in spans.items()},
+    )  # fmt: skip
+
+
+def _string_buffers(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, bytes) of a string array, without copying."""
+    if col.type != pa.string():
+        col = col.cast(pa.string())
+    _, off, data = col.buffers()
+    offsets = np.frombuffer(off, dtype=np.int32, count=len(col) + 1, offset=col.offset * 4)
+    chars = np.frombuffer(data, dtype=np.uint8) if data is not None else np.empty(0, np.uint8)
+    return offsets, chars
+
+
+def _days_from_civil(y: np.ndarray, m: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm)."""
+    y = y - (m <= 2)
+    era = np.floor_divide(y, 400)
+    yoe = y - era * 400
+    doy = (153 * ((m + 9) % 12) + 2) // 5 + d - 1
+    return era * 146097 + yoe * 365 + yoe // 4 - yoe // 100 + doy - 719468
+
+
+_MONTH_DAYS = np.array([31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31], np.int64)
+
+
+def _fixed_times(col: pa.Array, tpl: _Template) -> tuple[np.ndarray, np.ndarray]:
+    """(µs since epoch, matched) of each string that fits the template exactly.
+
+    Times are naive unless the template has an offset, then UTC. Impossible dates (31.06,
+    24:00, 29.02 of a common year) do not match.
+    """
+    n = len(col)
+    us = np.full(n, _NAT, np.int64)
+    matched = np.zeros(n, bool)
+    offsets, data = _string_buffers(col)
+    rows = np.flatnonzero(np.diff(offsets) == tpl.width)
+    if col.null_count and len(rows):
+        rows = rows[col.is_valid().to_numpy(zero_copy_only=False)[rows]]
+    if not len(rows):
+        return us, matched
+    chars = data[offsets[rows][:, None] + np.arange(tpl.width)]
+    v = chars.astype(np.int64) - 48
+    good = (v[:, tpl.digits] >= 0).all(1) & (v[:, tpl.digits] <= 9).all(1)
+    if len(tpl.literal_pos):
+        good &= (chars[:, tpl.literal_pos] == tpl.literal_val).all(1)
+    for i in tpl.either:
+        good &= np.isin(chars[:, i], (ord("T"), ord("t"), ord(" ")))
+    if tpl.sign is not None:
+        good &= np.isin(chars[:, tpl.sign], (ord("+"), ord("-")))
+
+    def num(letter: str) -> np.ndarray:
+        pos = tpl.spans.get(letter)
+        if pos is None:
+            return np.zeros(len(rows), np.int64)
+        return v[:, pos] @ (10 ** np.arange(len(pos) - 1, -1, -1, dtype=np.int64))
+
+    year, month, day = num("Y"), num("M"), num("D")
+    hour, minute, sec = num("h"), num("m"), num("s")
+    good &= (month >= 1) & (month <= 12) & (day >= 1) & (hour < 24) & (minute < 60) & (sec < 60)
+    mi = np.clip(month, 1, 12) - 1
+    leap = (year % 4 == 0) & ((year % 100 != 0) | (year % 400 == 0))
+    good &= day <= _MONTH_DAYS[mi] + ((mi == 1) & leap)
+    days = _days_from_civil(year, np.clip(month, 1, 12), day)
+    t = ((days * 24 + hour) * 60 + minute) * 60 + sec
+    t = t * 1_000_000
+    if "f" in tpl.spans:
+        k = len(tpl.spans["f"])
+        frac = num("f")
+        t += frac * 10 ** (6 - k) if k <= 6 else frac // 10 ** (k - 6)
+    if tpl.sign is not None:
+        off_h, off_m = num("H"), num("N")
+        good &= (off_h < 24) & (off_m < 60)
+        sign = np.where(chars[:, tpl.sign] == ord("-"), -1, 1)
+        t -= sign * (off_h * 60 + off_m) * _US_PER_MIN
+    us[rows[good]] = t[good]
+    matched[rows[good]] = True
+    return us, matched
+
+
+def _strptime_us(col: pa.Array, fmt: str) -> np.ndarray:
+    """µs since epoch (naive) of text in a strptime format; ``_NAT`` where it does not parse."""
+    col = pc.utf8_trim_whitespace(col.cast(pa.string()))
+    try:
+        ts = pc.strptime(col, format=fmt, unit="us", error_is_null=True)
+    except pa.ArrowInvalid as exc:
+        raise BqxError(f"invalid --time-format {fmt!r}: {_why(exc)}") from None
+    if ts.type.tz is not None:  # %z: already an instant
+        ts = ts.cast(pa.timestamp("us"))
+    # strptime rolls impossible dates over (31.06 -> 01.07, 24:00 -> 00:00): such a time does
+    # not print back as read. Only the first days of a month and midnights can be rolled over,
+    # so only those are printed back.
+    suspect = pc.fill_null(
+        pc.or_(pc.less_equal(pc.day(ts), 3), pc.equal(pc.hour(ts), 0)), False
+    ).to_numpy(zero_copy_only=False)
+    us = pc.fill_null(ts.cast(pa.int64()), _NAT).to_numpy(zero_copy_only=False).copy()
+    if suspect.any() and "%z" not in fmt and "%f" not in fmt:
+        idx = np.flatnonzero(suspect)
+        sub = pc.cast(pc.take(ts, pa.array(idx)), pa.timestamp("s"), safe=False)
+        same = pc.fill_null(pc.equal(pc.strftime(sub, format=fmt), pc.take(col, idx)), False)
+        us[idx[~same.to_numpy(zero_copy_only=False)]] = _NAT
+    return us
+
+
+def _times(
+    col: pa.Array,
+    templates: Sequence[str],
+    formats: Sequence[str],
+    tz: str | None,
+    shift: timedelta = timedelta(0),
+) -> np.ndarray:
+    """int64 µs UTC: templates first, then strptime formats; naive times are local in ``tz``.
+
+    Unparseable times become ``_NAT``; local times in a daylight-saving gap ``_GAP``; in the
+    repeated autumn hour the earlier instant is taken.
+    """
+    n = len(col)
+    us = np.full(n, _NAT, np.int64)
+    aware = np.zeros(n, bool)
+    todo = np.ones(n, bool)
+    for text in templates:
+        tpl = _compile(text)
+        got, ok = _fixed_times(col, tpl)
+        ok &= todo
+        us[ok] = got[ok]
+        aware |= ok & tpl.aware
+        todo &= ~ok
+        if not todo.any():
+            break
+    for fmt in formats:
+        idx = np.flatnonzero(todo)
+        if not len(idx):
+            break
+        got = _strptime_us(pc.take(col, pa.array(idx)), fmt)
+        ok = got != _NAT
+        us[idx[ok]] = got[ok]
+        todo[idx[ok]] = False
+    naive = ~todo & ~aware
+    if shift:
+        us[naive] += int(shift / timedelta(microseconds=1))
+    if tz not in (None, "UTC") and naive.any():
+        idx = np.flatnonzero(naive)
+        local = pa.array(us[idx], pa.timestamp("us"))
+        early = pc.assume_timezone(local, tz, ambiguous="earliest", nonexistent="earliest")
+        late = pc.assume_timezone(local, tz, ambiguous="earliest", nonexistent="latest")
+        gap = pc.not_equal(early, late).to_numpy(zero_copy_only=False)
+        us[idx] = early.cast(pa.int64()).to_numpy(zero_copy_only=False)
+        us[idx[gap]] = _GAP
+    return us
+
+
+# -- numbers and validation -----------------------------------------------------------------
+
+
+def _floats(col: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(values, NaN where not a number; mask of unparseable fields; mask of empty fields)."""
+    n = len(col)
+    if pa.types.is_floating(col.type) or pa.types.is_integer(col.type):
+        vals = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
+        return vals, np.zeros(n, bool), col.is_null().to_numpy(zero_copy_only=False)
+    col = col.cast(pa.string())
+    try:  # the common case: every field a number, parsed in one call
+        vals = pc.cast(col, pa.float64())
+        return (vals.to_numpy(zero_copy_only=False).astype(np.float64), np.zeros(n, bool),
+                col.is_null().to_numpy(zero_copy_only=False))  # fmt: skip
+    except pa.ArrowInvalid:
+        pass
+    col = pc.utf8_trim_whitespace(col)
+    empty = pc.fill_null(pc.equal(col, ""), True)
+    col = pc.if_else(empty, pa.scalar(None, pa.string()), col)
+    empty_np = empty.to_numpy(zero_copy_only=False)
+    try:  # blanks and padding only
+        vals = pc.cast(col, pa.float64())
+        return vals.to_numpy(zero_copy_only=False).astype(np.float64), np.zeros(n, bool), empty_np
+    except pa.ArrowInvalid:
+        pass
+    # some field is not a number: this block goes field by field (rare, so Python is fine)
+    out = np.full(n, np.nan)
+    bad = np.zeros(n, bool)
+    for i, s in enumerate(col.to_pylist()):
+        if s is None:
+            continue
+        try:
+            if "_" in s:  # float() takes 1_000, a CSV field should not
+                raise ValueError(s)
+            out[i] = float(s)
+        except ValueError:
+            bad[i] = True
+    return out, bad, empty_np
+
+
+Numbers = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _validate(times: np.ndarray, fields: Sequence[Numbers]) -> tuple[np.ndarray, dict[int, str]]:
+    """(ok mask, row -> reason). The first reason that applies: time, numbers, OHLC."""
+    n = len(times)
+    pending = np.ones(n, bool)
+    reasons: dict[int, str] = {}
+    latest = (datetime.now(UTC) + timedelta(days=2)).timestamp() * 1e6
+
+    def mark(mask: np.ndarray, why: Callable[[int], str]) -> None:
+        hit = mask & pending
+        if hit.any():
+            for i in np.flatnonzero(hit):
+                reasons[int(i)] = why(int(i))
+            pending[hit] = False
+
+    mark(times == _NAT, lambda i: "unparseable time")
+    mark(times == _GAP, lambda i: "local time does not exist (daylight-saving gap)")
+    mark((times < EARLIEST.timestamp() * 1e6) | (times > latest), lambda i: "time out of range")
+    with np.errstate(invalid="ignore"):
+        for name, (values, unparseable, empty) in zip(FIELDS, fields, strict=True):
+            mark(unparseable, lambda i, name=name: f"unparseable {name}")
+            if name != "volume":
+                mark(empty, lambda i, name=name: f"missing {name}")
+                mark(
+                    ~np.isfinite(values) | (values <= 0),
+                    lambda i, name=name, v=values: f"{name} is {v[i]}: must be finite and > 0",
+                )
+            else:  # an empty or NaN volume is NULL; a given one must be a count
+                mark(
+                    np.isinf(values) | (values < 0),
+                    lambda i, v=values: f"volume is {v[i]}: must be finite and ≥ 0",
+                )
+        o, h, lo, c = (f[0] for f in fields[:4])
+        mark(h < lo, lambda i: f"high {h[i]} < low {lo[i]}")
+        mark((o < lo) | (o > h), lambda i: f"open {o[i]} outside [low, high]")
+        mark((c < lo) | (c > h), lambda i: f"close {c[i]} outside [low, high]")
+    return pending, reasons
 
 
 @dataclass
 class Block:
-    """Parsed rows of one block: line numbers, UTC microseconds, prices, and why rejected."""
+    """One block of rows read: the valid bars, and the rejected rows with reasons."""
 
-    lines: np.ndarray
-    times: np.ndarray  # int64 µs since epoch, UTC
-    ohlcv: np.ndarray  # (n, 5)
-    reasons: list[str | None]
-    texts: dict[int, str]  # row index -> raw text, for rejected rows
-
-
-def _floats(col: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(values, NaN where unparseable or empty; mask of unparseable fields; mask of empty)."""
-    col = pc.utf8_trim_whitespace(col.cast(pa.string()))
-    ok = pc.fill_null(pc.match_substring_regex(col, _NUMBER), False)
-    values = pc.cast(pc.if_else(ok, col, pa.scalar(None, pa.string())), pa.float64())
-    out = values.to_numpy(zero_copy_only=False).astype(np.float64)
-    empty = pc.fill_null(pc.equal(col, ""), True).to_numpy(zero_copy_only=False)
-    return out, ~ok.to_numpy(zero_copy_only=False) & ~empty, empty
+    times: np.ndarray  # int64 µs UTC of the valid rows
+    ohlcv: np.ndarray  # (n, 5) of the valid rows, NaN volume = NULL
+    rejects: list[tuple[int, str, str]]  # (line, reason, text)
+    last_line: int
 
 
-_NAT = np.iinfo(np.int64).min  # unparseable time
-_GAP = _NAT + 1  # a local time that does not exist (the spring-forward hour)
+def _block(
+    lines: np.ndarray,
+    times: np.ndarray,
+    fields: list[Numbers],
+    text: Callable[[list[int]], list[str]],
+) -> Block:
+    ok, reasons = _validate(times, fields)
+    ohlcv = np.column_stack([f[0] for f in fields])[ok]
+    bad = sorted(reasons)
+    texts = text(bad) if bad else []
+    rejects = [
+        (int(lines[i]), reasons[i], t)
+        for i, t in zip(bad, texts, strict=True)
+        if t.strip(" ,;\t")  # an empty line or one of separators only is not a bar: skipped
+    ]
+    return Block(times[ok], ohlcv, rejects, int(lines[-1]) if len(lines) else 0)
 
 
-def _times(local: pa.Array, fmt: str, tz: str | None, shift: timedelta) -> np.ndarray:
-    """int64 µs UTC from text in ``fmt`` read as local time in ``tz`` (then + ``shift``).
+# -- text formats ----------------------------------------------------------------------------
 
-    Unparseable times become ``_NAT``; local times inside a daylight-saving gap ``_GAP``;
-    in the repeated autumn hour the earlier instant is taken.
+
+@dataclass
+class _TextSpec:
+    """How to read one text file: separator, header, columns for time and each field."""
+
+    sep: str
+    width: int  # fields per line
+    header: bool
+    time_cols: list[int]  # joined with a space (MetaTrader date + time)
+    templates: tuple[str, ...]
+    formats: tuple[str, ...]
+    shift: timedelta
+    field_cols: list[int | None]  # per FIELDS entry
+    quoted: bool = False
+
+
+_ISO = tuple(
+    f"YYYY-MM-DD?hh:mm{sec}{zone}"
+    for sec in ("", ":ss", ":ss.fff", ":ss.ffffff")
+    for zone in ("", "Z", "SHH:NN", "SHHNN")
+)
+
+
+def _text_spec(path: Path, fmt: str, mapping: Mapping) -> _TextSpec:
+    """The reading plan of a text file, checked against its first line before anything runs."""
+    head = _head(path, 1)
+    first = head[0] if head else ""
+    if fmt == "histdata":
+        return _TextSpec(";", 6, False, [0], ("YYYYMMDD hhmmss",), (), HISTDATA_SHIFT,
+                         [1, 2, 3, 4, 5])  # fmt: skip
+    if fmt == "dukascopy":
+        templates = (
+            "DD.MM.YYYY hh:mm:ss.fff", "DD.MM.YYYY hh:mm:ss", "DD.MM.YYYY hh:mm",
+            r"DD.MM.YYYY hh:mm:ss.fff G\MTSHHNN", r"DD.MM.YYYY hh:mm:ss G\MTSHHNN",
+        )  # fmt: skip
+        header = first.lower().startswith(("gmt time", "local time"))
+        width = max(first.count(",") + 1, 6) if header else 6
+        return _TextSpec(",", width, header, [0], templates, (), timedelta(0), [1, 2, 3, 4, 5])
+    if fmt == "metatrader":
+        mt_templates = ("YYYY.MM.DD hh:mm", "YYYY.MM.DD hh:mm:ss")
+        if first.upper().startswith("<DATE>"):  # MT5: tab separated, tick volume
+            names = [n.strip().upper() for n in first.split("\t")]
+            want = ["<DATE>", "<TIME>", "<OPEN>", "<HIGH>", "<LOW>", "<CLOSE>"]
+            missing = [w for w in want if w not in names]
+            if missing:
+                raise BqxError(f"{path}: MetaTrader header lacks {', '.join(missing)}")
+            vol = next((names.index(v) for v in ("<TICKVOL>", "<VOL>") if v in names), None)
+            return _TextSpec("\t", len(names), True, [names.index("<DATE>"),
+                             names.index("<TIME>")], mt_templates, (), timedelta(0),
+                             [names.index(w) for w in want[2:]] + [vol])  # fmt: skip
+        width = first.count(",") + 1 if first else 7
+        return _TextSpec(",", max(width, 7), False, [0, 1], mt_templates, (), timedelta(0),
+                         [2, 3, 4, 5, 6])  # fmt: skip
+    # generic CSV: a header line names the columns; --columns maps them
+    sep = max(",;\t", key=first.count)
+    names = [h.strip().strip("\"'") for h in first.split(sep)]
+    lower = {n.lower(): i for i, n in enumerate(names)}
+    wanted = {"time": mapping.time, **{f: getattr(mapping, f) for f in FIELDS}}
+    for key, col in wanted.items():
+        if col is not None and col.lower() not in lower:
+            if key == "volume" and mapping.volume == "volume":
+                continue  # the default volume column is optional
+            raise BqxError(f"{path}: no column {col!r} for {key} (columns: {', '.join(names)};"
+                           " map them with --columns time=...,close=...)")  # fmt: skip
+    cols = [lower.get(c.lower()) if c else None for c in (getattr(mapping, f) for f in FIELDS)]
+    formats = (mapping.time_format,) if mapping.time_format else ()
+    templates = () if mapping.time_format else _ISO
+    return _TextSpec(sep, len(names), True, [lower[mapping.time.lower()]], templates, formats,
+                     timedelta(0), cols, quoted=True)  # fmt: skip
+
+
+def _chunks(f: IO[bytes], size: int, path: Path) -> Iterator[tuple[int, bytes]]:
+    """(number of its first line, text) of consecutive pieces of about ``size`` bytes.
+
+    Pieces end after a newline, so no line is split. The file is read here, in pieces, rather
+    than by pyarrow's streaming reader, whose read-ahead would hold dozens of blocks.
     """
-    ts = pc.strptime(local, format=fmt, unit="us", error_is_null=True)
-    # strptime rolls impossible dates over (31.06 -> 01.07, 24:00 -> 00:00): such a time does
-    # not print back as read. Only the first days of a month and midnights can be rolled over,
-    # so only those are printed back (a full round trip would double the parse time).
-    suspect = pc.fill_null(
-        pc.or_(pc.less_equal(pc.day(ts), 3), pc.equal(pc.hour(ts), 0)), False
-    ).to_numpy(zero_copy_only=False)
-    if suspect.any():
-        idx = pa.array(np.flatnonzero(suspect))
-        sub = pc.cast(pc.take(ts, idx), pa.timestamp("s"), safe=False)  # %S without fractions
-        same = pc.equal(pc.strftime(sub, format=fmt), pc.utf8_trim_whitespace(pc.take(local, idx)))
-        wrong = np.flatnonzero(suspect)[~pc.fill_null(same, False).to_numpy(zero_copy_only=False)]
-        if len(wrong):
-            mask = np.zeros(len(ts), dtype=bool)
-            mask[wrong] = True
-            ts = pc.if_else(pa.array(mask), pa.scalar(None, ts.type), ts)
-    gap = None
-    if tz not in (None, "UTC"):
-        early = pc.assume_timezone(ts, tz, ambiguous="earliest", nonexistent="earliest")
-        late = pc.assume_timezone(ts, tz, ambiguous="earliest", nonexistent="latest")
-        gap = pc.fill_null(pc.not_equal(early, late), False).to_numpy(zero_copy_only=False)
-        ts = early
-    us = pc.fill_null(ts.cast(pa.int64()), _NAT).to_numpy(zero_copy_only=False)
-    bad = us == _NAT
-    us = us + int(shift / timedelta(microseconds=1))
-    us[bad] = _NAT
-    if gap is not None:
-        us[gap & ~bad] = _GAP
-    return us
+    line, rest = 1, b""
+    while True:
+        try:
+            data = f.read(size)
+        except _READ_ERRORS as exc:
+            raise BqxError(f"{path}: cannot read: {_why(exc)}") from None
+        if not data:
+            if rest:
+                yield line, rest
+            return
+        data = rest + data if rest else data
+        cut = data.rfind(b"\n") + 1
+        if cut == 0:  # a line longer than a piece: read on
+            rest = data
+            continue
+        piece, rest = data[:cut], data[cut:]
+        yield line, piece
+        line += piece.count(b"\n")
 
 
-def _validate(
-    lines: np.ndarray, times: np.ndarray, fields: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
-    texts: dict[int, str],
-) -> Block:  # fmt: skip
-    """Reasons, first that applies: time, numbers, positivity, OHLC consistency."""
-    n = len(lines)
-    ohlcv = np.column_stack([f[0] for f in fields]) if n else np.empty((0, 5))
-    reasons: list[str | None] = [None] * n
-    latest = (datetime.now(UTC) + timedelta(days=2)).timestamp() * 1e6
-
-    def mark(mask: np.ndarray, why: Callable[[int], str]) -> None:
-        for i in np.flatnonzero(mask):
-            if reasons[i] is None:
-                reasons[i] = why(int(i))
-
-    nat = (times == _NAT) | (times == _GAP)
-    mark(times == _NAT, lambda i: "unparseable time")
-    mark(times == _GAP, lambda i: "local time does not exist (daylight-saving gap)")
-    mark(~nat & ((times < EARLIEST.timestamp() * 1e6) | (times > latest)),
-         lambda i: "time out of range")  # fmt: skip
-    for name, (values, unparseable, empty) in zip(FIELDS, fields, strict=True):
-        mark(unparseable, lambda i, name=name: f"unparseable {name}")
-        if name != "volume":
-            mark(empty, lambda i, name=name: f"missing {name}")
-            bad = ~np.isfinite(values) | (values <= 0)
-            mark(
-                bad,
-                lambda i, name=name, v=values: f"{name} is {float(v[i])}: must be finite and > 0",
-            )
-        else:
-            mark(values < 0, lambda i, v=values: f"volume is {float(v[i])}: must be ≥ 0")
-    o, h, lo, c = (ohlcv[:, j] for j in range(4)) if n else (np.empty(0),) * 4
-    with np.errstate(invalid="ignore"):
-        mark(h < lo, lambda i: f"high {float(h[i])} < low {float(lo[i])}")
-        mark((o < lo) | (o > h), lambda i: f"open {float(o[i])} outside [low, high]")
-        mark((c < lo) | (c > h), lambda i: f"close {float(c[i])} outside [low, high]")
-    return Block(lines, times, ohlcv, reasons, texts)
-
-
-def _row_texts(columns: Sequence[pa.Array], sep: str) -> list[str]:
-    joined = pc.binary_join_element_wise(
-        *[pc.fill_null(c.cast(pa.string()), "") for c in columns], sep
-    )
-    return joined.to_pylist()
-
-
-def _csv_blocks(
-    path: Path, fmt: str, tz: str | None, mapping: Mapping, on_bad_line: Callable[[int, str], None]
-) -> Iterator[Block]:
-    """Parse a text format block by block; rows with the wrong field count go to on_bad_line."""
-    spec = {
-        "histdata": (";", ["dt", *FIELDS], False),
-        "dukascopy": (",", ["time", *FIELDS], True),
-        "metatrader": (",", ["date", "hm", *FIELDS], False),
-    }
-    if fmt in spec:
-        sep, names, header = spec[fmt]
-    else:
-        head = _head(path, 1)[0]
-        sep = ";" if head.count(";") > head.count(",") else ","
-        names = [h.strip().strip("\"'") for h in head.split(sep)]
-        header = True
-    invalid: list[int] = []
+def _text_block(path: Path, spec: _TextSpec, tz: str | None, first: int, data: bytes) -> Block:
+    """Parse and validate one piece of a text file whose first line is number ``first``."""
+    names = [f"c{i}" for i in range(spec.width)]
+    invalid: list[tuple[int, str]] = []
 
     def handler(row: pacsv.InvalidRow) -> str:
-        if row.number is not None and row.text.strip():
-            invalid.append(row.number)
-            on_bad_line(row.number, row.text)
-        elif row.number is not None:
-            invalid.append(row.number)  # a blank line with the wrong field count
+        invalid.append((first - 1 + (row.number or 0), row.text))
         return "skip"
 
-    read = pacsv.ReadOptions(
-        column_names=names, skip_rows=1 if header else 0, block_size=BLOCK_BYTES,
-        use_threads=False,
-    )  # fmt: skip
-    parse = pacsv.ParseOptions(
-        delimiter=sep, quote_char='"' if fmt == "csv" else False, ignore_empty_lines=False,
-        invalid_row_handler=handler,
-    )  # fmt: skip
-    convert = pacsv.ConvertOptions(column_types={n: pa.string() for n in names})
-    lower = {n.lower(): n for n in names}
-    if fmt == "csv":
-        wanted = {"time": mapping.time, **{f: getattr(mapping, f) for f in FIELDS}}
-        for key, col in wanted.items():
-            if col is not None and col.lower() not in lower:
-                raise BqxError(f"{path}: no column {col!r} for {key} (columns: {', '.join(names)};"
-                               " map them with --columns time=...,close=...)")  # fmt: skip
-    next_line = 2 if header else 1
+    try:
+        table = pacsv.read_csv(
+            pa.py_buffer(data),
+            read_options=pacsv.ReadOptions(
+                column_names=names, use_threads=False, block_size=len(data) + 1
+            ),
+            parse_options=pacsv.ParseOptions(
+                delimiter=spec.sep, quote_char='"' if spec.quoted else False,
+                ignore_empty_lines=False, invalid_row_handler=handler,
+            ),
+            convert_options=pacsv.ConvertOptions(
+                column_types={n: pa.string() for n in names}, strings_can_be_null=False,
+                quoted_strings_can_be_null=False,
+            ),
+        )  # fmt: skip
+    except pa.ArrowInvalid as exc:
+        raise BqxError(f"{path}: cannot read line {first} on: {_why(exc)}") from None
+    # physical line numbers: every line is a row (blank ones too) or an invalid row
+    total = data.count(b"\n") + (not data.endswith(b"\n"))
+    lines = np.arange(first, first + total, dtype=np.int64)
+    if invalid:
+        lines = lines[~np.isin(lines, [ln for ln, _ in invalid])]
+    cols = [c.combine_chunks() for c in table.columns]
+    n = table.num_rows
+    if len(lines) < n:  # lines ended by a lone CR (old Mac files): count rows instead
+        lines = np.arange(first, first + n + len(invalid), dtype=np.int64)
+        lines = lines[~np.isin(lines, [ln for ln, _ in invalid])]
+    lines = lines[:n]
+    if spec.header and first == 1 and n:  # the header line is not a bar
+        cols, lines, n = [c.slice(1) for c in cols], lines[1:], n - 1
+    bad_lines = [
+        (line, "wrong number of fields", text)
+        for line, text in invalid
+        if text.strip() and not (spec.header and line == 1)
+    ]
+    if not n:
+        return Block(np.empty(0, np.int64), np.empty((0, 5)), bad_lines, first + total - 1)
+    tcol = cols[spec.time_cols[0]]
+    if len(spec.time_cols) > 1:
+        tcol = pc.binary_join_element_wise(*[cols[i] for i in spec.time_cols], " ")
+    times = _times(tcol, spec.templates, spec.formats, tz, spec.shift)
+    fields = [
+        _floats(cols[i]) if i is not None else
+        (np.full(n, np.nan), np.zeros(n, bool), np.ones(n, bool))
+        for i in spec.field_cols
+    ]  # fmt: skip
+
+    def text(rows: list[int]) -> list[str]:
+        idx = pa.array(rows, pa.int64())
+        return pc.binary_join_element_wise(*[pc.take(c, idx) for c in cols], spec.sep).to_pylist()
+
+    block = _block(lines, times, fields, text)
+    if bad_lines:
+        block.rejects = sorted(block.rejects + bad_lines)
+    block.last_line = first + total - 1
+    return block
+
+
+def _text_blocks(path: Path, spec: _TextSpec, tz: str | None) -> Iterator[Block]:
+    """A text file's blocks in order, parsed two at a time (pyarrow and numpy drop the GIL)."""
     with open_input(path) as f:
+        yield from _ordered(
+            lambda piece: _text_block(path, spec, tz, *piece), _chunks(f, BLOCK_BYTES, path)
+        )
+
+
+def _ordered(fn: Callable[[Any], Block], items: Iterator[Any], workers: int = 2) -> Iterator[Block]:
+    """``map(fn, items)`` on threads, in order, with at most ``workers + 1`` items in flight."""
+    with ThreadPoolExecutor(max_workers=workers) as ex:
+        pending: deque[Future[Block]] = deque()
         try:
-            reader = pacsv.open_csv(f, read_options=read, parse_options=parse,
-                                    convert_options=convert)  # fmt: skip
-        except pa.ArrowInvalid as exc:
-            raise BqxError(f"{path}: cannot read as {fmt}: {exc}") from None
-        for batch in reader:
-            n = batch.num_rows
-            # physical line numbers: consecutive, skipping lines the handler took
-            skip = np.array(sorted(x for x in invalid if x >= next_line), dtype=np.int64)
-            cand = np.arange(next_line, next_line + n + len(skip), dtype=np.int64)
-            lines = cand[~np.isin(cand, skip)][:n]
-            next_line = int(lines[-1]) + 1 if n else next_line
-            invalid[:] = [x for x in invalid if x >= next_line]
-            cols = {name: batch.column(name) for name in names}
-            # a blank line parses as one empty field and nulls: skip it, it is not a bar
-            blank = np.ones(n, dtype=bool)
-            for c in cols.values():
-                empty = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(c), ""), True)
-                blank &= empty.to_numpy(zero_copy_only=False)
-            if fmt == "histdata":
-                times = _times(cols["dt"], "%Y%m%d %H%M%S", None, timedelta(hours=5))
-                fields = [cols[f] for f in FIELDS]
-            elif fmt == "dukascopy":
-                times = _times(pc.utf8_slice_codeunits(cols["time"], 0, 19), "%d.%m.%Y %H:%M:%S",
-                               None, timedelta(0))  # fmt: skip
-                fields = [cols[f] for f in FIELDS]
-            elif fmt == "metatrader":
-                local = pc.binary_join_element_wise(cols["date"], cols["hm"], " ")
-                times = _times(local, "%Y.%m.%d %H:%M", tz, timedelta(0))
-                fields = [cols[f] for f in FIELDS]
-            else:
-                raw = cols[lower[mapping.time.lower()]]
-                if mapping.time_format:
-                    times = _times(raw, mapping.time_format, tz, timedelta(0))
-                else:  # ISO 8601: 2024-07-01T00:00:00Z, 2024-07-01 00:00, …
-                    iso = pc.replace_substring_regex(pc.utf8_trim_whitespace(raw), r"[Tt]", " ")
-                    iso = pc.replace_substring_regex(iso, r"(\.\d+)?(Z|z|\+00:?00)?$", "")
-                    iso = pc.if_else(pc.equal(pc.utf8_length(iso), 16),
-                                     pc.binary_join_element_wise(iso, ":00", ""), iso)  # fmt: skip
-                    times = _times(iso, "%Y-%m-%d %H:%M:%S", tz, timedelta(0))
-                fields = [
-                    cols[lower[getattr(mapping, f).lower()]] if getattr(mapping, f) else
-                    pa.nulls(n, pa.string()) for f in FIELDS
-                ]  # fmt: skip
-            keep = ~blank
-            parsed = [_floats(c) for c in fields]
-            block = _validate(lines, times, parsed, [])
-            bad = [i for i, r in enumerate(block.reasons) if r is not None]
-            if bad:  # the raw fields of rejected rows only, for the rejects file
-                idx = pa.array(bad, pa.int64())
-                texts = _row_texts([pc.take(cols[nm], idx) for nm in names], sep)
-                block.texts = dict(zip(bad, texts, strict=True))
-            if not keep.all():
-                idx = np.flatnonzero(keep)
-                block = Block(
-                    block.lines[idx],
-                    block.times[idx],
-                    block.ohlcv[idx],
-                    [block.reasons[i] for i in idx],
-                    {k: block.texts[int(i)] for k, i in enumerate(idx) if int(i) in block.texts},
-                )
-            yield block
+            for item in items:
+                pending.append(ex.submit(fn, item))
+                if len(pending) > workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for fut in pending:
+                fut.cancel()
 
 
-def _parquet_blocks(path: Path, tz: str | None, mapping: Mapping) -> Iterator[Block]:
+# -- parquet -----------------------------------------------------------------------------------
+
+
+def _parquet_open(path: Path, mapping: Mapping) -> Any:
     import pyarrow.parquet as pq
 
     try:
         pf = pq.ParquetFile(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise BqxError(f"{path}: cannot read as parquet: {exc}") from None
-    lower = {n.lower(): n for n in pf.schema_arrow.names}
+    except _READ_ERRORS as exc:
+        raise BqxError(f"{path}: cannot read as parquet: {_why(exc)}") from None
+    lower = {n.lower() for n in pf.schema_arrow.names}
     for key in ("time", *FIELDS):
         col = getattr(mapping, key)
         if col is not None and col.lower() not in lower:
+            if key == "volume" and mapping.volume == "volume":
+                continue
             names = ", ".join(pf.schema_arrow.names)
             raise BqxError(
                 f"{path}: no column {col!r} for {key} (columns: {names}; map them with --columns)"
             )
+    return pf
+
+
+def _parquet_blocks(path: Path, tz: str | None, mapping: Mapping) -> Iterator[Block]:
+    """Row groups in batches; a reject's line is the 1-based row number."""
+    pf = _parquet_open(path, mapping)
+    lower = {n.lower(): n for n in pf.schema_arrow.names}
     row = 1
-    for batch in pf.iter_batches(batch_size=500_000):
+    for batch in pf.iter_batches(batch_size=250_000):
         n = batch.num_rows
-        lines = np.arange(row, row + n, dtype=np.int64)  # rows, 1-based, for parquet
+        lines = np.arange(row, row + n, dtype=np.int64)
         row += n
         raw = batch.column(lower[mapping.time.lower()])
         if pa.types.is_timestamp(raw.type):
-            ts = raw if raw.type.tz else (raw if tz in (None, "UTC") else
-                                          pc.assume_timezone(raw, tz))  # fmt: skip
-            us = pc.fill_null(ts.cast(pa.timestamp("us")).cast(pa.int64()),
-                              _NAT).to_numpy(zero_copy_only=False)  # fmt: skip
+            if raw.type.tz is None and tz not in (None, "UTC"):
+                early = pc.assume_timezone(raw, tz, ambiguous="earliest", nonexistent="earliest")
+                late = pc.assume_timezone(raw, tz, ambiguous="earliest", nonexistent="latest")
+                gap = pc.fill_null(pc.not_equal(early, late), False).to_numpy(zero_copy_only=False)
+                raw = early
+            else:
+                gap = np.zeros(n, bool)
+            us = pc.fill_null(raw.cast(pa.timestamp("us")).cast(pa.int64()), _NAT)
+            times = us.to_numpy(zero_copy_only=False).copy()
+            times[gap] = _GAP
         else:
-            us = _times(raw.cast(pa.string()), mapping.time_format or "%Y-%m-%d %H:%M:%S", tz,
-                        timedelta(0))  # fmt: skip
-        parsed = []
+            formats = (mapping.time_format,) if mapping.time_format else ()
+            times = _times(raw.cast(pa.string()), () if formats else _ISO, formats, tz)
+        fields = []
         for f in FIELDS:
             name = getattr(mapping, f)
-            if name is None:
-                parsed.append((np.full(n, np.nan), np.zeros(n, bool), np.ones(n, bool)))
-                continue
-            col = batch.column(lower[name.lower()])
-            if pa.types.is_floating(col.type) or pa.types.is_integer(col.type):
-                vals = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
-                parsed.append(
-                    (vals, np.zeros(n, bool), col.is_null().to_numpy(zero_copy_only=False))
-                )
+            if name is None or name.lower() not in lower:
+                fields.append((np.full(n, np.nan), np.zeros(n, bool), np.ones(n, bool)))
             else:
-                parsed.append(_floats(col))
-        block = _validate(lines, us.astype(np.int64), parsed, {})
-        block.texts = {i: f"row {int(lines[i])}" for i, r in enumerate(block.reasons) if r}
-        yield block
+                fields.append(_floats(batch.column(lower[name.lower()])))
+
+        def text(rows: list[int], batch: pa.RecordBatch = batch) -> list[str]:
+            sub = batch.take(pa.array(rows, pa.int64())).to_pylist()
+            return [",".join("" if v is None else str(v) for v in r.values()) for r in sub]
+
+        yield _block(lines, times, fields, text)
 
 
-# -- the ingest -------------------------------------------------------------------------------
+# -- spill and store ----------------------------------------------------------------------------
 
 
 class _Spill:
@@ -436,20 +771,38 @@ class _Spill:
         self.seq = 0
 
     def add(self, times: np.ndarray, ohlcv: np.ndarray) -> None:
+        if not len(times):
+            return
         rec = np.empty(len(times), dtype=self.dtype)
         rec["t"], rec["v"] = times, ohlcv
         rec["seq"] = np.arange(self.seq, self.seq + len(times))
         self.seq += len(times)
         months = (times // _US_PER_MIN).astype("datetime64[m]").astype("datetime64[M]")
-        for m in np.unique(months):
+        if months[0] == months[-1] and (months == months[0]).all():
+            groups = [(months[0], rec)]
+        else:
+            order = np.argsort(months, kind="stable")
+            ms, starts = np.unique(months[order], return_index=True)
+            groups = list(zip(ms, np.split(rec[order], starts[1:]), strict=True))
+        for m, part in groups:
             with open(self.dir / f"{m}.bin", "ab") as f:
-                f.write(rec[months == m].tobytes())
+                f.write(part.tobytes())
 
     def months(self) -> list[str]:
         return sorted(p.stem for p in self.dir.glob("*.bin"))
 
-    def read(self, month: str) -> np.ndarray:
-        return np.fromfile(self.dir / f"{month}.bin", dtype=self.dtype)
+    def read(self, month: str) -> tuple[np.ndarray, np.ndarray, int]:
+        """(times datetime64[us], ohlcv) sorted and unique, the last row read winning; dups."""
+        rec = np.fromfile(self.dir / f"{month}.bin", dtype=self.dtype)
+        if len(rec) > 1 and not (np.diff(rec["t"]) > 0).all():
+            rec = rec[np.lexsort((rec["seq"], rec["t"]))]
+            last = np.ones(len(rec), dtype=bool)
+            last[:-1] = rec["t"][1:] != rec["t"][:-1]
+            dups = int((~last).sum())
+            rec = rec[last]
+        else:
+            dups = 0
+        return rec["t"].astype("datetime64[us]"), rec["v"], dups
 
 
 def _store(
@@ -457,32 +810,109 @@ def _store(
     progress: Callable[[str], None] | None,
 ) -> None:  # fmt: skip
     """Merge each spilled month into its partition, one transaction a month, two at a time."""
-    with connect(url, autocommit=True) as conn:  # DDL first: concurrent CREATEs collide
+    months = spill.months()
+    if not months:
+        return
+    with connect(url, autocommit=True) as conn:  # DDL first: concurrent CREATEs would collide
         create_source_table(conn, layout, pair)
-        for month in spill.months():
+        for month in months:
             ensure_source_partition(conn, layout, pair, Month.parse(month))
 
-    def store(month: str) -> tuple[str, int, int, LoadResult]:
-        rec = spill.read(month)
-        rec = rec[np.lexsort((rec["seq"], rec["t"]))]  # by time; among duplicates the later wins
-        last = np.ones(len(rec), dtype=bool)
-        last[:-1] = rec["t"][1:] != rec["t"][:-1]
-        rec = rec[last]
-        times = rec["t"].astype("datetime64[us]")
+    def store(month: str) -> tuple[int, int, LoadResult]:
+        times, ohlcv, dups = spill.read(month)
         with conns.connection() as conn:
-            result = load_bars(conn, layout, pair, times, rec["v"], mode="merge")
-        return month, len(rec), int((~last).sum()), result
+            result = load_bars(conn, layout, pair, times, ohlcv, mode="merge")
+        return len(times), dups, result
 
     with pool(url, 2) as conns, ThreadPoolExecutor(max_workers=2) as threads:
-        for month, n, dups, result in threads.map(store, spill.months()):
-            summary.duplicates += dups
-            summary.inserted += result.inserted
-            summary.updated += result.updated
-            summary.unchanged += result.unchanged
-            summary.accepted += n
-            summary.months[str(Month.parse(month))] = n
-            if progress:
-                progress(f"{pair.upper()} {month}: {n:,} bars stored")
+        futures: list[Future[tuple[int, int, LoadResult]]] = [
+            threads.submit(store, m) for m in months
+        ]
+        try:
+            for month, fut in zip(months, futures, strict=True):
+                n, dups, result = fut.result()
+                summary.duplicates += dups
+                summary.inserted += result.inserted
+                summary.updated += result.updated
+                summary.unchanged += result.unchanged
+                summary.accepted += n
+                summary.months[str(Month.parse(month))] = n
+                if progress:
+                    progress(f"{pair.upper()} {month}: {n:,} bars stored")
+        except BaseException:
+            for fut in futures:  # months not started yet are not started at all
+                fut.cancel()
+            raise
+
+
+# -- the ingest ---------------------------------------------------------------------------------
+
+
+def _check_inputs(
+    paths: list[Path], fmt: str, tz: str | None, mapping: Mapping
+) -> list[tuple[str, _TextSpec | None]]:
+    """Every input readable and in a known format, the time zone known: before any write."""
+    if tz is not None:
+        try:
+            from zoneinfo import ZoneInfo
+
+            ZoneInfo(tz)
+            pc.assume_timezone(pa.array([0], pa.timestamp("us")), tz)
+        except Exception:
+            raise BqxError(
+                f"unknown time zone --tz {tz!r} (e.g. UTC, EET, Europe/Athens, Etc/GMT-2)"
+            ) from None
+    plans: list[tuple[str, _TextSpec | None]] = []
+    for p in paths:
+        if p.is_dir():
+            raise BqxError(f"{p}: is a directory, not a file")
+        if not p.is_file():
+            raise BqxError(f"{p}: no such file")
+        try:
+            with open(p, "rb") as f:
+                f.read(1)
+        except OSError as exc:
+            raise BqxError(f"{p}: cannot read: {_why(exc)}") from None
+        kind = sniff(p) if fmt == "auto" else fmt
+        if kind == "parquet":
+            _parquet_open(p, mapping)
+            plans.append((kind, None))
+        else:
+            _head(p, 1)  # a broken .gz or .zip fails here
+            plans.append((kind, _text_spec(p, kind, mapping)))
+    return plans
+
+
+class _Rejects:
+    """The rejects file, opened on the first bad row: ``file,line,reason,text``."""
+
+    def __init__(self, path: Path, fallback: Path | None) -> None:
+        self.path, self.fallback = path, fallback
+        self.file: IO[str] | None = None
+        self.writer: Any = None
+        self.count = 0
+
+    def add(self, src: Path, line: int, reason: str, text: str) -> None:
+        if self.writer is None:
+            self.file = self._open()
+            self.writer = csv.writer(self.file)
+            self.writer.writerow(["file", "line", "reason", "text"])
+        self.writer.writerow([str(src), line, reason, text])
+        self.count += 1
+
+    def _open(self) -> IO[str]:
+        try:
+            return open(self.path, "w", newline="", encoding="utf-8")  # noqa: SIM115
+        except OSError as exc:
+            if self.fallback is None:
+                raise BqxError(f"cannot write rejects file {self.path}: {_why(exc)}") from None
+            self.path, self.fallback = self.fallback, None  # next to the input is read-only
+            return self._open()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 def ingest_files(
@@ -497,80 +927,54 @@ def ingest_files(
     rejects_path: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> IngestSummary:
-    """Load bar files for one pair. Everything is checked before anything is written."""
+    """Load bar files for one pair into ``m1_{pair}``; bad rows go to a rejects file.
+
+    The pair, the format, every file and the time zone are checked before anything is
+    written. The rejects file defaults to ``FIRST_FILE.rejects.csv`` next to the first input
+    (in the current directory if that one is read-only) and is written only when a row is
+    rejected.
+    """
     pair = validate_pair(pair)
     if fmt not in FORMATS:
         raise BqxError(f"unknown --format {fmt!r}: one of {', '.join(FORMATS)}")
     if not files:
         raise BqxError("no input file given")
     paths = [Path(f) for f in files]
-    for p in paths:
-        if not p.is_file():
-            raise BqxError(f"{p}: no such file")
-        try:
-            with open(p, "rb") as f:
-                f.read(1)
-        except OSError as exc:
-            raise BqxError(f"{p}: cannot read: {exc.strerror}") from None
-    if tz is not None:
-        try:
-            from zoneinfo import ZoneInfo
-
-            ZoneInfo(tz)
-        except Exception:
-            raise BqxError(
-                f"unknown time zone --tz {tz!r} (e.g. UTC, EET, Europe/Athens)"
-            ) from None
-    formats = [fmt if fmt != "auto" else sniff(p) for p in paths]
     mapping = mapping or Mapping()
+    plans = _check_inputs(paths, fmt, tz, mapping)
     url = resolve_url(settings)
     t0 = time.monotonic()
     summary = IngestSummary(pair)
-    rejects = Path(rejects_path) if rejects_path else paths[0].with_name(
-        paths[0].name + ".rejects.csv"
+    default = paths[0].name + ".rejects.csv"
+    rejects = (
+        _Rejects(Path(rejects_path), None) if rejects_path else
+        _Rejects(paths[0].with_name(default), Path.cwd() / default)
     )  # fmt: skip
-    rej_file = None
-    rej_writer = None
-
-    def reject(path: Path, line: int, reason: str, text: str) -> None:
-        nonlocal rej_file, rej_writer
-        if rej_writer is None:
-            rej_file = open(rejects, "w", newline="")  # noqa: SIM115 - closed below
-            rej_writer = csv.writer(rej_file)
-            rej_writer.writerow(["file", "line", "reason", "text"])
-        rej_writer.writerow([str(path), line, reason, text])
-        summary.rejected += 1
-
     try:
         with tempfile.TemporaryDirectory(prefix="bqx-ingest-") as tmp:
             spill = _Spill(Path(tmp))
-            for path, kind in zip(paths, formats, strict=True):
+            for path, (kind, spec) in zip(paths, plans, strict=True):
                 fs = FileSummary(str(path), kind)
                 summary.files.append(fs)
                 if progress:
-                    progress(f"{path}: {kind}")
-                before = summary.rejected
+                    progress(f"{path}: {kind}" + (" (detected)" if fmt == "auto" else ""))
+                before = rejects.count
 
-                def bad_line(line: int, text: str, path: Path = path) -> None:
-                    reject(path, line, "wrong number of fields", text)
-
-                blocks = (_parquet_blocks(path, tz, mapping) if kind == "parquet" else
-                          _csv_blocks(path, kind, tz, mapping, bad_line))  # fmt: skip
-                for block in blocks:
-                    ok = np.array([r is None for r in block.reasons], dtype=bool)
-                    for i in np.flatnonzero(~ok):
-                        reject(path, int(block.lines[i]), block.reasons[i], block.texts[i])
-                    spill.add(block.times[ok], block.ohlcv[ok])
-                    fs.accepted += int(ok.sum())
-                    fs.lines = int(block.lines[-1]) if len(block.lines) else fs.lines
-                fs.rejected = summary.rejected - before
-            if rej_file is not None:
-                rej_file.close()
-                rej_file = None
-                summary.rejects_file = str(rejects)
+                blocks = (_parquet_blocks(path, tz, mapping) if spec is None else
+                          _text_blocks(path, spec, tz))  # fmt: skip
+                with closing(blocks):  # on an error, parsing threads stop here, not later
+                    for block in blocks:
+                        for line, reason, text in block.rejects:
+                            rejects.add(path, line, reason, text)
+                        spill.add(block.times, block.ohlcv)
+                        fs.accepted += len(block.times)
+                        fs.lines = max(fs.lines, block.last_line)
+                fs.rejected = rejects.count - before
+            rejects.close()
+            summary.rejected = rejects.count
+            summary.rejects_file = str(rejects.path) if rejects.count else None
             _store(url, layout, pair, spill, summary, progress)
     finally:
-        if rej_file is not None:
-            rej_file.close()
+        rejects.close()
     summary.seconds = time.monotonic() - t0
     return summary
