@@ -1,4 +1,4 @@
-"""End-to-end backfill against its peers on the same server, in one session (SPEC 8).
+"""End-to-end backfill against its peers on the same server, in one session.
 
     python bench/backfill.py [--pairs 28] [--months 3] [--workers 2] [--sql-jobs 4]
 

@@ -18,7 +18,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-os.environ.setdefault("NUMBA_NUM_THREADS", "1")  # one core, as SPEC 8 asks
+os.environ.setdefault("NUMBA_NUM_THREADS", "1")  # one core, as the kernel target is stated
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402

@@ -79,7 +79,7 @@ def reference(
 
 
 def assert_close(got: dict[str, np.ndarray], ref: dict[str, np.ndarray], prices: np.ndarray):
-    """SPEC 2 tolerances; NaN exactly where the reference has no window."""
+    """The documented tolerances (docs/metrics.md); NaN exactly where the reference has no window."""
     assert list(got) == list(ref)
     for col, want in ref.items():
         have = np.asarray(got[col])

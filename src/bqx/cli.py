@@ -239,7 +239,13 @@ def backfill(
     job_timeout: Annotated[
         float, typer.Option("--job-timeout", help="Seconds before a job is stopped and retried.")
     ] = 600.0,
-    executor: Annotated[str, typer.Option("--executor", help="local (processes).")] = "local",
+    executor: Annotated[
+        str, typer.Option("--executor", help="local (processes) or dask (a Dask cluster).")
+    ] = "local",
+    scheduler: Annotated[
+        str | None,
+        typer.Option("--scheduler", help="Dask scheduler address (default: a local cluster)."),
+    ] = None,
     source_table: SourceTableOpt = "m1_{pair}",
     time_column: TimeColOpt = "time",
     price_column: PriceColOpt = "close",
@@ -251,14 +257,13 @@ def backfill(
     from bqx.backfill import backfill as run_backfill
     from bqx.schema import parse_pairs
 
-    if executor != "local":
-        raise BqxError(f"executor {executor!r} is not available yet: use --executor local")
     settings = settings_from(database_url, schema)
     summary = run_backfill(
         settings, _layout(settings, source_table, time_column, price_column),
         pairs=parse_pairs(pairs), start=_month(start), end=_month(end),
         windows=_windows(windows), mode=mode, max_fill=max_fill, workers=workers,
-        force=force, job_timeout=job_timeout, progress=not json_out,
+        force=force, job_timeout=job_timeout, progress=not json_out, executor=executor,
+        scheduler=scheduler,
     )  # fmt: skip
     _print_run(summary, json_out)
     if summary.jobs_failed:

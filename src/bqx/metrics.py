@@ -1,4 +1,4 @@
-"""The BQX formulas (SPEC 2): arrays in, metric columns out. Pure computation, no I/O.
+"""The BQX formulas (docs/metrics.md): arrays in, metric columns out. Pure computation, no I/O.
 
 For the bar at t with price p_t and the W bars before it, P = (p_{t-W}, …, p_{t-1}):
 
@@ -316,7 +316,7 @@ def compute(
     mode: str = "bars",
     max_fill: int = 5,
 ) -> Mapping[str, np.ndarray]:
-    """Every window and aggregate column of SPEC 1.2 for each bar, NaN where the DB gets NULL.
+    """Every window and aggregate column of the target table for each bar; NaN = NULL.
 
     ``times``: sorted unique ``numpy.datetime64`` (any unit); ``prices``: float64, finite, > 0.
     ``mode="bars"``: a window is the W bars before t, however much clock time they span; the

@@ -1,4 +1,4 @@
-"""``bqx report``: the completion report of SPEC 6, written from the ledger and the catalog.
+"""``bqx report``: the completion report, written from the ledger and the catalog.
 
 Markdown for reading and diffing, and one self-contained HTML page (charts embedded as PNG
 data URIs) with a pair × month coverage heatmap, throughput over time and job durations.

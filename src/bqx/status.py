@@ -51,7 +51,7 @@ def planned_jobs(run: dict) -> list[tuple[str, date]]:
 
 
 def status(conn: psycopg.Connection, layout: Layout, *, errors: int = 10) -> dict[str, Any]:
-    """Progress of the latest run: the document ``bqx status --json`` prints (SPEC 3.0)."""
+    """Progress of the latest run: the document ``bqx status --json`` prints."""
     doc: dict[str, Any] = {
         "jobs": {"total": 0, "done": 0, "running": 0, "failed": 0, "pending": 0},
         "rows": 0, "rows_per_s": 0.0, "eta_s": None, "pairs": [], "running": [], "stale": [],

@@ -1,4 +1,4 @@
-"""``bqx verify``: the six checks of SPEC 5, on exact figures (``count(*)``, not estimates).
+"""``bqx verify``: six checks (docs/guarantees.md), on exact figures (``count(*)``, not estimates).
 
 The recomputation check deliberately does not use ``bqx.metrics``: it re-reads each sampled
 row's history from the source with a plain query and evaluates the formulas with plain Python
@@ -56,7 +56,7 @@ def _check(name: str, faults: list[str], ok_detail: str) -> Check:
 
 
 def plain_metrics(window_prices: list[float | None], p_t: float, windows: list[int]) -> dict:
-    """Formulas of SPEC 2 from the prices before t, most recent LAST; None = no price."""
+    """Formulas (docs/metrics.md) from the prices before t, most recent LAST; None = no price."""
     out: dict[str, float | None] = {}
     for w in windows:
         window = window_prices[-w:] if len(window_prices) >= w else None
@@ -187,7 +187,7 @@ def verify(
     conn: psycopg.Connection, layout: Layout, *, sample: int = 50, seed: int = 0,
     run_id: int | None = None,
 ) -> Verification:  # fmt: skip
-    """Run every check of SPEC 5.
+    """Run every check (docs/guarantees.md).
 
     By default over every job in the ledger (and the latest run's plan); with ``run_id``
     over that run's plan only.
@@ -280,7 +280,7 @@ def verify(
             "recompute_sample",
             faults,
             f"{checked} sampled rows ({edges} of them first bars"
-            " of a month) agree within SPEC 2 tolerances",
+            " of a month) agree within the tolerances of docs/metrics.md",
         )  # fmt: skip
     )
 

@@ -1,0 +1,54 @@
+"""Where jobs run. Every executor only starts workers that claim jobs from the ledger; the
+ledger, not the executor, decides which job runs where, so an executor that runs a task twice
+can never write a month twice."""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import TYPE_CHECKING, Protocol
+
+from bqx.errors import BqxError
+
+if TYPE_CHECKING:
+    from bqx.backfill.plan import Params
+
+EXECUTORS = ("local", "dask")
+
+
+class Executor(Protocol):
+    """What the run needs from a place where workers run.
+
+    A worker claims jobs among ``keys`` from the ledger until none is claimable, then ends.
+    Worker ids are the ``worker`` column of the ledger (``host:pid`` for local processes).
+    """
+
+    name: str
+    workers: int  # how many workers to keep running while jobs are claimable
+
+    def spawn(self, url: str, params: Params, run_id: int, keys: list[tuple[str, date]]) -> None:
+        """Start one more worker."""
+
+    def reap(self) -> list[tuple[str, str]]:
+        """Forget finished workers; return (worker id, why) of those that ended abnormally."""
+
+    def live(self) -> set[str]:
+        """Ids of the workers running now."""
+
+    def kill(self, worker: str) -> None:
+        """Stop a worker at once (its job timed out); its transaction dies with it."""
+
+    def shutdown(self) -> list[str]:
+        """Stop every worker; return their ids. Idempotent."""
+
+
+def make_executor(name: str, workers: int, scheduler: str | None = None) -> Executor:
+    """The executor called ``name`` with room for ``workers`` workers."""
+    if name == "local":
+        if scheduler is not None:
+            raise BqxError("--scheduler goes with --executor dask")
+        from bqx.backfill.executors.local import LocalExecutor
+
+        return LocalExecutor(workers)
+    if name == "dask":
+        raise BqxError("--executor dask is not available yet")
+    raise BqxError(f"invalid --executor {name!r}: expected one of {', '.join(EXECUTORS)}")

@@ -1,0 +1,281 @@
+"""The job ledger: SQL against bqx_runs / bqx_jobs / bqx_attempts, in one place.
+
+Jobs are claimed with ``FOR UPDATE SKIP LOCKED``, so any number of workers, and of concurrent
+backfills, never process the same job at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from datetime import date
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from bqx.backfill.plan import Job, Params, RunSummary
+from bqx.db import current_user, worker_id
+from bqx.schema import LEDGER_ATTEMPTS, LEDGER_JOBS, LEDGER_RUNS, Layout, Month
+
+HEARTBEAT_INTERVAL_S = 2.0
+STALE_AFTER_S = 30.0  # a running job whose heartbeat is older than this belongs to a dead worker
+
+
+def worker_is_dead(worker: str | None) -> bool:
+    """True when ``host:pid`` names a process on this host that no longer exists.
+
+    Lets a restart take over a dead local worker's job at once instead of waiting for its
+    heartbeat to go stale; workers on other hosts are judged by their heartbeat alone.
+    """
+    if not worker or ":" not in worker:
+        return False
+    host, pid = worker.rsplit(":", 1)
+    if host != worker_id().rsplit(":", 1)[0] or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:  # a killed process nobody has reaped yet is a zombie: dead too
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+# -- the ledger ---------------------------------------------------------------------------
+
+
+class Ledger:
+    """SQL against bqx_runs / bqx_jobs / bqx_attempts, in one place."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.runs = layout.table(LEDGER_RUNS)
+        self.jobs = layout.table(LEDGER_JOBS)
+        self.attempts = layout.table(LEDGER_ATTEMPTS)
+
+    def _q(self, text: str) -> sql.Composed:
+        return sql.SQL(text).format(runs=self.runs, jobs=self.jobs, attempts=self.attempts)
+
+    def start_run(
+        self, conn: psycopg.Connection, params: Params, doc: dict[str, Any], workers: int,
+        executor: str,
+    ) -> int:  # fmt: skip
+        row = conn.execute(
+            self._q(
+                "INSERT INTO {runs} (command, params, param_hash, workers, executor, run_by, host)"
+                " VALUES ('backfill', %s, %s, %s, %s, %s, %s) RETURNING run_id"
+            ),
+            (json.dumps(doc), params.hash, workers, executor, current_user(),
+             worker_id().rsplit(":", 1)[0]),
+        ).fetchone()  # fmt: skip
+        return int(row[0])
+
+    def plan(
+        self, conn: psycopg.Connection, run_id: int, params: Params, jobs: Sequence[Job],
+        force: bool,
+    ) -> tuple[list[Job], list[Job]]:  # fmt: skip
+        """Mark the jobs to do as pending; return (to_do, skipped)."""
+        todo, skipped = [], []
+        with conn.transaction():
+            existing = {
+                (p, Month.of(m)): (status, h, sig, stale or worker_is_dead(worker))
+                for p, m, status, h, sig, worker, stale in conn.execute(
+                    self._q(
+                        "SELECT pair, month, status, param_hash, source_sig, worker,"
+                        " heartbeat_at < now() - make_interval(secs => %s) FROM {jobs}"
+                        " WHERE pair = ANY(%s) FOR UPDATE"
+                    ),
+                    (STALE_AFTER_S, sorted({j.pair for j in jobs})),
+                )
+            }
+            for job in jobs:
+                status, h, sig, stale = existing.get((job.pair, job.month), (None,) * 4)
+                if status == "done" and h == params.hash and sig == job.source_sig and not force:
+                    skipped.append(job)
+                    continue
+                todo.append(job)
+                if status == "running" and not stale:
+                    continue  # another live worker has it; ours wait or take it over when stale
+                conn.execute(
+                    self._q(
+                        "INSERT INTO {jobs} (pair, month, status, run_id, param_hash, source_bars,"
+                        " source_sig, attempts, updated_at)"
+                        " VALUES (%s, %s, 'pending', %s, %s, %s, %s, 0, now())"
+                        " ON CONFLICT (pair, month) DO UPDATE SET status = 'pending',"
+                        " run_id = EXCLUDED.run_id, param_hash = EXCLUDED.param_hash,"
+                        " source_bars = EXCLUDED.source_bars, source_sig = EXCLUDED.source_sig,"
+                        " attempts = 0, last_error = NULL, worker = NULL, updated_at = now()"
+                    ),
+                    (job.pair, job.month.first_day, run_id, params.hash, job.source_bars,
+                     job.source_sig),
+                )  # fmt: skip
+            conn.execute(
+                self._q("UPDATE {runs} SET jobs_total = %s, jobs_skipped = %s WHERE run_id = %s"),
+                (len(jobs), len(skipped), run_id),
+            )
+        return todo, skipped
+
+    def claim(
+        self, conn: psycopg.Connection, keys: Sequence[tuple[str, date]], run_id: int, worker: str
+    ) -> tuple[str, Month, int] | None:
+        """Take one claimable job among ``keys`` (pending, or running with a stale heartbeat)."""
+        pairs = [k[0] for k in keys]
+        months = [k[1] for k in keys]
+        with conn.transaction():
+            row = conn.execute(
+                self._q(
+                    "UPDATE {jobs} j SET status = 'running', run_id = %s, worker = %s,"
+                    " backend_pid = pg_backend_pid(),"
+                    " started_at = now(), heartbeat_at = now(), attempts = j.attempts + 1,"
+                    " updated_at = now()"
+                    " WHERE (j.pair, j.month) = (SELECT pair, month FROM {jobs}"
+                    "  WHERE (pair, month) IN (SELECT * FROM unnest(%s::text[], %s::date[]))"
+                    "  AND (status = 'pending' OR (status = 'running'"
+                    "       AND heartbeat_at < now() - make_interval(secs => %s)))"
+                    "  ORDER BY month, pair LIMIT 1 FOR UPDATE SKIP LOCKED)"
+                    " RETURNING pair, month, attempts"
+                ),
+                (run_id, worker, pairs, months, STALE_AFTER_S),
+            ).fetchone()
+        if row is None:
+            return None
+        return row[0], Month.of(row[1]), int(row[2])
+
+    def heartbeat(self, conn: psycopg.Connection, pair: str, month: Month, worker: str) -> None:
+        conn.execute(
+            self._q(
+                "UPDATE {jobs} SET heartbeat_at = now() WHERE pair = %s AND month = %s"
+                " AND worker = %s AND status = 'running'"
+            ),
+            (pair, month.first_day, worker),
+        )
+
+    def lock_own(self, cur: psycopg.Cursor, pair: str, month: Month, worker: str) -> bool:
+        """Inside the write transaction: lock the job row; False if another worker took it over."""
+        row = cur.execute(
+            self._q("SELECT worker, status FROM {jobs} WHERE pair = %s AND month = %s FOR UPDATE"),
+            (pair, month.first_day),
+        ).fetchone()
+        return row is not None and row[0] == worker and row[1] == "running"
+
+    def finish(
+        self, cur: psycopg.Cursor, run_id: int, pair: str, month: Month, worker: str,
+        status: str, attempt: int, started: float, source_bars: int | None,
+        rows: int | None, error: str | None, params_hash: str | None = None,
+    ) -> None:  # fmt: skip
+        """Record an attempt's end: done|failed, or retried (the job stays running)."""
+        duration = time.time() - started
+        if status != "retried":
+            cur.execute(
+                self._q(
+                    "UPDATE {jobs} SET status = %s, rows_written = %s, source_bars ="
+                    " coalesce(%s, source_bars), finished_at = now(), duration_s = %s,"
+                    " last_error = %s, param_hash = coalesce(%s, param_hash), updated_at = now()"
+                    " WHERE pair = %s AND month = %s"
+                ),
+                (status, rows, source_bars, duration, error, params_hash, pair,
+                 month.first_day),
+            )  # fmt: skip
+        cur.execute(
+            self._q(
+                "INSERT INTO {attempts} (run_id, pair, month, attempt, status, worker, started_at,"
+                " finished_at, duration_s, source_bars, rows_written, error)"
+                " VALUES (%s, %s, %s, %s, %s, %s, to_timestamp(%s), now(), %s, %s, %s, %s)"
+            ),
+            (run_id, pair, month.first_day, attempt, status, worker, started, duration,
+             source_bars, rows, error),
+        )  # fmt: skip
+
+    def release(
+        self, conn: psycopg.Connection, keys: Sequence[tuple[str, date]], workers: Sequence[str],
+        status: str, error: str | None,
+    ) -> int:  # fmt: skip
+        """Set jobs that ``workers`` hold as running back to ``status`` (pending or failed)."""
+        if not workers:
+            return 0
+        cur = conn.execute(
+            self._q(
+                "UPDATE {jobs} SET status = %s, last_error = coalesce(%s, last_error),"
+                " worker = NULL, updated_at = now()"
+                " WHERE status = 'running' AND worker = ANY(%s)"
+                " AND (pair, month) IN (SELECT * FROM unnest(%s::text[], %s::date[]))"
+            ),
+            (status, error, list(workers), [k[0] for k in keys], [k[1] for k in keys]),
+        )
+        return cur.rowcount
+
+    def progress(
+        self, conn: psycopg.Connection, keys: Sequence[tuple[str, date]]
+    ) -> dict[str, Any]:
+        rows = conn.execute(
+            self._q(
+                "SELECT status, status = 'running' AND heartbeat_at < now() - make_interval("
+                " secs => %s), count(*), coalesce(sum(rows_written), 0),"
+                " coalesce(sum(source_bars), 0) FROM {jobs}"
+                " WHERE (pair, month) IN (SELECT * FROM unnest(%s::text[], %s::date[]))"
+                " GROUP BY 1, 2"
+            ),
+            (STALE_AFTER_S, [k[0] for k in keys], [k[1] for k in keys]),
+        ).fetchall()
+        out: dict[str, Any] = {s: 0 for s in ("pending", "running", "done", "failed", "stale")}
+        out["rows"] = 0
+        out["bars_left"] = 0
+        for status, stale, count, rows_written, bars in rows:
+            out[status] += int(count)
+            out["stale"] += int(count) if stale else 0
+            if status == "done":
+                out["rows"] = int(rows_written)
+            elif status != "failed":
+                out["bars_left"] += int(bars)
+        return out
+
+    def late(
+        self, conn: psycopg.Connection, keys: Sequence[tuple[str, date]], timeout_s: float
+    ) -> list[tuple[str, date, str]]:
+        """(pair, month, worker) of running jobs among ``keys`` older than ``timeout_s``."""
+        return conn.execute(
+            self._q(
+                "SELECT pair, month, worker FROM {jobs} WHERE status = 'running'"
+                " AND started_at < now() - make_interval(secs => %s)"
+                " AND (pair, month) IN (SELECT * FROM unnest(%s::text[], %s::date[]))"
+            ),
+            (timeout_s, [k[0] for k in keys], [k[1] for k in keys]),
+        ).fetchall()
+
+    def end_run(self, conn: psycopg.Connection, run_id: int, status: str) -> RunSummary:
+        row = conn.execute(
+            self._q(
+                "WITH a AS (SELECT DISTINCT ON (pair, month) pair, month, status, rows_written"
+                "  FROM {attempts} WHERE run_id = %s AND status <> 'retried'"
+                "  ORDER BY pair, month, attempt_id DESC)"
+                " UPDATE {runs} r SET ended_at = now(), status = CASE WHEN %s = 'done' AND"
+                "  EXISTS (SELECT 1 FROM a WHERE a.status = 'failed') THEN 'failed' ELSE %s END,"
+                " jobs_done = (SELECT count(*) FROM a WHERE a.status = 'done'),"
+                " jobs_failed = (SELECT count(*) FROM a WHERE a.status = 'failed'),"
+                " rows_written = (SELECT coalesce(sum(rows_written), 0) FROM a"
+                "  WHERE a.status = 'done')"
+                " WHERE run_id = %s RETURNING jobs_total, jobs_done, jobs_failed, jobs_skipped,"
+                " rows_written, extract(epoch FROM ended_at - started_at), status"
+            ),
+            (run_id, status, status, run_id),
+        ).fetchone()
+        failures = conn.execute(
+            self._q(
+                "SELECT pair, month::text, last_error FROM {jobs} WHERE run_id = %s"
+                " AND status = 'failed' ORDER BY pair, month"
+            ),
+            (run_id,),
+        ).fetchall()
+        total, done, failed, skipped, rows, dur, final = row
+        return RunSummary(
+            run_id, int(total), int(done), int(failed), int(skipped), int(rows), float(dur),
+            final, [(p, m[:7], e or "") for p, m, e in failures],
+        )  # fmt: skip
+
+
