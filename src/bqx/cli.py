@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -59,17 +60,44 @@ def print_json(doc: Any) -> None:
     sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
 
 
+RESUMABLE = ("backfill", "update", "ingest", "generate", "demo", "init")
+
+
 def main() -> None:
-    """Entry point: user errors print one line, never a traceback."""
+    """Entry point: user errors print one line, never a traceback.
+
+    Ctrl-C and SIGTERM (what schedulers and systemd send) stop a command the same way: the
+    work in flight is handed back, and the exit code is 130.
+    """
+    interrupted = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal interrupted
+        interrupted = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     try:
         app()
     except BqxError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        # the backfill has already stopped its workers and handed their jobs back
-        err_console.print("interrupted: run the same command again to resume", highlight=False)
+    except SystemExit as exc:
+        if not interrupted and exc.code != 130:  # typer's own exit for Ctrl-C
+            raise
+        _say_interrupted()
         sys.exit(130)
+    except KeyboardInterrupt:
+        _say_interrupted()
+        sys.exit(130)
+
+
+def _say_interrupted() -> None:
+    """Typer turns Ctrl-C into exit 130 before main() sees it: say what to do next here."""
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+    hint = ": run the same command again to resume" if command in RESUMABLE else ""
+    err_console.print(f"interrupted{hint}", highlight=False, soft_wrap=True)
 
 
 # -- db -----------------------------------------------------------------------------------

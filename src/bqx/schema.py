@@ -254,6 +254,9 @@ CREATE TABLE IF NOT EXISTS {attempts} (
 CREATE INDEX IF NOT EXISTS {attempts_run_idx} ON {attempts} (run_id, finished_at);
 -- the worker's database session, so a stuck job's session can be ended with its worker
 ALTER TABLE {jobs} ADD COLUMN IF NOT EXISTS backend_pid integer;
+-- the run's driver process and its liveness: a run whose driver died is marked interrupted
+ALTER TABLE {runs} ADD COLUMN IF NOT EXISTS pid integer;
+ALTER TABLE {runs} ADD COLUMN IF NOT EXISTS heartbeat_at timestamptz;
 """
 
 

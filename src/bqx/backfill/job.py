@@ -102,6 +102,46 @@ def compute_month(
     return times[first:], out
 
 
+def bad_bar_message(pair: str, times: np.ndarray, prices: np.ndarray) -> str | None:
+    """Name the first bar that the formulas refuse: its time, its value and the month it is in.
+
+    The kernel only knows array indices, which count lookback bars from an earlier month.
+    """
+    bad_price = ~(np.isfinite(prices) & (prices > 0))
+    ticks = times.astype("datetime64[us]").view(np.int64)
+    bad_time = np.zeros(len(times), dtype=bool)
+    bad_time[1:] = np.diff(ticks) <= 0
+    bad = np.flatnonzero(bad_price | bad_time)
+    if not len(bad):
+        return None
+    i = int(bad[0])
+    when = str(times[i].astype("datetime64[s]")).replace("T", " ")
+    owner = str(times[i].astype("datetime64[M]"))
+    if bad_price[i]:
+        what = f"has price {float(prices[i])!r} (prices must be finite and > 0)"
+    else:
+        what = "repeats or precedes the bar before it (times must be sorted and unique)"
+    return f"bad source bar: {pair.upper()} at {when} UTC (month {owner}) {what}"
+
+
+def null_bar_message(cur: psycopg.Cursor, params: Params, pair: str, month: Month) -> str:
+    """Find a bar with a NULL time or price among those a job reads, and name it."""
+    layout = params.layout
+    t, p, src = layout.time, layout.price, layout.source(pair)
+    row = cur.execute(
+        sql.SQL(
+            "SELECT {t}::text, {p}::text FROM {src} WHERE ({t} IS NULL OR {p} IS NULL)"
+            " AND ({t} IS NULL OR {t} < %s) ORDER BY {t} DESC NULLS FIRST LIMIT 1"
+        ).format(t=t, p=p, src=src),
+        (month.end,),
+    ).fetchone()
+    if row is None:
+        return f"{pair.upper()}: the source bars could not be read (unexpected COPY stream)"
+    if row[0] is None:
+        return f"bad source bar: {pair.upper()} has a bar with a NULL time in {src.as_string(cur)}"
+    return f"bad source bar: {pair.upper()} at {row[0]} has a NULL price in {src.as_string(cur)}"
+
+
 class _Permanent(Exception):
     """A job error that retrying will not fix."""
 
@@ -168,12 +208,17 @@ class JobRunner:
     def _attempt(self, pair: str, month: Month, attempt: int, started: float) -> int:
         conn = self._connection()
         with conn.cursor() as cur:
-            times, prices = read_series(cur, self.params, pair, month)
+            try:
+                times, prices = read_series(cur, self.params, pair, month)
+            except BqxError:  # a NULL time or price: name the bar, not the stream
+                conn.rollback()
+                raise _Permanent(null_bar_message(cur, self.params, pair, month)) from None
         conn.commit()
         try:
             out_times, matrix = compute_month(self.params, month, times, prices)
         except ValueError as exc:
-            raise _Permanent(f"bad source bars: {exc}") from None
+            why = bad_bar_message(pair, times, prices) or f"bad source bars: {exc}"
+            raise _Permanent(why) from None
         cols = ["ts_utc", "rate", *self.params.columns]
         part = self.params.layout.target_partition(pair, month)
         with conn.transaction(), conn.cursor() as cur:
@@ -217,5 +262,3 @@ def _describe(exc: BaseException | None, pair: str, month: Month) -> str:
     if isinstance(exc, _Permanent):  # our own wording needs no class name
         return f"{pair.upper()} {month}: {text}"
     return f"{pair.upper()} {month}: {type(exc).__name__}: {text}"
-
-

@@ -55,6 +55,7 @@ class Ledger:
     """SQL against bqx_runs / bqx_jobs / bqx_attempts, in one place."""
 
     def __init__(self, layout: Layout) -> None:
+        self._last_beat = 0.0
         self.runs = layout.table(LEDGER_RUNS)
         self.jobs = layout.table(LEDGER_JOBS)
         self.attempts = layout.table(LEDGER_ATTEMPTS)
@@ -68,13 +69,45 @@ class Ledger:
     ) -> int:  # fmt: skip
         row = conn.execute(
             self._q(
-                "INSERT INTO {runs} (command, params, param_hash, workers, executor, run_by, host)"
-                " VALUES ('backfill', %s, %s, %s, %s, %s, %s) RETURNING run_id"
+                "INSERT INTO {runs} (command, params, param_hash, workers, executor, run_by, host,"
+                " pid, heartbeat_at) VALUES ('backfill', %s, %s, %s, %s, %s, %s, %s, now())"
+                " RETURNING run_id"
             ),
             (json.dumps(doc), params.hash, workers, executor, current_user(),
-             worker_id().rsplit(":", 1)[0]),
+             worker_id().rsplit(":", 1)[0], os.getpid()),
         ).fetchone()  # fmt: skip
         return int(row[0])
+
+    def beat_run(self, conn: psycopg.Connection, run_id: int) -> None:
+        """The driver is alive (at most one write every HEARTBEAT_INTERVAL_S)."""
+        now = time.monotonic()
+        if now - self._last_beat < HEARTBEAT_INTERVAL_S:
+            return
+        conn.execute(self._q("UPDATE {runs} SET heartbeat_at = now() WHERE run_id = %s"), (run_id,))
+        self._last_beat = now
+
+    def mark_orphaned_runs(self, conn: psycopg.Connection) -> list[int]:
+        """Runs left ``running`` by a driver that died (killed, crashed, host lost) become
+        ``interrupted``: their driver process is gone on this host, or their heartbeat (or, in
+        ledgers without one, their start) is older than STALE_AFTER_S with no live job."""
+        here = worker_id().rsplit(":", 1)[0]
+        candidates = conn.execute(
+            self._q(
+                "SELECT run_id, host, pid, coalesce(heartbeat_at, started_at)"
+                " < now() - make_interval(secs => %s) AND NOT EXISTS (SELECT 1 FROM {jobs} j"
+                "  WHERE j.run_id = r.run_id AND j.status = 'running'"
+                "  AND j.heartbeat_at >= now() - make_interval(secs => %s))"
+                " FROM {runs} r WHERE status = 'running'"
+            ),
+            (STALE_AFTER_S, STALE_AFTER_S),
+        ).fetchall()
+        dead = [
+            run_id for run_id, host, pid, stale in candidates
+            if stale or (host == here and pid is not None and worker_is_dead(f"{host}:{pid}"))
+        ]  # fmt: skip
+        for run_id in dead:
+            self.end_run(conn, run_id, "interrupted")
+        return dead
 
     def plan(
         self, conn: psycopg.Connection, run_id: int, params: Params, jobs: Sequence[Job],
@@ -277,5 +310,3 @@ class Ledger:
             run_id, int(total), int(done), int(failed), int(skipped), int(rows), float(dur),
             final, [(p, m[:7], e or "") for p, m, e in failures],
         )  # fmt: skip
-
-

@@ -230,4 +230,3 @@ def init(
                 ensure_source_partition(conn, layout, pair, month)
                 ensure_target_partition(conn, layout, pair, month)
     return len(pairs) * len(months)
-

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import date
 from typing import Any
 
@@ -16,6 +20,7 @@ from bqx.backfill.ledger import Ledger
 from bqx.backfill.plan import Params, RunSummary, preflight
 from bqx.config import Settings
 from bqx.db import connect, resolve_url
+from bqx.errors import BqxError
 from bqx.schema import Layout, Month
 
 # -- the run ------------------------------------------------------------------------------
@@ -40,14 +45,22 @@ def backfill(
     progress: bool | ProgressFn = False,
     executor: str = "local",
     scheduler: str | None = None,
+    reconnect_within_s: float = 30.0,
 ) -> RunSummary:
-    """Plan (pair, month) jobs and run them on workers: local processes, or a Dask cluster."""
+    """Plan (pair, month) jobs and run them on workers: local processes, or a Dask cluster.
+
+    SIGTERM stops the run as Ctrl-C does (``KeyboardInterrupt``): workers are stopped and
+    their jobs handed back, and the run is recorded as interrupted. A database that stays
+    unreachable ends the run with one ``BqxError``; see docs/guarantees.md.
+    """
+    check_run_options(workers, job_timeout, max_attempts)
     params = Params.build(layout, windows, mode, max_fill)
     workers = workers or os.cpu_count() or 1
     url = resolve_url(settings)
-    with connect(url, autocommit=True) as conn:
+    with _sigterm_as_interrupt(), connect(url, autocommit=True) as conn:
         jobs = preflight(conn, params, pairs, start, end, url)
         ledger = Ledger(layout)
+        ledger.mark_orphaned_runs(conn)
         doc = {
             "pairs": sorted({j.pair for j in jobs}),
             "months": sorted({str(j.month) for j in jobs}),
@@ -62,26 +75,104 @@ def backfill(
         todo, _skipped = ledger.plan(conn, run_id, params, jobs, force)
         keys = [(j.pair, j.month.first_day) for j in todo]
         reporter = _make_reporter(progress, len(jobs), len(jobs) - len(todo))
+        watch = _Watch(conn, url, reconnect_within_s)
         status = "interrupted"
         runner = make_executor(executor, min(workers, max(1, len(todo))), scheduler)
         try:
             if todo:
-                _drive(conn, ledger, runner, url, params, run_id, keys, job_timeout,
+                _drive(watch, ledger, runner, url, params, run_id, keys, job_timeout,
                        max_attempts, reporter)  # fmt: skip
             status = "done"
         except KeyboardInterrupt:
             ids = runner.shutdown()
-            ledger.release(conn, keys, ids, "pending", "interrupted by the user")
+            with contextlib.suppress(psycopg.Error):
+                ledger.release(watch.conn, keys, ids, "pending", "interrupted by the user")
+                ledger.end_run(watch.conn, run_id, "interrupted")
             raise
+        except _DatabaseLost as lost:
+            runner.shutdown()
+            reporter(None)
+            with contextlib.suppress(psycopg.Error, BqxError, _DatabaseLost):
+                ledger.end_run(watch.reconnect(timeout_s=2), run_id, "interrupted")
+            raise BqxError(
+                f"lost the database during run {run_id} ({lost}): its jobs are handed back when "
+                "the server is reachable again; run the same command again to resume"
+            ) from None
         finally:
             runner.shutdown()
             reporter(None)
-            summary = ledger.end_run(conn, run_id, status)
+        try:
+            summary = ledger.end_run(watch.conn, run_id, status)
+        except psycopg.OperationalError:
+            summary = ledger.end_run(watch.reconnect(timeout_s=10), run_id, status)
     return summary
 
 
+def check_run_options(workers: int | None, job_timeout: float, max_attempts: int) -> None:
+    """Refuse absurd run options before anything is done (NaN, zero or negative values)."""
+    if workers is not None and (isinstance(workers, bool) or workers < 1):
+        raise BqxError(f"invalid --workers {workers}: must be at least 1 (default: CPU count)")
+    if not (isinstance(job_timeout, int | float) and math.isfinite(job_timeout)) or (
+        job_timeout <= 0
+    ):
+        raise BqxError(f"invalid --job-timeout {job_timeout}: must be a number of seconds > 0")
+    if max_attempts < 1:
+        raise BqxError(f"invalid max_attempts {max_attempts}: must be at least 1")
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """While a run is driven from the main thread, SIGTERM (schedulers, systemd, ``kill``)
+    stops it exactly as Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _DatabaseLost(Exception):
+    """The driver's connection is gone and the server stayed unreachable."""
+
+
+class _Watch:
+    """The driver's connection to the ledger, re-established when the server restarts."""
+
+    def __init__(self, conn: psycopg.Connection, url: str, within_s: float) -> None:
+        self.conn, self.url, self.within_s = conn, url, within_s
+
+    def reconnect(self, timeout_s: float | None = None) -> psycopg.Connection:
+        """A new connection, trying for ``timeout_s`` (a server restart takes seconds)."""
+        deadline = time.monotonic() + (self.within_s if timeout_s is None else timeout_s)
+        with contextlib.suppress(Exception):
+            self.conn.close()
+        while True:
+            try:
+                self.conn = connect(self.url, autocommit=True)
+                return self.conn
+            except BqxError as exc:
+                if time.monotonic() > deadline:
+                    raise _DatabaseLost(str(exc).split(": ", 1)[-1]) from None
+                time.sleep(0.5)
+
+    def tick(self, body: Callable[[psycopg.Connection], bool]) -> bool:
+        """Run one watch step; on a lost connection, reconnect (or give up) and skip it."""
+        try:
+            return body(self.conn)
+        except psycopg.OperationalError:
+            self.reconnect()
+            return False
+
+
 def _drive(
-    conn: psycopg.Connection, ledger: Ledger, executor: Executor, url: str, params: Params,
+    watch: _Watch, ledger: Ledger, executor: Executor, url: str, params: Params,
     run_id: int, keys: list[tuple[str, date]], job_timeout: float, max_attempts: int,
     reporter: ProgressFn,
 ) -> None:  # fmt: skip
@@ -89,8 +180,9 @@ def _drive(
     for _ in range(executor.workers):
         executor.spawn(url, params, run_id, keys)
     started = time.monotonic()
-    while True:
-        time.sleep(0.25)
+
+    def step(conn: psycopg.Connection) -> bool:
+        ledger.beat_run(conn, run_id)
         for worker, error in executor.reap():  # a worker died mid-job (killed, crashed)
             _abandon(conn, ledger, worker, error, max_attempts)
         for pair, month, worker in ledger.late(conn, keys, job_timeout):
@@ -102,10 +194,16 @@ def _drive(
         state["elapsed"] = time.monotonic() - started
         reporter(state)
         if state["pending"] == 0 and state["running"] == 0:
-            return
+            return True
         claimable = state["pending"] + state["stale"]
         if claimable and len(executor.live()) < executor.workers:
             executor.spawn(url, params, run_id, keys)  # replace a dead or finished worker
+        return False
+
+    while True:
+        time.sleep(0.25)
+        if watch.tick(step):
+            return
 
 
 def _abandon(
@@ -152,4 +250,3 @@ def _make_reporter(progress: bool | ProgressFn, total: int, skipped: int) -> Pro
     from bqx.progress import BackfillProgress
 
     return BackfillProgress(total, skipped)
-

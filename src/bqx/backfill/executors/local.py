@@ -11,9 +11,12 @@ import time
 from dataclasses import dataclass
 from datetime import date
 
+import psycopg
+
 from bqx.backfill.job import JobRunner
 from bqx.backfill.plan import Params
 from bqx.db import worker_id
+from bqx.errors import BqxError
 
 # -- local worker processes ---------------------------------------------------------------
 
@@ -38,8 +41,15 @@ def worker_main(url: str, params: Params, run_id: int, keys: list[tuple[str, dat
             if job is None:
                 return
             runner.run(*job)
+    except (psycopg.Error, BqxError):
+        # the database went away between jobs: the parent sees the exit code, hands the job
+        # back and says so once; a traceback per worker would only bury that line
+        sys.exit(LOST_DATABASE_EXIT)
     finally:
         runner.close()
+
+
+LOST_DATABASE_EXIT = 3
 
 
 @dataclass
@@ -63,7 +73,10 @@ class LocalExecutor:
 
     def spawn(self, url: str, params: Params, run_id: int, keys: list[tuple[str, date]]) -> None:
         p = subprocess.Popen(
-            [sys.executable, "-m", "bqx._worker"], stdin=subprocess.PIPE, close_fds=True
+            [sys.executable, "-m", "bqx._worker"],
+            stdin=subprocess.PIPE,
+            close_fds=True,
+            process_group=0,  # Ctrl-C at a terminal is the parent's: it stops the workers
         )
         assert p.stdin is not None
         p.stdin.write(pickle.dumps((url, params, run_id, keys)))
@@ -106,5 +119,3 @@ class LocalExecutor:
                 pr.process.wait(timeout=10)
         self.procs = []
         return ids
-
-

@@ -1,0 +1,249 @@
+"""Faults a run must survive and end cleanly: SIGTERM, a killed driver, the database going away,
+bad bars in the source, absurd options. Each leaves a true ledger and nothing running."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import UTC
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import pytest
+from psycopg import sql
+
+from bqx.backfill import backfill
+from bqx.db import EmbeddedServer
+from bqx.schema import Layout
+from conftest import random_walk_bars
+
+
+def _wait_for(predicate, timeout: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _count(conn: psycopg.Connection, query: str, table: sql.Composable) -> int:
+    return conn.execute(sql.SQL(query).format(table)).fetchone()[0]
+
+
+@pytest.fixture
+def eurusd(make_bars):
+    """EURUSD July–August 2024."""
+    return make_bars("eurusd", "2024-07-01", 62 * 1440, seed=3)
+
+
+def _held_run(pg_url, layout, conn, cli_env, extra=()):
+    """A CLI backfill whose two workers are held inside their first jobs by a lock."""
+    blocker = psycopg.connect(pg_url)
+    blocker.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(layout.table("bqx_attempts")))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bqx.cli", "backfill", "--workers", "2", "--force", *extra],
+        env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    jobs = layout.table("bqx_jobs")
+    _wait_for(
+        lambda: _count(conn, "SELECT count(*) FROM {} WHERE status = 'running'", jobs) == 2,
+        what="two running jobs",
+    )
+    workers = [
+        int(w.rsplit(":", 1)[1])
+        for (w,) in conn.execute(
+            sql.SQL("SELECT worker FROM {} WHERE status = 'running'").format(jobs)
+        )
+    ]
+    return blocker, proc, workers
+
+
+def test_sigterm_stops_like_ctrl_c_and_records_the_run_as_interrupted(
+    settings, layout, conn, eurusd, cli_env, pg_url
+):
+    backfill(settings, layout, workers=1)  # creates the ledger the blocker locks
+    blocker, proc, workers = _held_run(pg_url, layout, conn, cli_env)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 130
+    finally:
+        blocker.rollback()
+        blocker.close()
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read()
+    assert "Traceback" not in err
+    assert "interrupted: run the same command again to resume" in err
+    _wait_for(lambda: not any(_alive(p) for p in workers), 10, "workers to exit")
+    run_status = conn.execute(
+        sql.SQL("SELECT status, ended_at IS NOT NULL FROM {} ORDER BY run_id DESC LIMIT 1").format(
+            layout.table("bqx_runs")
+        )
+    ).fetchone()
+    assert run_status == ("interrupted", True)
+    jobs = layout.table("bqx_jobs")
+    assert _count(conn, "SELECT count(*) FROM {} WHERE status = 'running'", jobs) == 0
+
+
+def test_killed_driver_leaves_no_worker_and_next_run_marks_its_run_interrupted(
+    settings, layout, conn, eurusd, cli_env, pg_url
+):
+    backfill(settings, layout, workers=1)
+    blocker, proc, workers = _held_run(pg_url, layout, conn, cli_env)
+    try:
+        proc.kill()  # SIGKILL: no handler runs, the run row stays 'running'
+        proc.wait(timeout=10)
+    finally:
+        blocker.rollback()
+        blocker.close()
+    _wait_for(lambda: not any(_alive(p) for p in workers), 10, "workers to die with the driver")
+    runs = layout.table("bqx_runs")
+    orphan = conn.execute(
+        sql.SQL("SELECT run_id, status FROM {} ORDER BY run_id DESC LIMIT 1").format(runs)
+    ).fetchone()
+    assert orphan[1] == "running"
+    summary = backfill(settings, layout, workers=2)
+    assert summary.status == "done" and summary.jobs_failed == 0
+    status = conn.execute(
+        sql.SQL("SELECT status FROM {} WHERE run_id = %s").format(runs), (orphan[0],)
+    ).fetchone()[0]
+    assert status == "interrupted"
+    # the months the dead run held were redone: every source bar has its row
+    assert _count(conn, "SELECT count(*) FROM {}", layout.target("eurusd")) == len(eurusd[0])
+
+
+def test_database_gone_mid_run_gives_one_line_and_the_next_run_resumes(tmp_path: Path):
+    """A server of its own, stopped under a running backfill, then started again."""
+    server = EmbeddedServer(tmp_path / "home")
+    url = server.start()
+    layout = Layout(schema="outage")
+    try:
+        from bqx.db import connect
+        from bqx.sources.load import load_bars
+
+        times, ohlcv = random_walk_bars("2024-07-01", 62 * 1440, seed=5)
+        with connect(url, autocommit=True) as conn:
+            load_bars(conn, layout, "eurusd", times, ohlcv, mode="replace")
+        script = textwrap.dedent(
+            f"""
+            from bqx.backfill import backfill
+            from bqx.config import load_settings
+            from bqx.errors import BqxError
+            from bqx.schema import Layout
+            import sys
+            try:
+                backfill(load_settings(database_url={url!r}), Layout(schema="outage"),
+                         workers=1, job_timeout=120, reconnect_within_s=3, force=True)
+            except BqxError as exc:
+                print("error:", exc, file=sys.stderr)
+                sys.exit(1)
+            """
+        )
+        blocker = psycopg.connect(url)
+        with connect(url, autocommit=True) as conn:
+            backfill(load_settings_for(url), layout, workers=1)
+        blocker.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(layout.table("bqx_attempts")))
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env={**os.environ, "BQX_HOME": str(tmp_path / "other")},
+        )  # fmt: skip
+        with connect(url, autocommit=True) as conn:
+            _wait_for(
+                lambda: _count(
+                    conn, "SELECT count(*) FROM {} WHERE status = 'running'",
+                    layout.table("bqx_jobs"),
+                ) == 1,
+                what="a running job",
+            )  # fmt: skip
+        blocker.close()
+        server.stop()  # the database goes away under the run
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 1
+        assert "Traceback" not in err
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert len(lines) == 1 and "lost the database" in lines[0], err
+        server.start()
+        summary = backfill(load_settings_for(url), layout, workers=1, force=True)
+        assert summary.status == "done"
+        with connect(url, autocommit=True) as conn:
+            statuses = [
+                s for (s,) in conn.execute(
+                    sql.SQL("SELECT status FROM {} ORDER BY run_id").format(
+                        layout.table("bqx_runs")
+                    )
+                )
+            ]  # fmt: skip
+            assert statuses == ["done", "interrupted", "done"]
+            rows = _count(conn, "SELECT count(*) FROM {}", layout.target("eurusd"))
+        assert rows == len(times)
+    finally:
+        server.stop()
+
+
+def load_settings_for(url: str):
+    from bqx.config import load_settings
+
+    return load_settings(database_url=url)
+
+
+def test_a_bad_lookback_bar_is_named_by_pair_time_value_and_its_own_month(
+    settings, layout, conn, make_bars
+):
+    times, _ = make_bars("eurusd", "2024-07-20", 50 * 1440, seed=4)  # into September
+    aug = times[(times >= np.datetime64("2024-08-01")) & (times < np.datetime64("2024-09-01"))]
+    bad = aug[-3]  # August's own bar, and inside September's lookback
+    conn.execute(
+        sql.SQL("UPDATE {} SET close = 0 WHERE time = %s").format(layout.source("eurusd")),
+        (bad.item().replace(tzinfo=UTC),),
+    )
+    summary = backfill(settings, layout, workers=1, max_attempts=1)
+    failed = {month: error for pair, month, error in summary.failures}
+    assert sorted(failed) == ["2024-08", "2024-09"]  # July's job does not read that bar
+    when = str(bad.astype("datetime64[s]")).replace("T", " ")
+    for error in failed.values():
+        assert "EURUSD" in error and when in error and "(month 2024-08)" in error, error
+        assert "0.0" in error and "prices[" not in error
+
+
+@pytest.mark.parametrize(
+    "args, culprit",
+    [
+        (["--workers", "0"], "--workers"),
+        (["--workers", "-1"], "--workers"),
+        (["--job-timeout", "nan"], "--job-timeout"),
+        (["--job-timeout", "0"], "--job-timeout"),
+        (["--job-timeout", "-5"], "--job-timeout"),
+    ],
+)
+def test_absurd_run_options_give_one_line_and_create_nothing(
+    cli_env, conn, schema_name, args, culprit
+):
+    res = subprocess.run(
+        [sys.executable, "-m", "bqx.cli", "backfill", "--pairs", "EURUSD", *args],
+        env=cli_env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and culprit in lines[0], res.stderr
+    exists = conn.execute(
+        "SELECT count(*) FROM pg_namespace WHERE nspname = %s", (schema_name,)
+    ).fetchone()[0]
+    assert exists == 0
