@@ -247,3 +247,41 @@ def test_absurd_run_options_give_one_line_and_create_nothing(
         "SELECT count(*) FROM pg_namespace WHERE nspname = %s", (schema_name,)
     ).fetchone()[0]
     assert exists == 0
+
+
+def test_two_backfills_at_once_never_run_a_job_twice_at_the_same_time(
+    settings, layout, conn, make_bars, cli_env
+):
+    make_bars("eurusd", "2024-07-15", 40 * 1440, seed=6)
+    make_bars("gbpusd", "2024-07-15", 40 * 1440, seed=7, level=1.27)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "bqx.cli", "backfill", "--workers", "2", "--json"],
+            env=cli_env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    # each job's done attempts never overlap in time, and every bar has exactly one row
+    overlaps = conn.execute(
+        sql.SQL(
+            "SELECT count(*) FROM {a} x JOIN {a} y ON x.pair = y.pair AND x.month = y.month"
+            " AND x.attempt_id < y.attempt_id AND x.status = 'done' AND y.status = 'done'"
+            " AND tstzrange(x.started_at, x.finished_at) && tstzrange(y.started_at, y.finished_at)"
+        ).format(a=layout.table("bqx_attempts"))
+    ).fetchone()[0]
+    assert overlaps == 0
+    for pair in ("eurusd", "gbpusd"):
+        rows, distinct = conn.execute(
+            sql.SQL("SELECT count(*), count(DISTINCT ts_utc) FROM {}").format(layout.target(pair))
+        ).fetchone()
+        source = _count(conn, "SELECT count(*) FROM {}", layout.source(pair))
+        assert rows == distinct == source
+    assert (
+        _count(conn, "SELECT count(*) FROM {} WHERE status <> 'done'", layout.table("bqx_jobs"))
+        == 0
+    )

@@ -264,8 +264,20 @@ def create_schema(conn: psycopg.Connection, layout: Layout) -> None:
     conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(layout.schema)))
 
 
+def lock_schema_ddl(conn: psycopg.Connection, layout: Layout) -> None:
+    """Serialise bqx's DDL in a schema until the transaction ends.
+
+    ``CREATE … IF NOT EXISTS`` is not safe against itself: two first runs at once can both
+    find a table missing and one then fails on a duplicate catalog key.
+    """
+    conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"bqx-ddl:{layout.schema}",)
+    )
+
+
 def create_ledger(conn: psycopg.Connection, layout: Layout) -> None:
     """The run/job/attempt ledger that status, verify and report read."""
+    lock_schema_ddl(conn, layout)
     create_schema(conn, layout)
     conn.execute(
         sql.SQL(_LEDGER_DDL).format(
