@@ -271,6 +271,13 @@ class EmbeddedServer:
     def _run_as(self) -> str | None:
         return _RUN_AS if os.geteuid() == 0 else None
 
+    def _run(self, args: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+        """Run a server program as the server's user; as root with its group too (root's group
+        would be locked out of directories that grant only "others" traversal)."""
+        if self._run_as():
+            kw.update(user=_RUN_AS, group=self._server_ids()[1], extra_groups=[])
+        return subprocess.run(args, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
+
     def _server_ids(self) -> tuple[int, int]:
         """uid and gid the server runs as."""
         if os.geteuid() == 0:
@@ -420,11 +427,11 @@ class EmbeddedServer:
             f.write(verifier + "\n")  # a verifier is stored as is, never the plain password
         os.chown(pwfile, uid, gid)
         try:
-            subprocess.run(
+            self._run(
                 [self._bin("initdb"), "-D", str(self.datadir), "-U", EMBEDDED_USER,
                  "--auth=scram-sha-256", f"--pwfile={pwfile}", "--encoding=UTF8",
                  "--locale=C", "--no-sync"],
-                user=self._run_as(), check=True, capture_output=True, text=True, timeout=300,
+                check=True, timeout=300,
             )  # fmt: skip
         except subprocess.CalledProcessError as exc:
             raise BqxError(f"initdb failed in {self.datadir}: {exc.stderr.strip()}") from None
@@ -437,9 +444,9 @@ class EmbeddedServer:
         """Set the password with the server stopped, in single-user mode (passfile lost)."""
         self.stop(mark=False)
         stmt = f"ALTER ROLE {EMBEDDED_USER} PASSWORD '{verifier}';\n"  # base64: no quotes
-        res = subprocess.run(
+        res = self._run(
             [self._bin("postgres"), "--single", "-D", str(self.datadir), "postgres"],
-            input=stmt, user=self._run_as(), capture_output=True, text=True, timeout=120,
+            input=stmt, timeout=120,
         )  # fmt: skip
         if res.returncode != 0:
             raise BqxError(f"could not set a new password for the embedded server: {res.stderr}")
@@ -463,14 +470,8 @@ class EmbeddedServer:
     # -- life cycle
 
     def _pg_ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [self._bin("pg_ctl"), "-D", str(self.datadir), *args],
-            user=self._run_as(),
-            check=check,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        return self._run([self._bin("pg_ctl"), "-D", str(self.datadir), *args], check=check,
+                         timeout=120)  # fmt: skip
 
     def exists(self) -> bool:
         return (self.datadir / "PG_VERSION").exists()
