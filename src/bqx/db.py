@@ -226,10 +226,11 @@ class EmbeddedServer:
 
     @property
     def socket_dir(self) -> Path:
-        """``pg/run``, unless the socket's path would be too long for a Unix socket: then a
-        private directory in /tmp named from a hash of BQX_HOME."""
+        """``pg/run``, unless the socket's path would be too long for a Unix socket, or holds a
+        comma (libpq reads ``host`` as a comma list): then a private directory in /tmp named
+        from a hash of BQX_HOME."""
         natural = self.root / "run"
-        if len(os.fsencode(natural / _SOCKET_FILE)) <= _SUN_PATH_MAX:
+        if len(os.fsencode(natural / _SOCKET_FILE)) <= _SUN_PATH_MAX and "," not in str(natural):
             return natural
         import hashlib
 
