@@ -165,6 +165,8 @@ def db_status(json_out: JsonOpt = False) -> None:
             doc["reachable"] = True
         except BqxError as exc:
             doc["error"] = _error_line(exc)
+    elif not server.exists():
+        doc["error"] = "no embedded server yet: `bqx db start` creates it"
     elif server.stop_marker.exists():
         doc["error"] = "embedded server stopped by `bqx db stop`: start it with `bqx db start`"
     else:
