@@ -155,3 +155,17 @@ def test_pgoptions_is_honoured(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> 
     # options in the URL take precedence over PGOPTIONS, as in libpq
     with connect(_with_options(pg_url, "-c lock_timeout=99")) as conn:
         assert conn.execute("SHOW lock_timeout").fetchone() == ("99ms",)
+
+
+def test_pgoptions_reach_the_cli(cli_env: dict[str, str], conn: psycopg.Connection) -> None:
+    """PGOPTIONS applies to the CLI's connections too: a read-only session refuses `init`,
+    which ends in one line (a database error, no traceback) and creates nothing."""
+    env = {**cli_env, "PGOPTIONS": "-c default_transaction_read_only=on"}
+    res = _bqx(["init", "--start", "2024-07", "--end", "2024-07", "--pairs", "EURUSD"], env)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == [
+        "error: database: cannot execute CREATE SCHEMA in a read-only transaction"
+    ]
+    schema = cli_env["BQX_SCHEMA"]
+    found = conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone()
+    assert found is None

@@ -83,7 +83,10 @@ def _error_line(exc: BaseException) -> str:
 
 
 def main() -> None:
-    """Entry point: user errors print one line, never a traceback, never a password."""
+    """Entry point: user errors print one line, never a traceback, never a password
+    (``BQX_DEBUG=1`` shows the traceback of a database error)."""
+    import os
+
     import psycopg
 
     try:
@@ -92,7 +95,9 @@ def main() -> None:
         line = _error_line(exc)
         err_console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
         sys.exit(1)
-    except psycopg.OperationalError as exc:  # the server went away or refused us mid-command
+    except psycopg.Error as exc:  # the server went away, refused us, or refused a statement
+        if os.environ.get("BQX_DEBUG"):
+            raise
         line = _error_line(exc).splitlines()[0]
         err_console.print(f"[bold red]error:[/] database: {line}", highlight=False, soft_wrap=True)
         sys.exit(1)
