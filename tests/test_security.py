@@ -317,3 +317,52 @@ def test_scram_verifier_is_accepted_by_the_server(conn: psycopg.Connection, pg_u
             assert c.execute("SELECT current_user").fetchone() == (role,)
     finally:
         conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def _system_python() -> str | None:
+    """A Python outside /root that runs this interpreter's packages (same minor version)."""
+    exe = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
+    return exe if Path(exe).exists() else None
+
+
+@pytest.mark.skipif(
+    not AS_ROOT or _system_python() is None, reason="needs root and /usr/bin/python"
+)
+def test_works_unchanged_as_an_ordinary_user() -> None:
+    """Run as uid `nobody`, the same code creates, starts, stops and restarts a private server
+    of its own (no bqx_postgres, no chown), and connects with the generated password."""
+    import site
+    import tempfile
+
+    import bqx
+
+    paths = [str(Path(bqx.__file__).parent.parent), *site.getsitepackages()]
+    if any(not os.access(p, os.R_OK) or p.startswith("/root") for p in paths):
+        pytest.skip("this interpreter's packages are out of other users' reach")
+    home = Path(tempfile.mkdtemp(prefix="bqx-user-", dir="/tmp"))
+    shutil.chown(home, "nobody", "nogroup")
+    script = (
+        "import sys, stat; sys.path[:0] = sys.argv[2:]\n"
+        "from pathlib import Path\n"
+        "from bqx.db import EmbeddedServer, connect\n"
+        "s = EmbeddedServer(Path(sys.argv[1]) / 'bqx')\n"
+        "with connect(s.start()) as c: print(c.execute('SELECT current_user').fetchone()[0])\n"
+        "s.stop()\n"
+        "with connect(s.start()) as c: print(c.execute('SELECT 1').fetchone()[0])\n"
+        "print(oct(stat.S_IMODE(s.passfile.stat().st_mode)), s.passfile.stat().st_uid)\n"
+        "s.destroy()\n"
+    )
+    try:
+        res = subprocess.run(
+            [str(_system_python()), "-c", script, str(home), *paths],
+            user="nobody", group="nogroup", extra_groups=[], capture_output=True, text=True,
+            timeout=300, cwd="/tmp",
+            env={"PATH": "/usr/bin:/bin", "HOME": str(home), "NUMBA_CACHE_DIR": str(home)},
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr[-2000:]
+        import pwd
+
+        nobody = pwd.getpwnam("nobody").pw_uid
+        assert res.stdout.split() == ["postgres", "1", "0o600", str(nobody)]
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
