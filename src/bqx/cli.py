@@ -52,6 +52,9 @@ def settings_from(database_url: str | None, schema: str | None) -> Settings:
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
+    from bqx.db import mask_text
+
+    message = mask_text(message, *_given_urls())
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
@@ -60,15 +63,40 @@ def print_json(doc: Any) -> None:
     sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
 
 
+def _given_urls() -> list[str]:
+    """Database URLs given to this process, whose passwords no message may show."""
+    import os
+
+    urls = [os.environ.get("BQX_DATABASE_URL") or ""]
+    args = sys.argv[1:]
+    for i, arg in enumerate(args):
+        if arg == "--database-url" and i + 1 < len(args):
+            urls.append(args[i + 1])
+        elif arg.startswith("--database-url="):
+            urls.append(arg.split("=", 1)[1])
+    return [u for u in urls if u]
+
+
+def _error_line(exc: BaseException) -> str:
+    from bqx.db import mask_text
+
+    return mask_text(str(exc).strip() or type(exc).__name__, *_given_urls())
+
+
 RESUMABLE = ("backfill", "update", "ingest", "generate", "demo", "init")
 
 
 def main() -> None:
-    """Entry point: user errors print one line, never a traceback.
+    """Entry point: user errors print one line, never a traceback, never a password
+    (``BQX_DEBUG=1`` shows the traceback of a database error).
 
     Ctrl-C and SIGTERM (what schedulers and systemd send) stop a command the same way: the
     work in flight is handed back, and the exit code is 130.
     """
+    import os
+
+    import psycopg
+
     interrupted = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -81,7 +109,14 @@ def main() -> None:
     try:
         app()
     except BqxError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        line = _error_line(exc)
+        err_console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except psycopg.Error as exc:  # the server went away, refused us, or refused a statement
+        if os.environ.get("BQX_DEBUG"):
+            raise
+        line = _error_line(exc).splitlines()[0]
+        err_console.print(f"[bold red]error:[/] database: {line}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except SystemExit as exc:
         if not interrupted and exc.code != 130:  # typer's own exit for Ctrl-C
@@ -101,22 +136,39 @@ def _say_interrupted() -> None:
 
 
 # -- db -----------------------------------------------------------------------------------
-# (section: db — owned by the lead)
+# (section: db)
+
+
+def _url_is_set(settings: Settings) -> str | None:
+    """How the user named another database, or None when bqx uses its embedded server."""
+    if settings.database_url is not None:
+        return "a database URL is set (BQX_DATABASE_URL or --database-url)"
+    if settings.uses_libpq_env():
+        return "libpq PG* variables name the database"
+    return None
 
 
 @db_app.command("start")
 def db_start() -> None:
     """Start the embedded PostgreSQL (initialising it on first use)."""
-    from bqx.db import embedded, mask_url
+    from bqx.db import describe_target, embedded
 
     settings = load_settings()
-    url = embedded(settings).start()
-    console.print(f"embedded PostgreSQL running: {mask_url(url)}", highlight=False)
+    other = _url_is_set(settings)
+    if other:
+        console.print(
+            f"{other}: bqx uses {describe_target(settings)}; no embedded server started",
+            highlight=False, soft_wrap=True,
+        )  # fmt: skip
+        return
+    server = embedded(settings)
+    server.start()
+    console.print(f"embedded PostgreSQL running: {server.url}", highlight=False, soft_wrap=True)
 
 
 @db_app.command("stop")
 def db_stop() -> None:
-    """Stop the embedded PostgreSQL."""
+    """Stop the embedded PostgreSQL (read-only commands won't start it again)."""
     from bqx.db import embedded
 
     stopped = embedded(load_settings()).stop()
@@ -125,23 +177,46 @@ def db_stop() -> None:
 
 @db_app.command("status")
 def db_status(json_out: JsonOpt = False) -> None:
-    """Say which database bqx uses and whether the embedded server runs."""
-    from bqx.db import describe_target, embedded
+    """Say which database bqx uses and whether it answers; exit 1 if it doesn't."""
+    from bqx.db import describe_target, embedded, server_version
 
     settings = load_settings()
     server = embedded(settings)
-    doc = {
+    uses_embedded = settings.uses_embedded()
+    doc: dict[str, Any] = {
         "database": describe_target(settings),
-        "embedded": settings.uses_embedded(),
-        "running": server.is_running() if settings.uses_embedded() else None,
-        "datadir": str(server.datadir) if settings.uses_embedded() else None,
+        "embedded": uses_embedded,
+        "running": server.is_running() if uses_embedded else None,
+        "datadir": str(server.datadir) if uses_embedded else None,
+        "reachable": False,
+        "server_version": None,
+        "error": None,
     }
+    if doc["running"] is not False:
+        try:
+            doc["server_version"] = server_version(settings)
+            doc["reachable"] = True
+        except BqxError as exc:
+            doc["error"] = _error_line(exc)
+    elif not server.exists():
+        doc["error"] = "no embedded server yet: `bqx db start` creates it"
+    elif server.stop_marker.exists():
+        doc["error"] = "embedded server stopped by `bqx db stop`: start it with `bqx db start`"
+    else:
+        doc["error"] = "embedded server not running: start it with `bqx db start`"
     if json_out:
         print_json(doc)
-        return
-    console.print(f"database: {doc['database']}", highlight=False)
-    if doc["embedded"]:
-        console.print(f"embedded server: {'running' if doc['running'] else 'stopped'}")
+    else:
+        console.print(f"database: {doc['database']}", highlight=False, soft_wrap=True)
+        if uses_embedded:
+            console.print(f"embedded server: {'running' if doc['running'] else 'stopped'}")
+        if doc["reachable"]:
+            console.print(f"reachable: PostgreSQL {doc['server_version']}", highlight=False)
+        else:
+            err_console.print(f"[bold red]unreachable:[/] {doc['error']}", highlight=False,
+                              soft_wrap=True)  # fmt: skip
+    if not doc["reachable"]:
+        raise typer.Exit(1)
 
 
 @db_app.command("url")
@@ -150,12 +225,18 @@ def db_url(
         bool, typer.Option("--show-password", help="Print the password too (for scripts).")
     ] = False,
 ) -> None:
-    """Print the database URL in use (password masked unless --show-password)."""
-    from bqx.db import mask_url, resolve_url
+    """Print the database URL in use (password masked unless --show-password).
 
-    url = resolve_url(load_settings())
+    The embedded server's URL names its password file instead of carrying the password.
+    """
+    from bqx.db import embedded, mask_url, resolve_url
+
+    settings = load_settings()
+    url = resolve_url(settings, start=False)
     if not url:
         fail("no URL: the server is given by libpq PG* environment variables")
+    if show_password and settings.uses_embedded():
+        url = embedded(settings).url_with_password()
     sys.stdout.write((url if show_password else mask_url(url)) + "\n")
 
 
@@ -499,7 +580,7 @@ def status(
     settings = settings_from(database_url, schema)
     layout = Layout(settings.schema_name)
     if json_out or not watch:
-        with connect(settings, autocommit=True) as conn:
+        with connect(settings, autocommit=True, start=False) as conn:
             doc = read_status(conn, layout)
         if json_out:
             print_json(doc)
@@ -511,13 +592,14 @@ def status(
     import psycopg
     from rich.text import Text
 
-    conn: Any = connect(settings, autocommit=True)  # a bad configuration fails here, at once
+    # a bad configuration, or a stopped embedded server, fails here at once
+    conn: Any = connect(settings, autocommit=True, start=False)
     try:
         with Live(Text("reading the ledger…"), console=console, auto_refresh=False) as live:
             while True:
                 try:
                     if conn is None or conn.closed:
-                        conn = connect(settings, autocommit=True)
+                        conn = connect(settings, autocommit=True, start=False)
                     view = _render_status(read_status(conn, layout))
                 except (psycopg.OperationalError, BqxError) as exc:
                     if conn is not None:
@@ -551,7 +633,7 @@ def verify(
     from bqx.verify import verify as run_verify
 
     settings = settings_from(database_url, schema)
-    with connect(settings, autocommit=True) as conn:
+    with connect(settings, autocommit=True, start=False) as conn:
         result = run_verify(conn, Layout(settings.schema_name), sample=sample, run_id=run)
     if json_out:
         print_json(result.as_dict())
@@ -579,7 +661,7 @@ def report(
     from bqx.schema import Layout
 
     settings = settings_from(database_url, schema)
-    with connect(settings, autocommit=True) as conn:
+    with connect(settings, autocommit=True, start=False) as conn:
         md, html, _ = write_report(
             conn, Layout(settings.schema_name), out, run_id=run, sample=sample
         )

@@ -38,7 +38,16 @@ class Settings(BaseSettings):
 
 def load_settings(**overrides: object) -> Settings:
     """Settings from the environment, with explicit (non-None) overrides from the command line."""
+    from pydantic import ValidationError
+
+    from bqx.errors import BqxError
+
     values = {k: v for k, v in overrides.items() if v is not None}
     if isinstance(values.get("database_url"), str):
         values["database_url"] = SecretStr(values["database_url"])
-    return Settings(**values)
+    try:
+        return Settings(**values)
+    except ValidationError as exc:  # one line naming the setting, never its value
+        err = exc.errors()[0]
+        name = "BQX_" + "_".join(str(p) for p in err["loc"]).upper()
+        raise BqxError(f"invalid setting {name}: {err['msg']}") from None
