@@ -307,7 +307,8 @@ class _Template:
 
     @property
     def aware(self) -> bool:
-        return self.sign is not None
+        """An instant, not a local time: an offset, or a literal Z (UTC)."""
+        return self.sign is not None or ord("Z") in self.literal_val
 
 
 @lru_cache(maxsize=64)

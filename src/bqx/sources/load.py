@@ -7,9 +7,10 @@ table (ingest: re-loading a file changes nothing, overlapping files merge).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Literal
 
 import numpy as np
@@ -202,6 +203,26 @@ def _merge(
 
 
 # -- undoing an ingest ---------------------------------------------------------------------
+
+
+def parse_bound(text: str, option: str, *, end: bool = False) -> datetime:
+    """A range bound: ISO 8601 time (UTC unless it has an offset) or a month ``YYYY-MM``.
+
+    A month as an end bound means the end of that month, so ``--start 2024-07 --end 2024-08``
+    covers July and August.
+    """
+    text = text.strip()
+    if re.fullmatch(r"\d{4}-\d{1,2}", text):
+        month = Month.parse(text)
+        return month.end if end else month.start
+    try:
+        t = datetime.fromisoformat(text.replace("z", "Z").replace("Z", "+00:00"))
+    except ValueError:
+        raise BqxError(
+            f"invalid {option} {text!r}: give a time such as 2024-07-01T00:00 (UTC unless it"
+            " has an offset) or a month such as 2024-07"
+        ) from None
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
 
 
 def bars_in_range(
