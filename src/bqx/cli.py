@@ -204,7 +204,7 @@ def init(
 def generate(
     pairs: PairsOpt = None,
     start: Annotated[str, typer.Option("--start", help="First month, YYYY-MM.")] = "2024-07",
-    end: Annotated[str | None, typer.Option("--end", help="Last month [default: --start].")] = None,
+    end: Annotated[str | None, typer.Option("--end", help="Last month (default: --start).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed (reproducible).")] = 0,
     workers: WorkersOpt = None,
     database_url: DatabaseOpt = None,
@@ -219,10 +219,13 @@ def generate(
         settings, Layout(settings.schema_name), parse_pairs(pairs) or list(REPORT_PAIRS),
         _month(start), _month(end or start), seed=seed, workers=workers or 1,
     )  # fmt: skip
+    months = summary.months[0] + (f"..{summary.months[-1]}" if len(summary.months) > 1 else "")
     console.print(
-        f"generated {summary.bars:,} bars for {len(summary.pairs)} pairs in "
-        f"{summary.seconds:.1f}s ({summary.bars_per_s:,.0f} bars/s)",
+        f"generated {summary.bars:,} bars for {len(summary.pairs)} pair"
+        f"{'' if len(summary.pairs) == 1 else 's'}, {months} (seed {seed}; a month's bars"
+        f" depend only on the seed) in {summary.seconds:.1f}s ({summary.bars_per_s:,.0f} bars/s)",
         highlight=False,
+        soft_wrap=True,
     )
 
 

@@ -983,9 +983,9 @@ def _check_level(url: str, layout: Layout, pair: str, spill: _Spill, paths: Sequ
             m = Month.parse(month)
             row = conn.execute(
                 sql.SQL(
-                    "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY close) FROM {}"
+                    "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY {c}) FROM {}"
                     " WHERE {t} >= %s AND {t} < %s"
-                ).format(layout.source(pair), t=layout.time),
+                ).format(layout.source(pair), c=sql.Identifier("close"), t=layout.time),
                 (m.start - timedelta(days=31), m.end + timedelta(days=31)),
             ).fetchone()
             if row is None or row[0] is None or row[0] <= 0:
