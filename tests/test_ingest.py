@@ -506,8 +506,8 @@ def test_prices_far_from_the_stored_level_are_refused(settings, layout, conn, tm
     before = stored(conn, layout, "eurusd")
     jpy = tmp_path / "prices.csv"
     jpy.write_text(JPY_LINE.replace("20240701 000000", "20240702 120000") + JPY_LINE)
-    with pytest.raises(BqxError, match=r"prices.csv: median close 161.15 in 2024-07 is 148.\dx off"
-                                       r" the stored EURUSD bars' level 1.08"):  # fmt: skip
+    with pytest.raises(BqxError, match=r"prices.csv: median close 161.15 in 2024-07 is 1[45]\d.\dx off"
+                                       r" the stored EURUSD bars' level 1\.0\d"):  # fmt: skip
         ingest_files(settings, layout, [jpy], "EURUSD")
     assert stored(conn, layout, "eurusd") == before
     assert not list(tmp_path.glob("*.rejects.csv"))
