@@ -782,7 +782,14 @@ def test_delete_bars_says_what_asks_and_the_backfill_redoes(
     settings, layout, conn, tmp_path, cli_env, bqx, make_bars
 ):
     from bqx.backfill import backfill
+    from bqx.sources.load import parse_bound
 
+    assert parse_bound("2024-07-01T02:00+02:00", "--start") == utc(2024, 7, 1)
+    assert parse_bound("2024-07-01 00:00Z", "--start") == utc(2024, 7, 1)
+    assert parse_bound("2024-07", "--start") == utc(2024, 7, 1)
+    assert parse_bound("2024-07", "--end", end=True) == utc(2024, 8, 1)
+    with pytest.raises(BqxError, match=r"invalid --end 'soon'"):
+        parse_bound("soon", "--end", end=True)
     make_bars("eurusd", "2024-07-29", 6 * 1440)  # 29 July .. 3 August
     n_july = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
         layout.source_partition("eurusd", Month(2024, 7)))).fetchone()[0]  # fmt: skip
