@@ -23,7 +23,7 @@ from bqx.errors import BqxError
 from bqx.schema import Month
 from bqx.sources import ingest as ingest_mod
 from bqx.sources.ingest import Mapping, ingest_files, pairs_in_name, sniff
-from bqx.sources.load import lock_source_month
+from bqx.sources.load import lock_source_month, source_month_key
 
 
 def utc(*args: int) -> datetime:
@@ -604,7 +604,11 @@ def test_two_concurrent_ingests_into_one_empty_month_both_succeed(settings, layo
         except BaseException as exc:  # noqa: BLE001 - reported below
             results[f.name] = exc
 
-    waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+    key = source_month_key(layout, "eurusd", Month(2024, 7))
+    waiting = sql.SQL(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        " AND ((classid::bigint << 32) | objid::bigint) = hashtextextended({}, 0)"
+    ).format(sql.Literal(key))
     with conn.transaction():
         lock_source_month(conn, layout, "eurusd", Month(2024, 7))
         threads = [threading.Thread(target=run, args=(f,)) for f in (a, b)]

@@ -627,7 +627,6 @@ class _TextSpec:
     shift: timedelta
     field_cols: list[int | None]  # per FIELDS entry; None: the file has no such column
     quoted: bool = False
-    required: tuple[str, ...] = FIELDS[:4]  # fields a row must have (absent columns aside)
 
 
 _ISO = tuple(
@@ -653,6 +652,7 @@ def _text_spec(path: Path, fmt: str, mapping: Mapping, tz: str | None = None) ->
         second = head[1] if len(head) > 1 else ""
         if (
             first.lower().startswith("local time")
+            and second
             and "GMT" not in second.split(",")[0]
             and tz is None
         ):

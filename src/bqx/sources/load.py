@@ -54,8 +54,13 @@ def lock_source_month(
     month, one month per transaction or in month order, so two writers never deadlock and
     never race on an empty month (two plain COPYs into it would collide on the key).
     """
+    _lock(cur, source_month_key(layout, pair, month))
+
+
+def source_month_key(layout: Layout, pair: str, month: Month) -> str:
+    """The text whose ``hashtextextended`` is the advisory lock key of a pair's month."""
     schema, table = layout.source_name(pair)
-    _lock(cur, f"bqx source {schema}.{table} {month}")
+    return f"bqx source {schema}.{table} {month}"
 
 
 def ensure_source(
