@@ -102,7 +102,7 @@ def test_stored_exactly(settings, layout, conn):
         for row, t, o in zip(rows, times[:3], ohlcv[:3], strict=True):
             assert np.datetime64(row[0].replace(tzinfo=None), "us") == t
             assert list(row[1:]) == o.tolist()
-    # generating July again replaces July (bars depend on the range asked) and leaves August
+    # generating July again replaces July with the same bars and leaves August
     august = layout.source_partition("eurusd", Month(2024, 8))
     count = sql.SQL("SELECT count(*) FROM {}")
     n_aug = conn.execute(count.format(august)).fetchone()[0]
@@ -112,3 +112,42 @@ def test_stored_exactly(settings, layout, conn):
         july_only
     )
     assert conn.execute(count.format(august)).fetchone()[0] == n_aug
+
+
+def test_a_month_is_the_same_whatever_range_is_generated(settings, pg_url, conn):
+    """Same seed and month, same bars: 2024-07..08 and 2024-07..09 in two schemas agree on July
+    and August, and months join without a jump beyond a minute's move."""
+    from bqx.config import load_settings
+    from bqx.schema import Layout
+
+    other = Layout(schema=settings.schema_name + "_b")
+    try:
+        generate(settings, Layout(settings.schema_name), ["eurusd"], JULY, Month(2024, 8), seed=3)
+        generate(load_settings(database_url=pg_url, schema_name=other.schema,
+                               home=settings.home), other, ["eurusd"], JULY, Month(2024, 9),
+                 seed=3)  # fmt: skip
+        q = "SELECT time, open, high, low, close, volume FROM {} ORDER BY time"
+        for month in (JULY, Month(2024, 8)):
+            a = conn.execute(
+                sql.SQL(q).format(Layout(settings.schema_name).source_partition("eurusd", month))
+            ).fetchall()
+            b = conn.execute(sql.SQL(q).format(other.source_partition("eurusd", month))).fetchall()
+            assert len(a) > 30_000 and a == b, month
+        rows = conn.execute(sql.SQL(q).format(other.source("eurusd"))).fetchall()
+    finally:
+        conn.execute(
+            sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(other.schema))
+        )
+    times = np.array([r[0].replace(tzinfo=None) for r in rows], dtype="datetime64[us]")
+    close = np.array([r[4] for r in rows])
+    opn = np.array([r[1] for r in rows])
+    moves = np.abs(np.diff(np.log(close)))
+    typical = np.quantile(moves, 0.999)
+    for boundary in ("2024-08-01", "2024-09-01"):
+        i = int(np.searchsorted(times, np.datetime64(boundary)))
+        # the month's first bar is no bigger a move than the 0.1 % largest minute moves
+        assert abs(np.log(close[i] / close[i - 1])) <= typical * 1.5, boundary
+    # and across the whole range, a bar opens where the previous bar closed, unless a minute
+    # was missing in between (no month boundary breaks the chain)
+    step = np.diff(times) == np.timedelta64(1, "m")
+    assert (opn[1:][step] == close[:-1][step]).all()

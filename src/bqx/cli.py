@@ -313,7 +313,7 @@ def init(
 def generate(
     pairs: PairsOpt = None,
     start: Annotated[str, typer.Option("--start", help="First month, YYYY-MM.")] = "2024-07",
-    end: Annotated[str | None, typer.Option("--end", help="Last month [default: --start].")] = None,
+    end: Annotated[str | None, typer.Option("--end", help="Last month (default: --start).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed (reproducible).")] = 0,
     workers: WorkersOpt = None,
     database_url: DatabaseOpt = None,
@@ -328,10 +328,13 @@ def generate(
         settings, Layout(settings.schema_name), parse_pairs(pairs) or list(REPORT_PAIRS),
         _month(start), _month(end or start), seed=seed, workers=workers or 1,
     )  # fmt: skip
+    months = summary.months[0] + (f"..{summary.months[-1]}" if len(summary.months) > 1 else "")
     console.print(
-        f"generated {summary.bars:,} bars for {len(summary.pairs)} pairs in "
-        f"{summary.seconds:.1f}s ({summary.bars_per_s:,.0f} bars/s)",
+        f"generated {summary.bars:,} bars for {len(summary.pairs)} pair"
+        f"{'' if len(summary.pairs) == 1 else 's'}, {months} (seed {seed}; a month's bars"
+        f" depend only on the seed) in {summary.seconds:.1f}s ({summary.bars_per_s:,.0f} bars/s)",
         highlight=False,
+        soft_wrap=True,
     )
 
 
@@ -450,13 +453,31 @@ def ingest(
     ] = None,
     rejects: Annotated[
         Path | None,
-        typer.Option("--rejects", help="Rejects file [default: FIRST_FILE.rejects.csv]."),
+        typer.Option("--rejects", help="Rejects file (default: FIRST_FILE.rejects.csv)."),
     ] = None,
+    allow_mismatch: Annotated[
+        bool,
+        typer.Option(
+            "--allow-mismatch",
+            help="Load even if the file name names another pair or the prices are far from"
+            " the pair's stored bars.",
+        ),
+    ] = False,
+    drop_flat: Annotated[
+        bool,
+        typer.Option(
+            "--drop-flat",
+            help="Leave out flat zero-volume bars (Dukascopy's filler when the market is shut).",
+        ),
+    ] = False,
     json_out: JsonOpt = False,
     database_url: DatabaseOpt = None,
     schema: SchemaOpt = None,
 ) -> None:
-    """Load minute-bar files into m1_{pair}; bad rows go to a rejects file with line and reason."""
+    """Load minute-bar files into m1_{pair}; bad rows go to a rejects file with line and reason.
+
+    Formats, time zones and the rejects file: docs/ingest.md. Undo with `bqx delete-bars`.
+    """
     from bqx.schema import Layout
     from bqx.sources.ingest import Mapping, ingest_files
 
@@ -465,24 +486,99 @@ def ingest(
     summary = ingest_files(
         settings, Layout(settings.schema_name), files, pair, fmt=fmt, tz=tz,
         mapping=Mapping.parse(columns, time_format), rejects_path=rejects, progress=say,
+        allow_mismatch=allow_mismatch, drop_flat=drop_flat,
     )  # fmt: skip
     if json_out:
         print_json(summary.as_dict())
         return
-    console.print(
-        f"{summary.pair.upper()}: {summary.accepted:,} bars accepted ({summary.inserted:,} new,"
-        f" {summary.updated:,} changed, {summary.unchanged:,} unchanged),"
-        f" {summary.rejected:,} rejected, {summary.duplicates:,} duplicates"
-        f" in {summary.seconds:.1f}s",
-        highlight=False,
-        soft_wrap=True,  # one line, for people and for grep
-    )
+    # one line each, for people and for grep
+    console.print(summary.line(), highlight=False, soft_wrap=True)
     if summary.rejects_file:
+        again = " (replaces the file of an earlier run)" if summary.rejects_replaced else ""
         console.print(
-            f"rejected rows with line and reason: {summary.rejects_file}",
+            f"rejected rows with line and reason: {summary.rejects_file}{again}",
             highlight=False,
             soft_wrap=True,
         )
+    if summary.stale_rejects_removed:
+        console.print(
+            f"removed the rejects file of an earlier run: {summary.stale_rejects_removed}"
+            " (nothing rejected now)",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+@app.command("delete-bars")
+def delete_bars(
+    pair: Annotated[str, typer.Option("--pair", help="The pair whose bars go, e.g. EURUSD.")],
+    start: Annotated[
+        str,
+        typer.Option(
+            "--start", help="First bar time (ISO 8601, UTC unless an offset) or month YYYY-MM."
+        ),
+    ],
+    end: Annotated[
+        str,
+        typer.Option(
+            "--end", help="End time, exclusive, or month YYYY-MM (inclusive: to its end)."
+        ),
+    ],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Delete without asking.")] = False,
+    json_out: JsonOpt = False,
+    database_url: DatabaseOpt = None,
+    schema: SchemaOpt = None,
+) -> None:
+    """Undo an ingest: delete a pair's bars in a time range, in one transaction.
+
+    Says what it will delete and asks (or give --yes). The metrics of those bars go too; the
+    next `bqx backfill` redoes the months whose bars changed. See docs/ingest.md.
+    """
+    from bqx.db import connect
+    from bqx.schema import Layout, validate_pair
+    from bqx.sources.load import bars_in_range, parse_bound
+    from bqx.sources.load import delete_bars as run_delete
+
+    settings = settings_from(database_url, schema)
+    pair = validate_pair(pair)
+    lo, hi = parse_bound(start, "--start"), parse_bound(end, "--end", end=True)
+    if hi <= lo:
+        raise BqxError(f"--end {end} is not after --start {start}")
+    layout = Layout(settings.schema_name)
+    span = f"{lo:%Y-%m-%d %H:%M} to {hi:%Y-%m-%d %H:%M} UTC (end excluded)"
+    with connect(settings, autocommit=True) as conn:
+        plan = bars_in_range(conn, layout, pair, lo, hi)
+        total = sum(plan.values())
+        if not total:
+            if json_out:
+                print_json({"pair": pair.upper(), "deleted": 0, "months": {}})
+            else:
+                console.print(f"{pair.upper()}: no bars from {span}: nothing to delete")
+            return
+        months = ", ".join(f"{m} ({n:,})" for m, n in plan.items())
+        err_console.print(
+            f"{pair.upper()}: will delete {total:,} bars from {span}: {months}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        if not yes:
+            if not sys.stdin.isatty():
+                raise BqxError("not deleting without confirmation: give --yes")
+            if not typer.confirm("Delete them?", default=False, err=True):
+                raise BqxError("nothing deleted")
+        result = run_delete(conn, layout, pair, lo, hi)
+    if json_out:
+        doc = {"pair": pair.upper(), "deleted": result.bars, "months": result.months,
+               "emptied_months": result.emptied, "metric_rows": result.metric_rows}  # fmt: skip
+        print_json(doc)
+        return
+    console.print(
+        f"{pair.upper()}: deleted {result.bars:,} bars"
+        + (f" and {result.metric_rows:,} metric rows" if result.metric_rows else "")
+        + "; run `bqx backfill` to redo the months they touched",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 # -- status / verify / report -------------------------------------------------------------

@@ -297,8 +297,9 @@ def create_source_table(conn: psycopg.Connection, layout: Layout, pair: str) -> 
         sql.SQL(
             "CREATE TABLE IF NOT EXISTS {t} ("
             " {time} timestamptz NOT NULL PRIMARY KEY,"
-            " open double precision NOT NULL, high double precision NOT NULL,"
-            " low double precision NOT NULL, close double precision NOT NULL,"
+            # open, high and low may be NULL: close-only sources (docs/ingest.md)
+            " open double precision, high double precision,"
+            " low double precision, close double precision NOT NULL,"
             " volume double precision"
             ") PARTITION BY RANGE ({time})"
         ).format(t=layout.source(pair), time=layout.time)

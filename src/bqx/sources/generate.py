@@ -7,10 +7,13 @@ per currency, bars exist only in the forex week (Sunday 22:00 to Friday 22:00 UT
 percent of minutes are missing per pair, so a month holds about 30,700 bars per pair as in the
 report. Prices are rounded to the pair's pip precision with OHLC consistent.
 
-Reproducible: the same seed and month range give the same bars. The currency paths depend on
-(seed, start, end) only, and each pair's missing minutes and intra-minute ranges on
-(seed, pair), so generating a subset of pairs gives those pairs' bars exactly as generating
-all 28 does.
+Reproducible: a seed and a month always give the same bars, whatever range is asked. Each
+month is a pure function of (seed, month): the currencies' levels at the start of every month
+come from a coarse monthly "anchor" walk seeded by the seed alone, and each month's minutes are
+a random walk from (seed, month) bridged to reach the next month's anchor, so consecutive
+months join exactly (a month's first open is the previous month's last close). Each pair's
+missing minutes and intra-minute ranges come from (seed, pair, month), so generating a subset
+of pairs gives those pairs' bars exactly as generating all 28 does.
 """
 
 from __future__ import annotations
@@ -20,13 +23,21 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
 from bqx.config import Settings
 from bqx.db import connect, pool, resolve_url
 from bqx.errors import BqxError
-from bqx.schema import REPORT_PAIRS, Layout, Month, create_source_table, validate_pair
+from bqx.schema import (
+    REPORT_PAIRS,
+    Layout,
+    Month,
+    create_source_table,
+    month_range,
+    validate_pair,
+)
 from bqx.sources.load import load_bars
 
 CURRENCIES = ("AUD", "CAD", "CHF", "EUR", "GBP", "JPY", "NZD")  # priced in USD
@@ -65,19 +76,63 @@ def open_minutes(start: Month, end: Month) -> np.ndarray:
     return minutes[(mow < _CLOSE) | (mow >= _OPEN)]
 
 
-def currency_paths(minutes: np.ndarray, seed: int) -> dict[str, np.ndarray]:
-    """Log USD value of each currency at the end of each open minute; USD is 0."""
-    n = len(minutes)
-    rng = _stream(seed, "currencies", str(minutes[0]) if n else "", str(n))
+def _factor_shocks(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+    """Unit-variance shocks per currency with the dollar and regional factor structure."""
     factors = {name: rng.standard_normal(n) for name in ("dollar", "europe", "commodity", "haven")}
-    paths = {"USD": np.zeros(n)}
+    out = {}
     for c in CURRENCIES:
         region, b = REGION[c]
         a = DOLLAR[c]
         own = np.sqrt(max(0.0, 1.0 - a * a - b * b))
-        shocks = a * factors["dollar"] + b * factors[region] + own * rng.standard_normal(n)
-        paths[c] = np.log(LEVEL_USD[c]) + np.cumsum(VOL[c] * shocks)
-    return paths
+        out[c] = a * factors["dollar"] + b * factors[region] + own * rng.standard_normal(n)
+    return out
+
+
+_ANCHOR_FIRST = Month(1900, 1)  # the anchor walk covers every month a Month can be
+_ANCHOR_MONTHS = (2999 - 1900 + 1) * 12 + 1  # ... and the start of the month after the last
+_ANCHOR_ZERO = Month(2024, 7)  # where the levels are LEVEL_USD
+_MONTH_OPEN_MINUTES = 31_300  # a month's open minutes, on average: the anchor step's scale
+
+
+def _month_index(month: Month) -> int:
+    return (month.year - _ANCHOR_FIRST.year) * 12 + month.month - 1
+
+
+@lru_cache(maxsize=8)
+def _anchors(seed: int) -> dict[str, np.ndarray]:
+    """Log USD value of each currency at the start of every month, from the seed alone."""
+    shocks = _factor_shocks(_stream(seed, "anchors"), _ANCHOR_MONTHS)
+    zero = _month_index(_ANCHOR_ZERO)
+    out = {}
+    for c in CURRENCIES:
+        walk = np.concatenate(([0.0], np.cumsum(VOL[c] * np.sqrt(_MONTH_OPEN_MINUTES) * shocks[c])))
+        walk = walk[:_ANCHOR_MONTHS]
+        out[c] = np.log(LEVEL_USD[c]) + walk - walk[zero]
+    return out
+
+
+def month_paths(month: Month, seed: int) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
+    """(open minutes, log USD close per currency, log USD level at the month's start).
+
+    A pure function of (seed, month): a random walk from the month's anchor, bridged so that
+    it ends on the next month's anchor (the correction is about 1e-6 a minute, far below a
+    minute's volatility of about 1e-4).
+    """
+    minutes = open_minutes(month, month)
+    n = len(minutes)
+    anchors = _anchors(seed)
+    i = _month_index(month)
+    shocks = _factor_shocks(_stream(seed, "month", str(month)), n)
+    paths: dict[str, np.ndarray] = {"USD": np.zeros(n)}
+    starts: dict[str, float] = {"USD": 0.0}
+    ramp = np.arange(1, n + 1) / max(n, 1)
+    for c in CURRENCIES:
+        a0, a1 = anchors[c][i], anchors[c][i + 1]
+        walk = np.cumsum(VOL[c] * shocks[c])
+        end = walk[-1] if n else 0.0
+        paths[c] = a0 + walk - ramp * (end - (a1 - a0))
+        starts[c] = float(a0)
+    return minutes, paths, starts
 
 
 def pip_digits(pair: str) -> int:
@@ -85,16 +140,18 @@ def pip_digits(pair: str) -> int:
 
 
 def pair_bars(
-    pair: str, minutes: np.ndarray, paths: dict[str, np.ndarray], seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(times datetime64[us], ohlcv (n, 5)) for one pair from the currency paths."""
+    pair: str, month: Month, minutes: np.ndarray, paths: dict[str, np.ndarray],
+    starts: dict[str, float], seed: int,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """(times datetime64[us], ohlcv (n, 5)) of one pair's month from ``month_paths``."""
     pair = validate_pair(pair)
     base, quote = pair[:3].upper(), pair[3:].upper()
     digits = pip_digits(pair)
     scale = 10.0**digits
-    rng = _stream(seed, "pair", pair, str(minutes[0]) if len(minutes) else "", str(len(minutes)))
+    rng = _stream(seed, "pair", pair, str(month))
     log_close = paths[base] - paths[quote]
-    log_open = np.concatenate(([log_close[0]], log_close[:-1]))
+    # a bar opens where the previous one closed; the month's first where the last month ended
+    log_open = np.concatenate(([starts[base] - starts[quote]], log_close[:-1]))
     close = np.round(np.exp(log_close) * scale) / scale
     opn = np.round(np.exp(log_open) * scale) / scale
     # intra-minute excursions beyond open/close, about half a minute's volatility
@@ -114,11 +171,11 @@ def synth_bars(
     pairs: Sequence[str], start: Month, end: Month, *, seed: int = 0
 ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     """Yield (pair, times, ohlcv) for each pair over the months ``start``..``end``."""
-    minutes = open_minutes(start, end)
-    paths = currency_paths(minutes, seed)
+    months = [(m, *month_paths(m, seed)) for m in month_range(start, end)]
     for pair in pairs:
-        times, ohlcv = pair_bars(pair, minutes, paths, seed)
-        yield validate_pair(pair), times, ohlcv
+        parts = [pair_bars(pair, m, mins, paths, st, seed) for m, mins, paths, st in months]
+        yield (validate_pair(pair), np.concatenate([t for t, _ in parts]),
+               np.concatenate([o for _, o in parts]))  # fmt: skip
 
 
 @dataclass
@@ -153,27 +210,28 @@ def generate(
     if end < start:
         raise BqxError(f"--end {end} is before --start {start}")
     t0 = time.monotonic()
-    minutes = open_minutes(start, end)
-    paths = currency_paths(minutes, seed)
-    summary = GenerateSummary(pairs, [])
+    months = month_range(start, end)
+    summary = GenerateSummary(pairs, [str(m) for m in months])
     url = resolve_url(settings)  # once: starting the embedded server is not for threads
     with connect(url, autocommit=True) as conn:  # DDL up front: concurrent CREATEs collide
         for pair in pairs:
             create_source_table(conn, layout, pair)
 
-    def load(pair: str) -> tuple[str, int, list[str]]:
-        times, ohlcv = pair_bars(pair, minutes, paths, seed)
+    def load(job: tuple[str, Month, tuple]) -> tuple[str, int]:
+        pair, month, (minutes, paths, starts) = job
+        times, ohlcv = pair_bars(pair, month, minutes, paths, starts, seed)
         with conns.connection() as conn:
-            result = load_bars(conn, layout, pair, times, ohlcv, mode="replace")
+            load_bars(conn, layout, pair, times, ohlcv, mode="replace")
         if progress is not None:
             progress(pair, len(times))
-        return pair, len(times), list(result.months)
+        return pair, len(times)
 
     workers = max(1, workers)
     with pool(url, workers) as conns, ThreadPoolExecutor(max_workers=workers) as threads:
-        for pair, n, months in threads.map(load, pairs):
-            summary.per_pair[pair] = n
-            summary.bars += n
-            summary.months = sorted(set(summary.months) | set(months))
+        for month in months:  # a month's currency paths are shared by its pairs
+            paths = month_paths(month, seed)
+            for pair, n in threads.map(load, [(p, month, paths) for p in pairs]):
+                summary.per_pair[pair] = summary.per_pair.get(pair, 0) + n
+                summary.bars += n
     summary.seconds = time.monotonic() - t0
     return summary

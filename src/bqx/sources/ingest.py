@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import csv
 import gzip
+import os
+import re
+import shutil
 import tempfile
 import time
 import zipfile
@@ -41,12 +44,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+from psycopg import sql
 
 from bqx.config import Settings
 from bqx.db import connect, pool, resolve_url
 from bqx.errors import BqxError
-from bqx.schema import Layout, Month, create_source_table, ensure_source_partition, validate_pair
-from bqx.sources.load import LoadResult, load_bars
+from bqx.schema import Layout, Month, table_columns, validate_pair
+from bqx.sources.load import LoadResult, check_nullable, ensure_source, load_bars
 
 FORMATS = ("auto", "histdata", "dukascopy", "metatrader", "csv", "parquet")
 FIELDS = ("open", "high", "low", "close", "volume")
@@ -57,6 +61,17 @@ _US_PER_MIN = 60_000_000
 _NAT = np.iinfo(np.int64).min  # unparseable time
 _GAP = _NAT + 1  # a local time that does not exist (the spring-forward hour)
 _READ_ERRORS = (OSError, EOFError, zipfile.BadZipFile, pa.ArrowInvalid)
+MAX_LINE = 64 << 10  # a bar is under 200 bytes: a longer line is rejected, not parsed
+OPTIONAL = ("open", "high", "low", "volume")  # a csv/parquet source may lack these columns
+MISMATCH_FACTOR = 1.5  # input median close vs the stored level: beyond this, another pair?
+REJECTS_HEADER = ["file", "line", "reason", "text"]
+# ISO 4217 codes (and metals, crypto) that a pair in a file name is built from
+CURRENCY_CODES = frozenset(
+    "AED ARS AUD BGN BRL BTC CAD CHF CLP CNH CNY COP CZK DKK ETH EUR GBP HKD HUF IDR ILS INR"
+    " ISK JPY KRW KWD MXN MYR NOK NZD PHP PLN RON RUB SAR SEK SGD THB TRY TWD USD XAG XAU"
+    " XPD XPT ZAR".split()
+)
+_NAME_PAIR = re.compile(r"(?<![A-Z])([A-Z]{3})[-_/ ]?([A-Z]{3})(?![A-Z])")
 
 
 @dataclass
@@ -70,11 +85,17 @@ class Mapping:
     close: str = "close"
     volume: str | None = "volume"
     time_format: str | None = None  # strptime format; default ISO 8601
+    explicit: frozenset[str] = frozenset()  # fields the user mapped: they must exist
 
     @classmethod
     def parse(cls, text: str | None, time_format: str | None = None) -> Mapping:
-        """``time=Date,close=Last,volume=`` (an empty volume means the file has none)."""
+        """``time=Date,close=Last,volume=``.
+
+        Open, high, low and volume are optional: an empty name (``volume=``) says the file
+        has no such column, and a default name that the file lacks is taken as absent too.
+        """
         m = cls(time_format=time_format)
+        explicit = set()
         for item in (text or "").split(","):
             if not item.strip():
                 continue
@@ -82,10 +103,27 @@ class Mapping:
             key = key.strip().lower()
             if key not in ("time", *FIELDS):
                 raise BqxError(f"--columns: unknown field {key!r} (time, {', '.join(FIELDS)})")
-            if key != "volume" and not value.strip():
+            if key not in OPTIONAL and not value.strip():
                 raise BqxError(f"--columns: {key} needs a column name ({key}=NAME)")
             setattr(m, key, value.strip() or None)
+            explicit.add(key)
+        m.explicit = frozenset(explicit)
         return m
+
+    def column(self, key: str, present: Sequence[str], path: Path) -> str | None:
+        """The file's column for ``key`` (matched case-insensitively), None when absent."""
+        want = getattr(self, key)
+        if want is None:
+            return None
+        lower = {n.lower(): n for n in present}
+        if want.lower() in lower:
+            return lower[want.lower()]
+        if key in OPTIONAL and key not in self.explicit:
+            return None
+        raise BqxError(
+            f"{path}: no column {want!r} for {key} (columns: {', '.join(present)};"
+            " map them with --columns time=...,close=...)"
+        )
 
 
 @dataclass
@@ -108,7 +146,10 @@ class IngestSummary:
     inserted: int = 0
     updated: int = 0
     unchanged: int = 0
+    dropped_flat: int = 0  # flat zero-volume bars left out (--drop-flat)
     rejects_file: str | None = None
+    rejects_replaced: bool = False  # rejects_file overwrote the one of an earlier run
+    stale_rejects_removed: str | None = None  # an earlier run's rejects file, now obsolete
     files: list[FileSummary] = field(default_factory=list)
     months: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
@@ -118,9 +159,27 @@ class IngestSummary:
             "pair": self.pair.upper(), "accepted": self.accepted, "rejected": self.rejected,
             "duplicates": self.duplicates, "rejects_file": self.rejects_file,
             "inserted": self.inserted, "updated": self.updated, "unchanged": self.unchanged,
+            "dropped_flat": self.dropped_flat, "rejects_replaced": self.rejects_replaced,
+            "stale_rejects_removed": self.stale_rejects_removed,
             "months": self.months, "seconds": round(self.seconds, 3),
             "files": [vars(f) for f in self.files],
         }  # fmt: skip
+
+    def line(self) -> str:
+        """The one-line summary: what happened to the bars read."""
+        parts = [
+            f"{self.pair.upper()}: {_n(self.accepted, 'bar')} read: {self.inserted:,} new,"
+            f" {self.updated:,} changed, {self.unchanged:,} unchanged",
+            f"{_n(self.rejected, 'line')} rejected",
+            _n(self.duplicates, "duplicate"),
+        ]
+        if self.dropped_flat:
+            parts.append(f"{_n(self.dropped_flat, 'flat zero-volume bar')} dropped")
+        return "; ".join(parts) + f" ({self.seconds:.1f}s)"
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 # -- opening and sniffing ------------------------------------------------------------------
@@ -139,15 +198,40 @@ def open_input(path: Path) -> Iterator[IO[bytes]]:
             yield f
     elif name.endswith(".zip"):
         with zipfile.ZipFile(path) as z:
-            members = [m for m in z.namelist() if m.lower().endswith((".csv", ".txt"))]
-            data = [m for m in members if m.lower().endswith(".csv")] or members
-            if not data:
-                raise BqxError(f"{path}: the zip holds no .csv or .txt file")
-            with z.open(data[0]) as f:
+            with z.open(_zip_member(path, z)) as f:
                 yield f
     else:
         with open(path, "rb") as f:
             yield f
+
+
+def _zip_member(path: Path, z: zipfile.ZipFile) -> str:
+    members = [m for m in z.namelist() if m.lower().endswith((".csv", ".txt"))]
+    data = [m for m in members if m.lower().endswith(".csv")] or members
+    if not data:
+        raise BqxError(f"{path}: the zip holds no .csv or .txt file")
+    return data[0]
+
+
+def pairs_in_name(path: Path) -> set[str]:
+    """Pairs that a file's name (and a zip's data member's name) spells, e.g. ``USDJPY``."""
+    names = [path.name]
+    if path.name.lower().endswith(".zip"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names.append(Path(_zip_member(path, z)).name)
+        except (OSError, zipfile.BadZipFile, BqxError):
+            pass  # reading it later says what is wrong
+    found = set()
+    for name in names:
+        for m in _NAME_PAIR.finditer(name.upper()):
+            if (
+                m.group(1) in CURRENCY_CODES
+                and m.group(2) in CURRENCY_CODES
+                and m.group(1) != m.group(2)
+            ):
+                found.add((m.group(1) + m.group(2)).lower())
+    return found
 
 
 def _head(path: Path, lines: int = 5) -> list[str]:
@@ -184,6 +268,9 @@ def sniff(path: Path) -> str:
         _matches(first[:16], "YYYY.MM.DD,hh:mm") and first.count(",") >= 5
     ):
         return "metatrader"
+    second = (_head(path, 2)[1:] or [""])[0]
+    if first[:1].isalpha() and _matches(second[:16], "YYYY.MM.DD,hh:mm"):
+        return "metatrader"  # an MT4 export with a header row (Date,Time,Open,...)
     if (first[:1].isalpha() or first[:1] in "\"'_") and any(s in first for s in ",;\t"):
         return "csv"
     raise BqxError(
@@ -220,7 +307,8 @@ class _Template:
 
     @property
     def aware(self) -> bool:
-        return self.sign is not None
+        """An instant, not a local time: an offset, or a literal Z (UTC)."""
+        return self.sign is not None or ord("Z") in self.literal_val
 
 
 @lru_cache(maxsize=64)
@@ -440,8 +528,13 @@ def _floats(col: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 Numbers = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
-def _validate(times: np.ndarray, fields: Sequence[Numbers]) -> tuple[np.ndarray, dict[int, str]]:
-    """(ok mask, row -> reason). The first reason that applies: time, numbers, OHLC."""
+def _validate(
+    times: np.ndarray, fields: Sequence[Numbers | None]
+) -> tuple[np.ndarray, dict[int, str]]:
+    """(ok mask, row -> reason). The first reason that applies: time, numbers, OHLC.
+
+    A field that is None is a column the source lacks: no rule involves it.
+    """
     n = len(times)
     pending = np.ones(n, bool)
     reasons: dict[int, str] = {}
@@ -458,7 +551,10 @@ def _validate(times: np.ndarray, fields: Sequence[Numbers]) -> tuple[np.ndarray,
     mark(times == _GAP, lambda i: "local time does not exist (daylight-saving gap)")
     mark((times < EARLIEST.timestamp() * 1e6) | (times > latest), lambda i: "time out of range")
     with np.errstate(invalid="ignore"):
-        for name, (values, unparseable, empty) in zip(FIELDS, fields, strict=True):
+        for name, f in zip(FIELDS, fields, strict=True):
+            if f is None:
+                continue
+            values, unparseable, empty = f
             mark(unparseable, lambda i, name=name: f"unparseable {name}")
             if name != "volume":
                 mark(empty, lambda i, name=name: f"missing {name}")
@@ -471,10 +567,18 @@ def _validate(times: np.ndarray, fields: Sequence[Numbers]) -> tuple[np.ndarray,
                     np.isinf(values) | (values < 0),
                     lambda i, v=values: f"volume is {v[i]}: must be finite and ≥ 0",
                 )
-        o, h, lo, c = (f[0] for f in fields[:4])
-        mark(h < lo, lambda i: f"high {h[i]} < low {lo[i]}")
-        mark((o < lo) | (o > h), lambda i: f"open {o[i]} outside [low, high]")
-        mark((c < lo) | (c > h), lambda i: f"close {c[i]} outside [low, high]")
+        o, h, lo, c = (None if f is None else f[0] for f in fields[:4])
+        if h is not None and lo is not None:
+            mark(h < lo, lambda i: f"high {h[i]} < low {lo[i]}")
+        for name, v in (("open", o), ("close", c)):
+            if v is None:
+                continue
+            out = np.zeros(n, bool)
+            if lo is not None:
+                out |= v < lo
+            if h is not None:
+                out |= v > h
+            mark(out, lambda i, name=name, v=v: f"{name} {v[i]} outside [low, high]")
     return pending, reasons
 
 
@@ -491,11 +595,12 @@ class Block:
 def _block(
     lines: np.ndarray,
     times: np.ndarray,
-    fields: list[Numbers],
+    fields: list[Numbers | None],
     text: Callable[[list[int]], list[str]],
 ) -> Block:
     ok, reasons = _validate(times, fields)
-    ohlcv = np.column_stack([f[0] for f in fields])[ok]
+    n = len(times)
+    ohlcv = np.column_stack([np.full(n, np.nan) if f is None else f[0] for f in fields])[ok]
     bad = sorted(reasons)
     texts = text(bad) if bad else []
     rejects = [
@@ -520,20 +625,20 @@ class _TextSpec:
     templates: tuple[str, ...]
     formats: tuple[str, ...]
     shift: timedelta
-    field_cols: list[int | None]  # per FIELDS entry
+    field_cols: list[int | None]  # per FIELDS entry; None: the file has no such column
     quoted: bool = False
 
 
 _ISO = tuple(
     f"YYYY-MM-DD?hh:mm{sec}{zone}"
     for sec in ("", ":ss", ":ss.fff", ":ss.ffffff")
-    for zone in ("", "Z", "SHH:NN", "SHHNN")
+    for zone in ("", "Z", "SHH:NN", "SHHNN", "SHH")
 )
 
 
-def _text_spec(path: Path, fmt: str, mapping: Mapping) -> _TextSpec:
-    """The reading plan of a text file, checked against its first line before anything runs."""
-    head = _head(path, 1)
+def _text_spec(path: Path, fmt: str, mapping: Mapping, tz: str | None = None) -> _TextSpec:
+    """The reading plan of a text file, checked against its first lines before anything runs."""
+    head = _head(path, 2)
     first = head[0] if head else ""
     if fmt == "histdata":
         return _TextSpec(";", 6, False, [0], ("YYYYMMDD hhmmss",), (), HISTDATA_SHIFT,
@@ -544,19 +649,32 @@ def _text_spec(path: Path, fmt: str, mapping: Mapping) -> _TextSpec:
             r"DD.MM.YYYY hh:mm:ss.fff G\MTSHHNN", r"DD.MM.YYYY hh:mm:ss G\MTSHHNN",
         )  # fmt: skip
         header = first.lower().startswith(("gmt time", "local time"))
+        second = head[1] if len(head) > 1 else ""
+        if (
+            first.lower().startswith("local time")
+            and second
+            and "GMT" not in second.split(",")[0]
+            and tz is None
+        ):
+            raise BqxError(
+                f"{path}: a Dukascopy 'Local time' export whose times carry no GMT offset:"
+                " give --tz (the zone the export was made in), or export in GMT"
+            )
         width = max(first.count(",") + 1, 6) if header else 6
         return _TextSpec(",", width, header, [0], templates, (), timedelta(0), [1, 2, 3, 4, 5])
     if fmt == "metatrader":
         mt_templates = ("YYYY.MM.DD hh:mm", "YYYY.MM.DD hh:mm:ss")
-        if first.upper().startswith("<DATE>"):  # MT5: tab separated, tick volume
-            names = [n.strip().upper() for n in first.split("\t")]
-            want = ["<DATE>", "<TIME>", "<OPEN>", "<HIGH>", "<LOW>", "<CLOSE>"]
+        if first[:1].isalpha() or first.startswith("<"):
+            # a header row: MT5's <DATE>\t<TIME>\t<OPEN>... or an MT4 CSV's Date,Time,Open,...
+            sep = "\t" if "\t" in first else ","
+            names = [n.strip().strip("\"'<>").lower() for n in first.split(sep)]
+            want = ["date", "time", "open", "high", "low", "close"]
             missing = [w for w in want if w not in names]
             if missing:
                 raise BqxError(f"{path}: MetaTrader header lacks {', '.join(missing)}")
-            vol = next((names.index(v) for v in ("<TICKVOL>", "<VOL>") if v in names), None)
-            return _TextSpec("\t", len(names), True, [names.index("<DATE>"),
-                             names.index("<TIME>")], mt_templates, (), timedelta(0),
+            vol = next((names.index(v) for v in ("tickvol", "volume", "vol") if v in names), None)
+            return _TextSpec(sep, len(names), True, [names.index("date"),
+                             names.index("time")], mt_templates, (), timedelta(0),
                              [names.index(w) for w in want[2:]] + [vol])  # fmt: skip
         width = first.count(",") + 1 if first else 7
         return _TextSpec(",", max(width, 7), False, [0, 1], mt_templates, (), timedelta(0),
@@ -565,48 +683,103 @@ def _text_spec(path: Path, fmt: str, mapping: Mapping) -> _TextSpec:
     sep = max(",;\t", key=first.count)
     names = [h.strip().strip("\"'") for h in first.split(sep)]
     lower = {n.lower(): i for i, n in enumerate(names)}
-    wanted = {"time": mapping.time, **{f: getattr(mapping, f) for f in FIELDS}}
-    for key, col in wanted.items():
-        if col is not None and col.lower() not in lower:
-            if key == "volume" and mapping.volume == "volume":
-                continue  # the default volume column is optional
-            raise BqxError(f"{path}: no column {col!r} for {key} (columns: {', '.join(names)};"
-                           " map them with --columns time=...,close=...)")  # fmt: skip
-    cols = [lower.get(c.lower()) if c else None for c in (getattr(mapping, f) for f in FIELDS)]
+    time_col = mapping.column("time", names, path)
+    cols = [mapping.column(f, names, path) for f in FIELDS]
+    idx = [None if c is None else lower[c.lower()] for c in cols]
     formats = (mapping.time_format,) if mapping.time_format else ()
     templates = () if mapping.time_format else _ISO
-    return _TextSpec(sep, len(names), True, [lower[mapping.time.lower()]], templates, formats,
-                     timedelta(0), cols, quoted=True)  # fmt: skip
+    return _TextSpec(sep, len(names), True, [lower[time_col.lower()]], templates, formats,
+                     timedelta(0), idx, quoted=True)  # fmt: skip
 
 
-def _chunks(f: IO[bytes], size: int, path: Path) -> Iterator[tuple[int, bytes]]:
-    """(number of its first line, text) of consecutive pieces of about ``size`` bytes.
+Reject = tuple[int, str, str]  # (line, reason, text)
+
+
+def _too_long(line: int, length: int, head: bytes) -> Reject:
+    text = head[:80].decode("utf-8", errors="replace") + "…"
+    return line, f"line too long ({length:,} bytes; a bar is under {MAX_LINE:,})", text
+
+
+def _chunks(f: IO[bytes], size: int, path: Path) -> Iterator[tuple[int, bytes, list[Reject]]]:
+    """(number of its first line, text, rejected lines) of consecutive pieces of ``size``.
 
     Pieces end after a newline, so no line is split. The file is read here, in pieces, rather
-    than by pyarrow's streaming reader, whose read-ahead would hold dozens of blocks.
+    than by pyarrow's streaming reader, whose read-ahead would hold dozens of blocks. A line
+    longer than ``MAX_LINE`` is not kept in memory: it is skipped to its end and rejected.
     """
     line, rest = 1, b""
+    long_len, long_head = 0, b""  # inside a line too long to keep: its length so far
     while True:
         try:
             data = f.read(size)
         except _READ_ERRORS as exc:
             raise BqxError(f"{path}: cannot read: {_why(exc)}") from None
         if not data:
-            if rest:
-                yield line, rest
+            if long_len:
+                yield line, b"", [_too_long(line, long_len, long_head)]
+            elif rest:
+                yield line, rest, []
             return
+        if long_len:
+            nl = data.find(b"\n")
+            if nl < 0:
+                long_len += len(data)
+                continue
+            long_len += nl
+            yield line, b"\n", [_too_long(line, long_len, long_head)]
+            line += 1
+            long_len, data = 0, data[nl + 1 :]
+            if not data:
+                continue
         data = rest + data if rest else data
         cut = data.rfind(b"\n") + 1
-        if cut == 0:  # a line longer than a piece: read on
-            rest = data
-            continue
         piece, rest = data[:cut], data[cut:]
-        yield line, piece
-        line += piece.count(b"\n")
+        if len(rest) > MAX_LINE:  # the last line goes on and on: skip it
+            long_len, long_head, rest = len(rest), rest[:80], b""
+        if piece:
+            yield line, piece, []
+            line += piece.count(b"\n")
 
 
-def _text_block(path: Path, spec: _TextSpec, tz: str | None, first: int, data: bytes) -> Block:
+def _sanitize(data: bytes, first: int) -> tuple[bytes, list[Reject]]:
+    """Blank out (keeping line numbers) lines that are too long or not UTF-8, rejecting them."""
+    u8 = np.frombuffer(data, np.uint8)
+    ends = np.flatnonzero(u8 == 10)
+    starts = np.concatenate(([0], ends + 1))
+    ends = np.concatenate((ends, [len(data)]))
+    too_long = (ends - starts) > MAX_LINE
+    try:
+        data.decode("utf-8")
+        bad_utf8 = False
+    except UnicodeDecodeError:
+        bad_utf8 = True
+    if not too_long.any() and not bad_utf8:
+        return data, []
+    lines = data.split(b"\n")  # rare: line by line in Python
+    rejects: list[Reject] = []
+    for i, text in enumerate(lines):
+        if too_long[i]:
+            rejects.append(_too_long(first + i, len(text), text))
+            lines[i] = b""
+        elif bad_utf8:
+            try:
+                text.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                reason = f"not UTF-8 (byte 0x{text[exc.start]:02x} at column {exc.start + 1})"
+                rejects.append((first + i, reason, text.decode("utf-8", errors="replace")))
+                lines[i] = b""
+    return b"\n".join(lines), rejects
+
+
+def _text_block(
+    path: Path, spec: _TextSpec, tz: str | None, first: int, data: bytes, pre: list[Reject]
+) -> Block:
     """Parse and validate one piece of a text file whose first line is number ``first``."""
+    data, bad = _sanitize(data, first)
+    pre = pre + bad
+    if not data.strip():
+        lines = data.count(b"\n") + (not data.endswith(b"\n"))
+        return Block(np.empty(0, np.int64), np.empty((0, 5)), pre, first + max(lines, 1) - 1)
     names = [f"c{i}" for i in range(spec.width)]
     invalid: list[tuple[int, str]] = []
 
@@ -644,7 +817,7 @@ def _text_block(path: Path, spec: _TextSpec, tz: str | None, first: int, data: b
     lines = lines[:n]
     if spec.header and first == 1 and n:  # the header line is not a bar
         cols, lines, n = [c.slice(1) for c in cols], lines[1:], n - 1
-    bad_lines = [
+    bad_lines = pre + [
         (line, "wrong number of fields", text)
         for line, text in invalid
         if text.strip() and not (spec.header and line == 1)
@@ -655,11 +828,7 @@ def _text_block(path: Path, spec: _TextSpec, tz: str | None, first: int, data: b
     if len(spec.time_cols) > 1:
         tcol = pc.binary_join_element_wise(*[cols[i] for i in spec.time_cols], " ")
     times = _times(tcol, spec.templates, spec.formats, tz, spec.shift)
-    fields = [
-        _floats(cols[i]) if i is not None else
-        (np.full(n, np.nan), np.zeros(n, bool), np.ones(n, bool))
-        for i in spec.field_cols
-    ]  # fmt: skip
+    fields = [_floats(cols[i]) if i is not None else None for i in spec.field_cols]
 
     def text(rows: list[int]) -> list[str]:
         idx = pa.array(rows, pa.int64())
@@ -706,29 +875,23 @@ def _parquet_open(path: Path, mapping: Mapping) -> Any:
         pf = pq.ParquetFile(path)
     except _READ_ERRORS as exc:
         raise BqxError(f"{path}: cannot read as parquet: {_why(exc)}") from None
-    lower = {n.lower() for n in pf.schema_arrow.names}
     for key in ("time", *FIELDS):
-        col = getattr(mapping, key)
-        if col is not None and col.lower() not in lower:
-            if key == "volume" and mapping.volume == "volume":
-                continue
-            names = ", ".join(pf.schema_arrow.names)
-            raise BqxError(
-                f"{path}: no column {col!r} for {key} (columns: {names}; map them with --columns)"
-            )
+        mapping.column(key, pf.schema_arrow.names, path)  # a mapped column that is missing
     return pf
 
 
 def _parquet_blocks(path: Path, tz: str | None, mapping: Mapping) -> Iterator[Block]:
     """Row groups in batches; a reject's line is the 1-based row number."""
     pf = _parquet_open(path, mapping)
-    lower = {n.lower(): n for n in pf.schema_arrow.names}
+    names = pf.schema_arrow.names
+    time_col = mapping.column("time", names, path)
+    cols = {f: mapping.column(f, names, path) for f in FIELDS}
     row = 1
     for batch in pf.iter_batches(batch_size=250_000):
         n = batch.num_rows
         lines = np.arange(row, row + n, dtype=np.int64)
         row += n
-        raw = batch.column(lower[mapping.time.lower()])
+        raw = batch.column(time_col)
         if pa.types.is_timestamp(raw.type):
             if raw.type.tz is None and tz not in (None, "UTC"):
                 early = pc.assume_timezone(raw, tz, ambiguous="earliest", nonexistent="earliest")
@@ -743,17 +906,12 @@ def _parquet_blocks(path: Path, tz: str | None, mapping: Mapping) -> Iterator[Bl
         else:
             formats = (mapping.time_format,) if mapping.time_format else ()
             times = _times(raw.cast(pa.string()), () if formats else _ISO, formats, tz)
-        fields = []
-        for f in FIELDS:
-            name = getattr(mapping, f)
-            if name is None or name.lower() not in lower:
-                fields.append((np.full(n, np.nan), np.zeros(n, bool), np.ones(n, bool)))
-            else:
-                fields.append(_floats(batch.column(lower[name.lower()])))
+        fields = [None if cols[f] is None else _floats(batch.column(cols[f])) for f in FIELDS]
 
         def text(rows: list[int], batch: pa.RecordBatch = batch) -> list[str]:
+            """The row's values by column name: ``ts=2024-07-01 00:00:00,last=1.1``."""
             sub = batch.take(pa.array(rows, pa.int64())).to_pylist()
-            return [",".join("" if v is None else str(v) for v in r.values()) for r in sub]
+            return [",".join(f"{k}={'' if v is None else v}" for k, v in r.items()) for r in sub]
 
         yield _block(lines, times, fields, text)
 
@@ -769,10 +927,12 @@ class _Spill:
     def __init__(self, directory: Path) -> None:
         self.dir = directory
         self.seq = 0
+        self.nulls = np.zeros(3, bool)  # some open, high, low is NULL
 
     def add(self, times: np.ndarray, ohlcv: np.ndarray) -> None:
         if not len(times):
             return
+        self.nulls |= np.isnan(ohlcv[:, :3]).any(axis=0)
         rec = np.empty(len(times), dtype=self.dtype)
         rec["t"], rec["v"] = times, ohlcv
         rec["seq"] = np.arange(self.seq, self.seq + len(times))
@@ -804,6 +964,44 @@ class _Spill:
             dups = 0
         return rec["t"].astype("datetime64[us]"), rec["v"], dups
 
+    def median_close(self, month: str) -> float:
+        rec = np.fromfile(self.dir / f"{month}.bin", dtype=self.dtype)
+        return float(np.median(rec["v"][:, 3]))
+
+
+def _check_level(url: str, layout: Layout, pair: str, spill: _Spill, paths: Sequence[Path]) -> None:
+    """Refuse bars whose level is far from the pair's stored bars near those months.
+
+    Catches another pair's file given the wrong ``--pair`` (USDJPY near 150 into EURUSD near
+    1.08) before anything is written. A pair without stored bars nearby is not checked.
+    """
+    schema, table = layout.source_name(pair)
+    with connect(url, autocommit=True) as conn:
+        if table_columns(conn, schema, table) is None:
+            return
+        for month in spill.months():
+            m = Month.parse(month)
+            row = conn.execute(
+                sql.SQL(
+                    # a level, not a statistic: a few thousand bars near the month will do,
+                    # read off the time index, so a month costs a millisecond
+                    "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY c) FROM"
+                    " (SELECT {c} AS c FROM {} WHERE {t} >= %s AND {t} < %s LIMIT 2000) s"
+                ).format(layout.source(pair), c=sql.Identifier("close"), t=layout.time),
+                (m.start - timedelta(days=31), m.end + timedelta(days=31)),
+            ).fetchone()
+            if row is None or row[0] is None or row[0] <= 0:
+                continue
+            stored, given = float(row[0]), spill.median_close(month)
+            ratio = max(stored / given, given / stored) if given > 0 else float("inf")
+            if ratio > MISMATCH_FACTOR:
+                what = str(paths[0]) if len(paths) == 1 else "the input"
+                raise BqxError(
+                    f"{what}: median close {given:.6g} in {m} is {ratio:.1f}x off the stored"
+                    f" {pair.upper()} bars' level {stored:.6g} near that month: is it another"
+                    " pair's file? Nothing was stored (--allow-mismatch loads it anyway)"
+                )
+
 
 def _store(
     url: str, layout: Layout, pair: str, spill: _Spill, summary: IngestSummary,
@@ -814,9 +1012,10 @@ def _store(
     if not months:
         return
     with connect(url, autocommit=True) as conn:  # DDL first: concurrent CREATEs would collide
-        create_source_table(conn, layout, pair)
-        for month in months:
-            ensure_source_partition(conn, layout, pair, Month.parse(month))
+        if spill.nulls.any():
+            nullable = [f for f, null in zip(FIELDS, spill.nulls, strict=False) if null]
+            check_nullable(conn, layout, pair, nullable)
+        ensure_source(conn, layout, pair, [Month.parse(m) for m in months])
 
     def store(month: str) -> tuple[int, int, LoadResult]:
         times, ohlcv, dups = spill.read(month)
@@ -838,7 +1037,10 @@ def _store(
                 summary.accepted += n
                 summary.months[str(Month.parse(month))] = n
                 if progress:
-                    progress(f"{pair.upper()} {month}: {n:,} bars stored")
+                    progress(
+                        f"{pair.upper()} {month}: {_n(n, 'bar')} ({result.inserted:,} new,"
+                        f" {result.updated:,} changed, {result.unchanged:,} unchanged)"
+                    )
         except BaseException:
             for fut in futures:  # months not started yet are not started at all
                 fut.cancel()
@@ -849,7 +1051,7 @@ def _store(
 
 
 def _check_inputs(
-    paths: list[Path], fmt: str, tz: str | None, mapping: Mapping
+    paths: list[Path], fmt: str, tz: str | None, mapping: Mapping, pair: str, allow_mismatch: bool
 ) -> list[tuple[str, _TextSpec | None]]:
     """Every input readable and in a known format, the time zone known: before any write."""
     if tz is not None:
@@ -873,46 +1075,113 @@ def _check_inputs(
                 f.read(1)
         except OSError as exc:
             raise BqxError(f"{p}: cannot read: {_why(exc)}") from None
+        named = pairs_in_name(p)
+        if named and pair not in named and not allow_mismatch:
+            other = "/".join(sorted(n.upper() for n in named))
+            raise BqxError(
+                f"{p}: the file name says {other}, not {pair.upper()}: give --pair {other}, or"
+                " --allow-mismatch if the file really holds"
+                f" {pair.upper()} bars"
+            )
         kind = sniff(p) if fmt == "auto" else fmt
+        if kind == "metatrader" and tz is None:
+            raise BqxError(
+                f"{p}: MetaTrader times are in the broker's server time: give --tz"
+                " (e.g. --tz Etc/GMT-2, or --tz UTC)"
+            )
         if kind == "parquet":
             _parquet_open(p, mapping)
             plans.append((kind, None))
         else:
             _head(p, 1)  # a broken .gz or .zip fails here
-            plans.append((kind, _text_spec(p, kind, mapping)))
+            plans.append((kind, _text_spec(p, kind, mapping, tz)))
     return plans
 
 
-class _Rejects:
-    """The rejects file, opened on the first bad row: ``file,line,reason,text``."""
+def _is_rejects_file(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.readline().strip() == ",".join(REJECTS_HEADER)
+    except OSError:
+        return False
 
-    def __init__(self, path: Path, fallback: Path | None) -> None:
-        self.path, self.fallback = path, fallback
+
+def _writable_dir(directory: Path) -> bool:
+    return directory.is_dir() and os.access(directory, os.W_OK | os.X_OK)
+
+
+def _rejects_target(given: Path | None, paths: Sequence[Path]) -> Path:
+    """Where the rejects file goes, checked before anything is read or written.
+
+    Never an input file, nor an existing file that is not a bqx rejects file (an earlier
+    run's rejects file of the same name is replaced, or removed when nothing is rejected).
+    The default is ``FIRST_FILE.rejects.csv`` next to the first input, in the current
+    directory if that one is read-only.
+    """
+    if given is None:
+        default = paths[0].name + ".rejects.csv"
+        target = paths[0].with_name(default)
+        if not _writable_dir(target.parent):
+            target = Path.cwd() / default
+        option = "the rejects file"
+    else:
+        target, option = given, "--rejects"
+    for p in paths:
+        if target.exists() and p.exists() and os.path.samefile(target, p):
+            raise BqxError(f"{option} {target} is an input file: give another --rejects path")
+    if target.is_dir():
+        raise BqxError(f"{option} {target} is a directory: give a file path")
+    if target.exists():
+        if not _is_rejects_file(target):
+            raise BqxError(
+                f"{option} {target} exists and is not a bqx rejects file: give another"
+                " --rejects path, or remove it"
+            )
+        if not os.access(target, os.W_OK) or not _writable_dir(target.parent):
+            raise BqxError(f"cannot write rejects file {target}: permission denied")
+    elif not target.parent.is_dir():
+        raise BqxError(f"cannot write rejects file {target}: no such directory {target.parent}")
+    elif not _writable_dir(target.parent):
+        raise BqxError(f"cannot write rejects file {target}: permission denied")
+    return target
+
+
+class _Rejects:
+    """The rejects file ``file,line,reason,text``: written aside, put in place at the end."""
+
+    def __init__(self, path: Path, scratch: Path) -> None:
+        self.path, self.scratch = path, scratch
         self.file: IO[str] | None = None
         self.writer: Any = None
         self.count = 0
 
     def add(self, src: Path, line: int, reason: str, text: str) -> None:
         if self.writer is None:
-            self.file = self._open()
+            self.file = open(self.scratch, "w", newline="", encoding="utf-8")  # noqa: SIM115
             self.writer = csv.writer(self.file)
-            self.writer.writerow(["file", "line", "reason", "text"])
+            self.writer.writerow(REJECTS_HEADER)
         self.writer.writerow([str(src), line, reason, text])
         self.count += 1
-
-    def _open(self) -> IO[str]:
-        try:
-            return open(self.path, "w", newline="", encoding="utf-8")  # noqa: SIM115
-        except OSError as exc:
-            if self.fallback is None:
-                raise BqxError(f"cannot write rejects file {self.path}: {_why(exc)}") from None
-            self.path, self.fallback = self.fallback, None  # next to the input is read-only
-            return self._open()
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
             self.file = None
+
+    def publish(self, summary: IngestSummary) -> None:
+        """Put the rejects in place, or remove an earlier run's file when nothing was rejected."""
+        self.close()
+        existed = self.path.exists()
+        try:
+            if self.count:
+                shutil.move(self.scratch, self.path)
+                summary.rejects_file = str(self.path)
+                summary.rejects_replaced = existed
+            elif existed:
+                self.path.unlink()
+                summary.stale_rejects_removed = str(self.path)
+        except OSError as exc:
+            raise BqxError(f"cannot write rejects file {self.path}: {_why(exc)}") from None
 
 
 def ingest_files(
@@ -925,14 +1194,21 @@ def ingest_files(
     tz: str | None = None,
     mapping: Mapping | None = None,
     rejects_path: str | Path | None = None,
+    allow_mismatch: bool = False,
+    drop_flat: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> IngestSummary:
     """Load bar files for one pair into ``m1_{pair}``; bad rows go to a rejects file.
 
-    The pair, the format, every file and the time zone are checked before anything is
-    written. The rejects file defaults to ``FIRST_FILE.rejects.csv`` next to the first input
-    (in the current directory if that one is read-only) and is written only when a row is
-    rejected.
+    The pair (against the files' names), the format, every file, the time zone and the
+    rejects path are checked before anything is read or written. Every file is then read
+    before anything is stored, so a broken file changes nothing, and the input's price level
+    is compared with the stored bars' (``allow_mismatch`` skips both pair checks). The rejects
+    file (default ``FIRST_FILE.rejects.csv``) is written only when a row is rejected; an
+    earlier run's file of the same name is replaced, or removed when nothing is rejected now.
+    ``drop_flat`` leaves out flat zero-volume bars (open = high = low = close, volume 0:
+    Dukascopy's filler for closed markets). When rows were rejected and none accepted, the
+    ingest fails after writing the rejects file.
     """
     pair = validate_pair(pair)
     if fmt not in FORMATS:
@@ -941,17 +1217,14 @@ def ingest_files(
         raise BqxError("no input file given")
     paths = [Path(f) for f in files]
     mapping = mapping or Mapping()
-    plans = _check_inputs(paths, fmt, tz, mapping)
+    plans = _check_inputs(paths, fmt, tz, mapping, pair, allow_mismatch)
+    target = _rejects_target(Path(rejects_path) if rejects_path else None, paths)
     url = resolve_url(settings)
     t0 = time.monotonic()
     summary = IngestSummary(pair)
-    default = paths[0].name + ".rejects.csv"
-    rejects = (
-        _Rejects(Path(rejects_path), None) if rejects_path else
-        _Rejects(paths[0].with_name(default), Path.cwd() / default)
-    )  # fmt: skip
-    try:
-        with tempfile.TemporaryDirectory(prefix="bqx-ingest-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bqx-ingest-") as tmp:
+        rejects = _Rejects(target, Path(tmp) / "rejects.csv")
+        try:
             spill = _Spill(Path(tmp))
             for path, (kind, spec) in zip(paths, plans, strict=True):
                 fs = FileSummary(str(path), kind)
@@ -966,15 +1239,29 @@ def ingest_files(
                     for block in blocks:
                         for line, reason, text in block.rejects:
                             rejects.add(path, line, reason, text)
-                        spill.add(block.times, block.ohlcv)
-                        fs.accepted += len(block.times)
+                        times, ohlcv = block.times, block.ohlcv
+                        if drop_flat and len(times):
+                            o, h, lo, c, v = ohlcv.T
+                            flat = (o == h) & (h == lo) & (lo == c) & (v == 0)
+                            if flat.any():
+                                summary.dropped_flat += int(flat.sum())
+                                times, ohlcv = times[~flat], ohlcv[~flat]
+                        spill.add(times, ohlcv)
+                        fs.accepted += len(times)
                         fs.lines = max(fs.lines, block.last_line)
                 fs.rejected = rejects.count - before
             rejects.close()
             summary.rejected = rejects.count
-            summary.rejects_file = str(rejects.path) if rejects.count else None
+            if not allow_mismatch:
+                _check_level(url, layout, pair, spill, paths)
+            rejects.publish(summary)
+            if summary.rejected and not spill.seq and not summary.dropped_flat:
+                raise BqxError(
+                    f"every bar was rejected ({_n(summary.rejected, 'line')}), nothing stored:"
+                    f" reasons in {summary.rejects_file}"
+                )
             _store(url, layout, pair, spill, summary, progress)
-    finally:
-        rejects.close()
+        finally:
+            rejects.close()
     summary.seconds = time.monotonic() - t0
     return summary
