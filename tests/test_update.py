@@ -126,9 +126,7 @@ def test_new_bars_into_a_new_month_after_a_backfill(settings, layout, conn):
     result = update(settings, layout)
 
     (pu,) = result.pairs
-    assert pu.new_rows == len(times) - cut > 0 and pu.changed_rows == 0 and pu.months == [
-        "2024-07"
-    ]
+    assert pu.new_rows == len(times) - cut > 0 and pu.changed_rows == 0 and pu.months == ["2024-07"]
     assert pu.lag_s == 0.0
     _assert_equals_whole_series(conn, layout, "eurusd")
     jobs = _jobs(conn, layout, "eurusd")
@@ -431,5 +429,3 @@ def test_follow_refuses_a_bad_interval(settings, layout):
 
     with pytest.raises(BqxError, match="--follow"):
         follow(settings, layout, 0)
-
-

@@ -504,11 +504,15 @@ def _render_status(doc: dict) -> Any:
             " this run seems gone; rerun `bqx backfill` to resume"
         )
     pairs = Table(title="per pair", show_edge=False)
-    for col in ("pair", "months", "rows", "running", "failed"):
+    for col in ("pair", "months", "rows", "running", "failed", "newest bar", "newest metric",
+                "lag s"):  # fmt: skip
         pairs.add_column(col, justify="left" if col == "pair" else "right")
     for p in doc["pairs"]:
+        when = [(p.get(k) or "")[:16].replace("T", " ") for k in ("newest_bar", "newest_metric")]
+        lag = "" if p.get("lag_s") is None else f"{p['lag_s']:,.0f}"
         pairs.add_row(p["pair"].upper(), f"{p['months_done']}/{p['months_planned']}",
-                      f"{p['rows']:,}", str(p["running"]), str(p["failed"]))  # fmt: skip
+                      f"{p['rows']:,}", str(p["running"]), str(p["failed"]), *when,
+                      lag)  # fmt: skip
     parts: list[Any] = [head, pairs]
     if doc["running"]:
         running = Table(title="running jobs", show_edge=False)

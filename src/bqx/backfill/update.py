@@ -607,7 +607,9 @@ def _upsert(
             " SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted)"
             " FROM up"
         ).format(
-            part=part, cols=sql.SQL(", ").join(idents), stage=stage,
+            part=part,
+            cols=sql.SQL(", ").join(idents),
+            stage=stage,
             sets=sql.SQL(", ").join(sql.SQL("{c} = EXCLUDED.{c}").format(c=c) for c in values),
             dcols=sql.SQL(", ").join(sql.SQL("d.{}").format(c) for c in values),
             ecols=sql.SQL(", ").join(sql.SQL("EXCLUDED.{}").format(c) for c in values),
