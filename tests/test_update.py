@@ -23,6 +23,7 @@ from bqx.backfill import backfill
 from bqx.backfill.update import Updater, parse_duration, update
 from bqx.db import EmbeddedServer, resolve_url
 from bqx.errors import BqxError
+from bqx.report import write_report
 from bqx.schema import Layout
 from bqx.sources.load import load_bars
 from bqx.status import status
@@ -116,7 +117,7 @@ def _poll(settings, layout: Layout, **kw):
 # -- new bars -----------------------------------------------------------------------------
 
 
-def test_new_bars_into_a_new_month_after_a_backfill(settings, layout, conn):
+def test_new_bars_into_a_new_month_after_a_backfill(settings, layout, conn, tmp_path):
     times, ohlcv = _bars("2024-06-27", 6 * 1440)  # to 2024-07-02
     cut = int(np.searchsorted(times, np.datetime64("2024-07-01T00:00")))
     load_bars(conn, layout, "eurusd", times[:cut], ohlcv[:cut])
@@ -134,6 +135,9 @@ def test_new_bars_into_a_new_month_after_a_backfill(settings, layout, conn):
     assert _runs(conn, layout)[-1][1:] == ("update", "done", len(times) - cut)
     check = verify(conn, layout, sample=20)
     assert check.ok, [c for c in check.checks if not c.ok]
+    md, _, _ = write_report(conn, layout, tmp_path / "report", sample=5)
+    text = md.read_text()
+    assert "update" in text and f"{len(times) - cut:,}" in text
 
 
 @pytest.mark.parametrize("mode", ["bars", "clock"])

@@ -433,10 +433,12 @@ class Updater:
             params = items[0][1]
             plan = [(pair, m) for pair, _, since, last in items
                     for m in _months(_month_of(since), last)]  # fmt: skip
-            with conn.transaction():
-                create_ledger(conn, self.layout)
-                for pair, _, _, _ in items:
-                    if not _exists(conn, self.layout.target(pair)):
+            # DDL only when something is missing: even IF NOT EXISTS forms take strong locks
+            missing = [p for p, _, _, _ in items if not _exists(conn, self.layout.target(p))]
+            if missing or not _exists(conn, self.ledger.jobs):
+                with conn.transaction():
+                    create_ledger(conn, self.layout)
+                    for pair in missing:
                         create_target_table(conn, self.layout, pair, params.windows)
             run_id = self.ledger.start_update_run(conn, params, _run_doc(params, plan))
             result.run_ids.append(run_id)
