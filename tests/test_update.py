@@ -251,7 +251,7 @@ def test_update_equals_a_forced_recompute(settings, layout, conn):
 def test_status_shows_newest_bar_metric_and_lag(settings, layout, conn):
     times, ohlcv = _bars("2024-07-01", 1440)
     load_bars(conn, layout, "eurusd", times[:-60], ohlcv[:-60])
-    backfill(settings, layout, workers=1)
+    _poll(settings, layout)
     load_bars(conn, layout, "eurusd", times[-60:], ohlcv[-60:])
     (p,) = status(conn, layout)["pairs"]
     assert p["lag_s"] == (times[-1] - times[-61]) / np.timedelta64(1, "s") > 0

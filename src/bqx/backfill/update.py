@@ -223,19 +223,19 @@ def _exists(conn: psycopg.Connection, ident: sql.Identifier) -> bool:
     return conn.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()[0]
 
 
-def newest(conn: psycopg.Connection, params: Params, pair: str) -> tuple[datetime | None, ...]:
-    """(newest source bar, newest metric row): two index look-ups, no scan of history."""
+def newest(
+    conn: psycopg.Connection, params: Params, pair: str, has_target: bool | None = None
+) -> tuple[datetime | None, datetime | None]:
+    """(newest source bar, newest metric row): index look-ups, no scan of history."""
     layout = params.layout
-    bar = conn.execute(
-        sql.SQL("SELECT max({t})::timestamptz FROM {src}").format(
-            t=layout.time, src=layout.source(pair)
-        )
-    ).fetchone()[0]
-    metric = None
-    if _exists(conn, layout.target(pair)):
-        metric = conn.execute(
-            sql.SQL("SELECT max(ts_utc) FROM {}").format(layout.target(pair))
-        ).fetchone()[0]
+    if has_target is None:
+        has_target = _exists(conn, layout.target(pair))
+    q = sql.SQL("SELECT (SELECT max({t})::timestamptz FROM {src}), {metric}").format(
+        t=layout.time, src=layout.source(pair),
+        metric=sql.SQL("(SELECT max(ts_utc) FROM {})").format(layout.target(pair))
+        if has_target else sql.SQL("NULL::timestamptz"),
+    )  # fmt: skip
+    bar, metric = conn.execute(q).fetchone()
     return bar, metric
 
 
@@ -342,6 +342,7 @@ class Updater:
         self.conn: psycopg.Connection | None = None
         self.checked: set[tuple[str, str]] = set()  # (pair, params hash) already checked
         self.unfinished: list[int] = []  # runs the connection was lost in, to close when back
+        self.targets: set[str] = set()  # pairs whose target table exists
 
     # connections
     def connection(self) -> psycopg.Connection:
@@ -403,7 +404,9 @@ class Updater:
         result = UpdateResult()
         todo: list[tuple[str, Params, datetime, Month]] = []
         for pair, params in self._pair_params(conn, only).items():
-            bar, metric = newest(conn, params, pair)
+            if pair not in self.targets and _exists(conn, self.layout.target(pair)):
+                self.targets.add(pair)  # a target, once there, stays: no catalog look-up
+            bar, metric = newest(conn, params, pair, pair in self.targets)
             pu = PairUpdate(pair, newest_bar=bar, newest_metric=metric)
             result.pairs.append(pu)
             if bar is None and metric is None:
