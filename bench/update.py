@@ -22,10 +22,12 @@ import argparse
 import json
 import os
 import random
+import socket
 import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -133,12 +135,31 @@ def _last_bars(conn: psycopg.Connection, layout: Layout, pairs: list[str]) -> di
     return out
 
 
+def _wait_ready(port: int, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                for line in r.read().decode().splitlines():
+                    if line.startswith("bqx_last_poll_timestamp_seconds") and float(
+                        line.split()[1]
+                    ):
+                        return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("the follower did not start")
+
+
 def latency(url: str, layout: Layout, pairs: list[str], rounds: int, way: str) -> list[float]:
     """Seconds from a bar's commit to its metric row's commit, for every bar of every round."""
     rng = random.Random(7)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     follower = subprocess.Popen(
-        [sys.executable, "-m", "bqx.cli", "update", "--follow", "1"], env=_env(url),
-        stderr=subprocess.DEVNULL,
+        [sys.executable, "-m", "bqx.cli", "update", "--follow", "1", "--metrics-port", str(port)],
+        env=_env(url), stderr=subprocess.DEVNULL,
     )  # fmt: skip
     sent: dict[str, list[datetime]] = {p: [] for p in pairs}
     try:
@@ -146,7 +167,7 @@ def latency(url: str, layout: Layout, pairs: list[str], rounds: int, way: str) -
             last = _last_bars(conn, layout, pairs)
             for pair, (t, _) in last.items():  # the new bars may open a month
                 ensure_source_partition(conn, layout, pair, Month.of(t).next())
-            time.sleep(3)  # let it start and do its first poll
+            _wait_ready(port)  # started, kernels loaded, first poll done
             for _ in range(rounds):
                 time.sleep(rng.uniform(0.5, 1.5))
                 for pair in pairs:
@@ -250,8 +271,9 @@ on the same machine, {res["cpus"]} CPUs shared with other work (load average
 
 ## `bqx update --follow 1`: bar committed → its metric row committed
 
-One bar per pair per round, each its own commit, {args.rounds} rounds at random 0.5–1.5 s
-intervals; times are the server's commit timestamps.
+The follower is started and has done its first poll before the first bar. One bar per pair
+per round, each its own commit, {args.rounds} rounds at random 0.5–1.5 s intervals; times are
+the server's commit timestamps.
 
 | bars arrive through | bars | p50 s | p99 s | max s |
 |---|---:|---:|---:|---:|

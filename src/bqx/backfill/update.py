@@ -343,6 +343,7 @@ class Updater:
         self.checked: set[tuple[str, str]] = set()  # (pair, params hash) already checked
         self.unfinished: list[int] = []  # runs the connection was lost in, to close when back
         self.targets: set[str] = set()  # pairs whose target table exists
+        self.partitions: set[tuple[str, Month]] = set()  # target partitions known to exist
 
     # connections
     def connection(self) -> psycopg.Connection:
@@ -469,9 +470,10 @@ class Updater:
         since: datetime, pu: PairUpdate,
     ) -> None:  # fmt: skip
         part = self.layout.target_partition(pair, month)
-        if not _exists(conn, part):
+        if (pair, month) not in self.partitions and not _exists(conn, part):
             with conn.transaction():  # its own short transaction: it locks the parent table
                 ensure_target_partition(conn, self.layout, pair, month)
+        self.partitions.add((pair, month))
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(psycopg.errors.SerializationFailure),
             stop=tenacity.stop_after_attempt(MONTH_RETRIES),
@@ -763,6 +765,7 @@ def follow(
     updater = Updater(url, layout, pairs=pairs, recheck_s=recheck_s, windows=windows, mode=mode,
                       max_fill=max_fill)  # fmt: skip
     updater.connection()  # a configuration error fails here, at once
+    warm_up()
     prom = _Metrics(metrics_port) if metrics_port is not None else None
     listener: psycopg.Connection | None = None
     quiet_since = 0.0
@@ -821,6 +824,13 @@ def follow(
         updater.close()
         if prom is not None:
             prom.close()
+
+
+def warm_up() -> None:
+    """Load the compiled kernels now, not when the first new bar is waiting for them."""
+    times = np.datetime64("2024-07-01T00:00", "us") + np.arange(100) * np.timedelta64(1, "m")
+    for mode in metrics.MODES:
+        metrics.compute_matrix(times, np.linspace(1.0, 1.1, 100), mode=mode)
 
 
 def _listen(url: str) -> psycopg.Connection:
