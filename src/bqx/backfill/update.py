@@ -191,9 +191,11 @@ class UpdateLedger(Ledger):
              rows_written),
         )  # fmt: skip
 
-    def pair_params(self, conn: psycopg.Connection, schema: str) -> dict[str, dict]:
+    def pair_params(
+        self, conn: psycopg.Connection, schema: str, known: bool = False
+    ) -> dict[str, dict]:
         """Per pair, the parameters of the latest run that wrote one of its months."""
-        if table_columns(conn, schema, LEDGER_JOBS) is None:
+        if not known and table_columns(conn, schema, LEDGER_JOBS) is None:
             return {}
         rows = conn.execute(
             self._q(
@@ -344,12 +346,15 @@ class Updater:
         self.unfinished: list[int] = []  # runs the connection was lost in, to close when back
         self.targets: set[str] = set()  # pairs whose target table exists
         self.partitions: set[tuple[str, Month]] = set()  # target partitions known to exist
+        self.ledger_ready = False  # the ledger tables exist
+        self.staged: set[str] = set()  # staging tables created in this session
 
     # connections
     def connection(self) -> psycopg.Connection:
         if self.conn is None or self.conn.closed or self.conn.broken:
             self.close()
             self.conn = connect(self.url, autocommit=True)
+            self.staged = set()  # temp tables went with the old session
         return self.conn
 
     def close(self) -> None:
@@ -360,7 +365,7 @@ class Updater:
 
     # what each pair is
     def _pair_params(self, conn: psycopg.Connection, only: Iterable[str] | None) -> dict:
-        recorded = self.ledger.pair_params(conn, self.layout.schema)
+        recorded = self.ledger.pair_params(conn, self.layout.schema, self.ledger_ready)
         if only is not None:
             pairs = [validate_pair(p) for p in only]
         elif self.pairs is not None:
@@ -438,12 +443,17 @@ class Updater:
             plan = [(pair, m) for pair, _, since, last in items
                     for m in _months(_month_of(since), last)]  # fmt: skip
             # DDL only when something is missing: even IF NOT EXISTS forms take strong locks
-            missing = [p for p, _, _, _ in items if not _exists(conn, self.layout.target(p))]
-            if missing or not _exists(conn, self.ledger.jobs):
+            missing = [
+                p for p, _, _, _ in items
+                if p not in self.targets and not _exists(conn, self.layout.target(p))
+            ]  # fmt: skip
+            if missing or not (self.ledger_ready or _exists(conn, self.ledger.jobs)):
                 with conn.transaction():
                     create_ledger(conn, self.layout)
                     for pair in missing:
                         create_target_table(conn, self.layout, pair, params.windows)
+            self.ledger_ready = True
+            self.targets.update(p for p, _, _, _ in items)
             run_id = self.ledger.start_update_run(conn, params, _run_doc(params, plan))
             result.run_ids.append(run_id)
             status = "interrupted"
@@ -501,6 +511,7 @@ class Updater:
     ) -> tuple[int, int, int]:  # fmt: skip
         started = time.time()
         lo = max(since, month.start)
+        stage = _stage(conn, params, self.staged)
         with conn.transaction(), conn.cursor() as cur:
             # one snapshot for the bars read, the rows written and the counts recorded
             cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
@@ -520,7 +531,7 @@ class Updater:
             except ValueError as exc:
                 raise BqxError(f"{pair.upper()} {month}: bad source bars: {exc}") from None
             inserted, updated, deleted = _upsert(cur, params, self.layout, pair, month, lo,
-                                                 out_times, matrix)  # fmt: skip
+                                                 out_times, matrix, stage)  # fmt: skip
             if inserted + updated + deleted == 0 and not created:
                 raise _Unchanged()
             jobs = _source_months(conn, params.layout, pair, month, month)
@@ -576,29 +587,33 @@ def _run_doc(params: Params, plan: list[tuple[str, Month]]) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _stage(cur: psycopg.Cursor, params: Params) -> sql.Identifier:
-    """A session temp table shaped like the target's written columns, emptied at commit."""
+def _stage(conn: psycopg.Connection, params: Params, staged: set[str]) -> sql.Identifier:
+    """A session temp table shaped like the target's written columns, emptied at commit.
+
+    Created outside the month's transaction, so a rolled-back month does not take it along.
+    """
     cols = ["rate", *params.columns]
     name = "bqx_stage_" + hashlib.sha256(",".join(cols).encode()).hexdigest()[:12]
-    defs = sql.SQL(", ").join(sql.SQL("{} float8").format(sql.Identifier(c)) for c in cols)
-    cur.execute(
-        sql.SQL(
-            "CREATE TEMP TABLE IF NOT EXISTS {} (ts_utc timestamptz NOT NULL, {})"
-            " ON COMMIT DELETE ROWS"
-        ).format(sql.Identifier(name), defs)
-    )
+    if name not in staged:
+        defs = sql.SQL(", ").join(sql.SQL("{} float8").format(sql.Identifier(c)) for c in cols)
+        conn.execute(
+            sql.SQL(
+                "CREATE TEMP TABLE IF NOT EXISTS {} (ts_utc timestamptz NOT NULL, {})"
+                " ON COMMIT DELETE ROWS"
+            ).format(sql.Identifier(name), defs)
+        )
+        staged.add(name)
     return sql.Identifier(name)
 
 
 def _upsert(
     cur: psycopg.Cursor, params: Params, layout: Layout, pair: str, month: Month,
-    lo: datetime, times: np.ndarray, matrix: np.ndarray,
+    lo: datetime, times: np.ndarray, matrix: np.ndarray, stage: sql.Identifier,
 ) -> tuple[int, int, int]:  # fmt: skip
     """COPY into staging, then upsert into the month's partition; unchanged rows are not
     rewritten (their ``created_at`` stays). Rows at or after ``lo`` whose bar is gone are
     deleted. Returns (inserted, updated, deleted)."""
     part = layout.target_partition(pair, month)
-    stage = _stage(cur, params)
     cols = ["ts_utc", "rate", *params.columns]
     keep = (times >= np.datetime64(month.start.replace(tzinfo=None))) & (
         times < np.datetime64(month.end.replace(tzinfo=None))
@@ -857,8 +872,8 @@ def _wait(
         try:
             for n in listener.notifies(timeout=min(left, 0.5), stop_after=1):
                 pairs.add(n.payload)
-            if pairs:  # take whatever else is already queued, without waiting
-                for n in listener.notifies(timeout=0.001):
+            if pairs:  # take the rest of a burst of commits along (20 ms)
+                for n in listener.notifies(timeout=0.02):
                     pairs.add(n.payload)
         except psycopg.Error:
             with contextlib.suppress(Exception):
