@@ -428,8 +428,10 @@ def test_follow_wakes_on_notify_and_stops_with_its_event(settings, layout, conn)
     _assert_equals_whole_series(conn, layout, "eurusd")
 
 
-def test_follow_refuses_a_bad_interval(settings, layout):
+def test_follow_refuses_a_bad_interval_or_port(settings, layout):
     from bqx.backfill.update import follow
 
     with pytest.raises(BqxError, match="--follow"):
         follow(settings, layout, 0)
+    with pytest.raises(BqxError, match="--metrics-port 70000"):
+        follow(settings, layout, 1, metrics_port=70000)

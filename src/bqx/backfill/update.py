@@ -464,7 +464,7 @@ class Updater:
                         if stop is not None and stop.is_set():
                             return
                         self._write_month(conn, run_id, params, pair, month, since, pu)
-                    pu.newest_bar, pu.newest_metric = newest(conn, params, pair)
+                    pu.newest_bar, pu.newest_metric = newest(conn, params, pair, True)
                 status = "done"
             except Exception:
                 status = "failed"
@@ -557,8 +557,8 @@ def parse_duration(text: str | float, option: str = "--recheck") -> float:
             value = float(raw)
     except ValueError:
         raise BqxError(f"invalid {option} {text!r}: expected seconds or e.g. 30m, 6h, 1d") from None
-    if not value >= 0:
-        raise BqxError(f"invalid {option} {text!r}: must be ≥ 0")
+    if not 0 <= value <= 3650 * 86400:
+        raise BqxError(f"invalid {option} {text!r}: must be between 0 and 3650 days")
     return value
 
 
@@ -773,8 +773,10 @@ def follow(
 ) -> None:
     """``bqx update --follow``: update, then wait ``interval_s`` (or wake on a NOTIFY from
     bqx's own loads), until ``stop`` is set; a lost database is retried with backoff."""
-    if interval_s <= 0:
+    if not 0 < interval_s < 86400 * 365:
         raise BqxError(f"invalid --follow {interval_s:g}: must be > 0 seconds")
+    if metrics_port is not None and not 0 < metrics_port < 65536:
+        raise BqxError(f"invalid --metrics-port {metrics_port}: a TCP port is 1 to 65535")
     stop = stop or threading.Event()
     url = resolve_url(settings)
     updater = Updater(url, layout, pairs=pairs, recheck_s=recheck_s, windows=windows, mode=mode,
