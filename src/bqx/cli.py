@@ -383,6 +383,86 @@ def backfill(
 
 
 @app.command()
+def update(
+    pairs: PairsOpt = None,
+    recheck: Annotated[
+        str,
+        typer.Option(
+            "--recheck",
+            help="Horizon before the newest metric row where late and corrected bars are"
+            " looked for: seconds, or 30m, 6h, 1d.",
+        ),
+    ] = "1d",
+    follow: Annotated[
+        float | None,
+        typer.Option(
+            "--follow",
+            help="Keep the targets current: update, wait SECONDS (or until bqx's own ingest"
+            " commits bars), repeat; SIGTERM or Ctrl-C stops it.",
+        ),
+    ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option("--metrics-port", help="With --follow: Prometheus metrics on 127.0.0.1."),
+    ] = None,
+    windows: Annotated[
+        str | None, typer.Option("--windows", help="Windows [default: as last computed].")
+    ] = None,
+    mode: Annotated[str | None, typer.Option("--mode", help="bars or clock [as last].")] = None,
+    max_fill: Annotated[
+        int | None, typer.Option("--max-fill", help="clock mode fill [as last].")
+    ] = None,
+    source_table: SourceTableOpt = "m1_{pair}",
+    time_column: TimeColOpt = "time",
+    price_column: PriceColOpt = "close",
+    database_url: DatabaseOpt = None,
+    schema: SchemaOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Compute only bars newer than each pair's target holds (and late or corrected ones)."""
+    from bqx.backfill.update import follow as run_follow
+    from bqx.backfill.update import parse_duration, stop_on_signals
+    from bqx.backfill.update import update as run_update
+    from bqx.schema import parse_pairs
+
+    settings = settings_from(database_url, schema)
+    layout = _layout(settings, source_table, time_column, price_column)
+    recheck_s = parse_duration(recheck)
+    if follow is None:
+        if metrics_port is not None:
+            raise BqxError("--metrics-port goes with --follow SECONDS")
+        result = run_update(
+            settings, layout, pairs=parse_pairs(pairs), recheck_s=recheck_s,
+            windows=_windows(windows) if windows else None, mode=mode, max_fill=max_fill,
+        )  # fmt: skip
+        if json_out:
+            print_json({"rows": result.rows, "pairs": [p.as_dict() for p in result.pairs],
+                        "run_ids": result.run_ids})  # fmt: skip
+            return
+        for p in result.pairs:
+            if p.written or p.busy:
+                busy = f" ({', '.join(p.busy)} left to a running backfill)" if p.busy else ""
+                console.print(f"{p.pair.upper()}: +{p.new_rows:,} new, {p.changed_rows:,}"
+                              f" changed, {p.deleted_rows:,} removed{busy}",
+                              highlight=False)  # fmt: skip
+        lag = max((p.lag_s or 0 for p in result.pairs), default=0)
+        console.print(f"{result.rows:,} rows written for {len(result.pairs)} pairs in"
+                      f" {result.seconds:.2f}s · lag max {lag:.0f} s", highlight=False)  # fmt: skip
+        return
+    if json_out:
+        raise BqxError("--json goes without --follow (monitor --follow with --metrics-port)")
+    import logging
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s bqx update: %(message)s")  # fmt: skip
+    run_follow(
+        settings, layout, follow, pairs=parse_pairs(pairs), recheck_s=recheck_s,
+        metrics_port=metrics_port, stop=stop_on_signals(),
+        windows=_windows(windows) if windows else None, mode=mode, max_fill=max_fill,
+    )  # fmt: skip
+
+
+@app.command()
 def demo(
     months: Annotated[
         int, typer.Option("--months", min=1, max=12, help="Months from 2024-07 (12 = the report).")
@@ -629,11 +709,15 @@ def _render_status(doc: dict) -> Any:
             " this run seems gone; rerun `bqx backfill` to resume"
         )
     pairs = Table(title="per pair", show_edge=False)
-    for col in ("pair", "months", "rows", "running", "failed"):
+    for col in ("pair", "months", "rows", "running", "failed", "newest bar", "newest metric",
+                "lag s"):  # fmt: skip
         pairs.add_column(col, justify="left" if col == "pair" else "right")
     for p in doc["pairs"]:
+        when = [(p.get(k) or "")[:16].replace("T", " ") for k in ("newest_bar", "newest_metric")]
+        lag = "" if p.get("lag_s") is None else f"{p['lag_s']:,.0f}"
         pairs.add_row(p["pair"].upper(), f"{p['months_done']}/{p['months_planned']}",
-                      f"{p['rows']:,}", str(p["running"]), str(p["failed"]))  # fmt: skip
+                      f"{p['rows']:,}", str(p["running"]), str(p["failed"]), *when,
+                      lag)  # fmt: skip
     parts: list[Any] = [head, pairs]
     if doc["running"]:
         running = Table(title="running jobs", show_edge=False)

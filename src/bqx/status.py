@@ -108,6 +108,12 @@ def status(conn: psycopg.Connection, layout: Layout, *, errors: int = 10) -> dic
                 doc["stale"].append(job)
     doc["jobs"]["total"] = len(keys)
     doc["pairs"] = list(pairs.values())
+    # per pair: newest source bar, newest metric row and the lag between them (bqx update)
+    from bqx.backfill.update import freshness
+
+    fresh = freshness(conn, layout, pairs)
+    for p in doc["pairs"]:
+        p.update(fresh.get(p["pair"], {"newest_bar": None, "newest_metric": None, "lag_s": None}))
     # the run's own rate: rows it wrote over the time it has been going
     written_by_run = conn.execute(
         psycopg.sql.SQL(

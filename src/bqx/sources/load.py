@@ -161,6 +161,7 @@ def load_bars(
                 result.inserted += ins
                 result.updated += upd
                 result.unchanged += n - ins - upd
+            cur.execute("SELECT pg_notify('bqx_bars', %s)", (pair,))  # wakes `bqx update --follow`
         result.months[str(month)] = n
     return result
 
