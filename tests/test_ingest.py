@@ -536,6 +536,15 @@ def test_dukascopy_local_time_export_is_stored_at_the_utc_instant(settings, layo
     with pytest.raises(BqxError, match=r"local_no_offset.csv: .*no GMT offset: give --tz"):
         ingest_files(settings, layout, [naive], "EURUSD")
     ingest_files(settings, layout, [naive], "GBPUSD", tz="Europe/Moscow")  # UTC+3
+    # formats whose zone is fixed refuse a --tz that would shift their times a second time
+    gmt = tmp_path / "gmt.csv"
+    gmt.write_text("Gmt time,Open,High,Low,Close,Volume\n02.12.2024 10:00:00.000,1,1,1,1,0\n")
+    with pytest.raises(BqxError, match=r"gmt.csv: a Dukascopy 'Gmt time' export is in UTC"):
+        ingest_files(settings, layout, [gmt], "GBPUSD", tz="Europe/Moscow")
+    hist = tmp_path / "hist.csv"
+    hist.write_text("20240701 000000;1.1;1.2;1.0;1.15;0\n")
+    with pytest.raises(BqxError, match=r"hist.csv: HistData.com times are fixed EST"):
+        ingest_files(settings, layout, [hist], "GBPUSD", tz="America/New_York")
     assert [r[0] for r in stored(conn, layout, "gbpusd")] == [utc(2024, 12, 2, 7, 0)]
 
 

@@ -660,6 +660,8 @@ def _text_spec(path: Path, fmt: str, mapping: Mapping, tz: str | None = None) ->
                 f"{path}: a Dukascopy 'Local time' export whose times carry no GMT offset:"
                 " give --tz (the zone the export was made in), or export in GMT"
             )
+        if first.lower().startswith("gmt time") and tz not in (None, "UTC"):
+            raise BqxError(f"{path}: a Dukascopy 'Gmt time' export is in UTC already: drop --tz")
         width = max(first.count(",") + 1, 6) if header else 6
         return _TextSpec(",", width, header, [0], templates, (), timedelta(0), [1, 2, 3, 4, 5])
     if fmt == "metatrader":
@@ -1084,6 +1086,12 @@ def _check_inputs(
                 f" {pair.upper()} bars"
             )
         kind = sniff(p) if fmt == "auto" else fmt
+        if kind == "histdata" and tz not in (None, "UTC"):
+            # the times would be shifted twice: from EST, then again from --tz
+            raise BqxError(
+                f"{p}: HistData.com times are fixed EST (UTC-5) all year and converted to UTC"
+                " by bqx: drop --tz"
+            )
         if kind == "metatrader" and tz is None:
             raise BqxError(
                 f"{p}: MetaTrader times are in the broker's server time: give --tz"
