@@ -151,3 +151,15 @@ def test_a_month_is_the_same_whatever_range_is_generated(settings, pg_url, conn)
     # was missing in between (no month boundary breaks the chain)
     step = np.diff(times) == np.timedelta64(1, "m")
     assert (opn[1:][step] == close[:-1][step]).all()
+
+
+def test_an_unknown_currency_is_refused_before_anything_is_created(settings, layout, conn):
+    from bqx.errors import BqxError
+
+    for pair in ("ABCDEF", "EUREUR"):
+        with pytest.raises(BqxError, match=f"cannot generate {pair}"):
+            generate(settings, layout, [pair], Month(2024, 7), Month(2024, 7))
+    found = conn.execute(
+        "SELECT count(*) FROM pg_namespace WHERE nspname = %s", (layout.schema,)
+    ).fetchone()[0]
+    assert found == 0

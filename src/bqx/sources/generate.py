@@ -207,6 +207,14 @@ def generate(
     Pairs are loaded by ``workers`` threads, each on its own connection (COPY releases the GIL).
     """
     pairs = [validate_pair(p) for p in (pairs or REPORT_PAIRS)]
+    known = {*CURRENCIES, "USD"}
+    for pair in pairs:
+        base, quote = pair[:3].upper(), pair[3:].upper()
+        if base not in known or quote not in known or base == quote:
+            raise BqxError(
+                f"cannot generate {pair.upper()}: synthetic pairs are crosses of "
+                f"{', '.join(sorted(known))}"
+            )
     if end < start:
         raise BqxError(f"--end {end} is before --start {start}")
     t0 = time.monotonic()
