@@ -482,7 +482,8 @@ class EmbeddedServer:
             return False
         res = self._pg_ctl("status", check=False)
         if res.returncode not in (0, 3):  # 3: not running; 4: the data directory is out of reach
-            raise BqxError(f"cannot check the embedded server in {self.datadir}: {res.stderr}")
+            why = res.stderr.strip()
+            raise BqxError(f"cannot check the embedded server in {self.datadir}: {why}")
         return res.returncode == 0
 
     def start(self) -> str:
