@@ -240,13 +240,17 @@ def test_file_as_home_gives_one_line(tmp_path: Path) -> None:
 
 
 def test_shell_characters_in_home_are_refused(tmp_path: Path) -> None:
-    """pg_ctl passes paths through /bin/sh: a home with $( ) is refused, nothing runs."""
+    """pg_ctl passes paths through /bin/sh: a home with $( ) is refused, nothing runs; a
+    newline too (one line, the path shown escaped)."""
     canary = tmp_path / "ran"
     home = tmp_path / f"$(touch {canary})"
     res = _bqx(["db", "start"], _clean_env(BQX_HOME=str(home)))
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert "BQX_HOME" in res.stderr and "'$'" in res.stderr
     assert not canary.exists() and not home.exists()
+    res = _bqx(["db", "start"], _clean_env(BQX_HOME=str(tmp_path / "a\nb")))
+    assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1
+    assert "'\\n'" in res.stderr and not (tmp_path / "a\nb").exists()
 
 
 # -- no password on screen ----------------------------------------------------------------
