@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,13 +33,16 @@ def _clean_env(**extra: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A BQX_HOME with a running embedded server of this module's own."""
-    path = tmp_path_factory.mktemp("dbhome")
-    server = EmbeddedServer(path)
+def home() -> Iterator[Path]:
+    """A BQX_HOME with a running embedded server of this module's own. Outside
+    /tmp/pytest-of-<user>: every pytest session that starts resets that one to 0700, which
+    would lock out the server's own user (as root) mid-test."""
+    path = Path(tempfile.mkdtemp(prefix="bqx-test-", dir="/tmp"))
+    server = EmbeddedServer(path / "home")
     server.start()
-    yield path
+    yield server.home
     server.destroy()
+    shutil.rmtree(path, ignore_errors=True)
 
 
 # -- read-only commands never start a stopped server --------------------------------------

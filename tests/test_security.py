@@ -11,7 +11,9 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -48,13 +50,25 @@ def _as_nobody(args: list[str]) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
+@contextmanager
+def _outside_pytest_tmp() -> Iterator[Path]:
+    """A temporary directory outside /tmp/pytest-of-<user>: every pytest session that starts
+    resets that one to 0700, which would lock out the server's own user (as root) mid-test."""
+    path = Path(tempfile.mkdtemp(prefix="bqx-test-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
-def own_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
+def own_server() -> Iterator[EmbeddedServer]:
     """A server of this module's own, under a BQX_HOME with an apostrophe and a space."""
-    server = EmbeddedServer(tmp_path_factory.mktemp("sec") / "it's a home")
-    server.start()
-    yield server
-    server.destroy()
+    with _outside_pytest_tmp() as tmp:
+        server = EmbeddedServer(tmp / "it's a home")
+        server.start()
+        yield server
+        server.destroy()
 
 
 # -- nobody else gets in ------------------------------------------------------------------
@@ -162,23 +176,24 @@ def test_lost_passfile_gets_a_new_password(own_server: EmbeddedServer) -> None:
         psycopg.connect(own_server._url("bqx", old)).close()
 
 
-def test_long_home_gets_a_short_private_socket_dir(tmp_path: Path) -> None:
+def test_long_home_gets_a_short_private_socket_dir() -> None:
     """A BQX_HOME too long for a Unix socket path (107 bytes), or with a comma, gets its socket
     in a private directory under /tmp, named from a hash of BQX_HOME, mode 0700."""
-    server = EmbeddedServer(tmp_path / ("h" * 60) / ("o," * 30))
-    assert len(str(server.root / "run" / ".s.PGSQL.5432")) > 107
     # libpq reads host as a comma list: a comma alone also moves the socket
     assert EmbeddedServer(Path("/srv/a,b")).socket_dir.parent == Path("/tmp")
-    try:
-        server.start()
-        assert server.socket_dir.parent == Path("/tmp")
-        assert server.socket_dir.name.startswith("bqx-")
-        assert stat.S_IMODE(server.socket_dir.stat().st_mode) == 0o700
-        with connect(server.url) as conn:
-            assert conn.execute("SELECT 1").fetchone() == (1,)
-    finally:
-        server.destroy()
-    assert not server.socket_dir.exists()
+    with _outside_pytest_tmp() as tmp:
+        server = EmbeddedServer(tmp / ("h" * 60) / ("o," * 30))
+        assert len(str(server.root / "run" / ".s.PGSQL.5432")) > 107
+        try:
+            server.start()
+            assert server.socket_dir.parent == Path("/tmp")
+            assert server.socket_dir.name.startswith("bqx-")
+            assert stat.S_IMODE(server.socket_dir.stat().st_mode) == 0o700
+            with connect(server.url) as conn:
+                assert conn.execute("SELECT 1").fetchone() == (1,)
+        finally:
+            server.destroy()
+        assert not server.socket_dir.exists()
 
 
 @pytest.mark.skipif(not AS_ROOT, reason="making a directory of another user needs root")
@@ -225,13 +240,17 @@ def test_file_as_home_gives_one_line(tmp_path: Path) -> None:
 
 
 def test_shell_characters_in_home_are_refused(tmp_path: Path) -> None:
-    """pg_ctl passes paths through /bin/sh: a home with $( ) is refused, nothing runs."""
+    """pg_ctl passes paths through /bin/sh: a home with $( ) is refused, nothing runs; a
+    newline too (one line, the path shown escaped)."""
     canary = tmp_path / "ran"
     home = tmp_path / f"$(touch {canary})"
     res = _bqx(["db", "start"], _clean_env(BQX_HOME=str(home)))
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert "BQX_HOME" in res.stderr and "'$'" in res.stderr
     assert not canary.exists() and not home.exists()
+    res = _bqx(["db", "start"], _clean_env(BQX_HOME=str(tmp_path / "a\nb")))
+    assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1
+    assert "'\\n'" in res.stderr and not (tmp_path / "a\nb").exists()
 
 
 # -- no password on screen ----------------------------------------------------------------
@@ -332,7 +351,6 @@ def test_works_unchanged_as_an_ordinary_user() -> None:
     """Run as uid `nobody`, the same code creates, starts, stops and restarts a private server
     of its own (no bqx_postgres, no chown), and connects with the generated password."""
     import site
-    import tempfile
 
     import bqx
 

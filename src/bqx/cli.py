@@ -149,11 +149,11 @@ def _url_is_set(settings: Settings) -> str | None:
 
 
 @db_app.command("start")
-def db_start() -> None:
+def db_start(database_url: DatabaseOpt = None) -> None:
     """Start the embedded PostgreSQL (initialising it on first use)."""
     from bqx.db import describe_target, embedded
 
-    settings = load_settings()
+    settings = settings_from(database_url, None)
     other = _url_is_set(settings)
     if other:
         console.print(
@@ -176,11 +176,11 @@ def db_stop() -> None:
 
 
 @db_app.command("status")
-def db_status(json_out: JsonOpt = False) -> None:
+def db_status(json_out: JsonOpt = False, database_url: DatabaseOpt = None) -> None:
     """Say which database bqx uses and whether it answers; exit 1 if it doesn't."""
     from bqx.db import describe_target, embedded, server_version
 
-    settings = load_settings()
+    settings = settings_from(database_url, None)
     server = embedded(settings)
     uses_embedded = settings.uses_embedded()
     doc: dict[str, Any] = {
@@ -224,6 +224,7 @@ def db_url(
     show_password: Annotated[
         bool, typer.Option("--show-password", help="Print the password too (for scripts).")
     ] = False,
+    database_url: DatabaseOpt = None,
 ) -> None:
     """Print the database URL in use (password masked unless --show-password).
 
@@ -231,7 +232,7 @@ def db_url(
     """
     from bqx.db import embedded, mask_url, resolve_url
 
-    settings = load_settings()
+    settings = settings_from(database_url, None)
     url = resolve_url(settings, start=False)
     if not url:
         fail("no URL: the server is given by libpq PG* environment variables")

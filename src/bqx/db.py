@@ -480,7 +480,11 @@ class EmbeddedServer:
     def is_running(self) -> bool:
         if not self.exists():
             return False
-        return self._pg_ctl("status", check=False).returncode == 0
+        res = self._pg_ctl("status", check=False)
+        if res.returncode not in (0, 3):  # 3: not running; 4: the data directory is out of reach
+            why = res.stderr.strip()
+            raise BqxError(f"cannot check the embedded server in {self.datadir}: {why}")
+        return res.returncode == 0
 
     def start(self) -> str:
         """Initialise on first use, start if not running; returns the URL. Idempotent.
