@@ -523,7 +523,8 @@ class EmbeddedServer:
     def running_url(self) -> str:
         """The URL if the server runs; else a BqxError that says why and how to start it.
 
-        For read-only commands: they never start the server (the user may have stopped it).
+        For read-only commands: they never create a server, nor start one the user stopped
+        with ``bqx db stop``; one that is down for another reason (a reboot) is started.
         """
         self._check_home(create=False)
         if self.is_running():
@@ -533,10 +534,11 @@ class EmbeddedServer:
                 f"no embedded PostgreSQL under {self.home} yet: `bqx db start` creates it"
                 " (as do `bqx demo`, `bqx generate` and `bqx ingest`)"
             )
-        why = "stopped (by `bqx db stop`)" if self.stop_marker.exists() else "not running"
+        if not self.stop_marker.exists():
+            return self.start()  # down after a reboot, not by the user's choice: reuse it
         raise BqxError(
-            f"the embedded PostgreSQL server in {self.datadir} is {why}: start it with"
-            " `bqx db start`"
+            f"the embedded PostgreSQL server in {self.datadir} is stopped (by `bqx db stop`):"
+            " start it with `bqx db start`"
         )
 
     def _ensure_database(self) -> None:
