@@ -144,7 +144,7 @@ def _fit_gbm(x_tr, y_tr, x_va, y_va, *, trees: int, seed: int, n_jobs: int):
         )  # fmt: skip
         # the number of trees is chosen on validation too (early stopping)
         model.fit(
-            x_tr, y_tr, eval_set=[(x_va, y_va)],
+            x_tr, y_tr, eval_X=(x_va,), eval_y=(y_va,),
             callbacks=[lgb.early_stopping(max(10, trees // 10), verbose=False)],
         )  # fmt: skip
         mse = float(np.mean((model.predict(x_va) - y_va) ** 2))
