@@ -8,12 +8,14 @@ import sys
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bqx.backfill import backfill
+from bqx.errors import BqxError
 from bqx.metrics import compute
-from bqx.ml.features import build_features, pair_features, split_boundaries
+from bqx.ml.features import build_features, pair_features, split_boundaries, write_features
 
 WINDOWS = (3, 5, 8)
 LAGS = (1, 2, 6)
@@ -143,15 +145,18 @@ def test_features_command_on_stored_bars(settings, layout, make_bars, cli_env, t
 def test_bad_options_give_one_line(cli_env, tmp_path, make_bars, settings, layout) -> None:
     make_bars("eurusd", "2024-07-29", 600, seed=1)
     backfill(settings, layout, workers=1)
-    for args, culprit in (
-        (["--split", "0.7,0.2"], "--split"),
-        (["--target", "nope"], "--target"),
-        (["--pairs", "GBPUSD"], "GBPUSD"),
+    for kwargs, culprit in (
+        ({"target": "nope"}, "--target"),
+        ({"pairs": ["GBPUSD"]}, "GBPUSD"),
+        ({"horizon": 0}, "--horizon"),
     ):
-        proc = subprocess.run(
-            [sys.executable, "-m", "bqx.cli", "features", "--out", str(tmp_path / "f"), *args],
-            env=cli_env, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        assert proc.returncode == 1
-        assert culprit in proc.stderr and "Traceback" not in proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        with pytest.raises(BqxError, match=culprit):
+            write_features(settings, tmp_path / "f", **kwargs)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bqx.cli", "features", "--out", str(tmp_path / "f"),
+         "--split", "0.7,0.2"],
+        env=cli_env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "--split" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -38,9 +38,7 @@ def test_series_inputs_give_the_numpy_values(mode: str) -> None:
     # clock mode makes the times matter: a wrong zone conversion shifts the DST hour's gaps
     assert np.isnan(ref["w8_bqx_return"]).sum() > 8 if mode == "clock" else True
     ny = pd.Series(pd.DatetimeIndex(times).tz_localize("UTC").tz_convert("America/New_York"))
-    tokyo = (
-        pl.Series("t", times).dt.replace_time_zone("UTC").dt.convert_time_zone("Asia/Tokyo")
-    )
+    tokyo = pl.Series("t", times).dt.replace_time_zone("UTC").dt.convert_time_zone("Asia/Tokyo")
     arrow_t = pa.chunked_array(
         [pa.array(times[:150], pa.timestamp("us", tz="Europe/Berlin")),
          pa.array(times[150:], pa.timestamp("us", tz="Europe/Berlin"))]
@@ -66,9 +64,7 @@ def test_wall_clock_times_would_differ() -> None:
     ref = compute(times, prices, windows=WINDOWS, mode="clock")
     wall = pd.DatetimeIndex(times).tz_localize("UTC").tz_convert("America/New_York")
     local = compute(wall.tz_localize(None).to_numpy(), prices, windows=WINDOWS, mode="clock")
-    assert any(
-        not np.array_equal(ref[k], local[k], equal_nan=True) for k in ref
-    )
+    assert any(not np.array_equal(ref[k], local[k], equal_nan=True) for k in ref)
 
 
 def test_frames_in_give_frames_out() -> None:

@@ -324,7 +324,7 @@ def write_features(
             for code, s in enumerate(SPLITS):
                 sel = pf.labels == code
                 rows = int(sel.sum())
-                _write_split(out / s / f"{pair}.parquet", pair, pf, sel, names)
+                write_split(out / s / f"{pair}.parquet", pair, pf, sel, names)
                 per_pair[pair][s] = rows
                 total += rows
                 if rows:
@@ -367,7 +367,8 @@ def _first_difference(a: np.ndarray, b: np.ndarray) -> str:
     return f"{np.datetime64(t, 's')}Z" if t is not None else "the end"
 
 
-def _write_split(path: Path, pair: str, pf: PairFeatures, sel: np.ndarray, names: list[str]):
+def write_split(path: Path, pair: str, pf: PairFeatures, sel: np.ndarray, names: list[str]) -> None:
+    """One pair's rows of one split (``sel``) as Parquet: pair, ts_utc, features, target."""
     n = int(sel.sum())
     cols: dict[str, Any] = {
         "pair": pa.repeat(pa.scalar(pair, pa.string()), n),
