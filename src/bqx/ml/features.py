@@ -183,10 +183,7 @@ def pair_features(
     """Features, target and split labels for one pair's bar series; incomplete rows dropped."""
     feats = build_features(times, rate, high, low, volume, metrics, lags=lags)
     if target not in feats or target in BAR_FEATURES or target.startswith("logret_"):
-        raise BqxError(
-            f"invalid --target {target!r}: choose a BQX column such as {DEFAULT_TARGET}"
-            f" (or its _rel form for price-unit columns)"
-        )
+        _refuse_target(target)
     names = list(feats)
     y = target_ahead(feats[target], horizon)
     labels = split_labels(times, boundaries, embargo)
@@ -200,6 +197,13 @@ def pair_features(
         "embargo": int((has_target & complete & (labels < 0)).sum()),
     }
     return names, PairFeatures(times[keep], matrix[keep], y[keep], labels[keep], dropped)
+
+
+def _refuse_target(target: str) -> None:
+    raise BqxError(
+        f"invalid --target {target!r}: choose a BQX column such as {DEFAULT_TARGET}"
+        " (or the _rel form of a price-unit column, e.g. w60_bqx_avg_rel)"
+    )
 
 
 # -- the command ---------------------------------------------------------------------------
@@ -282,6 +286,9 @@ def write_features(
         if not windows:
             raise BqxError(f"{todo[0].upper()}: the metrics table has no w{{W}}_bqx_return column")
         embargo = horizon + max(max(windows), max(lags))
+        bqx_cols = feature_names(metric_cols, lags)[: -len(lags) - len(BAR_FEATURES) + len(LAGS)]
+        if target not in bqx_cols:
+            _refuse_target(target)
         # the same cut instants for every pair: from the span they cover together
         spans = [_time_range(conn, layout, p, lo, hi) for p in todo]
         spans = [s for s in spans if s[0] is not None]
