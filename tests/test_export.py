@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from datetime import UTC, datetime
 
 import numpy as np
@@ -13,9 +11,11 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 from psycopg import sql
+from typer.testing import CliRunner
 
 import bqx
 from bqx.backfill import backfill
+from bqx.cli import app
 from bqx.errors import BqxError
 from bqx.schema import target_columns
 
@@ -87,12 +87,9 @@ def test_read_metrics_gives_exactly_the_stored_rows(stored, conn, layout) -> Non
 
 def test_export_writes_every_stored_row_partitioned(stored, conn, layout, cli_env, tmp_path):
     out = tmp_path / "export"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bqx.cli", "export", "--out", str(out), "--json"],
-        env=cli_env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    doc = json.loads(proc.stdout)
+    result = CliRunner().invoke(app, ["export", "--out", str(out), "--json"], env=cli_env)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
     assert doc["pairs"] == ["eurusd", "usdjpy"] and doc["files"] == 4
     folders = sorted(str(p.relative_to(out).parent) for p in out.rglob("*.parquet"))
     assert folders == [

@@ -11,8 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from typer.testing import CliRunner
 
 from bqx.backfill import backfill
+from bqx.cli import app
 from bqx.errors import BqxError
 from bqx.metrics import compute
 from bqx.ml.features import build_features, pair_features, split_boundaries, write_features
@@ -100,18 +102,19 @@ def test_target_is_the_column_h_bars_later_and_splits_keep_the_embargo() -> None
 
 def test_features_command_on_stored_bars(settings, layout, make_bars, cli_env, tmp_path) -> None:
     for i, pair in enumerate(["eurusd", "usdjpy"]):
-        make_bars(pair, "2024-07-29", 6 * 1440, seed=i, level=1.08 if i == 0 else 160.0)
+        make_bars(pair, "2024-07-29", 4 * 1440, seed=i, level=1.08 if i == 0 else 160.0)
     backfill(settings, layout, workers=1)
     out = tmp_path / "feat"
     h = 30
-    proc = subprocess.run(
-        [sys.executable, "-m", "bqx.cli", "features", "--out", str(out), "--horizon", str(h),
-         "--target", "w15_bqx_return", "--split", "0.6,0.2,0.2", "--json"],
-        env=cli_env, capture_output=True, text=True, timeout=300,
+    result = CliRunner().invoke(
+        app,
+        ["features", "--out", str(out), "--horizon", str(h), "--target", "w15_bqx_return",
+         "--split", "0.6,0.2,0.2", "--json"],
+        env=cli_env,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
-    assert json.loads(proc.stdout)["splits"] == manifest["splits"]
+    assert json.loads(result.stdout)["splits"] == manifest["splits"]
     assert manifest["target"] == "w15_bqx_return" and manifest["horizon"] == h
     assert manifest["embargo_bars"] == h + 75
     assert set(manifest["splits"]) == {"train", "validation", "test"}

@@ -48,11 +48,19 @@ def read_manifest(features_dir: Path) -> dict[str, Any]:
 
 
 def load_split(
-    features_dir: Path, split: str, features: Sequence[str], max_rows: int | None
+    features_dir: Path,
+    split: str,
+    features: Sequence[str],
+    max_rows: int | None,
+    pairs: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(X float32, y, ts int64 minutes) of one split; every k-th row when above ``max_rows``."""
+    """(X float32, y, ts int64 minutes) of one split; every k-th row when above ``max_rows``.
+
+    Only the manifest's ``pairs`` are read, so files left by an earlier run are ignored."""
     folder = Path(features_dir) / split
     files = sorted(folder.glob("*.parquet"))
+    if pairs is not None:
+        files = [f for f in files if f.stem in set(pairs)]
     if not files:
         raise BqxError(f"{folder}: no Parquet files (write them with `bqx features`)")
     xs, ys, ts = [], [], []
@@ -172,14 +180,15 @@ def run_baseline(
     features_dir = Path(features_dir)
     manifest = read_manifest(features_dir)
     features = list(manifest["features"])
-    x_tr, y_tr, _ = load_split(features_dir, "train", features, max_train_rows)
-    x_va, y_va, _ = load_split(features_dir, "validation", features, max_eval_rows)
+    pairs = manifest.get("pairs")
+    x_tr, y_tr, _ = load_split(features_dir, "train", features, max_train_rows, pairs)
+    x_va, y_va, _ = load_split(features_dir, "validation", features, max_eval_rows, pairs)
     fitted = {
         "ridge": _fit_ridge(x_tr, y_tr, x_va, y_va),
         "lightgbm": _fit_gbm(x_tr, y_tr, x_va, y_va, trees=trees, seed=seed, n_jobs=n_jobs),
     }
     best = min(fitted, key=lambda k: fitted[k][2])  # chosen on validation, before test is read
-    x_te, y_te, minutes = load_split(features_dir, "test", features, max_eval_rows)
+    x_te, y_te, minutes = load_split(features_dir, "test", features, max_eval_rows, pairs)
     preds = {name: m.predict(x_te) for name, (m, _, _) in fitted.items()}
     rng = np.random.default_rng(seed)
     base = {
