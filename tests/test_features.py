@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from psycopg import sql
 from typer.testing import CliRunner
 
 from bqx.backfill import backfill
@@ -145,7 +146,7 @@ def test_features_command_on_stored_bars(settings, layout, make_bars, cli_env, t
     assert total == sum(s["rows"] for s in manifest["splits"].values())
 
 
-def test_bad_options_give_one_line(cli_env, tmp_path, make_bars, settings, layout) -> None:
+def test_bad_options_give_one_line(cli_env, tmp_path, make_bars, settings, layout, conn) -> None:
     make_bars("eurusd", "2024-07-29", 600, seed=1)
     backfill(settings, layout, workers=1)
     for kwargs, culprit in (
@@ -155,6 +156,14 @@ def test_bad_options_give_one_line(cli_env, tmp_path, make_bars, settings, layou
     ):
         with pytest.raises(BqxError, match=culprit):
             write_features(settings, tmp_path / "f", **kwargs)
+    # a bar stored after the backfill has no metric row yet: refused, naming pair and time
+    conn.execute(
+        sql.SQL("INSERT INTO {} VALUES ('2024-07-30 00:00+00', 1.1, 1.1, 1.1, 1.1, 1)").format(
+            layout.source("eurusd")
+        )
+    )
+    with pytest.raises(BqxError, match=r"EURUSD: .* differ from 2024-07-30T00:00:00Z"):
+        write_features(settings, tmp_path / "f")
     proc = subprocess.run(
         [sys.executable, "-m", "bqx.cli", "features", "--out", str(tmp_path / "f"),
          "--split", "0.7,0.2"],
