@@ -58,6 +58,7 @@ def main() -> None:
     from bqx.export import export
     from bqx.schema import Layout, parse_pairs, target_columns
 
+    load_before = os.getloadavg()[0]
     settings = load_settings()
     layout = Layout(settings.schema_name)
     pairs = parse_pairs(args.pairs)
@@ -106,6 +107,7 @@ def main() -> None:
         "pairs": pairs, "rows": rows, "columns": len(cols), "repeat": args.repeat,
         "seconds": best, "rows_per_s": {k: rows / v for k, v in best.items()},
         "all_seconds": timings, "parquet_mb": round(parquet_mb, 1), "cpus": os.cpu_count(),
+        "load_average": [load_before, os.getloadavg()[0]],
     }  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "export.json").write_text(json.dumps(doc, indent=2) + "\n")
@@ -129,7 +131,10 @@ def main() -> None:
     lines += [
         "",
         f"Parquet written: {parquet_mb:.1f} MB. Machine: {os.cpu_count()} CPUs shared with other"
-        " jobs, embedded PostgreSQL on the same machine; run `python bench/export.py`.",
+        f" jobs (1-minute load average {load_before:.1f} at the start,"
+        f" {os.getloadavg()[0]:.1f} at the end), embedded PostgreSQL on the same machine."
+        " Absolute rows/s move with the load; the ratios are the measure."
+        " Run `python bench/export.py`.",
         "",
     ]
     (RESULTS / "export.md").write_text("\n".join(lines))
