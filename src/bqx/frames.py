@@ -28,17 +28,11 @@ def _kind(value: object) -> str:
 
 
 def is_frame(value: object) -> bool:
-    name = type(value).__name__
-    return (
-        _kind(value) in ("pandas", "polars")
-        and name == "DataFrame"
-        or (_kind(value) == "pyarrow" and name == "Table")
+    """A pandas or polars DataFrame, or a pyarrow Table."""
+    kind, name = _kind(value), type(value).__name__
+    return (kind in ("pandas", "polars") and name == "DataFrame") or (
+        kind == "pyarrow" and name == "Table"
     )
-
-
-def needs_adapting(times: object, prices: object) -> bool:
-    """False for the plain numpy call that ``compute`` handles itself."""
-    return not (isinstance(times, np.ndarray) and isinstance(prices, np.ndarray))
 
 
 # -- columns to numpy ---------------------------------------------------------------------
