@@ -849,5 +849,103 @@ def report(
     console.print(f"report: {md}\n        {html}", highlight=False)
 
 
+# -- export / features / baseline ---------------------------------------------------------
+# (section: h6-ml — docs/ml.md)
+
+
+@app.command()
+def export(
+    out: Annotated[Path, typer.Option("--out", help="Directory for pair=…/month=… Parquet.")],
+    pairs: PairsOpt = None,
+    start: StartOpt = None,
+    end: EndOpt = None,
+    json_out: JsonOpt = False,
+    database_url: DatabaseOpt = None,
+    schema: SchemaOpt = None,
+) -> None:
+    """The stored metrics as Parquet, Hive-partitioned by pair and month, one month at a time."""
+    from bqx.export import export as run_export
+    from bqx.schema import parse_pairs
+
+    settings = settings_from(database_url, schema)
+    summary = run_export(
+        settings, out, pairs=parse_pairs(pairs), start=_month(start), end=_month(end)
+    )
+    if json_out:
+        print_json(summary.as_dict())
+        return
+    console.print(
+        f"exported {summary.rows:,} rows of {len(summary.pairs)} pairs in {summary.files} files"
+        f" to {summary.out} in {summary.seconds:.1f}s ({summary.rows_per_s:,.0f} rows/s)",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command()
+def features(
+    out: Annotated[Path, typer.Option("--out", help="Directory for the Parquet files.")],
+    pairs: PairsOpt = None,
+    start: StartOpt = None,
+    end: EndOpt = None,
+    target: Annotated[
+        str, typer.Option("--target", help="BQX column to predict, h bars ahead.")
+    ] = "w60_bqx_return",
+    horizon: Annotated[int, typer.Option("--horizon", help="Bars ahead (h).")] = 60,
+    split: Annotated[
+        str, typer.Option("--split", help="train,validation,test fractions (chronological).")
+    ] = "0.7,0.15,0.15",
+    json_out: JsonOpt = False,
+    database_url: DatabaseOpt = None,
+    schema: SchemaOpt = None,
+) -> None:
+    """ML features per bar, a target h bars ahead, chronological splits with an embargo."""
+    from bqx.ml.features import write_features
+    from bqx.schema import parse_pairs
+
+    settings = settings_from(database_url, schema)
+    summary = write_features(
+        settings, out, pairs=parse_pairs(pairs), start=_month(start), end=_month(end),
+        target=target, horizon=horizon, split=split,
+    )  # fmt: skip
+    if json_out:
+        print_json(summary.manifest)
+        return
+    sp = summary.manifest["splits"]
+    console.print(
+        f"{summary.rows:,} rows of {len(summary.pairs)} pairs,"
+        f" {len(summary.manifest['features'])} features, target {target} +{horizon} bars:"
+        + "".join(f" {k} {v['rows']:,}" for k, v in sp.items())
+        + f" (embargo {summary.manifest['embargo_bars']} bars) in {summary.seconds:.1f}s"
+        f" -> {summary.out}/manifest.json",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command()
+def baseline(
+    features_dir: Annotated[
+        Path, typer.Option("--features", help="A `bqx features --out` directory.")
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Write baseline.md/.json and a plot here.")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random baseline.")] = 0,
+    trees: Annotated[int, typer.Option("--trees", help="Most boosting rounds.")] = 300,
+    json_out: JsonOpt = False,
+) -> None:
+    """Ridge and LightGBM against a random and a mean baseline, with a significance test."""
+    from bqx.ml.baseline import markdown, run_baseline, write_outputs
+
+    doc, arrays = run_baseline(features_dir, seed=seed, trees=trees)
+    if out is not None:
+        write_outputs(doc, arrays, out)
+    if json_out:
+        print_json(doc)
+    else:
+        console.print(markdown(doc), highlight=False, soft_wrap=True, markup=False)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

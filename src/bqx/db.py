@@ -782,3 +782,136 @@ def wait_for_server(url: str, timeout_s: float = 30.0) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+# -- binary COPY out, N columns -------------------------------------------------------------
+# (section: h6-ml — metrics and bars out to Arrow)
+
+_NAN_BITS = np.array([np.nan]).view(np.int64)[0]
+
+
+@numba.njit(cache=True, nogil=True)
+def _decode_columns(buf, pos, nfields, ts_out, bits_out, null_out):  # pragma: no cover
+    """Decode whole COPY BINARY rows (timestamp, float8 × (nfields − 1)) from ``buf[pos:]``.
+
+    Returns (rows decoded, position after them, status): status 0 = more may follow,
+    1 = trailer seen, -1 = wrong field count, -2 = NULL time, -3 = a field is not 8 bytes.
+    A NULL float gets NaN bits and a 1 in ``null_out``.
+    """
+    end = buf.shape[0]
+    cap = ts_out.shape[0]
+    r = 0
+    while r < cap:
+        if pos + 2 > end:
+            return r, pos, 0
+        nf = (np.int64(buf[pos]) << 8) | np.int64(buf[pos + 1])
+        if nf == 0xFFFF:
+            return r, pos + 2, 1
+        if nf != nfields:
+            return r, pos, -1
+        # the row is decoded only when all of it is in the buffer
+        p = pos + 2
+        for _f in range(nfields):
+            if p + 4 > end:
+                return r, pos, 0
+            ln = (
+                (np.int64(buf[p]) << 24) | (np.int64(buf[p + 1]) << 16)
+                | (np.int64(buf[p + 2]) << 8) | np.int64(buf[p + 3])
+            )  # fmt: skip
+            p += 4
+            if ln == 8:
+                p += 8
+            elif ln != 0xFFFFFFFF:
+                return r, pos, -3
+        if p > end:
+            return r, pos, 0
+        p = pos + 2
+        for f in range(nfields):
+            null = buf[p] == 0xFF
+            p += 4
+            if null:
+                if f == 0:
+                    return r, pos, -2
+                bits_out[f - 1, r] = _NAN_BITS
+                null_out[f - 1, r] = 1
+                continue
+            v = np.int64(0)
+            for b in range(8):
+                v = (v << 8) | np.int64(buf[p + b])
+            p += 8
+            if f == 0:
+                ts_out[r] = v
+            else:
+                bits_out[f - 1, r] = v
+                null_out[f - 1, r] = 0
+        pos = p
+        r += 1
+    return r, pos, 0
+
+
+def copy_out_columns(
+    cur: psycopg.Cursor,
+    query: sql.Composable,
+    params: Sequence[object] | None,
+    ncols: int,
+    *,
+    chunk_bytes: int = 8 << 20,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run ``query`` selecting (timestamp NOT NULL, float8 × ``ncols``) through COPY BINARY.
+
+    Returns (times datetime64[us], values (ncols × rows) float64, nulls (ncols × rows) bool),
+    NaN where NULL. The stream is decoded in chunks as it arrives, with numba (no Python object
+    per row), so memory holds the decoded columns plus one chunk of the wire format.
+    """
+    stmt = sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(query)
+    nfields = ncols + 1
+    min_row = 2 + 4 * nfields + 8  # a row with every float NULL
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    buf = bytearray()
+    header_done = finished = False
+
+    def drain() -> None:
+        nonlocal header_done, finished
+        start = 0
+        if not header_done:
+            if len(buf) < 19:
+                return
+            if bytes(buf[:11]) != _COPY_HEADER[:11]:
+                raise BqxError("unexpected COPY stream: not PostgreSQL binary COPY")
+            ext = int.from_bytes(buf[15:19], "big")
+            if len(buf) < 19 + ext:
+                return
+            start, header_done = 19 + ext, True
+        cap = (len(buf) - start) // min_row + 1
+        ts = np.empty(cap, dtype=np.int64)
+        bits = np.empty((ncols, cap), dtype=np.int64)
+        nulls = np.empty((ncols, cap), dtype=np.uint8)
+        view = np.frombuffer(buf, dtype=np.uint8)
+        rows, pos, status = _decode_columns(view, start, nfields, ts, bits, nulls)
+        del view  # release the export so the bytearray can shrink
+        if status < 0:
+            raise BqxError(
+                {-1: "unexpected COPY stream: wrong number of columns",
+                 -2: "unexpected COPY stream: a NULL time",
+                 -3: "unexpected COPY stream: a column is not float8 / timestamp"}[status]
+            )  # fmt: skip
+        finished = status == 1
+        if rows:
+            parts.append((ts[:rows].copy(), bits[:, :rows].copy(), nulls[:, :rows].copy()))
+        del buf[:pos]
+
+    with cur.copy(stmt, params) as copy:
+        for block in copy:
+            buf += block
+            if len(buf) >= chunk_bytes:
+                drain()
+    drain()
+    if not finished:
+        raise BqxError("unexpected COPY stream: truncated")
+    if not parts:
+        return (np.empty(0, "datetime64[us]"), np.empty((ncols, 0)), np.empty((ncols, 0), bool))
+    ts = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+    bits = np.concatenate([p[1] for p in parts], axis=1) if len(parts) > 1 else parts[0][1]
+    nulls = np.concatenate([p[2] for p in parts], axis=1) if len(parts) > 1 else parts[0][2]
+    values = np.ascontiguousarray(bits).view(np.float64)
+    return from_pg_us(ts), values, np.ascontiguousarray(nulls).view(bool)

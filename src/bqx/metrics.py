@@ -309,8 +309,8 @@ def compute_matrix(
 
 
 def compute(
-    times: np.ndarray,
-    prices: np.ndarray,
+    times: np.ndarray | object,
+    prices: np.ndarray | object = None,
     *,
     windows: Sequence[int] = DEFAULT_WINDOWS,
     mode: str = "bars",
@@ -327,6 +327,16 @@ def compute(
     Computing a tail with ``lookback_bars(windows)`` bars (bars mode) or
     ``lookback_minutes(windows, max_fill)`` minutes (clock mode) of history before it gives
     the same values, bit for bit, as computing the whole series.
+
+    pandas / polars series and Arrow arrays are accepted too (aware times converted to UTC),
+    and a data frame with a time column (or a DatetimeIndex) and a price column, named by
+    ``prices`` or found by name (close, rate, price), gives that kind of frame back.
     """
+    if not (isinstance(times, np.ndarray) and isinstance(prices, np.ndarray)):
+        from bqx import frames  # series and frames: converted there, pandas/polars optional
+
+        return frames.compute_any(
+            compute, times, prices, windows=windows, mode=mode, max_fill=max_fill
+        )
     matrix = compute_matrix(times, prices, windows=windows, mode=mode, max_fill=max_fill)
     return dict(zip(metric_columns(windows), matrix, strict=True))
