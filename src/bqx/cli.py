@@ -117,8 +117,7 @@ def _options(
 
     VERBOSITY["level"] = -1 if quiet else 1 if verbose else 0
     progress.configure(quiet=quiet, verbose=verbose)
-    if quiet:
-        console.quiet = True  # results printed for people; --json documents still print
+    console.quiet = quiet  # results printed for people; --json documents still print
 
 
 # -- shared options -----------------------------------------------------------------------
