@@ -39,8 +39,8 @@ def run(*args: str, env: dict, cwd: Path | None = None, timeout: float = 180):
 
 @pytest.fixture
 def backfilled(settings, layout, make_bars):
-    """EURUSD, July and August 2024 (40 days), backfilled with one worker."""
-    make_bars("eurusd", "2024-07-01", 40 * 1440, seed=1)
+    """EURUSD, 10 days over July and August 2024 (2 jobs), backfilled with one worker."""
+    make_bars("eurusd", "2024-07-27", 10 * 1440, seed=1)
     return backfill(settings, layout, workers=1)
 
 
@@ -167,21 +167,21 @@ def test_no_run_message_is_a_sentence(cli_env):
 
 
 def test_verify_and_report_show_progress_when_piped(cli_env, backfilled, tmp_path):
-    res = run("verify", "--sample", "3", env=cli_env)
-    assert res.returncode == 0, res.stderr
+    res = cli("verify", "--sample", "3", env=cli_env)
+    assert res.exit_code == 0, res.stderr
     stages = [line.split(":")[1].split("(")[0].strip() for line in res.stderr.splitlines()]
     assert stages == ["partitions", "row_counts", "keys_and_bounds", "nulls",
                       "recompute_sample", "ledger", "done"]  # fmt: skip
     assert all(re.fullmatch(r"verify: \w+ \([\d.]+ s\)", x) for x in res.stderr.splitlines())
     assert len(res.stdout.splitlines()) == 6 and "FAIL" not in res.stdout
-    res = run("report", "--out", str(tmp_path / "r"), "--sample", "3", env=cli_env)
-    assert res.returncode == 0, res.stderr
+    res = cli("report", "--out", str(tmp_path / "r"), "--sample", "3", env=cli_env)
+    assert res.exit_code == 0, res.stderr
     lines = res.stderr.splitlines()
     assert lines[0].startswith("report: reading the ledger (")
     assert any(x.startswith("report: drawing the charts") for x in lines)
     assert len(lines) < 20  # a few lines, not one per pair
-    res = run("--quiet", "verify", "--sample", "3", env=cli_env)
-    assert res.returncode == 0 and res.stdout == "" and res.stderr == ""
+    res = cli("--quiet", "verify", "--sample", "3", env=cli_env)
+    assert res.exit_code == 0 and res.stdout == "" and res.stderr == ""
 
 
 # -- 4. status --watch ---------------------------------------------------------------------
@@ -216,8 +216,8 @@ def test_watch_until_done_ends_with_the_run(cli_env, make_bars, settings, layout
     conn.execute(sql.SQL("UPDATE {} SET status = 'failed'").format(layout.table("bqx_runs")))
     res = run("status", "--watch", "--until-done", "--interval", "0.1", env=cli_env, timeout=60)
     assert res.returncode == 1 and "1 failed" in res.stdout
-    res = run("status", "--until-done", env=cli_env)
-    assert res.returncode == 2 and "--until-done goes with --watch" in res.stderr
+    res = cli("status", "--until-done", env=cli_env)
+    assert res.exit_code == 2 and "--until-done goes with --watch" in res.stderr
 
 
 def test_watch_until_done_follows_a_live_run(cli_env, make_bars, conn, layout):
@@ -256,32 +256,32 @@ def test_a_run_with_zero_jobs_is_not_the_latest_and_not_a_pass(
     cli_env, backfilled, conn, layout, tmp_path
 ):
     empty = empty_run(conn, layout)
-    res = run("status", "--json", env=cli_env)
+    res = cli("status", "--json", env=cli_env)
     assert json.loads(res.stdout)["run"]["run_id"] == backfilled.run_id
-    res = run("verify", "--sample", "3", "--json", env=cli_env)
+    res = cli("verify", "--sample", "3", "--json", env=cli_env)
     doc = json.loads(res.stdout)
-    assert res.returncode == 0 and doc["run_id"] == backfilled.run_id and doc["jobs"] == 2
-    res = run("verify", "--run", str(empty), env=cli_env)
-    assert res.returncode == 1 and "PASS" not in res.stdout
+    assert res.exit_code == 0 and doc["run_id"] == backfilled.run_id and doc["jobs"] == 2
+    res = cli("verify", "--run", str(empty), env=cli_env)
+    assert res.exit_code == 1 and "PASS" not in res.stdout
     assert res.stderr == (
         f"error: nothing to check: run {empty} planned no job (no source bars in its pairs"
         " and months)\n"
     )
-    res = run("verify", "--run", str(empty), "--json", env=cli_env)
+    res = cli("verify", "--run", str(empty), "--json", env=cli_env)
     doc = json.loads(res.stdout)
-    assert res.returncode == 1 and doc["ok"] is False and doc["checks"] == []
+    assert res.exit_code == 1 and doc["ok"] is False and doc["checks"] == []
     assert doc["nothing_to_check"].startswith(f"run {empty} planned no job")
     # the report of the empty run is written, and says so
-    res = run("report", "--run", str(empty), "--out", str(tmp_path / "e"), env=cli_env)
-    assert res.returncode == 0, res.stderr
+    res = cli("report", "--run", str(empty), "--out", str(tmp_path / "e"), env=cli_env)
+    assert res.exit_code == 0, res.stderr
     md = (tmp_path / "e" / "report.md").read_text()
     assert "**Status:** EMPTY" in md and "COMPLETE" not in md
     assert "Nothing to check: run" in md
     assert (tmp_path / "e" / "report.html").read_text().count("data:image/png;base64,") == 3
     assert "the report says EMPTY" in res.stderr
     # by default the report is of the real latest run
-    res = run("report", "--out", str(tmp_path / "d"), "--sample", "3", env=cli_env)
-    assert res.returncode == 0, res.stderr
+    res = cli("report", "--out", str(tmp_path / "d"), "--sample", "3", env=cli_env)
+    assert res.exit_code == 0, res.stderr
     assert (
         f"**Run:** {backfilled.run_id} (done) · **Status:** COMPLETE"
         in (tmp_path / "d" / "report.md").read_text()
@@ -303,28 +303,38 @@ def test_only_empty_runs_say_so(cli_env, conn, layout, settings):
 # -- 6. a crashed or interrupted run is never COMPLETE --------------------------------------
 
 
-@pytest.mark.parametrize("status", ["interrupted", "running", "failed"])
-def test_report_of_a_run_that_did_not_end_done(status, backfilled, conn, layout, tmp_path, cli_env):
-    conn.execute(sql.SQL("UPDATE {} SET status = %s").format(layout.table("bqx_runs")), (status,))
-    res = run("report", "--out", str(tmp_path), "--sample", "2", "--json", env=cli_env)
-    assert res.returncode == 0, res.stderr
+def test_report_of_a_run_that_did_not_end_done(backfilled, conn, layout, tmp_path, cli_env):
+    from bqx.report import write_report
+    from bqx.verify import verify
+
+    checked = verify(conn, layout, sample=2)  # the tables are fine: only the run's end differs
+    assert checked.ok
+    for status in ("interrupted", "running", "failed"):
+        conn.execute(
+            sql.SQL("UPDATE {} SET status = %s").format(layout.table("bqx_runs")), (status,)
+        )
+        md_path, _, data = write_report(conn, layout, tmp_path / status, verification=checked)
+        md = md_path.read_text()
+        assert data.headline()["status"] == "INCOMPLETE", status
+        assert "COMPLETE" not in md.replace("INCOMPLETE", ""), status
+        assert f"**Status:** INCOMPLETE: run {backfilled.run_id} " in md
+    res = cli("report", "--out", str(tmp_path / "cli"), "--sample", "2", "--json", env=cli_env)
+    assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
-    assert doc["status"] == "INCOMPLETE" and doc["run_status"] == status
-    md = (tmp_path / "report.md").read_text()
-    assert "COMPLETE" not in md.replace("INCOMPLETE", "")
-    assert f"**Status:** INCOMPLETE: run {backfilled.run_id} " in md
+    assert (doc["status"], doc["run_status"]) == ("INCOMPLETE", "failed")
+    assert doc["why"] == f"run {backfilled.run_id} ended failed"
 
 
 def test_status_and_report_show_mode_and_windows(
     settings, layout, make_bars, conn, tmp_path, cli_env
 ):
-    make_bars("eurusd", "2024-07-01", 10 * 1440, seed=1)
+    make_bars("eurusd", "2024-07-01", 3 * 1440, seed=1)
     backfill(settings, layout, workers=1, mode="clock", max_fill=3, windows=(10, 20))
-    res = run("status", env=cli_env)
+    res = cli("status", env=cli_env)
     assert "clock mode, windows 10, 20, max fill 3 min" in res.stdout
-    doc = json.loads(run("status", "--json", env=cli_env).stdout)["run"]
+    doc = json.loads(cli("status", "--json", env=cli_env).stdout)["run"]
     assert (doc["mode"], doc["windows"], doc["max_fill"]) == ("clock", [10, 20], 3)
-    res = run("report", "--out", str(tmp_path), "--sample", "2", "--json", env=cli_env)
+    res = cli("report", "--out", str(tmp_path), "--sample", "2", "--json", env=cli_env)
     doc = json.loads(res.stdout)
     assert (doc["mode"], doc["windows"], doc["max_fill"]) == ("clock", [10, 20], 3)
     md = (tmp_path / "report.md").read_text()
@@ -347,17 +357,6 @@ def test_generate_and_report_json(cli_env, tmp_path, conn, layout):
 
 def test_demo_json_and_next_steps_run_as_printed(cli_env, tmp_path):
     args = ["demo", "--months", "1", "--pairs", "EURUSD", "--out", str(tmp_path / "rep")]
-    res = run(*args, "--workers", "1", env=cli_env, cwd=tmp_path, timeout=300)
-    assert res.returncode == 0, res.stderr
-    lines = res.stdout.splitlines()
-    assert "1/4 generating 1 pair × 1 month of bars (2024-07..2024-07)" in lines
-    steps = lines[lines.index("next steps, to run as printed:") + 1 :]
-    assert [s.split()[-1] for s in steps[:2]] == ["status", "verify"]
-    env = {**cli_env, "PYTHONPATH": SRC}
-    for step in steps[:3]:  # each runs as printed, from where the demo ran
-        done = subprocess.run(step, shell=True, env=env, cwd=tmp_path, capture_output=True,
-                              text=True, timeout=180)  # fmt: skip
-        assert done.returncode == 0, (step, done.stderr)
     res = run(*args, "--json", "--workers", "1", env=cli_env, cwd=tmp_path, timeout=300)
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)  # the document alone on stdout; the narration on stderr
@@ -365,8 +364,16 @@ def test_demo_json_and_next_steps_run_as_printed(cli_env, tmp_path):
     assert doc["run"]["jobs_total"] == 1 and doc["bars"] > 20_000
     assert doc["report"]["files"] == [str(tmp_path / "rep" / "report.md"),
                                       str(tmp_path / "rep" / "report.html")]  # fmt: skip
-    assert doc["next"][:3] == steps[:3]
-    assert "1/4 generating" in res.stderr
+    lines = res.stderr.splitlines()
+    assert "1/4 generating 1 pair × 1 month of bars (2024-07..2024-07)" in lines
+    steps = [x.strip() for x in lines[lines.index("next steps, to run as printed:") + 1 :]]
+    assert steps == doc["next"]
+    assert [x.split()[-1] for x in steps[:2]] == ["status", "verify"]
+    env = {**cli_env, "PYTHONPATH": SRC}
+    for step in steps[:3]:  # each runs as printed, from where the demo ran
+        done = subprocess.run(step, shell=True, env=env, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=180)  # fmt: skip
+        assert done.returncode == 0, (step, done.stderr)
 
 
 # -- 2. next steps as the user can type them ------------------------------------------------

@@ -32,7 +32,7 @@ class _Group(TyperGroup):
         try:
             rv = super().main(*args, standalone_mode=False, **kwargs)
         except UsageError as exc:
-            where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+            where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else " (see --help)"
             _error(f"{exc.format_message()}{where}")
             sys.exit(exc.exit_code)
         except ClickException as exc:

@@ -532,11 +532,11 @@ def _null_faults(
             unexpected, missing = counts[2 * i], counts[2 * i + 1]
             where = {"pair": pair, "month": Month.of(month), "column": f"w{w}_bqx_*"}
             if unexpected:
-                faults.append(_fault(f"{label}: {plural(unexpected, 'unexpected NULL row')}", **where,
-                                     expected=0, got=unexpected))  # fmt: skip
+                problem = f"{label}: {plural(unexpected, 'unexpected NULL row')}"
+                faults.append(_fault(problem, **where, expected=0, got=unexpected))
             if missing:
-                faults.append(_fault(f"{label}: {plural(missing, 'row')} without full history not NULL",
-                                     **where, expected=0, got=missing))  # fmt: skip
+                problem = f"{label}: {plural(missing, 'row')} without full history not NULL"
+                faults.append(_fault(problem, **where, expected=0, got=missing))
     return faults
 
 
