@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -38,6 +39,9 @@ class _Group(TyperGroup):
         except ClickException as exc:
             _error(exc.format_message())
             sys.exit(exc.exit_code)
+        except typer.Abort:  # a prompt answered with Ctrl-D, or refused
+            _error("aborted")
+            sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
 
     def format_commands(self, ctx: Any, formatter: Any) -> None:
@@ -66,9 +70,13 @@ app = typer.Typer(
 db_app = typer.Typer(help="Manage the embedded PostgreSQL server.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
-# soft_wrap: one line per message whatever the width (logs, grep, `| tee`)
+# soft_wrap: one line per message whatever the width (logs, grep, `| tee`); when piped, tables
+# and grids get room too instead of rich's 80 columns (COLUMNS, when set, still rules)
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
+for _c in (console, err_console):
+    if not _c.is_terminal and not os.environ.get("COLUMNS"):
+        _c.width = 240
 # --quiet / --verbose, set by the top-level callback
 VERBOSITY = {"level": 0}
 
@@ -423,7 +431,6 @@ def invocation(
     """How the user can run bqx again, as a shell command: ``bqx`` when that is on PATH,
     else the path they ran (``.venv/bin/bqx`` after ``make demo``), else ``python -m bqx.cli``.
     """
-    import os
     import shlex
     import shutil
 
