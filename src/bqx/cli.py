@@ -562,6 +562,8 @@ def _status_line(doc: dict) -> str:
 def _run_ended(doc: dict) -> int | None:
     """For --until-done: None while the run goes on; else the exit code (0 done, 1 not)."""
     run, jobs = doc["run"], doc["jobs"]
+    if run is not None and run.get("stalled"):
+        return 1  # marked running, yet its driver is gone: it will not end by itself
     if run is None or run["status"] == "running":
         return None
     ok = run["status"] == "done" and jobs["failed"] == 0 and jobs["done"] == jobs["total"]
@@ -655,7 +657,8 @@ def status(
         bool,
         typer.Option(
             "--until-done",
-            help="With --watch: stop when the run ends; exit 0 if all its jobs are done, else 1.",
+            help="Watch until the run ends: exit 0 if all its jobs are done, 1 if not (failed,"
+            " interrupted, or stalled with its driver gone).",
         ),
     ] = False,
     interval: Annotated[
@@ -677,8 +680,7 @@ def status(
 
     settings = settings_from(database_url, schema)
     layout = Layout(settings.schema_name)
-    if until_done and not watch:
-        fail("--until-done goes with --watch", 2)
+    watch = watch or until_done
     if json_out or not watch:
         with connect(settings, autocommit=True) as conn:
             doc = read_status(conn, layout)
