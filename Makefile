@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/bqx demo $(DEMO_ARGS)
+	@echo 'bqx is $(BIN)/bqx; to type plain `bqx`: source $(BIN)/activate'
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests bench

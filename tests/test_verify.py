@@ -77,7 +77,7 @@ def test_row_outside_its_month(conn, done):
         ).format(target, part)
     )
     bad = failing(conn, done)
-    assert "EURUSD 2024-08: 1 rows outside 2024-08" in bad["keys_and_bounds"]
+    assert "EURUSD 2024-08: 1 row outside 2024-08" in bad["keys_and_bounds"]
     assert "EURUSD 2024-08: partition bqx_eurusd_2024m08 covers" in bad["partitions"]
 
 
@@ -104,6 +104,13 @@ def test_corrupted_value_is_caught_by_recomputation(conn, done):
         r"USDJPY 2024-08: w30_bqx_stdev wrong on (\d+) of \1 sampled rows \(first .*\)",
         bad["recompute_sample"],
     ), bad["recompute_sample"]
+    # the same failure for scripts: where, which column, the recomputed and the stored value
+    (check,) = [c for c in verify(conn, done, sample=40).checks if c.name == "recompute_sample"]
+    (fault,) = check.failures
+    assert (fault.pair, fault.month, fault.column) == ("USDJPY", "2024-08", "w30_bqx_stdev")
+    assert fault.got == pytest.approx(fault.expected * 1.000001, rel=1e-12)
+    assert fault.count == int(re.search(r"wrong on (\d+)", check.detail).group(1)) > 0
+    assert fault.at.startswith("2024-08-")
 
 
 def test_unexpected_null_is_caught(conn, done):
@@ -113,7 +120,7 @@ def test_unexpected_null_is_caught(conn, done):
         ).format(done.target_partition("eurusd", AUG), done.target_partition("eurusd", AUG))
     )
     bad = failing(conn, done)
-    assert bad["nulls"] == "EURUSD 2024-08 w45: 1 unexpected NULL rows"
+    assert bad["nulls"] == "EURUSD 2024-08 w45: 1 unexpected NULL row"
 
 
 def test_job_left_running_by_a_dead_worker(conn, done):
@@ -152,10 +159,33 @@ def test_cli_json_and_exit_code(conn, done, cli_env):
     code, doc = run()
     assert code == 0 and doc["ok"] is True
     assert {c["name"] for c in doc["checks"]} >= {"partitions", "ledger"}
-    assert all(set(c) == {"name", "ok", "detail"} for c in doc["checks"])
+    assert all(set(c) == {"name", "ok", "detail", "failures", "counts"} for c in doc["checks"])
+    counts = {c["name"]: c["counts"] for c in doc["checks"]}
+    exact = sum(
+        conn.execute(sql.SQL("SELECT count(*) FROM {}").format(done.target(p))).fetchone()[0]
+        for p in ("eurusd", "usdjpy")
+    )
+    assert counts["row_counts"] == {"rows": exact, "source_bars": exact}  # numbers, not text
+    assert counts["partitions"] == {"partitions": 4, "missing": 0}
     conn.execute(sql.SQL("DROP TABLE {}").format(done.target_partition("eurusd", AUG)))
     code, doc = run()
     assert code == 1 and doc["ok"] is False
+    failures = {c["name"]: c["failures"] for c in doc["checks"]}
+    src_aug = conn.execute(
+        sql.SQL("SELECT count(*) FROM {}").format(done.source_partition("eurusd", AUG))
+    ).fetchone()[0]
+    assert failures["partitions"] == [{
+        "problem": f"EURUSD 2024-08: partition {done.schema}.bqx_eurusd_2024m08 is missing",
+        "pair": "EURUSD", "month": "2024-08", "column": None, "expected": "bqx_eurusd_2024m08",
+        "got": None, "at": None, "count": None,
+    }]  # fmt: skip
+    ((row_fault),) = failures["row_counts"]
+    assert (row_fault["pair"], row_fault["month"], row_fault["column"]) == (
+        "EURUSD",
+        "2024-08",
+        "rows",
+    )
+    assert (row_fault["expected"], row_fault["got"]) == (src_aug, 0)
 
 
 def test_a_forced_redo_of_one_pair_does_not_hide_faults_in_another(settings, conn, done):
@@ -196,5 +226,5 @@ def test_clock_mode_nulls_and_recomputation(settings, layout, conn, make_bars):
         ).format(p=part)
     )
     bad = failing(conn, layout)
-    assert "EURUSD 2024-08 w15: 1 rows without full history not NULL" in bad["nulls"]
-    assert "EURUSD 2024-08 w75: 1 unexpected NULL rows" in bad["nulls"]
+    assert "EURUSD 2024-08 w15: 1 row without full history not NULL" in bad["nulls"]
+    assert "EURUSD 2024-08 w75: 1 unexpected NULL row" in bad["nulls"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -10,21 +11,128 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from typer._click.exceptions import ClickException, UsageError  # typer vendors click
+from typer.core import TyperGroup
 
 from bqx.config import Settings, load_settings
 from bqx.errors import BqxError
+from bqx.progress import plural
+
+EXIT_CODES = (
+    "Exit codes: 0 ok; 1 failed jobs, failed checks or an error (one line on stderr);"
+    " 2 usage error (a bad option or value); 130 interrupted (Ctrl-C or SIGTERM; run the"
+    " same command again to resume)."
+)
+
+
+class _Group(TyperGroup):
+    """The top-level group: a usage error is one line on stderr (exit 2), like any bqx error."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except UsageError as exc:
+            where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else " (see --help)"
+            _error(f"{exc.format_message()}{where}")
+            sys.exit(exc.exit_code)
+        except ClickException as exc:
+            _error(exc.format_message())
+            sys.exit(exc.exit_code)
+        except typer.Abort:  # a prompt answered with Ctrl-D, or refused
+            _error("aborted")
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
+        """The command list with each command's whole first sentence (click cuts at 45)."""
+        rows = []
+        for name in self.list_commands(ctx):
+            cmd = self.get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit=300)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
 
 app = typer.Typer(
+    cls=_Group,
     help="Backward-looking BQX metrics for forex minute bars, backfilled into PostgreSQL.",
+    epilog=EXIT_CODES,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    # plain help: rich markup would eat "[default: …]" in help texts, and a flag has no type
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    add_completion=True,
 )
 db_app = typer.Typer(help="Manage the embedded PostgreSQL server.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
-console = Console()
-err_console = Console(stderr=True)
+# soft_wrap: one line per message whatever the width (logs, grep, `| tee`); when piped, tables
+# and grids get room too instead of rich's 80 columns (COLUMNS, when set, still rules)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
+for _c in (console, err_console):
+    if not _c.is_terminal and not os.environ.get("COLUMNS"):
+        _c.width = 240
+# --quiet / --verbose, set by the top-level callback
+VERBOSITY = {"level": 0}
+
+
+def _error(message: str) -> None:
+    from rich.text import Text
+
+    from bqx.db import mask_text
+
+    message = mask_text(message, *_given_urls())  # no password, whatever the message holds
+    # a Text, not markup: a message may hold brackets ("[default: …]", "[2024-07]")
+    err_console.print(
+        Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True
+    )
+
+
+def info(text: str) -> None:
+    """A line for the person watching (stderr): silenced by --quiet."""
+    if VERBOSITY["level"] >= 0:
+        err_console.print(text, highlight=False, markup=False)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from bqx import __version__
+
+        sys.stdout.write(f"bqx {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", "-V", callback=_version, is_eager=True, help="Print the version."
+        ),
+    ] = False,
+    quiet: Annotated[
+        bool,
+        typer.Option(
+            "--quiet", "-q", help="Only results, errors and failures: no progress, no notes."
+        ),
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="More detail: database in use, timings.")
+    ] = False,
+) -> None:
+    """Backward-looking BQX metrics for forex minute bars, backfilled into PostgreSQL."""
+    from bqx import progress
+
+    VERBOSITY["level"] = -1 if quiet else 1 if verbose else 0
+    progress.configure(quiet=quiet, verbose=verbose)
+    console.quiet = quiet  # results printed for people; --json documents still print
+
 
 # -- shared options -----------------------------------------------------------------------
 
@@ -37,7 +145,8 @@ DatabaseOpt = Annotated[
     ),
 ]
 SchemaOpt = Annotated[
-    str | None, typer.Option("--schema", help="Schema for all bqx objects [env BQX_SCHEMA; bqx].")
+    str | None,
+    typer.Option("--schema", help="Schema for all bqx objects [env BQX_SCHEMA; default: bqx]."),
 ]
 PairsOpt = Annotated[
     str | None, typer.Option("--pairs", help="Comma list of pairs, e.g. EURUSD,GBPUSD.")
@@ -48,14 +157,16 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON document on stdo
 
 
 def settings_from(database_url: str | None, schema: str | None) -> Settings:
-    return load_settings(database_url=database_url, schema_name=schema)
+    settings = load_settings(database_url=database_url, schema_name=schema)
+    if VERBOSITY["level"] > 0:
+        from bqx.db import describe_target
+
+        info(f"database: {describe_target(settings)} · schema {settings.schema_name}")
+    return settings
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    from bqx.db import mask_text
-
-    message = mask_text(message, *_given_urls())
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    _error(message)
     raise typer.Exit(code)
 
 
@@ -109,14 +220,12 @@ def main() -> None:
     try:
         app()
     except BqxError as exc:
-        line = _error_line(exc)
-        err_console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+        _error(_error_line(exc))
         sys.exit(1)
     except psycopg.Error as exc:  # the server went away, refused us, or refused a statement
         if os.environ.get("BQX_DEBUG"):
             raise
-        line = _error_line(exc).splitlines()[0]
-        err_console.print(f"[bold red]error:[/] database: {line}", highlight=False, soft_wrap=True)
+        _error("database: " + _error_line(exc).splitlines()[0])
         sys.exit(1)
     except SystemExit as exc:
         if not interrupted and exc.code != 130:  # typer's own exit for Ctrl-C
@@ -260,6 +369,9 @@ PriceColOpt = Annotated[str, typer.Option("--price-column", help="Source price c
 WorkersOpt = Annotated[
     int | None, typer.Option("--workers", help="Worker processes [default: CPU count].")
 ]
+GenerateWorkersOpt = Annotated[
+    int | None, typer.Option("--workers", help="Worker processes [default: 1].")
+]
 
 
 def _windows(text: str) -> tuple[int, ...]:
@@ -292,6 +404,7 @@ def init(
     source_table: SourceTableOpt = "m1_{pair}",
     database_url: DatabaseOpt = None,
     schema: SchemaOpt = None,
+    json_out: JsonOpt = False,
 ) -> None:
     """Create schema, source and target tables, monthly partitions and the ledger (idempotent)."""
     from bqx.backfill import init as init_tables
@@ -307,7 +420,10 @@ def init(
         n = init_tables(
             conn, layout, parse_pairs(pairs) or list(REPORT_PAIRS), months, _windows(windows)
         )
-    console.print(f"ready: {n} pair-months in schema {layout.schema}", highlight=False)
+    if json_out:
+        print_json({"pair_months": n, "schema": layout.schema})
+        return
+    console.print(f"ready: {plural(n, 'pair-month')} in schema {layout.schema}", highlight=False)
 
 
 @app.command()
@@ -316,9 +432,10 @@ def generate(
     start: Annotated[str, typer.Option("--start", help="First month, YYYY-MM.")] = "2024-07",
     end: Annotated[str | None, typer.Option("--end", help="Last month (default: --start).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed (reproducible).")] = 0,
-    workers: WorkersOpt = None,
+    workers: GenerateWorkersOpt = None,
     database_url: DatabaseOpt = None,
     schema: SchemaOpt = None,
+    json_out: JsonOpt = False,
 ) -> None:
     """Synthetic minute bars for 28 crosses of 8 correlated currencies into m1_{pair}."""
     from bqx.schema import REPORT_PAIRS, Layout, parse_pairs
@@ -329,11 +446,16 @@ def generate(
         settings, Layout(settings.schema_name), parse_pairs(pairs) or list(REPORT_PAIRS),
         _month(start), _month(end or start), seed=seed, workers=workers or 1,
     )  # fmt: skip
+    if json_out:
+        print_json({"bars": summary.bars, "pairs": [p.upper() for p in summary.pairs],
+                    "months": [str(m) for m in summary.months], "seed": seed,
+                    "seconds": summary.seconds, "bars_per_s": summary.bars_per_s})  # fmt: skip
+        return
     months = summary.months[0] + (f"..{summary.months[-1]}" if len(summary.months) > 1 else "")
     console.print(
-        f"generated {summary.bars:,} bars for {len(summary.pairs)} pair"
-        f"{'' if len(summary.pairs) == 1 else 's'}, {months} (seed {seed}; a month's bars"
-        f" depend only on the seed) in {summary.seconds:.1f}s ({summary.bars_per_s:,.0f} bars/s)",
+        f"generated {plural(summary.bars, 'bar')} for {plural(len(summary.pairs), 'pair')},"
+        f" {months} (seed {seed}; a month's bars depend only on the seed) in"
+        f" {summary.seconds:.1f}s ({summary.bars_per_s:,.0f} bars/s)",
         highlight=False,
         soft_wrap=True,
     )
@@ -474,6 +596,7 @@ def demo(
     seed: Annotated[int, typer.Option("--seed", help="Random seed of the synthetic bars.")] = 0,
     database_url: DatabaseOpt = None,
     schema: SchemaOpt = None,
+    json_out: JsonOpt = False,
 ) -> None:
     """The tour: synthetic bars for 28 pairs, backfill, verify, report (embedded database)."""
     from bqx.db import describe_target
@@ -481,25 +604,62 @@ def demo(
     from bqx.schema import parse_pairs
 
     settings = settings_from(database_url, schema)
-    console.print(f"database: {describe_target(settings)}", highlight=False)
+    # with --json the narration goes to stderr and the document alone to stdout
+    narrate = info if json_out else (lambda text: console.print(text, highlight=False))
+    narrate(f"database: {describe_target(settings)}")
     result = run_demo(
         settings, months=months, pairs=parse_pairs(pairs), workers=workers, out=out, seed=seed,
-        say=lambda text: console.print(text, highlight=False, soft_wrap=True),
+        say=narrate, bqx=invocation(),
     )  # fmt: skip
+    if json_out:
+        print_json(result.as_dict())
     if result.run.jobs_failed or result.verify_ok is False:
         raise typer.Exit(1)
+
+
+def invocation(
+    argv0: str | None = None, executable: str | None = None, cwd: Path | None = None,
+    which: Any = None,
+) -> str:  # fmt: skip
+    """How the user can run bqx again, as a shell command: ``bqx`` when that is on PATH,
+    else the path they ran (``.venv/bin/bqx`` after ``make demo``), else ``python -m bqx.cli``.
+    """
+    import shlex
+    import shutil
+
+    argv0 = argv0 if argv0 is not None else sys.argv[0]
+    executable = executable or sys.executable
+    cwd = cwd or Path.cwd()
+    which = which or shutil.which
+    path = Path(argv0)
+    if path.name in ("cli.py", "__main__.py", "-m", "-c", "") or path.suffix == ".py":
+        return f"{shlex.quote(executable)} -m bqx.cli"
+    on_path = which("bqx")
+    if on_path and os.path.realpath(on_path) == os.path.realpath(cwd / path):
+        return "bqx"
+    if not path.is_absolute() and "/" in argv0:
+        return shlex.quote(argv0)  # typed relative to this directory: works as typed
+    try:
+        return shlex.quote(str(Path(os.path.realpath(cwd / path)).relative_to(cwd.resolve())))
+    except ValueError:
+        return shlex.quote(str(path))
 
 
 def _print_run(summary, json_out: bool) -> None:
     from dataclasses import asdict
 
     if json_out:
-        print_json({**asdict(summary), "rows_per_s": summary.rows_per_s})
+        doc = {**asdict(summary), "rows_per_s": summary.rows_per_s}
+        doc["failures"] = [
+            {"pair": p.upper(), "month": str(m), "error": e} for p, m, e in summary.failures
+        ]
+        print_json(doc)
         return
     console.print(
-        f"run {summary.run_id}: {summary.jobs_done} jobs done, {summary.jobs_skipped} skipped,"
-        f" {summary.jobs_failed} failed of {summary.jobs_total} · {summary.rows_written:,} rows"
-        f" in {summary.duration_s:.1f}s ({summary.rows_per_s:,.0f} rows/s)",
+        f"run {summary.run_id}: {plural(summary.jobs_done, 'job')} done,"
+        f" {summary.jobs_skipped} skipped, {summary.jobs_failed} failed of {summary.jobs_total}"
+        f" · {plural(summary.rows_written, 'row')} in {summary.duration_s:.1f}s"
+        f" ({summary.rows_per_s:,.0f} rows/s)",
         highlight=False,
     )
     for pair, month, error in summary.failures:
@@ -666,11 +826,43 @@ def delete_bars(
 # (section: operate)
 
 
+def _status_line(doc: dict) -> str:
+    """One line per refresh for logs (``status --watch`` when not on a terminal)."""
+    from datetime import datetime
+
+    from bqx.progress import format_eta
+
+    now = datetime.now().strftime("%H:%M:%S")
+    jobs, run = doc["jobs"], doc["run"]
+    if run is None:
+        return f"{now} no backfill run recorded yet"
+    eta = "finished" if run["status"] != "running" else f"ETA {format_eta(doc['eta_s'])}"
+    return (
+        f"{now} run {run['run_id']} {run['status']} · jobs {jobs['done']}/{jobs['total']} done,"
+        f" {jobs['running']} running, {jobs['failed']} failed, {jobs['pending']} pending ·"
+        f" {plural(doc['rows'], 'row')} · {doc['rows_per_s']:,.0f} rows/s · {eta}"
+        + (f" · {len(doc['stale'])} stale" if doc["stale"] else "")
+    )
+
+
+def _run_ended(doc: dict) -> int | None:
+    """For --until-done: None while the run goes on; else the exit code (0 done, 1 not)."""
+    run, jobs = doc["run"], doc["jobs"]
+    if run is not None and run.get("stalled"):
+        return 1  # marked running, yet its driver is gone: it will not end by itself
+    if run is None or run["status"] == "running":
+        return None
+    ok = run["status"] == "done" and jobs["failed"] == 0 and jobs["done"] == jobs["total"]
+    return 0 if ok else 1
+
+
 def _render_status(doc: dict) -> Any:
     from rich.console import Group
+    from rich.markup import escape
     from rich.table import Table
 
     from bqx.progress import format_eta
+    from bqx.status import describe_parameters
 
     jobs, run = doc["jobs"], doc["run"]
     head = Table.grid(padding=(0, 2))
@@ -685,8 +877,10 @@ def _render_status(doc: dict) -> Any:
         when += f", ended {end[11:] if end[:10] == start[:10] else end}"
     head.add_row(
         f"run {run['run_id']} [bold {color}]{run['status']}[/] · {when} ({run['elapsed_s']:.1f} s)"
-        f" · {run['workers']} {run['executor']} workers on {run['host']}"
+        f" · {plural(run['workers'] or 0, run['executor'] + ' worker')} on {run['host']}"
     )
+    if run.get("mode"):
+        head.add_row(escape(describe_parameters(run)))
     head.add_row(
         f"jobs {jobs['done']}/{jobs['total']} done · {jobs['running']} running ·"
         f" [{'red' if jobs['failed'] else 'default'}]{jobs['failed']} failed[/] ·"
@@ -743,13 +937,29 @@ def _render_status(doc: dict) -> Any:
 
 @app.command()
 def status(
-    watch: Annotated[bool, typer.Option("--watch", help="Refresh live until Ctrl-C.")] = False,
-    interval: Annotated[float, typer.Option("--interval", help="Seconds between refreshes.")] = 1.5,
+    watch: Annotated[
+        bool,
+        typer.Option(
+            "--watch", help="Refresh until Ctrl-C (live on a terminal, a line per refresh if not)."
+        ),
+    ] = False,
+    until_done: Annotated[
+        bool,
+        typer.Option(
+            "--until-done",
+            help="Watch until the run ends: exit 0 if all its jobs are done, 1 if not (failed,"
+            " interrupted, or stalled with its driver gone).",
+        ),
+    ] = False,
+    interval: Annotated[
+        float, typer.Option("--interval", min=0.05, help="Seconds between refreshes.")
+    ] = 1.5,
     json_out: JsonOpt = False,
     database_url: DatabaseOpt = None,
     schema: SchemaOpt = None,
 ) -> None:
-    """Progress of the latest backfill from the ledger: jobs, rows, rate, ETA, workers, errors."""
+    """Progress of the latest backfill with jobs, from the ledger: jobs, rows, rate, ETA,
+    mode and windows, workers, errors."""
     import time as _time
 
     from rich.live import Live
@@ -760,6 +970,7 @@ def status(
 
     settings = settings_from(database_url, schema)
     layout = Layout(settings.schema_name)
+    watch = watch or until_done
     if json_out or not watch:
         with connect(settings, autocommit=True, start=False) as conn:
             doc = read_status(conn, layout)
@@ -770,58 +981,109 @@ def status(
         return
     # --watch keeps one connection; when it is lost (server restart, network) a notice is
     # shown and the connection reopened instead of ending the watch
+    import contextlib
+
     import psycopg
     from rich.text import Text
 
-    # a bad configuration, or a stopped embedded server, fails here at once
+    live_view = console.is_terminal and not console.quiet
+    code: int | None = None
+    # a bad configuration, or an embedded server the user stopped, fails here at once
     conn: Any = connect(settings, autocommit=True, start=False)
     try:
-        with Live(Text("reading the ledger…"), console=console, auto_refresh=False) as live:
+        with (
+            Live(Text("reading the ledger…"), console=console, auto_refresh=False)
+            if live_view
+            else contextlib.nullcontext()
+        ) as live:
             while True:
+                doc = None
                 try:
                     if conn is None or conn.closed:
                         conn = connect(settings, autocommit=True, start=False)
-                    view = _render_status(read_status(conn, layout))
+                    doc = read_status(conn, layout)
+                    view: Any = _render_status(doc) if live_view else _status_line(doc)
                 except (psycopg.OperationalError, BqxError) as exc:
                     if conn is not None:
                         conn.close()
                     conn = None
                     first = (str(exc).strip() or "error").splitlines()[0]
                     view = Text(f"database unreachable, retrying: {first}", style="red")
-                live.update(view, refresh=True)
+                if live is not None:
+                    live.update(view, refresh=True)
+                else:
+                    # plain lines: one per refresh, flushed at once for `| tee` and CI logs
+                    err = isinstance(view, Text)
+                    (err_console if err else console).print(view, highlight=False, markup=False)
+                    sys.stdout.flush()
+                if until_done and doc is not None:
+                    code = _run_ended(doc)
+                    if code is not None:
+                        break
                 _time.sleep(interval)
     except KeyboardInterrupt:
         pass
     finally:
         if conn is not None:
             conn.close()
+    if code:
+        raise typer.Exit(code)
 
 
-SampleOpt = Annotated[int, typer.Option("--sample", help="Rows per pair recomputed from source.")]
+SampleOpt = Annotated[
+    int, typer.Option("--sample", min=0, help="Rows per pair recomputed from the source (≥ 0).")
+]
+SCOPE_HELP = (
+    "Only this run's jobs [default: every job in the ledger, with the latest run that planned"
+    " jobs]."
+)
+RunOpt = Annotated[int | None, typer.Option("--run", min=1, help=SCOPE_HELP)]
 
 
 @app.command()
 def verify(
     sample: SampleOpt = 50,
-    run: Annotated[int | None, typer.Option("--run", help="Run id [default: latest].")] = None,
+    run: RunOpt = None,
     json_out: JsonOpt = False,
     database_url: DatabaseOpt = None,
     schema: SchemaOpt = None,
 ) -> None:
-    """Exact checks: partitions, row counts, keys, NULLs, recomputed samples, ledger."""
+    """Exact checks: partitions, row counts, keys, NULLs, recomputed samples, ledger.
+
+    Scope: every job in the ledger, unless --run names one run (the same rule as `bqx
+    report`). Exit 0 only when every check passes; nothing to check is not a pass (exit 1).
+    """
+    import time as _time
+
+    from rich.text import Text
+
     from bqx.db import connect
+    from bqx.progress import StepProgress
     from bqx.schema import Layout
     from bqx.verify import verify as run_verify
 
     settings = settings_from(database_url, schema)
-    with connect(settings, autocommit=True, start=False) as conn:
-        result = run_verify(conn, Layout(settings.schema_name), sample=sample, run_id=run)
+    steps = StepProgress("verify")
+    t0 = _time.monotonic()
+    try:
+        with connect(settings, autocommit=True, start=False) as conn:
+            result = run_verify(
+                conn, Layout(settings.schema_name), sample=sample, run_id=run, progress=steps
+            )
+    finally:
+        steps.close()
     if json_out:
         print_json(result.as_dict())
+    elif result.nothing_to_check:
+        _error(f"nothing to check: {result.nothing_to_check}")
     else:
         for c in result.checks:
-            mark = "[green]PASS[/]" if c.ok else "[bold red]FAIL[/]"
-            console.print(f"{mark} {c.name}: {c.detail}", highlight=False, soft_wrap=True)
+            mark = ("PASS", "green") if c.ok else ("FAIL", "bold red")
+            line = Text.assemble(mark, f" {c.name}: {c.detail}")
+            # --quiet keeps the failures (on stderr), drops the passes
+            (console if not console.quiet or c.ok else err_console).print(line, highlight=False)
+        if VERBOSITY["level"] > 0:
+            info(f"verified {plural(result.jobs, 'job')} in {_time.monotonic() - t0:.1f} s")
     if not result.ok:
         raise typer.Exit(1)
 
@@ -831,22 +1093,41 @@ def report(
     out: Annotated[
         Path, typer.Option("--out", help="Directory for report.md and report.html.")
     ] = Path("bqx-report"),
-    run: Annotated[int | None, typer.Option("--run", help="Run id [default: latest].")] = None,
+    run: RunOpt = None,
     sample: SampleOpt = 20,
     database_url: DatabaseOpt = None,
     schema: SchemaOpt = None,
+    json_out: JsonOpt = False,
 ) -> None:
-    """The completion report (Markdown and self-contained HTML with charts) from the ledger."""
+    """The completion report (Markdown and self-contained HTML with charts) from the ledger.
+
+    Scope: every job in the ledger, with the latest run that planned jobs for the run's own
+    figures, unless --run names one run (the same rule as `bqx verify`). Exit 0 when the
+    report is written, whatever it says; its status line says COMPLETE only when the run
+    ended and every job of the scope is done and verified.
+    """
     from bqx.db import connect
-    from bqx.report import write_report
+    from bqx.progress import StepProgress
+    from bqx.report import check_out_dir, write_report
     from bqx.schema import Layout
 
     settings = settings_from(database_url, schema)
-    with connect(settings, autocommit=True, start=False) as conn:
-        md, html, _ = write_report(
-            conn, Layout(settings.schema_name), out, run_id=run, sample=sample
-        )
+    check_out_dir(out)  # before any work: a bad --out is one line, and nothing is written
+    steps = StepProgress("report")
+    try:
+        with connect(settings, autocommit=True, start=False) as conn:
+            md, html, data = write_report(
+                conn, Layout(settings.schema_name), out, run_id=run, sample=sample,
+                progress=steps,
+            )  # fmt: skip
+    finally:
+        steps.close()
+    if json_out:
+        print_json({"markdown": str(md), "html": str(html), **data.headline()})
+        return
     console.print(f"report: {md}\n        {html}", highlight=False)
+    if data.headline()["status"] != "COMPLETE":
+        info(f"the report says {data.headline()['status']}: {data.headline()['why']}")
 
 
 # -- export / features / baseline ---------------------------------------------------------

@@ -19,6 +19,18 @@ from rich.progress import (
 )
 
 PLAIN_EVERY_S = 5.0
+# set once by the CLI's --quiet / --verbose: quiet shows no progress at all, verbose plain
+# lines every second instead of every PLAIN_EVERY_S
+SETTINGS = {"quiet": False, "verbose": False}
+
+
+def configure(*, quiet: bool = False, verbose: bool = False) -> None:
+    SETTINGS.update(quiet=quiet, verbose=verbose)
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 job``, ``2 jobs``, ``1,234 rows``: a count with its noun in the right number."""
+    return f"{n:,} {word if n == 1 else (many or word + 's')}"
 
 
 def rate_and_eta(state: dict[str, Any]) -> tuple[float, float | None]:
@@ -43,9 +55,10 @@ class BackfillProgress:
     """Callable with the ledger's progress state; ``None`` closes the display."""
 
     def __init__(self, total: int, skipped: int, console: Console | None = None) -> None:
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, soft_wrap=True)
+        self.console.quiet = self.console.quiet or SETTINGS["quiet"]
         self.total, self.skipped = total, skipped
-        self.live = self.console.is_terminal
+        self.live = self.console.is_terminal and not SETTINGS["quiet"]
         self.last_plain = 0.0
         self.progress: Progress | None = None
         if self.live:
@@ -65,7 +78,8 @@ class BackfillProgress:
             self.progress.start()
         if skipped:
             self.console.print(
-                f"{skipped} of {total} jobs already done with these parameters: skipped"
+                f"{skipped} of {plural(total, 'job')} already done with these parameters: skipped",
+                highlight=False,
             )
 
     def __call__(self, state: dict[str, Any] | None) -> None:
@@ -80,12 +94,58 @@ class BackfillProgress:
             self.progress.update(
                 self.task, completed=finished, rows=state["rows"], rate=rate, eta=format_eta(eta)
             )
-        elif time.monotonic() - self.last_plain >= PLAIN_EVERY_S:
+        elif time.monotonic() - self.last_plain >= (1.0 if SETTINGS["verbose"] else PLAIN_EVERY_S):
             self.last_plain = time.monotonic()
             self.console.print(
-                f"backfill: {finished}/{self.total} jobs ({state['running']} running,"
+                f"backfill: {finished}/{plural(self.total, 'job')} ({state['running']} running,"
                 f" {state['failed']} failed) · {state['rows']:,} rows · {rate:,.0f} rows/s"
                 f" · ETA {format_eta(eta)}",
                 highlight=False,
                 soft_wrap=True,  # one line per report in logs, whatever the width
             )
+
+
+class StepProgress:
+    """Progress of a long read-only step (verify, report): ``step(label, done, total)``.
+
+    A rich bar on a terminal; otherwise a plain line when the label changes, so a log shows
+    what is being done without a line per pair. Call ``close()`` at the end.
+    """
+
+    def __init__(self, title: str, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True, soft_wrap=True)
+        self.title = title
+        self.quiet = SETTINGS["quiet"]
+        self.progress: Progress | None = None
+        self.task: Any = None
+        self.label: str | None = None
+        self.t0 = time.monotonic()
+        if self.console.is_terminal and not self.quiet:
+            self.progress = Progress(
+                TextColumn(f"[bold]{title}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.description}"),
+                TimeElapsedColumn(),
+                console=self.console,
+                transient=True,
+            )
+            self.task = self.progress.add_task("", total=None)
+            self.progress.start()
+
+    def __call__(self, label: str, done: int = 0, total: int | None = None, what: str = "") -> None:
+        """``label`` names the stage (a plain line each); ``what`` the item within it."""
+        if self.progress is not None:
+            text = f"{label} {what}".strip()
+            self.progress.update(self.task, description=text, completed=done, total=total)
+            return
+        if self.quiet or label == self.label:
+            return
+        self.label = label
+        elapsed = time.monotonic() - self.t0
+        self.console.print(f"{self.title}: {label} ({elapsed:.1f} s)", highlight=False)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None

@@ -9,8 +9,10 @@ from __future__ import annotations
 import base64
 import html
 import io
+import os
 import re
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,9 +24,12 @@ from psycopg import sql
 
 from bqx.errors import BqxError
 from bqx.metrics import metric_columns
-from bqx.schema import LEDGER_ATTEMPTS, Layout, Month, table_columns
-from bqx.status import latest_run, planned_jobs
-from bqx.verify import Verification, attached_partitions, verify
+from bqx.progress import plural
+from bqx.schema import LEDGER_ATTEMPTS, LEDGER_JOBS, Layout, Month, table_columns
+from bqx.status import describe_parameters, latest_run, planned_jobs, run_parameters
+from bqx.verify import Verification, attached_partitions, no_run_message, verify
+
+StepFn = Callable[..., None]
 
 
 @dataclass
@@ -41,30 +46,82 @@ class ReportData:
     total_rows: int = 0
     partitions: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
+    scope: str = "ledger"  # "ledger": every job in the ledger; "run": the run's plan only
+    planned: set[tuple[str, str]] = field(default_factory=set)
+
+    def headline(self) -> dict[str, Any]:
+        """The verdict: COMPLETE only when the run ended done and every job of the scope is
+        done and verified; else INCOMPLETE (or EMPTY: nothing planned), with the reason."""
+        run, v = self.run, self.verification
+        counts: dict[str, int] = {}
+        for key in self.planned:
+            st = self.statuses.get(key, "pending")
+            counts[st] = counts.get(st, 0) + 1
+        not_done = len(self.planned) - counts.get("done", 0)
+        if not self.planned:
+            status, why = "EMPTY", f"run {run['run_id']} planned no job: nothing was computed"
+        elif run["status"] != "done":
+            status = "INCOMPLETE"
+            why = (
+                f"run {run['run_id']} is still marked running (or its process died)"
+                if run["status"] == "running"
+                else f"run {run['run_id']} ended {run['status']}"
+            )
+        elif not_done:
+            detail = ", ".join(f"{n} {st}" for st, n in sorted(counts.items()) if st != "done")
+            status, why = (
+                "INCOMPLETE",
+                f"{not_done} of {plural(len(self.planned), 'job')} not done ({detail})",
+            )
+        elif v is not None and not v.ok:
+            failed = [c.name for c in v.checks if not c.ok]
+            status, why = (
+                "INCOMPLETE",
+                "verification failed: " + ", ".join(failed or ["nothing to check"]),
+            )
+        else:
+            status, why = "COMPLETE", f"{plural(len(self.planned), 'job')} done and verified"
+        return {
+            "status": status, "why": why, "run_id": run["run_id"], "run_status": run["status"],
+            "scope": self.scope, "jobs": {"total": len(self.planned), **counts},
+            "rows": self.total_rows, **run_parameters(run),
+            "verified": None if v is None else v.ok,
+        }  # fmt: skip
 
 
 def collect(
     conn: psycopg.Connection, layout: Layout, *, run_id: int | None = None, sample: int = 20,
-    verification: Verification | None = None,
+    verification: Verification | None = None, progress: StepFn | None = None,
 ) -> ReportData:  # fmt: skip
-    """Everything the report states, read from the database."""
+    """Everything the report states, read from the database.
+
+    Scope (the same rule as ``bqx verify``): every job in the ledger, with the latest run that
+    planned jobs for the run's own figures; with ``run_id``, that run's plan only.
+    """
+    step: StepFn = progress or (lambda *a, **k: None)
+    step("reading the ledger")
     run = latest_run(conn, layout, run_id)
     if run is None:
-        which = f"run {run_id}" if run_id else "backfill run"
-        raise BqxError(f"no {which} recorded in schema {layout.schema!r}")
+        raise BqxError(no_run_message(conn, layout, run_id))
     p = run["params"]
     layout = Layout(layout.schema, p.get("source_table", layout.source_table),
                     p.get("time_column", layout.time_column),
                     p.get("price_column", layout.price_column))  # fmt: skip
     jobs = planned_jobs(run)
+    if run_id is None:  # the whole ledger, as verify checks it
+        jobs = sorted(set(jobs) | set(conn.execute(
+            sql.SQL("SELECT pair, month FROM {}").format(layout.table(LEDGER_JOBS))
+        ).fetchall()))  # fmt: skip
     pairs = sorted({j[0] for j in jobs})
     months = sorted({str(Month.of(j[1])) for j in jobs})
     rows: dict[tuple[str, str], int] = {}
     sources: dict[tuple[str, str], int] = {}
     count = sql.SQL("SELECT date_trunc('month', {c})::date, count(*) FROM {t} GROUP BY 1")
-    for pair in pairs:
-        for m, n in conn.execute(count.format(c=layout.time, t=layout.source(pair))):
-            sources[(pair, str(Month.of(m)))] = n
+    for i, pair in enumerate(pairs):
+        step("counting rows", i, len(pairs), pair.upper())
+        if table_columns(conn, *layout.source_name(pair)) is not None:
+            for m, n in conn.execute(count.format(c=layout.time, t=layout.source(pair))):
+                sources[(pair, str(Month.of(m)))] = n
         if table_columns(conn, layout.schema, layout.target_name(pair)) is None:
             continue  # a dropped target: every month of the pair reads 0 rows
         for m, n in conn.execute(count.format(c=sql.Identifier("ts_utc"), t=layout.target(pair))):
@@ -85,13 +142,19 @@ def collect(
     names = [d.name for d in cur.description]
     attempts = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
     planned = {(p_, str(Month.of(m))) for p_, m in jobs}
+    scope = "ledger" if run_id is None else "run"
+    reuse = (
+        verification is not None and verification.run_id == run["run_id"]
+        and verification.scope == scope
+    )  # fmt: skip
     data = ReportData(
         run, layout, pairs, months,
         {k: v for k, v in rows.items() if k in planned},
         {k: v for k, v in sources.items() if k in planned},
         statuses, attempts,
-        verification if verification is not None and verification.run_id == run["run_id"]
-        else verify(conn, layout, sample=sample, run_id=run["run_id"]),
+        verification if reuse else verify(conn, layout, sample=sample, run_id=run_id,
+                                          progress=progress),
+        scope=scope, planned=planned,
     )  # fmt: skip
     data.total_rows = sum(data.rows.values())
     data.partitions = len(planned)
@@ -111,7 +174,7 @@ def _summary(d: ReportData) -> dict[str, Any]:
     failed = [a for a in d.attempts if a["status"] == "failed"]
     written = sum(a["rows_written"] or 0 for a in done_here)
     duration = float(run["elapsed_s"])
-    done_total = sum(1 for k in d.rows if d.statuses.get(k) == "done")
+    done_total = sum(1 for k in d.planned if d.statuses.get(k) == "done")
     return {
         "jobs_done": done_total, "jobs_total": d.partitions, "jobs_run": len(done_here),
         "jobs_skipped": run["jobs_skipped"], "jobs_failed": len({(a["pair"], a["month"])
@@ -210,6 +273,13 @@ def charts(d: ReportData) -> dict[str, str]:
 
 def _coverage_chart(d: ReportData, plt: Any) -> str:
     """Pair × month: colour = target rows / source bars, text = rows (or the job's state)."""
+    if not d.pairs or not d.months:
+        fig, ax = plt.subplots(figsize=(6, 1.6))
+        ax.text(0.5, 0.5, "no job planned: nothing to show", ha="center", va="center",
+                transform=ax.transAxes)  # fmt: skip
+        ax.set_axis_off()
+        ax.set_title("Coverage: target rows / source bars")
+        return _png(fig)
     cover = np.array([[d.rows.get((p, m), 0) / d.sources[(p, m)] if d.sources.get((p, m)) else
                        np.nan for m in d.months] for p in d.pairs])  # fmt: skip
     fig, ax = plt.subplots(
@@ -250,12 +320,19 @@ def markdown(d: ReportData) -> str:
     per_part = [d.rows.get(k, 0) for k in d.sources]
     p = d.run["params"]
     windows = sorted(p["windows"])
-    ok = d.verification.ok if d.verification else None
-    complete = s["jobs_done"] == s["jobs_total"] and ok is not False
-    status = "COMPLETE" if complete else "INCOMPLETE"
+    head = d.headline()
+    scope = (
+        f"every job in the ledger ({plural(d.partitions, 'job')}); run figures from run"
+        f" {d.run['run_id']}" if d.scope == "ledger"
+        else f"the jobs planned by run {d.run['run_id']} ({plural(d.partitions, 'job')})"
+    )  # fmt: skip
     lines = [
         "# BQX Backfill Completion Report", "",
-        f"**Run:** {d.run['run_id']} · **Status:** {status} · **Schema:** `{d.layout.schema}`", "",
+        f"**Run:** {d.run['run_id']} ({d.run['status']}) · **Status:** {head['status']}"
+        f" · **Schema:** `{d.layout.schema}`", "",
+        f"**Status:** {head['status']}: {head['why']}.", "",
+        f"**Parameters:** {describe_parameters(run_parameters(d.run))}.", "",
+        f"**Scope:** {scope}.", "",
         "## Summary", "",
         "| Figure | Value |", "|---|---|",
         f"| Jobs | {s['jobs_done']}/{s['jobs_total']} done ({s['jobs_run']} in this run,"
@@ -295,6 +372,8 @@ def markdown(d: ReportData) -> str:
     lines += ["", "## Verification (`bqx verify`)", ""]
     if d.verification is None:
         lines.append("Not run.")
+    elif d.verification.nothing_to_check:
+        lines.append(f"Nothing to check: {d.verification.nothing_to_check}.")
     else:
         lines += ["| Check | Result | Detail |", "|---|---|---|"]
         for c in d.verification.checks:
@@ -391,7 +470,7 @@ def _md_to_html(md: str) -> str:
         while "**" in text:
             text = text.replace("**", "<strong>", 1).replace("**", "</strong>", 1)
         for word, css in (("PASS", "pass"), ("FAIL", "fail"), ("INCOMPLETE", "fail"),
-                          ("COMPLETE", "pass")):  # fmt: skip
+                          ("COMPLETE", "pass"), ("EMPTY", "fail")):  # fmt: skip
             text = re.sub(rf"\b{word}\b", f'<span class="{css}">{word}</span>', text)
         return text
 
@@ -466,19 +545,42 @@ def html_page(d: ReportData, md: str) -> str:
     )
 
 
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse, before any work, an output directory that cannot be one or cannot be written."""
+    path = Path(out_dir)
+    if path.exists() and not path.is_dir():
+        raise BqxError(
+            f"--out {str(out_dir)!r} is a file: give a directory for report.md and report.html"
+        )
+    parent = path
+    while not parent.exists():  # the nearest existing ancestor must be a writable directory
+        parent = parent.parent
+    if not parent.is_dir():
+        raise BqxError(f"--out {str(out_dir)!r}: {str(parent)!r} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BqxError(f"--out {str(out_dir)!r}: {str(parent)!r} is not writable")
+
+
 def write_report(
     conn: psycopg.Connection, layout: Layout, out_dir: Path, *, run_id: int | None = None,
     sample: int = 20, verification: Verification | None = None,
+    progress: StepFn | None = None,
 ) -> tuple[Path, Path, ReportData]:  # fmt: skip
     """Write ``report.md`` and ``report.html`` into ``out_dir``; return their paths and data.
 
-    ``verification``: a result of ``bqx.verify`` for the same run, to reuse instead of
-    verifying again.
+    ``verification``: a result of ``bqx.verify`` for the same scope, to reuse instead of
+    verifying again. ``progress(stage, done, total, item)`` is called as the work goes.
     """
-    data = collect(conn, layout, run_id=run_id, sample=sample, verification=verification)
+    check_out_dir(out_dir)
+    step: StepFn = progress or (lambda *a, **k: None)
+    data = collect(conn, layout, run_id=run_id, sample=sample, verification=verification,
+                   progress=progress)  # fmt: skip
+    step("writing report.md")
     md = markdown(data)
+    step("drawing the charts")
+    page = html_page(data, md)
     out_dir.mkdir(parents=True, exist_ok=True)
     md_path, html_path = out_dir / "report.md", out_dir / "report.html"
     md_path.write_text(md)
-    html_path.write_text(html_page(data, md))
+    html_path.write_text(page)
     return md_path, html_path, data

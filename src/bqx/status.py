@@ -22,8 +22,15 @@ def ledger_exists(conn: psycopg.Connection, layout: Layout) -> bool:
     return table_columns(conn, layout.schema, LEDGER_RUNS) is not None
 
 
-def latest_run(conn: psycopg.Connection, layout: Layout, run_id: int | None = None) -> dict | None:
-    """The run row (as a dict, params decoded), the latest one unless ``run_id`` is given."""
+def latest_run(
+    conn: psycopg.Connection, layout: Layout, run_id: int | None = None, *,
+    include_empty: bool = False,
+) -> dict | None:  # fmt: skip
+    """The run row (as a dict, params decoded): ``run_id``'s, else the latest run with jobs.
+
+    A run that planned no job (a range without source bars) has nothing to show, check or
+    report, and must not hide the real latest run: it is skipped unless ``include_empty``.
+    """
     if not ledger_exists(conn, layout):
         return None
     cur = conn.execute(
@@ -31,9 +38,13 @@ def latest_run(conn: psycopg.Connection, layout: Layout, run_id: int | None = No
             "SELECT run_id, command, params, param_hash, started_at, ended_at, status,"
             " jobs_total, jobs_done, jobs_failed, jobs_skipped, rows_written, workers, executor,"
             " run_by, host, extract(epoch FROM coalesce(ended_at, now()) - started_at)"
-            " FROM {} WHERE (%s::bigint IS NULL OR run_id = %s) ORDER BY run_id DESC LIMIT 1"
+            " FROM {} WHERE (%s::bigint IS NULL OR run_id = %s) AND (%s::bigint IS NOT NULL"
+            "  OR %s OR jobs_total > 0"
+            "  OR coalesce(jsonb_array_length(CASE WHEN jsonb_typeof(params->'jobs') = 'array'"
+            "   THEN params->'jobs' END), 0) > 0)"
+            " ORDER BY run_id DESC LIMIT 1"
         ).format(layout.table(LEDGER_RUNS)),
-        (run_id, run_id),
+        (run_id, run_id, run_id, include_empty),
     )
     row = cur.fetchone()
     if row is None:
@@ -48,6 +59,24 @@ def latest_run(conn: psycopg.Connection, layout: Layout, run_id: int | None = No
 
 def planned_jobs(run: dict) -> list[tuple[str, date]]:
     return [(p, Month.parse(m).first_day) for p, m in run["params"].get("jobs", [])]
+
+
+def run_parameters(run: dict) -> dict[str, Any]:
+    """The parameters that shape a run's results: mode, windows (and max_fill in clock mode)."""
+    p = run["params"]
+    mode = p.get("mode", "bars")
+    return {
+        "mode": mode, "windows": sorted(int(w) for w in p.get("windows", [])),
+        "max_fill": p.get("max_fill") if mode == "clock" else None,
+    }  # fmt: skip
+
+
+def describe_parameters(params: dict[str, Any]) -> str:
+    """``bars mode, windows 15, 30, 45, 60, 75`` (with ``max fill 5 min`` in clock mode)."""
+    text = f"{params['mode']} mode, windows {', '.join(map(str, params['windows']))}"
+    if params.get("max_fill") is not None:
+        text += f", max fill {params['max_fill']} min"
+    return text
 
 
 def status(conn: psycopg.Connection, layout: Layout, *, errors: int = 10) -> dict[str, Any]:
@@ -85,7 +114,7 @@ def status(conn: psycopg.Connection, layout: Layout, *, errors: int = 10) -> dic
     bars_left = 0
     for pair, month, st, written, bars, worker, _started, hb_age, age, attempts, _err in rows:
         doc["jobs"][st] += 1
-        p = pairs.setdefault(pair, {"pair": pair, "months_planned": 0, "months_done": 0,
+        p = pairs.setdefault(pair, {"pair": pair.upper(), "months_planned": 0, "months_done": 0,
                                     "rows": 0, "running": 0, "failed": 0})  # fmt: skip
         p["months_planned"] += 1
         if st == "done":
@@ -99,7 +128,7 @@ def status(conn: psycopg.Connection, layout: Layout, *, errors: int = 10) -> dic
         if st == "running":
             p["running"] += 1
             stale = (hb_age is not None and float(hb_age) > STALE_AFTER_S) or worker_is_dead(worker)
-            job = {"pair": pair, "month": str(Month.of(month)), "worker": worker,
+            job = {"pair": pair.upper(), "month": str(Month.of(month)), "worker": worker,
                    "running_s": round(float(age or 0), 1),
                    "heartbeat_age_s": None if hb_age is None else round(float(hb_age), 1),
                    "attempt": attempts, "stale": stale}  # fmt: skip
@@ -129,7 +158,7 @@ def status(conn: psycopg.Connection, layout: Layout, *, errors: int = 10) -> dic
     elif doc["rows_per_s"] > 0:
         doc["eta_s"] = round(bars_left / doc["rows_per_s"], 1)
     doc["errors"] = [
-        {"pair": p, "month": str(Month.of(m)), "status": s, "error": e,
+        {"pair": p.upper(), "month": str(Month.of(m)), "status": s, "error": e,
          "at": f.isoformat(timespec="seconds")}
         for p, m, s, e, f in conn.execute(
             psycopg.sql.SQL(
@@ -158,6 +187,6 @@ def status(conn: psycopg.Connection, layout: Layout, *, errors: int = 10) -> dic
         "ended_at": run["ended_at"].isoformat(timespec="seconds") if run["ended_at"] else None,
         "elapsed_s": round(run["elapsed_s"], 1), "workers": run["workers"],
         "executor": run["executor"], "run_by": run["run_by"], "host": run["host"],
-        "skipped": run["jobs_skipped"],
+        "skipped": run["jobs_skipped"], **run_parameters(run),
     }  # fmt: skip
     return doc

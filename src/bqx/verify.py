@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -19,6 +20,7 @@ from psycopg import sql
 from bqx.backfill import STALE_AFTER_S, worker_is_dead
 from bqx.errors import BqxError
 from bqx.metrics import metric_columns
+from bqx.progress import plural
 from bqx.schema import LEDGER_JOBS, Layout, Month, table_columns
 from bqx.status import latest_run, planned_jobs
 
@@ -26,11 +28,31 @@ DIMENSIONLESS = ("return", "endpoint", "range", "volatility")
 MAX_LISTED = 8  # faults named in a detail before "… and N more"
 
 
+# what a caller sees while the checks run: step(check name, checks done, checks, item)
+StepFn = Callable[..., None]
+
+
+@dataclass
+class Fault:
+    """One failure, for people (``problem``) and for scripts (the other fields)."""
+
+    problem: str
+    pair: str | None = None
+    month: str | None = None
+    column: str | None = None
+    expected: Any = None
+    got: Any = None
+    at: str | None = None  # the time of the (first) wrong row, when a row is wrong
+    count: int | None = None  # how many rows are wrong
+
+
 @dataclass
 class Check:
     name: str
     ok: bool
     detail: str
+    failures: list[Fault] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)  # figures as numbers, for scripts
 
 
 @dataclass
@@ -38,18 +60,32 @@ class Verification:
     ok: bool
     run_id: int | None
     checks: list[Check] = field(default_factory=list)
+    scope: str = "ledger"  # "ledger": every job the ledger holds; "run": one run's plan
+    jobs: int = 0
+    nothing_to_check: str | None = None  # why, when the scope holds no job
 
     def as_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "run_id": self.run_id, "checks": [asdict(c) for c in self.checks]}
+        return {
+            "ok": self.ok, "run_id": self.run_id, "scope": self.scope, "jobs": self.jobs,
+            "nothing_to_check": self.nothing_to_check,
+            "checks": [asdict(c) for c in self.checks],
+        }  # fmt: skip
 
 
-def _listing(faults: list[str]) -> str:
+def _listing(faults: list[Fault]) -> str:
     more = f" … and {len(faults) - MAX_LISTED} more" if len(faults) > MAX_LISTED else ""
-    return "; ".join(faults[:MAX_LISTED]) + more
+    return "; ".join(f.problem for f in faults[:MAX_LISTED]) + more
 
 
-def _check(name: str, faults: list[str], ok_detail: str) -> Check:
-    return Check(name, not faults, ok_detail if not faults else _listing(faults))
+def _check(
+    name: str, faults: list[Fault], ok_detail: str, counts: dict[str, int] | None = None
+) -> Check:
+    detail = ok_detail if not faults else _listing(faults)
+    return Check(name, not faults, detail, faults, counts or {})
+
+
+def _fault(problem: str, pair: str | None = None, month: Any = None, **kw: Any) -> Fault:
+    return Fault(problem, pair.upper() if pair else None, str(month) if month else None, **kw)
 
 
 # -- the independent reference ------------------------------------------------------------------
@@ -185,20 +221,30 @@ def _scope(
 
 def verify(
     conn: psycopg.Connection, layout: Layout, *, sample: int = 50, seed: int = 0,
-    run_id: int | None = None,
+    run_id: int | None = None, progress: StepFn | None = None,
 ) -> Verification:  # fmt: skip
     """Run every check (docs/guarantees.md).
 
-    By default over every job in the ledger (and the latest run's plan); with ``run_id``
-    over that run's plan only.
+    By default over every job in the ledger (and the latest run with jobs); with ``run_id``
+    over that run's plan only. A scope without any job is not a success: ``ok`` is False and
+    ``nothing_to_check`` says why. ``progress(check, done, total, item)`` is called as the
+    checks go.
     """
     run = latest_run(conn, layout, run_id)
     if run is None:
-        what = f"run {run_id} is" if run_id is not None else "no backfill run is"
-        raise BqxError(f"{what} not recorded in schema {layout.schema!r}: run `bqx backfill` first")
+        raise BqxError(no_run_message(conn, layout, run_id))
     scope = _scope(conn, layout, run, whole_ledger=run_id is None)
     jobs, pairs = scope.jobs, scope.pairs
-    result = Verification(True, run["run_id"])
+    result = Verification(True, run["run_id"], scope="ledger" if run_id is None else "run",
+                          jobs=len(jobs))  # fmt: skip
+    if not jobs:
+        result.ok = False
+        result.nothing_to_check = (
+            f"run {run['run_id']} planned no job (no source bars in its pairs and months)"
+        )
+        return result
+    step: StepFn = progress or (lambda *a, **k: None)
+    step("partitions", 0, 6)
     existing = attached_partitions(conn, layout)
 
     # 1. every planned partition exists, attached with its month's bounds
@@ -208,21 +254,35 @@ def verify(
         name = layout.target_partition_name(pair, month)
         bound = existing.get(name)
         if bound is None:
-            faults.append(f"{pair.upper()} {month}: partition {layout.schema}.{name} is missing")
+            faults.append(_fault(
+                f"{pair.upper()} {month}: partition {layout.schema}.{name} is missing",
+                pair, month, expected=name, got=None))  # fmt: skip
         elif bound != (month.start, month.end):
-            faults.append(f"{pair.upper()} {month}: partition {name} covers {bound[0]}..{bound[1]}")
-    result.checks.append(_check("partitions", faults, f"{len(jobs)} partitions present"))
+            faults.append(_fault(
+                f"{pair.upper()} {month}: partition {name} covers {bound[0]}..{bound[1]}",
+                pair, month, column="ts_utc", expected=[month.start, month.end],
+                got=list(bound)))  # fmt: skip
+    result.checks.append(
+        _check(
+            "partitions",
+            faults,
+            f"{plural(len(jobs), 'partition')} present",
+            {"partitions": len(jobs), "missing": len(faults)},
+        )  # fmt: skip
+    )
 
     # 2. each month's target rows = its source bars, exactly
     target_counts: dict[tuple[str, date], int] = {}
     faults = []
-    total = 0
-    for pair in pairs:
+    total = total_src = 0
+    for i, pair in enumerate(pairs):
+        step("row_counts", 1, 6, f"{pair.upper()} ({i + 1}/{len(pairs)})")
         src_layout = scope.layouts[pair]
         src: dict[date, int] = {}
         if table_columns(conn, *src_layout.source_name(pair)) is None:
             schema, table = src_layout.source_name(pair)
-            faults.append(f"{pair.upper()}: source table {schema}.{table} is missing")
+            faults.append(_fault(f"{pair.upper()}: source table {schema}.{table} is missing",
+                                 pair, expected=f"{schema}.{table}"))  # fmt: skip
         else:
             src = _month_counts(conn, src_layout.source(pair), src_layout.time)
         has_target = table_columns(conn, layout.schema, layout.target_name(pair)) is not None
@@ -235,24 +295,40 @@ def verify(
             s, t = src.get(first_day, 0), tgt.get(first_day, 0)
             target_counts[(pair, first_day)] = t
             total += t
+            total_src += s
             if s != t:
-                faults.append(f"{pair.upper()} {Month.of(first_day)}: {t} rows for {s} source bars")
-    result.checks.append(_check("row_counts", faults, f"{total:,} rows = source bars"))
+                month = Month.of(first_day)
+                faults.append(_fault(
+                    f"{pair.upper()} {month}: {plural(t, 'row')} for {plural(s, 'source bar')}",
+                    pair, month, column="rows", expected=s, got=t))  # fmt: skip
+    result.checks.append(
+        _check(
+            "row_counts",
+            faults,
+            f"{plural(total, 'row')} = source bars",
+            {"rows": total, "source_bars": total_src},
+        )  # fmt: skip
+    )
 
     # 3. primary keys and rows inside their partition's month
+    step("keys_and_bounds", 2, 6)
     faults = []
     for pair in pairs:
         name = layout.target_name(pair)
         exists = table_columns(conn, layout.schema, name) is not None
         if exists and not _has_primary_key(conn, layout.schema, name):
-            faults.append(f"{pair.upper()}: {name} has no primary key")
+            faults.append(_fault(f"{pair.upper()}: {name} has no primary key", pair,
+                                 column="ts_utc", expected="primary key", got=None))  # fmt: skip
     for pair, first_day in jobs:
         month = Month.of(first_day)
         name = layout.target_partition_name(pair, month)
         if name not in existing:
             continue
         if not _has_primary_key(conn, layout.schema, name):
-            faults.append(f"{pair.upper()} {month}: {name} has no primary key")
+            faults.append(
+                _fault(f"{pair.upper()} {month}: {name} has no primary key", pair, month,
+                       column="ts_utc", expected="primary key", got=None)
+            )  # fmt: skip
         outside = conn.execute(
             sql.SQL("SELECT count(*) FROM {} WHERE ts_utc < %s OR ts_utc >= %s").format(
                 layout.target_partition(pair, month)
@@ -260,12 +336,15 @@ def verify(
             (month.start, month.end),
         ).fetchone()[0]
         if outside:
-            faults.append(f"{pair.upper()} {month}: {outside} rows outside {month}")
+            faults.append(_fault(f"{pair.upper()} {month}: {plural(outside, 'row')} outside"
+                                 f" {month}", pair, month, column="ts_utc", expected=0,
+                                 got=outside))  # fmt: skip
     result.checks.append(_check("keys_and_bounds", faults, "primary keys present, rows in month"))
 
     # 4. NULLs only where history is short
     faults = []
-    for pair in pairs:
+    for i, pair in enumerate(pairs):
+        step("nulls", 3, 6, f"{pair.upper()} ({i + 1}/{len(pairs)})")
         if table_columns(conn, layout.schema, layout.target_name(pair)) is None:
             continue  # reported by the checks above
         if table_columns(conn, *scope.layouts[pair].source_name(pair)) is None:
@@ -274,17 +353,19 @@ def verify(
     result.checks.append(_check("nulls", faults, "NULLs only where history is short"))
 
     # 5. a random sample recomputed from the source by a plain path
-    faults, checked, edges = _sample_faults(conn, scope, sample, seed)
+    faults, checked, edges = _sample_faults(conn, scope, sample, seed, step)
     result.checks.append(
         _check(
             "recompute_sample",
             faults,
-            f"{checked} sampled rows ({edges} of them first bars"
+            f"{plural(checked, 'sampled row')} ({edges} of them first bars"
             " of a month) agree within the tolerances of docs/metrics.md",
+            {"sampled_rows": checked, "month_first_bars": edges},
         )  # fmt: skip
     )
 
     # 6. the ledger agrees with the tables
+    step("ledger", 5, 6)
     faults = []
     ledger = {
         (p, m): (s, r, w, hb, err)
@@ -298,23 +379,50 @@ def verify(
     for key in jobs:
         status, rows, worker, hb_age, error = ledger.get(key, ("missing", None, None, None, None))
         label = f"{key[0].upper()} {Month.of(key[1])}"
+        where = {"pair": key[0], "month": Month.of(key[1])}
         if status == "running":
             age = "no heartbeat" if hb_age is None else f"heartbeat {hb_age:.0f} s old"
             if hb_age is None or hb_age > STALE_AFTER_S or worker_is_dead(worker):
-                faults.append(f"{label}: job left running by {worker} ({age}; worker is gone)")
+                problem = f"{label}: job left running by {worker} ({age}; worker is gone)"
             else:
-                faults.append(f"{label}: job running on {worker} ({age}): a backfill is active")
+                problem = f"{label}: job running on {worker} ({age}): a backfill is active"
+            faults.append(_fault(problem, **where, column="status", expected="done", got=status))
         elif status == "failed":
             error = (error or "").strip().removeprefix(f"{label}:").strip()
-            faults.append(f"{label}: job failed: {error[:160]}")
+            faults.append(_fault(f"{label}: job failed: {error[:160]}", **where,
+                                 column="status", expected="done", got=status))  # fmt: skip
         elif status != "done":
-            faults.append(f"{label}: job is {status}")
+            faults.append(_fault(f"{label}: job is {status}", **where, column="status",
+                                 expected="done", got=status))  # fmt: skip
         elif rows != target_counts.get(key):
-            faults.append(f"{label}: ledger says {rows} rows, table has {target_counts.get(key)}")
-    result.checks.append(_check("ledger", faults, f"{len(jobs)} jobs done, rows match"))
+            faults.append(_fault(
+                f"{label}: ledger says {rows} rows, table has {target_counts.get(key)}", **where,
+                column="rows_written", expected=target_counts.get(key), got=rows))  # fmt: skip
+    result.checks.append(
+        _check(
+            "ledger",
+            faults,
+            f"{plural(len(jobs), 'job')} done, rows match",
+            {"jobs": len(jobs), "not_matching": len(faults)},
+        )  # fmt: skip
+    )
+    step("done", 6, 6)
 
     result.ok = all(c.ok for c in result.checks)
     return result
+
+
+def no_run_message(conn: psycopg.Connection, layout: Layout, run_id: int | None) -> str:
+    """Why there is nothing to verify or report, as one sentence."""
+    if run_id is not None:
+        return f"run {run_id} is not recorded in schema {layout.schema!r}"
+    empty = latest_run(conn, layout, include_empty=True)
+    if empty is not None:
+        return (
+            f"no backfill run with jobs is recorded in schema {layout.schema!r} (run"
+            f" {empty['run_id']} planned no job): load bars, then run `bqx backfill`"
+        )
+    return f"no backfill run is recorded in schema {layout.schema!r}: run `bqx backfill` first"
 
 
 def attached_partitions(
@@ -360,7 +468,7 @@ def _has_primary_key(conn: psycopg.Connection, schema: str, table: str) -> bool:
 
 def _null_faults(
     conn: psycopg.Connection, layout: Layout, pair: str, params: dict[str, Any]
-) -> list[str]:
+) -> list[Fault]:
     """Per month and window: NULL where the window is full, or a value where it is not.
 
     Where a window is full is derived from the source in SQL, independently of the kernel:
@@ -422,22 +530,26 @@ def _null_faults(
         for i, w in enumerate(windows):
             label = f"{pair.upper()} {Month.of(month)} w{w}"
             unexpected, missing = counts[2 * i], counts[2 * i + 1]
+            where = {"pair": pair, "month": Month.of(month), "column": f"w{w}_bqx_*"}
             if unexpected:
-                faults.append(f"{label}: {unexpected} unexpected NULL rows")
+                problem = f"{label}: {plural(unexpected, 'unexpected NULL row')}"
+                faults.append(_fault(problem, **where, expected=0, got=unexpected))
             if missing:
-                faults.append(f"{label}: {missing} rows without full history not NULL")
+                problem = f"{label}: {plural(missing, 'row')} without full history not NULL"
+                faults.append(_fault(problem, **where, expected=0, got=missing))
     return faults
 
 
 def _sample_faults(
-    conn: psycopg.Connection, scope: _Scope, sample: int, seed: int
-) -> tuple[list[str], int, int]:
+    conn: psycopg.Connection, scope: _Scope, sample: int, seed: int, step: StepFn
+) -> tuple[list[Fault], int, int]:
     """Recompute sampled rows (random ones and each month's first) from the source."""
-    faults: list[str] = []
+    faults: list[Fault] = []
     checked = edges = 0
     rng = random.Random(seed)
     select = sql.SQL("SELECT ts_utc, rate, {} FROM {} WHERE ts_utc = ANY(%s)")
-    for pair in scope.pairs:
+    for i, pair in enumerate(scope.pairs):
+        step("recompute_sample", 4, 6, f"{pair.upper()} ({i + 1}/{len(scope.pairs)})")
         layout, params = scope.layouts[pair], scope.params[pair]
         windows = sorted(int(w) for w in params["windows"])
         cols = metric_columns(windows)
@@ -475,7 +587,7 @@ def _sample_faults(
         # faults grouped per month and column: "EURUSD 2024-07: w60_bqx_avg wrong on 12 of 53
         # sampled rows (first 2024-07-03 04:17: 1.0733694 vs recomputed 1.0733587)"
         seen: dict[Month, int] = {}
-        wrong: dict[tuple[Month, str], list[str]] = {}
+        wrong: dict[tuple[Month, str], list[tuple[str, Any, Any]]] = {}
         for row in rows:
             t, rate = row[0], row[1]
             p_t, window = _history(conn, layout, pair, t, params)
@@ -484,17 +596,19 @@ def _sample_faults(
             month = Month.of(t)
             seen[month] = seen.get(month, 0) + 1
             if rate != p_t:
-                wrong.setdefault((month, "rate"), []).append(
-                    f"{t:%Y-%m-%d %H:%M}: {rate} vs source {p_t}"
-                )
+                wrong.setdefault((month, "rate"), []).append((f"{t:%Y-%m-%d %H:%M}", p_t, rate))
             for col, got in zip(cols, row[2:], strict=True):
                 if not _close(got, want[col], col, p_t):
                     wrong.setdefault((month, col), []).append(
-                        f"{t:%Y-%m-%d %H:%M}: {got} vs recomputed {want[col]}"
+                        (f"{t:%Y-%m-%d %H:%M}", want[col], got)
                     )
         for (month, col), examples in sorted(wrong.items()):
-            faults.append(
+            at, want_, got_ = examples[0]
+            source = "source" if col == "rate" else "recomputed"
+            fault = _fault(
                 f"{pair.upper()} {month}: {col} wrong on {len(examples)} of {seen[month]} sampled"
-                f" rows (first {examples[0]})"
-            )
+                f" rows (first {at}: {got_} vs {source} {want_})",
+                pair, month, column=col, expected=want_, got=got_, at=at, count=len(examples),
+            )  # fmt: skip
+            faults.append(fault)
     return faults, checked, edges
