@@ -254,7 +254,57 @@ CREATE TABLE IF NOT EXISTS {attempts} (
 CREATE INDEX IF NOT EXISTS {attempts_run_idx} ON {attempts} (run_id, finished_at);
 -- the worker's database session, so a stuck job's session can be ended with its worker
 ALTER TABLE {jobs} ADD COLUMN IF NOT EXISTS backend_pid integer;
+-- the source versions a done job was computed from (resume with --source-check version)
+ALTER TABLE {jobs} ADD COLUMN IF NOT EXISTS source_ver text;
+-- the parameters each target table's rows were computed with, so a run with other ones is
+-- refused instead of silently replacing them month by month
+CREATE TABLE IF NOT EXISTS {targets} (
+    target_table text PRIMARY KEY,
+    params       jsonb NOT NULL,
+    param_hash   text NOT NULL,
+    run_id       bigint,
+    updated_at   timestamptz NOT NULL DEFAULT now()
+);
 """
+
+LEDGER_TARGETS = "bqx_targets"
+SOURCE_VERSIONS = "bqx_source_versions"
+
+_SOURCE_VERSIONS_DDL = """
+CREATE TABLE IF NOT EXISTS {versions} (
+    source_table text NOT NULL,
+    month        date NOT NULL,
+    version      bigint NOT NULL,
+    bars         bigint NOT NULL,
+    changed_at   timestamptz NOT NULL,
+    PRIMARY KEY (source_table, month)
+)
+"""
+
+
+def record_source_version(
+    cur: psycopg.Cursor, layout: Layout, pair: str, month: Month
+) -> None:
+    """Inside the transaction that wrote a month of source bars: give that month a new version.
+
+    The version (the writing transaction's id) and the month's bar count commit or roll back
+    with the bars, so a resume can compare versions instead of hashing every bar
+    (``--source-check version``, docs/guarantees.md).
+    """
+    schema, table = layout.source_name(pair)
+    versions = sql.Identifier(schema, SOURCE_VERSIONS)
+    name = versions.as_string(cur)
+    if cur.execute("SELECT to_regclass(%s)", (name,)).fetchone()[0] is None:
+        cur.execute(sql.SQL(_SOURCE_VERSIONS_DDL).format(versions=versions))
+    cur.execute(
+        sql.SQL(
+            "INSERT INTO {v} AS v (source_table, month, version, bars, changed_at)"
+            " VALUES (%s, %s, pg_current_xact_id()::text::bigint, (SELECT count(*) FROM {part}),"
+            " clock_timestamp()) ON CONFLICT (source_table, month) DO UPDATE SET"
+            " version = EXCLUDED.version, bars = EXCLUDED.bars, changed_at = EXCLUDED.changed_at"
+        ).format(v=versions, part=layout.source_partition(pair, month)),
+        (table, month.first_day),
+    )
 
 
 def create_schema(conn: psycopg.Connection, layout: Layout) -> None:
@@ -269,6 +319,7 @@ def create_ledger(conn: psycopg.Connection, layout: Layout) -> None:
             runs=layout.table(LEDGER_RUNS),
             jobs=layout.table(LEDGER_JOBS),
             attempts=layout.table(LEDGER_ATTEMPTS),
+            targets=layout.table(LEDGER_TARGETS),
             attempts_run_idx=sql.Identifier(f"{LEDGER_ATTEMPTS}_run_idx"),
         )
     )

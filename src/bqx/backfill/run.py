@@ -40,13 +40,15 @@ def backfill(
     progress: bool | ProgressFn = False,
     executor: str = "local",
     scheduler: str | None = None,
+    source_check: str = "exact",
 ) -> RunSummary:
     """Plan (pair, month) jobs and run them on workers: local processes, or a Dask cluster."""
     params = Params.build(layout, windows, mode, max_fill)
     workers = workers or os.cpu_count() or 1
     url = resolve_url(settings)
     with connect(url, autocommit=True) as conn:
-        jobs = preflight(conn, params, pairs, start, end, url)
+        jobs = preflight(conn, params, pairs, start, end, url, force=force,
+                         source_check=source_check)  # fmt: skip
         ledger = Ledger(layout)
         doc = {
             "pairs": sorted({j.pair for j in jobs}),
@@ -56,7 +58,7 @@ def backfill(
             "schema": layout.schema, "source_table": layout.source_table,
             "time_column": layout.time_column, "price_column": layout.price_column,
             "workers": workers, "executor": executor, "force": force,
-            "job_timeout": job_timeout,
+            "job_timeout": job_timeout, "source_check": source_check,
         }  # fmt: skip
         run_id = ledger.start_run(conn, params, doc, workers, executor)
         todo, _skipped = ledger.plan(conn, run_id, params, jobs, force)

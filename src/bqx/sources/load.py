@@ -21,6 +21,7 @@ from bqx.schema import (
     Month,
     create_source_table,
     ensure_source_partition,
+    record_source_version,
 )
 
 
@@ -90,6 +91,7 @@ def load_bars(
                 result.inserted += ins
                 result.updated += upd
                 result.unchanged += n - ins - upd
+            record_source_version(cur, layout, pair, month)  # same transaction as the bars
         result.months[str(month)] = n
     return result
 
