@@ -295,6 +295,8 @@ def record_source_version(
     versions = sql.Identifier(schema, SOURCE_VERSIONS)
     name = versions.as_string(cur)
     if cur.execute("SELECT to_regclass(%s)", (name,)).fetchone()[0] is None:
+        # concurrent first loads (generate's threads) would race on CREATE TABLE IF NOT EXISTS
+        cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (name,))
         cur.execute(sql.SQL(_SOURCE_VERSIONS_DDL).format(versions=versions))
     cur.execute(
         sql.SQL(

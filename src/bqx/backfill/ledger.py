@@ -53,6 +53,10 @@ def worker_is_dead(worker: str | None) -> bool:
 SKIP_REASON = "done, unchanged"
 RUNNING_ELSEWHERE = "running elsewhere"
 _FOR_UPDATE = {True: " FOR UPDATE", False: ""}
+_READ_JOBS = (
+    "SELECT pair, month, status, param_hash, source_sig, source_ver, worker,"
+    " heartbeat_at < now() - make_interval(secs => %s) FROM {jobs} WHERE pair = ANY(%s)"
+)
 LedgerRow = tuple[str, str | None, str | None, str | None, bool]
 
 
@@ -126,11 +130,7 @@ class Ledger:
         return {
             (p, Month.of(m)): (status, h, sig, ver, bool(stale) or worker_is_dead(worker))
             for p, m, status, h, sig, ver, worker, stale in conn.execute(
-                self._q(
-                    "SELECT pair, month, status, param_hash, source_sig, source_ver, worker,"
-                    " heartbeat_at < now() - make_interval(secs => %s) FROM {jobs}"
-                    " WHERE pair = ANY(%s)" + _FOR_UPDATE[lock]
-                ),
+                self._q(_READ_JOBS + _FOR_UPDATE[lock]),
                 (STALE_AFTER_S, sorted(set(pairs))),
             )
         }

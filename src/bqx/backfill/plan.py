@@ -340,7 +340,8 @@ def _locked_message(
             int(pid)
             for (pid,) in conn.execute(
                 "SELECT DISTINCT l.pid FROM pg_locks l WHERE l.granted"
-                " AND l.pid <> pg_backend_pid() AND l.mode = 'AccessExclusiveLock' AND l.relation IN (SELECT to_regclass(%s)"
+                " AND l.pid <> pg_backend_pid() AND l.mode = 'AccessExclusiveLock'"
+                " AND l.relation IN (SELECT to_regclass(%s)"
                 " UNION ALL SELECT inhrelid FROM pg_inherits WHERE inhparent = to_regclass(%s))"
                 " ORDER BY 1",
                 (layout.source(pair).as_string(conn),) * 2,
