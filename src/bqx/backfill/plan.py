@@ -474,11 +474,7 @@ def _recorded_params(
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    return [
-        f"{k}={_show(old.get(k))}, this run {k}={_show(new[k])}"
-        for k in _REFUSED_CHANGES
-        if old.get(k) is not None and old.get(k) != new[k]
-    ]
+    return [k for k in _REFUSED_CHANGES if old.get(k) is not None and old.get(k) != new[k]]
 
 
 def _show(value: Any) -> str:
@@ -493,17 +489,20 @@ def changed_params(
     Without ``force`` the first such pair stops the run with one line naming the difference;
     with ``force`` those pairs are recomputed in full (every month, not just the range).
     """
-    changed: dict[str, list[str]] = {}
+    changed: dict[str, tuple[dict[str, Any], dict[str, Any], list[str]]] = {}
     for pair, old in _recorded_params(conn, params.layout, pairs).items():
-        diff = _differences(old, target_params(params, pair))
+        new = target_params(params, pair)
+        diff = _differences(old, new)
         if diff:
-            changed[pair] = diff
+            changed[pair] = (old, new, diff)
     if changed and not force:
-        pair, diff = next(iter(changed.items()))
+        pair, (old, new, diff) = next(iter(changed.items()))
         more = f" (and {len(changed) - 1} more pair(s))" if len(changed) > 1 else ""
+        was = ", ".join(f"{k}={_show(old[k])}" for k in diff)
+        now = ", ".join(f"{k}={_show(new[k])}" for k in diff)
         raise BqxError(
             f"{params.layout.schema}.{params.layout.target_name(pair)} holds results computed "
-            f"with {'; '.join(diff)}{more}: add --force to recompute every month of "
+            f"with {was}, not {now} as asked{more}: add --force to recompute every month of "
             f"{pair.upper()} with the new parameters, or use another --schema "
             "(docs/guarantees.md)"
         )
