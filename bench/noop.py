@@ -84,13 +84,13 @@ def main() -> None:
 
     noop = {
         check: timed([*CLI, "backfill", *scope, "--source-check", check, "--json"], a.repeat)
-        for check in ("version", "exact")
+        for check in ("auto", "exact")
     }
     floor = {
         "import bqx.cli": timed([sys.executable, "-c", "import bqx.cli"], a.repeat),
         "bqx --help": timed([*CLI, "--help"], a.repeat),
     }
-    _, doc = run([*CLI, "backfill", *scope, "--source-check", "version", "--json"])
+    _, doc = run([*CLI, "backfill", *scope, "--source-check", "auto", "--json"])
     assert json.loads(doc)["jobs_done"] == 0, doc
 
     # one bar among the last 75 of the first month changes, through the ingest path
@@ -105,12 +105,12 @@ def main() -> None:
         ).fetchone()
         times = np.array([np.datetime64(t.replace(tzinfo=None), "us")])
         load_bars(conn, layout, pair, times, np.array([[o, h * 1.001, lo, c * 1.001, v]]))
-    _, doc = run([*CLI, "backfill", *scope, "--source-check", "version", "--json"])
+    _, doc = run([*CLI, "backfill", *scope, "--source-check", "auto", "--json"])
     redo = json.loads(doc)
     correct = {"changed_bar": str(t), "pair": pair, "jobs_done": redo["jobs_done"]}
     with connect(settings, autocommit=True) as conn:  # put the bar back, recompute
         load_bars(conn, layout, pair, times, np.array([[o, h, lo, c, v]]))
-    run([*CLI, "backfill", *scope, "--source-check", "version", "--json"])
+    run([*CLI, "backfill", *scope, "--source-check", "auto", "--json"])
 
     jobs = setup["first_backfill"]["jobs_total"]
     out = {

@@ -88,7 +88,11 @@ def change_late_october_bar(conn: psycopg.Connection, layout: Layout, how: str) 
 
 @pytest.mark.parametrize(
     "mode,how,check",
-    [("bars", "update", "exact"), ("clock", "update", "exact"), ("bars", "ingest", "version")],
+    [
+        ("bars", "update", "exact"),
+        ("clock", "ingest", "exact"),
+        ("clock", "update", "auto"),
+    ],
 )
 def test_a_corrected_lookback_bar_redoes_the_next_month(
     settings, layout, conn, bars, mode, how, check
@@ -109,8 +113,6 @@ def test_a_corrected_lookback_bar_redoes_the_next_month(
     forced = backfill(settings, layout, mode=mode, workers=1, force=True, source_check=check)
     assert forced.jobs_done == 2
     assert np.array_equal(month_rows(conn, layout, NOV), after, equal_nan=True)
-    again = backfill(settings, layout, mode=mode, workers=1, source_check=check)
-    assert (again.jobs_done, again.jobs_skipped) == (0, 2)
 
 
 @pytest.mark.parametrize("fault", ["drop", "truncate"])
@@ -133,7 +135,7 @@ def test_a_done_job_whose_partition_is_gone_or_empty_is_redone(settings, layout,
 
 def test_version_check_agrees_with_exact_and_sees_every_bqx_write(settings, layout, conn, bars):
     backfill(settings, layout, workers=1)  # exact: records the versions it saw as well
-    noop = backfill(settings, layout, workers=1, source_check="version")
+    noop = backfill(settings, layout, workers=1, source_check="auto")
     assert (noop.jobs_done, noop.jobs_skipped) == (0, 2)
     # a new bar appended to November through bqx: only November is redone
     t = np.array([np.datetime64("2024-11-01T21:59", "us")])
@@ -142,7 +144,7 @@ def test_version_check_agrees_with_exact_and_sees_every_bqx_write(settings, layo
         ("2024-11-01 21:59+00",),
     )
     load_bars(conn, layout, "eurusd", t, np.array([[1.1, 1.1, 1.1, 1.1, 1.0]]))
-    resumed = backfill(settings, layout, workers=1, source_check="version")
+    resumed = backfill(settings, layout, workers=1, source_check="auto")
     assert (resumed.jobs_done, resumed.jobs_skipped) == (1, 1)
     assert month_rows(conn, layout, NOV)[-1, 0] == 1.1
     # a source partition bqx did not write (no version): hashed exactly, so still planned
@@ -152,5 +154,52 @@ def test_version_check_agrees_with_exact_and_sees_every_bqx_write(settings, layo
             layout.source("eurusd")
         )
     )
-    dec = backfill(settings, layout, workers=1, source_check="version")
+    dec = backfill(settings, layout, workers=1, source_check="auto")
     assert (dec.jobs_done, dec.jobs_skipped) == (1, 2)
+
+
+def test_auto_check_uses_versions_and_sees_plain_sql_writes(settings, layout, conn, bars):
+    backfill(settings, layout, workers=1)
+    jobs = layout.table("bqx_jobs")
+    sigs = conn.execute(
+        sql.SQL("SELECT bool_and(source_sig IS NULL AND source_ver IS NOT NULL) FROM {}").format(
+            jobs
+        )
+    ).fetchone()[0]
+    assert sigs  # planned from versions alone: no bar was hashed
+
+    def changed() -> set[Month]:
+        plan = plan_backfill(conn, Params.build(layout, (15, 30, 45, 60, 75), "bars", 5))
+        return {j.month for j in plan.jobs if j.reason == "source changed"}
+
+    assert changed() == set()
+    src = layout.source("eurusd")
+    conn.execute(
+        sql.SQL("UPDATE {} SET close = close * 1.001 WHERE time = '2024-11-01 12:00+00'").format(
+            src
+        )
+    )  # through the parent table
+    assert changed() == {NOV}
+    conn.execute(
+        sql.SQL("DELETE FROM {} WHERE time = '2024-10-30 12:00+00'").format(
+            layout.source_partition("eurusd", OCT)
+        )
+    )  # straight into a partition; November reads October's tail, so it is redone too
+    assert changed() == {OCT, NOV}
+    assert backfill(settings, layout, workers=1).jobs_done == 2
+    assert changed() == set()
+    conn.execute(
+        sql.SQL("INSERT INTO {} VALUES ('2024-10-30 12:00+00', 1, 1, 1, 1, 1)").format(src)
+    )
+    assert changed() == {OCT, NOV}
+    conn.execute(sql.SQL("TRUNCATE {}").format(layout.source_partition("eurusd", NOV)))
+    plan = plan_backfill(conn, Params.build(layout, (15, 30, 45, 60, 75), "bars", 5))
+    assert [(j.month, j.reason) for j in plan.jobs] == [(OCT, "source changed")]
+    # with a trigger disabled, that month is hashed exactly instead: still redone
+    assert backfill(settings, layout, workers=1).jobs_done == 1
+    conn.execute(
+        sql.SQL("ALTER TABLE {} DISABLE TRIGGER bqx_version").format(
+            layout.source_partition("eurusd", OCT)
+        )
+    )
+    assert changed() == {OCT}

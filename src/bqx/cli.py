@@ -256,11 +256,11 @@ def backfill(
         str,
         typer.Option(
             "--source-check",
-            help="How resume tells a month's source bars changed: exact (hash every bar read,"
-            " the default) or version (the versions bqx records when it writes bars; fast, see"
-            " docs/guarantees.md).",
+            help="How resume tells that a job's source bars changed: auto (the versions bqx"
+            " keeps on the tables it writes, guarded by triggers; other tables are hashed) or"
+            " exact (hash every bar each job reads). See docs/guarantees.md.",
         ),
-    ] = "exact",
+    ] = "auto",
     dry_run: Annotated[
         bool,
         typer.Option("--dry-run", help="Show the jobs to do and to skip, and why; write nothing."),

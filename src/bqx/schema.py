@@ -278,8 +278,54 @@ CREATE TABLE IF NOT EXISTS {versions} (
     bars         bigint NOT NULL,
     changed_at   timestamptz NOT NULL,
     PRIMARY KEY (source_table, month)
-)
+);
+-- Fired once per statement that writes a source table or one of its month partitions, by
+-- whoever writes it (bqx, or plain SQL): the months touched get a new version, in the same
+-- transaction as the change. Arguments: source table, time column[, month of a partition].
+CREATE OR REPLACE FUNCTION {func}() RETURNS trigger LANGUAGE plpgsql AS $f$
+DECLARE
+    src text := TG_ARGV[0];
+    m date;
+    months date[];
+BEGIN
+    IF TG_NARGS > 2 THEN
+        months := ARRAY[TG_ARGV[2]::date];
+    ELSIF TG_OP = 'TRUNCATE' THEN
+        EXECUTE format('SELECT array_agg(month) FROM %I.bqx_source_versions'
+                       ' WHERE source_table = $1', TG_TABLE_SCHEMA) INTO months USING src;
+    ELSIF TG_OP = 'INSERT' THEN
+        EXECUTE format('SELECT array_agg(DISTINCT date_trunc(''month'', %I)::date)'
+                       ' FROM new_rows', TG_ARGV[1]) INTO months;
+    ELSIF TG_OP = 'DELETE' THEN
+        EXECUTE format('SELECT array_agg(DISTINCT date_trunc(''month'', %I)::date)'
+                       ' FROM old_rows', TG_ARGV[1]) INTO months;
+    ELSE
+        EXECUTE format('SELECT array_agg(DISTINCT k) FROM (SELECT date_trunc(''month'', %1$I)'
+                       '::date AS k FROM new_rows UNION ALL SELECT date_trunc(''month'', %1$I)'
+                       '::date FROM old_rows) x', TG_ARGV[1]) INTO months;
+    END IF;
+    FOREACH m IN ARRAY coalesce(months, '{{}}'::date[]) LOOP
+        CONTINUE WHEN m IS NULL OR to_regclass(format('%I.%I', TG_TABLE_SCHEMA,
+                                   src || '_' || to_char(m, 'YYYY"m"MM'))) IS NULL;
+        EXECUTE format('INSERT INTO %1$I.bqx_source_versions AS v (source_table, month, version,'
+                       ' bars, changed_at) VALUES ($1, $2, pg_current_xact_id()::text::bigint,'
+                       ' (SELECT count(*) FROM %1$I.%2$I), clock_timestamp())'
+                       ' ON CONFLICT (source_table, month) DO UPDATE SET version ='
+                       ' EXCLUDED.version, bars = EXCLUDED.bars, changed_at = EXCLUDED.changed_at',
+                       TG_TABLE_SCHEMA, src || '_' || to_char(m, 'YYYY"m"MM')) USING src, m;
+    END LOOP;
+    RETURN NULL;
+END
+$f$;
 """
+
+SOURCE_TRIGGER = "bqx_version"  # on each month partition; the parent's end in _ins/_upd/_del/_trunc
+PARENT_TRIGGERS = {
+    "ins": "AFTER INSERT ON {t} REFERENCING NEW TABLE AS new_rows",
+    "upd": "AFTER UPDATE ON {t} REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows",
+    "del": "AFTER DELETE ON {t} REFERENCING OLD TABLE AS old_rows",
+    "trunc": "AFTER TRUNCATE ON {t}",
+}
 
 
 def record_source_version(
@@ -288,23 +334,49 @@ def record_source_version(
     """Inside the transaction that wrote a month of source bars: give that month a new version.
 
     The version (the writing transaction's id) and the month's bar count commit or roll back
-    with the bars, so a resume can compare versions instead of hashing every bar
-    (``--source-check version``, docs/guarantees.md).
+    with the bars, so a resume compares versions instead of hashing every bar
+    (``--source-check auto``, docs/guarantees.md). The first call also installs statement
+    triggers on the source table and the month's partition, so later writes by plain SQL
+    (UPDATE, INSERT, DELETE, TRUNCATE, COPY) bump the version too.
     """
     schema, table = layout.source_name(pair)
     versions = sql.Identifier(schema, SOURCE_VERSIONS)
-    name = versions.as_string(cur)
-    if cur.execute("SELECT to_regclass(%s)", (name,)).fetchone()[0] is None:
-        # concurrent first loads (generate's threads) would race on CREATE TABLE IF NOT EXISTS
-        cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (name,))
-        cur.execute(sql.SQL(_SOURCE_VERSIONS_DDL).format(versions=versions))
+    parent, part = layout.source(pair), layout.source_partition(pair, month)
+    have = cur.execute(
+        "SELECT to_regclass(%s) IS NOT NULL, (SELECT count(*) FROM pg_trigger"
+        " WHERE tgrelid IN (to_regclass(%s), to_regclass(%s)) AND tgname LIKE 'bqx\\_version%%')",
+        (versions.as_string(cur), parent.as_string(cur), part.as_string(cur)),
+    ).fetchone()
+    if not have[0] or have[1] < 1 + len(PARENT_TRIGGERS):
+        # concurrent first loads (generate's threads) would race on CREATE … IF NOT EXISTS
+        cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (versions.as_string(cur),))
+        func = sql.Identifier(schema, "bqx_source_changed")
+        cur.execute(sql.SQL(_SOURCE_VERSIONS_DDL).format(versions=versions, func=func))
+        args = [sql.Literal(table), sql.Literal(layout.time_column)]
+        for suffix, when in PARENT_TRIGGERS.items():
+            cur.execute(
+                sql.SQL("CREATE OR REPLACE TRIGGER {name} " + when + " FOR EACH STATEMENT"
+                        " EXECUTE FUNCTION {func}({args})").format(
+                    name=sql.Identifier(f"{SOURCE_TRIGGER}_{suffix}"), t=parent, func=func,
+                    args=sql.SQL(", ").join(args),
+                )
+            )  # fmt: skip
+        cur.execute(
+            sql.SQL(
+                "CREATE OR REPLACE TRIGGER {name} AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE"
+                " ON {t} FOR EACH STATEMENT EXECUTE FUNCTION {func}({args})"
+            ).format(
+                name=sql.Identifier(SOURCE_TRIGGER), t=part, func=func,
+                args=sql.SQL(", ").join([*args, sql.Literal(str(month.first_day))]),
+            )
+        )  # fmt: skip
     cur.execute(
         sql.SQL(
             "INSERT INTO {v} AS v (source_table, month, version, bars, changed_at)"
             " VALUES (%s, %s, pg_current_xact_id()::text::bigint, (SELECT count(*) FROM {part}),"
             " clock_timestamp()) ON CONFLICT (source_table, month) DO UPDATE SET"
             " version = EXCLUDED.version, bars = EXCLUDED.bars, changed_at = EXCLUDED.changed_at"
-        ).format(v=versions, part=layout.source_partition(pair, month)),
+        ).format(v=versions, part=part),
         (table, month.first_day),
     )
 

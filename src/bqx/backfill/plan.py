@@ -24,6 +24,8 @@ from bqx.schema import (
     LEDGER_JOBS,
     LEDGER_RUNS,
     LEDGER_TARGETS,
+    PARENT_TRIGGERS,
+    SOURCE_TRIGGER,
     SOURCE_VERSIONS,
     TARGET_CORE_COLUMNS,
     Layout,
@@ -39,7 +41,9 @@ from bqx.schema import (
 
 FORMULA_VERSION = 1  # bump when metric definitions change, so resume recomputes
 MODES = ("bars", "clock")
-SOURCE_CHECKS = ("exact", "version")  # how resume decides that a job's source is unchanged
+# how resume tells that a job's source is unchanged: "auto" compares the versions bqx keeps
+# where its triggers guard them and hashes the bars elsewhere; "exact" always hashes
+SOURCE_CHECKS = ("auto", "exact")
 MAX_WINDOW = 7 * 24 * 60  # one week of minute bars
 PG_MAX_COLUMNS = 1600  # PostgreSQL's limit on columns per table
 PLAN_LOCK_TIMEOUT_S = 10.0  # planning waits this long for a lock, then says who holds it
@@ -222,18 +226,26 @@ def _source_versions(
 ) -> dict[Month, tuple[int, int, str, int]] | None:
     """Month -> (version, bars, changed_at, partition relfilenode) of a bqx-written source.
 
-    Only months whose partition exists and is attached count. None when the source is not a
-    bqx-partitioned table with recorded versions (then the exact signature is used).
+    A month's version is trusted only while the statement triggers that keep it current are
+    in place and enabled, on the table and on the month's partition; an untrusted month gets
+    version -1 (its jobs are hashed exactly). Only attached partitions count. None when the
+    source is not a bqx-partitioned table with recorded versions.
     """
     schema, table = layout.source_name(pair)
     versions = sql.Identifier(schema, SOURCE_VERSIONS).as_string(conn)
     if conn.execute("SELECT to_regclass(%s)", (versions,)).fetchone()[0] is None:
         return None
     parts = conn.execute(
-        "SELECT c.relname, c.relfilenode FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+        "SELECT c.relname, c.relfilenode,"
+        " (SELECT count(*) FROM pg_trigger t WHERE t.tgrelid = c.oid AND t.tgname = %s"
+        "  AND t.tgenabled IN ('O', 'A')),"
+        " (SELECT count(*) FROM pg_trigger t WHERE t.tgrelid = i.inhparent"
+        "  AND t.tgname = ANY(%s) AND t.tgenabled IN ('O', 'A'))"
+        " FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
         " WHERE i.inhparent = to_regclass(%s)",
-        (layout.source(pair).as_string(conn),),
-    ).fetchall()
+        (SOURCE_TRIGGER, [f"{SOURCE_TRIGGER}_{s}" for s in PARENT_TRIGGERS],
+         layout.source(pair).as_string(conn)),
+    ).fetchall()  # fmt: skip
     if not parts:
         return None
     rows = {
@@ -246,17 +258,17 @@ def _source_versions(
         )
     }
     out: dict[Month, tuple[int, int, str, int]] = {}
-    for name, filenode in parts:
+    for name, filenode, own_guard, parent_guard in parts:
         if not name.startswith(f"{table}_"):
             return None  # partitions not made by bqx: no trustworthy month mapping
         try:
             month = Month.parse(name[len(table) + 1 :])
         except BqxError:
             return None
-        if month not in rows:
-            out[month] = (-1, -1, "", int(filenode))  # written behind bqx's back: unknown
-        else:
+        if month in rows and own_guard == 1 and parent_guard == len(PARENT_TRIGGERS):
             out[month] = (*rows[month], int(filenode))
+        else:
+            out[month] = (-1, -1, "", int(filenode))  # unguarded or never versioned: unknown
     return out
 
 
@@ -356,7 +368,7 @@ def _locked_message(
 
 def _plan_jobs(
     conn: psycopg.Connection, params: Params, pairs: Sequence[str], start: Month | None,
-    end: Month | None, url: str | None, source_check: str = "exact",
+    end: Month | None, url: str | None, source_check: str = "auto",
     lock_timeout: float = PLAN_LOCK_TIMEOUT_S,
 ) -> list[Job]:  # fmt: skip
     """Every (pair, month) with bars; the per-pair scans run two at a time when a URL is given.
@@ -569,7 +581,7 @@ def preflight(
     url: str | None = None,
     *,
     force: bool = False,
-    source_check: str = "exact",
+    source_check: str = "auto",
     lock_timeout: float = PLAN_LOCK_TIMEOUT_S,
 ) -> list[Job]:
     """Check everything a run needs, then create targets, partitions and the ledger.
@@ -680,7 +692,7 @@ def plan_backfill(
     end: Month | None = None,
     *,
     force: bool = False,
-    source_check: str = "exact",
+    source_check: str = "auto",
     lock_timeout: float = PLAN_LOCK_TIMEOUT_S,
 ) -> BackfillPlan:
     """The plan a backfill would follow, job by job with its reason; writes nothing at all

@@ -40,7 +40,7 @@ def backfill(
     progress: bool | ProgressFn = False,
     executor: str = "local",
     scheduler: str | None = None,
-    source_check: str = "exact",
+    source_check: str = "auto",
 ) -> RunSummary:
     """Plan (pair, month) jobs and run them on workers: local processes, or a Dask cluster."""
     params = Params.build(layout, windows, mode, max_fill)
