@@ -5,11 +5,11 @@
 1. ``bqx generate`` the bars (skipped when the scratch database already holds them) and a
    first ``bqx backfill`` so every (pair, month) job is done.
 2. Wall time of whole ``bqx backfill`` processes that find nothing to do, with
-   ``--source-check exact`` (hashes every bar each job reads) and ``--source-check version``
-   (compares the per-month versions bqx records when it writes bars). Median of ``--repeat``.
+   ``--source-check exact`` (hashes every bar each job reads) and ``--source-check auto`` (the
+   default: compares the per-month versions that bqx's triggers keep). Median of ``--repeat``.
 3. Python start-up alone (``python -c 'import bqx.cli'``) and ``bqx --help``, the floor.
 4. Still correct: one bar among the last 75 of a month is changed through ``load_bars`` (the
-   path of ``bqx ingest``); the version-mode resume must redo that month and the next.
+   path of ``bqx ingest``); the auto resume must redo that month and the next.
 
 Data in the embedded server under BQX_HOME (default /tmp/bqx-noop-bench).
 Writes bench/results/noop.json and noop.md.
@@ -116,7 +116,7 @@ def main() -> None:
     out = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"), "pairs": a.pairs,
         "months": f"{a.start}..{a.end}", "jobs": jobs, "setup": setup, "noop": noop,
-        "floor": floor, "version_mode_after_one_bar_changed": correct,
+        "floor": floor, "auto_after_one_bar_changed": correct,
     }  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "noop.json").write_text(json.dumps(out, indent=2) + "\n")
@@ -137,7 +137,7 @@ def main() -> None:
     lines += [
         "",
         f"After one bar among the last 75 of {pair.upper()} {a.start} was changed through "
-        f"`load_bars` (the ingest path), the version-mode resume redid {correct['jobs_done']} "
+        f"`load_bars` (the ingest path), the default (auto) resume redid {correct['jobs_done']} "
         "jobs (that month and the next, whose lookback reads the bar).",
         "",
     ]

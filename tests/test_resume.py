@@ -1,5 +1,6 @@
 """Resume against a real PostgreSQL: a job's source signature covers its lookback, a done job
-whose partition went missing or empty is redone, and the version check agrees with the exact one.
+whose partition went missing or empty is redone, and the auto (version) check agrees with the
+exact one.
 
 The bars straddle 2024-10/2024-11 (a Thursday night, so the clock-mode lookback of November
 reads October's last minutes), a few days only.
@@ -133,7 +134,7 @@ def test_a_done_job_whose_partition_is_gone_or_empty_is_redone(settings, layout,
     assert np.array_equal(month_rows(conn, layout, OCT), good, equal_nan=True)
 
 
-def test_version_check_agrees_with_exact_and_sees_every_bqx_write(settings, layout, conn, bars):
+def test_auto_check_agrees_with_exact_and_sees_every_bqx_write(settings, layout, conn, bars):
     backfill(settings, layout, workers=1)  # exact: records the versions it saw as well
     noop = backfill(settings, layout, workers=1, source_check="auto")
     assert (noop.jobs_done, noop.jobs_skipped) == (0, 2)

@@ -279,6 +279,26 @@ CREATE TABLE IF NOT EXISTS {versions} (
     changed_at   timestamptz NOT NULL,
     PRIMARY KEY (source_table, month)
 );
+-- A new version for one month: the row is locked first, so the bar count, taken by a later
+-- statement (a fresh snapshot under READ COMMITTED), includes every write committed before.
+CREATE OR REPLACE FUNCTION {bump}(sch text, src text, m date) RETURNS void
+LANGUAGE plpgsql AS $f$
+DECLARE
+    part text := src || '_' || to_char(m, 'YYYY"m"MM');
+BEGIN
+    IF to_regclass(format('%I.%I', sch, part)) IS NULL THEN
+        RETURN;
+    END IF;
+    EXECUTE format('INSERT INTO %I.bqx_source_versions VALUES ($1, $2, 0, 0, clock_timestamp())'
+                   ' ON CONFLICT DO NOTHING', sch) USING src, m;
+    EXECUTE format('SELECT 1 FROM %I.bqx_source_versions WHERE source_table = $1 AND month = $2'
+                   ' FOR UPDATE', sch) USING src, m;
+    EXECUTE format('UPDATE %1$I.bqx_source_versions SET version ='
+                   ' pg_current_xact_id()::text::bigint, bars = (SELECT count(*) FROM %1$I.%2$I),'
+                   ' changed_at = clock_timestamp() WHERE source_table = $1 AND month = $2',
+                   sch, part) USING src, m;
+END
+$f$;
 -- Fired once per statement that writes a source table or one of its month partitions, by
 -- whoever writes it (bqx, or plain SQL): the months touched get a new version, in the same
 -- transaction as the change. Arguments: source table, time column[, month of a partition].
@@ -305,20 +325,15 @@ BEGIN
                        '::date FROM old_rows) x', TG_ARGV[1]) INTO months;
     END IF;
     FOREACH m IN ARRAY coalesce(months, '{{}}'::date[]) LOOP
-        CONTINUE WHEN m IS NULL OR to_regclass(format('%I.%I', TG_TABLE_SCHEMA,
-                                   src || '_' || to_char(m, 'YYYY"m"MM'))) IS NULL;
-        EXECUTE format('INSERT INTO %1$I.bqx_source_versions AS v (source_table, month, version,'
-                       ' bars, changed_at) VALUES ($1, $2, pg_current_xact_id()::text::bigint,'
-                       ' (SELECT count(*) FROM %1$I.%2$I), clock_timestamp())'
-                       ' ON CONFLICT (source_table, month) DO UPDATE SET version ='
-                       ' EXCLUDED.version, bars = EXCLUDED.bars, changed_at = EXCLUDED.changed_at',
-                       TG_TABLE_SCHEMA, src || '_' || to_char(m, 'YYYY"m"MM')) USING src, m;
+        CONTINUE WHEN m IS NULL;
+        PERFORM {bump}(TG_TABLE_SCHEMA, src, m);
     END LOOP;
     RETURN NULL;
 END
 $f$;
 """
 
+BUMP_FUNCTION = "bqx_bump_source_version"
 SOURCE_TRIGGER = "bqx_version"  # on each month partition; the parent's end in _ins/_upd/_del/_trunc
 PARENT_TRIGGERS = {
     "ins": "AFTER INSERT ON {t} REFERENCING NEW TABLE AS new_rows",
@@ -328,9 +343,7 @@ PARENT_TRIGGERS = {
 }
 
 
-def record_source_version(
-    cur: psycopg.Cursor, layout: Layout, pair: str, month: Month
-) -> None:
+def record_source_version(cur: psycopg.Cursor, layout: Layout, pair: str, month: Month) -> None:
     """Inside the transaction that wrote a month of source bars: give that month a new version.
 
     The version (the writing transaction's id) and the month's bar count commit or roll back
@@ -342,16 +355,19 @@ def record_source_version(
     schema, table = layout.source_name(pair)
     versions = sql.Identifier(schema, SOURCE_VERSIONS)
     parent, part = layout.source(pair), layout.source_partition(pair, month)
+    bump = sql.Identifier(schema, BUMP_FUNCTION)
     have = cur.execute(
-        "SELECT to_regclass(%s) IS NOT NULL, (SELECT count(*) FROM pg_trigger"
-        " WHERE tgrelid IN (to_regclass(%s), to_regclass(%s)) AND tgname LIKE 'bqx\\_version%%')",
-        (versions.as_string(cur), parent.as_string(cur), part.as_string(cur)),
-    ).fetchone()
+        "SELECT to_regclass(%s) IS NOT NULL AND to_regproc(%s) IS NOT NULL, (SELECT count(*)"
+        " FROM pg_trigger WHERE tgrelid IN (to_regclass(%s), to_regclass(%s))"
+        " AND tgname LIKE 'bqx\\_version%%')",
+        (versions.as_string(cur), bump.as_string(cur), parent.as_string(cur),
+         part.as_string(cur)),
+    ).fetchone()  # fmt: skip
     if not have[0] or have[1] < 1 + len(PARENT_TRIGGERS):
         # concurrent first loads (generate's threads) would race on CREATE … IF NOT EXISTS
         cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (versions.as_string(cur),))
         func = sql.Identifier(schema, "bqx_source_changed")
-        cur.execute(sql.SQL(_SOURCE_VERSIONS_DDL).format(versions=versions, func=func))
+        cur.execute(sql.SQL(_SOURCE_VERSIONS_DDL).format(versions=versions, func=func, bump=bump))
         args = [sql.Literal(table), sql.Literal(layout.time_column)]
         for suffix, when in PARENT_TRIGGERS.items():
             cur.execute(
@@ -371,13 +387,8 @@ def record_source_version(
             )
         )  # fmt: skip
     cur.execute(
-        sql.SQL(
-            "INSERT INTO {v} AS v (source_table, month, version, bars, changed_at)"
-            " VALUES (%s, %s, pg_current_xact_id()::text::bigint, (SELECT count(*) FROM {part}),"
-            " clock_timestamp()) ON CONFLICT (source_table, month) DO UPDATE SET"
-            " version = EXCLUDED.version, bars = EXCLUDED.bars, changed_at = EXCLUDED.changed_at"
-        ).format(v=versions, part=part),
-        (table, month.first_day),
+        sql.SQL("SELECT {}(%s, %s, %s)").format(bump),
+        (schema, table, month.first_day),
     )
 
 

@@ -364,5 +364,3 @@ class Ledger:
             run_id, int(total), int(done), int(failed), int(skipped), int(rows), float(dur),
             final, [(p, m[:7], e or "") for p, m, e in failures],
         )  # fmt: skip
-
-

@@ -595,14 +595,20 @@ def preflight(
         conn, params, pairs, start, end, url, force, source_check, lock_timeout
     )
     existing = _target_partitions(conn, layout, pairs)
-    with _lock_timeout(conn, lock_timeout), conn.transaction():
-        create_ledger(conn, layout)
-        for pair in pairs:
-            if layout.target_name(pair) not in existing:
-                create_target_table(conn, layout, pair, params.windows)
-        for job in jobs:
-            if layout.target_partition_name(job.pair, job.month) not in existing:
-                ensure_target_partition(conn, layout, job.pair, job.month)
+    try:
+        with _lock_timeout(conn, lock_timeout), conn.transaction():
+            create_ledger(conn, layout)
+            for pair in pairs:
+                if layout.target_name(pair) not in existing:
+                    create_target_table(conn, layout, pair, params.windows)
+            for job in jobs:
+                if layout.target_partition_name(job.pair, job.month) not in existing:
+                    ensure_target_partition(conn, layout, job.pair, job.month)
+    except pgerrors.LockNotAvailable as exc:
+        raise BqxError(
+            f"a ledger or target table in schema {layout.schema} is locked by another session;"
+            f" waited {lock_timeout:g}s ({str(exc).strip().splitlines()[0]})"
+        ) from None
     return jobs
 
 
@@ -745,4 +751,3 @@ def init(
                 ensure_source_partition(conn, layout, pair, month)
                 ensure_target_partition(conn, layout, pair, month)
     return len(pairs) * len(months)
-
