@@ -503,6 +503,8 @@ def changed_params(
     """
     changed: dict[str, tuple[dict[str, Any], dict[str, Any], list[str]]] = {}
     for pair, old in _recorded_params(conn, params.layout, pairs).items():
+        if table_columns(conn, params.layout.schema, params.layout.target_name(pair)) is None:
+            continue  # the table was dropped: no stored results to protect
         new = target_params(params, pair)
         diff = _differences(old, new)
         if diff:
