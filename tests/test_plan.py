@@ -212,7 +212,10 @@ def test_a_locked_source_table_gives_a_message_and_ctrl_c_interrupts_planning(
         pid = locker.info.backend_pid
         t0 = time.monotonic()
         with pytest.raises(BqxError) as err:
-            preflight(conn, params(layout), ["eurusd"], None, None, lock_timeout=1.0)
+            preflight(
+                conn, params(layout), ["eurusd"], None, None, lock_timeout=1.0,
+                source_check="exact",
+            )  # fmt: skip
         assert time.monotonic() - t0 < 8
         assert str(err.value).startswith(
             f"source table {layout.schema}.m1_eurusd is locked by another session (pid {pid});"
@@ -220,7 +223,8 @@ def test_a_locked_source_table_gives_a_message_and_ctrl_c_interrupts_planning(
         )
         # the CLI plans two pairs at once; Ctrl-C while a scan waits on the lock ends it now
         proc = subprocess.Popen(
-            [sys.executable, "-m", "bqx.cli", "backfill", "--workers", "1"], env=cli_env,
+            [sys.executable, "-m", "bqx.cli", "backfill", "--workers", "1", "--source-check",
+             "exact"], env=cli_env,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"

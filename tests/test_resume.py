@@ -167,7 +167,7 @@ def test_auto_check_uses_versions_and_sees_plain_sql_writes(settings, layout, co
             jobs
         )
     ).fetchone()[0]
-    assert sigs  # planned from versions alone: no bar was hashed
+    assert sigs  # planned from versions: no month was hashed in full
 
     def changed() -> set[Month]:
         plan = plan_backfill(conn, Params.build(layout, (15, 30, 45, 60, 75), "bars", 5))
@@ -185,14 +185,14 @@ def test_auto_check_uses_versions_and_sees_plain_sql_writes(settings, layout, co
         sql.SQL("DELETE FROM {} WHERE time = '2024-10-30 12:00+00'").format(
             layout.source_partition("eurusd", OCT)
         )
-    )  # straight into a partition; November reads October's tail, so it is redone too
+    )  # straight into a partition (November is still changed from the UPDATE)
     assert changed() == {OCT, NOV}
     assert backfill(settings, layout, workers=1).jobs_done == 2
     assert changed() == set()
     conn.execute(
         sql.SQL("INSERT INTO {} VALUES ('2024-10-30 12:00+00', 1, 1, 1, 1, 1)").format(src)
-    )
-    assert changed() == {OCT, NOV}
+    )  # far from November's lookback (its last 75 bars of October): October only
+    assert changed() == {OCT}
     conn.execute(sql.SQL("TRUNCATE {}").format(layout.source_partition("eurusd", NOV)))
     plan = plan_backfill(conn, Params.build(layout, (15, 30, 45, 60, 75), "bars", 5))
     assert [(j.month, j.reason) for j in plan.jobs] == [(OCT, "source changed")]

@@ -9,8 +9,8 @@ import json
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
-from datetime import timedelta
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any
 
 import psycopg
@@ -88,7 +88,7 @@ class Params:
     def columns(self) -> list[str]:
         return metrics.metric_columns(self.windows)
 
-    @property
+    @cached_property  # asked once per job while planning
     def hash(self) -> str:
         doc = {**asdict(self), "formula_version": FORMULA_VERSION}
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
@@ -178,8 +178,9 @@ def _lookback_sql(params: Params, pair: str) -> sql.Composable:
 
 
 def _source_months(
-    conn: psycopg.Connection, params: Params, pair: str, start: Month | None, end: Month | None
-) -> list[Job]:
+    conn: psycopg.Connection, params: Params, pair: str, start: Month | None, end: Month | None,
+    vers: dict[Month, tuple[int, int, str, int]] | None = None,
+) -> list[Job]:  # fmt: skip
     """Per month with bars: exact count and a signature of every bar its job reads.
 
     The signature covers the month's own bars and its lookback (the W_max bars before the
@@ -214,7 +215,10 @@ def _source_months(
         if first_day is None:  # a NULL or infinite time: no month owns it
             raise BqxError(_bad_time_message(layout, pair, key, int(count)))
         sig = hashlib.sha256(f"{count}|{lo}|{hi}|{total}|{lb_n}|{lb_h}".encode()).hexdigest()[:16]
-        jobs.append(Job(pair, Month.of(first_day), int(count), sig))
+        month = Month.of(first_day)
+        # the versions seen too (read before this scan), so a later auto resume can skip it
+        ver = _version_sig(vers.get(month), month, f"{lb_n}|{lb_h}") if vers else None
+        jobs.append(Job(pair, month, int(count), sig, ver))
     return jobs
 
 
@@ -272,31 +276,26 @@ def _source_versions(
     return out
 
 
-def _version_sig(
-    params: Params, month: Month, vers: dict[Month, tuple[int, int, str, int]]
-) -> str | None:
-    """A signature of the versions of every month the job reads, or None if one is unknown."""
-    own = vers.get(month)
+def _version_sig(own: tuple[int, int, str, int] | None, month: Month, lookback: str) -> str | None:
+    """A signature from the month's version and the exact hash of its lookback bars; None when
+    the month's version is unknown (then only the exact signature can decide)."""
     if own is None or own[0] < 0:
         return None
-    parts = [f"{month}:{own}"]
-    if params.mode == "bars":
-        need = metrics.lookback_bars(params.windows)
-        for m in sorted((m for m in vers if m < month), reverse=True):
-            if need <= 0:
-                break
-            if vers[m][0] < 0:
-                return None
-            parts.append(f"{m}:{vers[m]}")
-            need -= vers[m][1]
-    else:
-        minutes = metrics.lookback_minutes(params.windows, params.max_fill)
-        first = Month.of(month.start - timedelta(minutes=minutes))
-        for m in sorted(m for m in vers if first <= m < month):
-            if vers[m][0] < 0:
-                return None
-            parts.append(f"{m}:{vers[m]}")
-    return "v" + hashlib.sha256("|".join(parts).encode()).hexdigest()[:15]
+    return "v" + hashlib.sha256(f"{month}:{own}|{lookback}".encode()).hexdigest()[:15]
+
+
+def _lookback_hashes(
+    conn: psycopg.Connection, params: Params, pair: str, months: Sequence[Month]
+) -> dict[Month, str]:
+    """Per month, count and hash of exactly the lookback bars its job reads: at most W_max bars
+    (or minutes) each, found through the time index, in one query per pair."""
+    if not months:
+        return {}
+    q = sql.SQL(
+        "SELECT m.k, lb.n, lb.h FROM unnest(%s::timestamptz[]) AS m(k)"
+        " LEFT JOIN LATERAL ({}) lb ON true"
+    ).format(_lookback_sql(params, pair))
+    return {Month.of(k): f"{n}|{h}" for k, n, h in conn.execute(q, ([m.start for m in months],))}
 
 
 def _pair_jobs(
@@ -305,8 +304,10 @@ def _pair_jobs(
 ) -> list[Job]:  # fmt: skip
     """A pair's jobs with their signatures, as ``source_check`` asks.
 
-    Versions are read before the bars are hashed: a write in between then only makes the
-    next resume redo the month, never skip it.
+    ``auto``: a month whose version is trusted is identified by that version plus an exact
+    hash of its lookback bars (a few dozen per job), so no month is read in full; other
+    months are hashed in full. Versions are read before any bar is hashed: a write in between
+    only makes the next resume redo the month, never skip it.
     """
     vers = _source_versions(conn, params.layout, pair)
 
@@ -314,17 +315,16 @@ def _pair_jobs(
         return (start is None or m >= start) and (end is None or m <= end)
 
     if source_check == "exact" or vers is None:
-        jobs = _source_months(conn, params, pair, start, end)
-        if vers is None:
-            return jobs
-        return [replace(j, source_ver=_version_sig(params, j.month, vers)) for j in jobs]
+        return _source_months(conn, params, pair, start, end, vers)
+    trusted = [m for m in sorted(vers) if in_range(m) and vers[m][0] >= 0 and vers[m][1] > 0]
+    lookback = _lookback_hashes(conn, params, pair, trusted)
     jobs = []
     for month in sorted(m for m in vers if in_range(m)):
-        ver = _version_sig(params, month, vers)
-        if ver is None:  # a month bqx did not write (or whose lookback it did not): hash it
-            jobs.extend(_source_months(conn, params, pair, month, month))
-        elif vers[month][1] > 0:
+        if month in lookback:
+            ver = _version_sig(vers[month], month, lookback[month])
             jobs.append(Job(pair, month, vers[month][1], None, ver))
+        elif vers[month][0] < 0:  # a month bqx did not write, or whose guard is off: hash it
+            jobs.extend(_source_months(conn, params, pair, month, month, vers))
     return jobs
 
 
@@ -631,13 +631,36 @@ def _target_partitions(conn: psycopg.Connection, layout: Layout, pairs: Sequence
 def partition_states(
     conn: psycopg.Connection, layout: Layout, keys: Sequence[tuple[str, Month]]
 ) -> dict[tuple[str, Month], str]:
-    """'ok', 'missing' or 'empty' per (pair, month) target partition: a catalog lookup, then
-    one EXISTS probe per existing partition, all in one query."""
+    """'ok', 'missing' or 'empty' per (pair, month) target partition.
+
+    One catalog query gives each attached partition's size and the server's count of live
+    rows: a partition that is not there is missing, one of size 0 (dropped and recreated, or
+    truncated) is empty, and only one whose statistics count no live rows (emptied by DELETE,
+    or statistics reset) is probed with EXISTS. All probes go in one query.
+    """
     if not keys:
         return {}
-    have = _target_partitions(conn, layout, sorted({p for p, _ in keys}))
-    out = {k: "missing" for k in keys if layout.target_partition_name(*k) not in have}
-    probe = [k for k in keys if k not in out]
+    names = sorted({layout.target_name(p) for p, _ in keys})
+    rows = conn.execute(
+        "SELECT c.relname, pg_relation_size(c.oid), pg_stat_get_live_tuples(c.oid)"
+        " FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+        " JOIN pg_class p ON p.oid = i.inhparent JOIN pg_namespace n ON n.oid = p.relnamespace"
+        " WHERE n.nspname = %s AND p.relname = ANY(%s)",
+        (layout.schema, names),
+    ).fetchall()
+    have = {name: (size, live) for name, size, live in rows}
+    out: dict[tuple[str, Month], str] = {}
+    probe = []
+    for key in keys:
+        size, live = have.get(layout.target_partition_name(*key), (None, None))
+        if size is None:
+            out[key] = "missing"
+        elif size == 0:
+            out[key] = "empty"
+        elif live:
+            out[key] = "ok"
+        else:
+            probe.append(key)
     for i in range(0, len(probe), 500):
         chunk = probe[i : i + 500]
         q = sql.SQL("SELECT ARRAY[{}]").format(
