@@ -123,14 +123,22 @@ class Ledger:
         return int(row[0])
 
     def read_jobs(
-        self, conn: psycopg.Connection, pairs: Sequence[str], *, lock: bool = False
+        self,
+        conn: psycopg.Connection,
+        pairs: Sequence[str],
+        *,
+        lock: bool = False,
+        has_ver: bool = True,
     ) -> dict[tuple[str, Month], tuple[str, str | None, str | None, str | None, bool]]:
         """(pair, month) -> (status, param_hash, source_sig, source_ver, stale) of the pairs'
-        ledger rows; ``lock`` takes them FOR UPDATE (inside the caller's transaction)."""
+        ledger rows; ``lock`` takes them FOR UPDATE (inside the caller's transaction).
+        ``has_ver=False`` reads a ledger made before ``source_ver`` existed (a dry run does
+        not upgrade it)."""
+        query = _READ_JOBS if has_ver else _READ_JOBS.replace("source_ver", "NULL")
         return {
             (p, Month.of(m)): (status, h, sig, ver, bool(stale) or worker_is_dead(worker))
             for p, m, status, h, sig, ver, worker, stale in conn.execute(
-                self._q(_READ_JOBS + _FOR_UPDATE[lock]),
+                self._q(query + _FOR_UPDATE[lock]),
                 (STALE_AFTER_S, sorted(set(pairs))),
             )
         }

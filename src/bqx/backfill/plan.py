@@ -736,8 +736,9 @@ def plan_backfill(
             conn, params, pairs, start, end, None, force, source_check, lock_timeout
         )
         rows: dict[tuple[str, Month], Any] = {}
-        if table_columns(conn, layout.schema, LEDGER_JOBS) is not None:
-            rows = Ledger(layout).read_jobs(conn, pairs)
+        cols = table_columns(conn, layout.schema, LEDGER_JOBS)
+        if cols is not None:
+            rows = Ledger(layout).read_jobs(conn, pairs, has_ver="source_ver" in cols)
         parts = partition_states(conn, layout, [(j.pair, j.month) for j in jobs])
     planned = []
     for job in jobs:
