@@ -34,8 +34,10 @@ os.environ.pop("BQX_DATABASE_URL", None)
 import numpy as np  # noqa: E402
 from psycopg import sql  # noqa: E402
 
+from bqx.backfill import Params, plan_backfill  # noqa: E402
 from bqx.config import load_settings  # noqa: E402
 from bqx.db import connect  # noqa: E402
+from bqx.metrics import DEFAULT_WINDOWS  # noqa: E402
 from bqx.schema import REPORT_PAIRS, Layout, Month  # noqa: E402
 from bqx.sources.load import load_bars  # noqa: E402
 
@@ -54,6 +56,28 @@ def run(args: list[str]) -> tuple[float, str, float]:
     if res.returncode != 0:
         raise SystemExit(f"{' '.join(args)} failed ({res.returncode}): {res.stderr.strip()}")
     return dt, res.stdout.strip(), cpu
+
+
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds (user + sys) a process on this machine has used (the server's backend)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def planning_cpu(settings, layout: Layout, pairs: list[str], start: Month, end: Month,
+                 check: str, repeat: int) -> dict:  # fmt: skip
+    """Client and server CPU seconds of planning alone (a dry run on one connection)."""
+    params = Params.build(layout, DEFAULT_WINDOWS, "bars", 5)
+    client, server = [], []
+    with connect(settings, autocommit=True) as conn:
+        pid = conn.info.backend_pid
+        for _ in range(repeat):
+            c0, s0 = time.process_time(), _proc_cpu(pid)
+            plan = plan_backfill(conn, params, pairs, start, end, source_check=check)
+            client.append(time.process_time() - c0)
+            server.append(_proc_cpu(pid) - s0)
+            assert not plan.todo, plan.to_dict()["reasons"]
+    return {"client_cpu_s": statistics.median(client), "server_cpu_s": statistics.median(server)}
 
 
 def timed(args: list[str], repeat: int) -> dict:
@@ -94,6 +118,11 @@ def main() -> None:
         check: timed([*CLI, "backfill", *scope, "--source-check", check, "--json"], a.repeat)
         for check in ("auto", "exact")
     }
+    planning = {
+        check: planning_cpu(settings, layout, list(REPORT_PAIRS[: a.pairs]),
+                            Month.parse(a.start), Month.parse(a.end), check, a.repeat)
+        for check in ("auto", "exact")
+    }  # fmt: skip
     floor = {
         "import bqx.cli": timed([sys.executable, "-c", "import bqx.cli"], a.repeat),
         "bqx --help": timed([*CLI, "--help"], a.repeat),
@@ -124,11 +153,16 @@ def main() -> None:
     out = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"), "pairs": a.pairs,
         "months": f"{a.start}..{a.end}", "jobs": jobs, "setup": setup, "noop": noop,
-        "floor": floor, "auto_after_one_bar_changed": correct,
+        "floor": floor, "planning": planning, "auto_after_one_bar_changed": correct,
     }  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "noop.json").write_text(json.dumps(out, indent=2) + "\n")
-    bars = setup["first_backfill"]["rows_written"]
+    with connect(settings, autocommit=True) as conn:
+        bars = conn.execute(
+            sql.SQL("SELECT sum(rows_written) FROM {} WHERE status = 'done'").format(
+                layout.table("bqx_jobs")
+            )
+        ).fetchone()[0]
     lines = [
         f"No-op resume, whole `bqx backfill` process, {a.pairs} pairs × {a.start}..{a.end} "
         f"({jobs} jobs done, {bars:,} rows; median of {a.repeat}, 2-core machine shared "
@@ -146,6 +180,18 @@ def main() -> None:
         lines.append(f"| floor: `{name}` | {r['median_s']:.2f} | {r['min_s']:.2f} |"
                      f" {r['cpu_median_s']:.2f} |")  # fmt: skip
     lines += [
+        "",
+        "Planning alone (a dry run on one connection, median), CPU seconds, client and server:",
+        "",
+        "| `--source-check` | client CPU s | server CPU s |",
+        "|---|---:|---:|",
+        *(
+            f"| {c} | {r['client_cpu_s']:.2f} | {r['server_cpu_s']:.2f} |"
+            for c, r in planning.items()
+        ),
+        "",
+        "On this machine (2 cores, load average 20-30 from other work during the run) wall time"
+        " is CPU time stretched by the load; the CPU columns are the stable figures.",
         "",
         f"After one bar among the last 75 of {pair.upper()} {a.start} was changed through "
         f"`load_bars` (the ingest path), the default (auto) resume redid {correct['jobs_done']} "
