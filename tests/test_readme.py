@@ -36,10 +36,7 @@ SRC = str(Path(bqx.__file__).resolve().parents[1])
 SKIP: dict[str, str] = {}
 # examples that work once another change lands: a failure is tolerated and listed, a pass is a
 # pass (remove the entry when the change is in)
-PENDING: dict[str, str] = {
-    "bqx ingest bars.parquet --pair AUDUSD --columns time=ts,close=last   # generic, with a mapping":
-        "close-only sources (open, high, low, volume optional), issue 13",
-}  # fmt: skip
+PENDING: dict[str, str] = {}  # example -> why it may fail for now (none today)
 
 
 def sh_examples(text: str) -> list[list[tuple[int, str]]]:

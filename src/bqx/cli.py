@@ -20,7 +20,8 @@ from bqx.progress import plural
 
 EXIT_CODES = (
     "Exit codes: 0 ok; 1 failed jobs, failed checks or an error (one line on stderr);"
-    " 2 usage error (a bad option or value); 130 interrupted (Ctrl-C or SIGTERM; run the"
+    " 2 usage error (a bad option or value); 3 nothing to do (backfill: no source bars in"
+    " the range); 130 interrupted (Ctrl-C or SIGTERM; run the"
     " same command again to resume)."
 )
 
@@ -487,19 +488,46 @@ def backfill(
     database_url: DatabaseOpt = None,
     schema: SchemaOpt = None,
     json_out: JsonOpt = False,
+    source_check: Annotated[
+        str,
+        typer.Option(
+            "--source-check",
+            help="How resume tells that a job's source bars changed: auto (the versions bqx"
+            " keeps on the tables it writes, guarded by triggers; other tables are hashed) or"
+            " exact (hash every bar each job reads). See docs/guarantees.md.",
+        ),
+    ] = "auto",
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Show the jobs to do and to skip, and why; write nothing."),
+    ] = False,
 ) -> None:
-    """Compute BQX metrics for every (pair, month) job; resumable, one transaction per job."""
+    """Compute BQX metrics for every (pair, month) job; resumable, one transaction per job.
+
+    Exit codes: 0 done, 1 a job failed or bad input, 2 usage, 3 nothing to do (no bars in range).
+    """
+    from bqx.backfill import NothingToPlan
     from bqx.backfill import backfill as run_backfill
     from bqx.schema import parse_pairs
 
     settings = settings_from(database_url, schema)
-    summary = run_backfill(
-        settings, _layout(settings, source_table, time_column, price_column),
-        pairs=parse_pairs(pairs), start=_month(start), end=_month(end),
-        windows=_windows(windows), mode=mode, max_fill=max_fill, workers=workers,
-        force=force, job_timeout=job_timeout, progress=not json_out, executor=executor,
-        scheduler=scheduler,
-    )  # fmt: skip
+    layout = _layout(settings, source_table, time_column, price_column)
+    try:
+        if dry_run:
+            _print_plan(
+                settings, layout, parse_pairs(pairs), _month(start), _month(end),
+                _windows(windows), mode, max_fill, force, source_check, json_out,
+            )  # fmt: skip
+            return
+        summary = run_backfill(
+            settings, layout,
+            pairs=parse_pairs(pairs), start=_month(start), end=_month(end),
+            windows=_windows(windows), mode=mode, max_fill=max_fill, workers=workers,
+            force=force, job_timeout=job_timeout, progress=not json_out, executor=executor,
+            scheduler=scheduler, source_check=source_check,
+        )  # fmt: skip
+    except NothingToPlan as exc:
+        fail(str(exc), NothingToPlan.exit_code)
     _print_run(summary, json_out)
     if summary.jobs_failed:
         raise typer.Exit(1)
@@ -643,6 +671,31 @@ def invocation(
         return shlex.quote(str(Path(os.path.realpath(cwd / path)).relative_to(cwd.resolve())))
     except ValueError:
         return shlex.quote(str(path))
+
+
+def _print_plan(settings, layout, pairs, start, end, windows, mode, max_fill, force,
+                source_check, json_out) -> None:  # fmt: skip
+    from bqx.backfill import Params, plan_backfill
+    from bqx.db import connect
+
+    params = Params.build(layout, windows, mode, max_fill)
+    with connect(settings, autocommit=True) as conn:
+        plan = plan_backfill(conn, params, pairs, start, end, force=force,
+                             source_check=source_check)  # fmt: skip
+    if json_out:
+        print_json(plan.to_dict())
+        return
+    for job in plan.jobs:
+        console.print(
+            f"{job.action:4} {job.pair.upper()} {job.month}  {job.reason}", highlight=False
+        )
+    doc = plan.to_dict()
+    reasons = ", ".join(f"{n} {r}" for r, n in sorted(doc["reasons"].items()))
+    console.print(
+        f"dry run: {doc['jobs_todo']} of {doc['jobs_total']} jobs to do, {doc['jobs_skipped']}"
+        f" to skip ({reasons}); nothing was written",
+        highlight=False,
+    )
 
 
 def _print_run(summary, json_out: bool) -> None:

@@ -257,7 +257,142 @@ ALTER TABLE {jobs} ADD COLUMN IF NOT EXISTS backend_pid integer;
 -- the run's driver process and its liveness: a run whose driver died is marked interrupted
 ALTER TABLE {runs} ADD COLUMN IF NOT EXISTS pid integer;
 ALTER TABLE {runs} ADD COLUMN IF NOT EXISTS heartbeat_at timestamptz;
+-- the source versions a done job was computed from (resume with --source-check version)
+ALTER TABLE {jobs} ADD COLUMN IF NOT EXISTS source_ver text;
+-- the parameters each target table's rows were computed with, so a run with other ones is
+-- refused instead of silently replacing them month by month
+CREATE TABLE IF NOT EXISTS {targets} (
+    target_table text PRIMARY KEY,
+    params       jsonb NOT NULL,
+    param_hash   text NOT NULL,
+    run_id       bigint,
+    updated_at   timestamptz NOT NULL DEFAULT now()
+);
 """
+
+LEDGER_TARGETS = "bqx_targets"
+SOURCE_VERSIONS = "bqx_source_versions"
+
+_SOURCE_VERSIONS_DDL = """
+CREATE TABLE IF NOT EXISTS {versions} (
+    source_table text NOT NULL,
+    month        date NOT NULL,
+    version      bigint NOT NULL,
+    bars         bigint NOT NULL,
+    changed_at   timestamptz NOT NULL,
+    PRIMARY KEY (source_table, month)
+);
+-- A new version for one month: the row is locked first, so the bar count, taken by a later
+-- statement (a fresh snapshot under READ COMMITTED), includes every write committed before.
+CREATE OR REPLACE FUNCTION {bump}(sch text, src text, m date) RETURNS void
+LANGUAGE plpgsql AS $f$
+DECLARE
+    part text := src || '_' || to_char(m, 'YYYY"m"MM');
+BEGIN
+    IF to_regclass(format('%I.%I', sch, part)) IS NULL THEN
+        RETURN;
+    END IF;
+    EXECUTE format('INSERT INTO %I.bqx_source_versions VALUES ($1, $2, 0, 0, clock_timestamp())'
+                   ' ON CONFLICT DO NOTHING', sch) USING src, m;
+    EXECUTE format('SELECT 1 FROM %I.bqx_source_versions WHERE source_table = $1 AND month = $2'
+                   ' FOR UPDATE', sch) USING src, m;
+    EXECUTE format('UPDATE %1$I.bqx_source_versions SET version ='
+                   ' pg_current_xact_id()::text::bigint, bars = (SELECT count(*) FROM %1$I.%2$I),'
+                   ' changed_at = clock_timestamp() WHERE source_table = $1 AND month = $2',
+                   sch, part) USING src, m;
+END
+$f$;
+-- Fired once per statement that writes a source table or one of its month partitions, by
+-- whoever writes it (bqx, or plain SQL): the months touched get a new version, in the same
+-- transaction as the change. Arguments: source table, time column[, month of a partition].
+CREATE OR REPLACE FUNCTION {func}() RETURNS trigger LANGUAGE plpgsql AS $f$
+DECLARE
+    src text := TG_ARGV[0];
+    m date;
+    months date[];
+BEGIN
+    IF TG_NARGS > 2 THEN
+        months := ARRAY[TG_ARGV[2]::date];
+    ELSIF TG_OP = 'TRUNCATE' THEN
+        EXECUTE format('SELECT array_agg(month) FROM %I.bqx_source_versions'
+                       ' WHERE source_table = $1', TG_TABLE_SCHEMA) INTO months USING src;
+    ELSIF TG_OP = 'INSERT' THEN
+        EXECUTE format('SELECT array_agg(DISTINCT date_trunc(''month'', %I)::date)'
+                       ' FROM new_rows', TG_ARGV[1]) INTO months;
+    ELSIF TG_OP = 'DELETE' THEN
+        EXECUTE format('SELECT array_agg(DISTINCT date_trunc(''month'', %I)::date)'
+                       ' FROM old_rows', TG_ARGV[1]) INTO months;
+    ELSE
+        EXECUTE format('SELECT array_agg(DISTINCT k) FROM (SELECT date_trunc(''month'', %1$I)'
+                       '::date AS k FROM new_rows UNION ALL SELECT date_trunc(''month'', %1$I)'
+                       '::date FROM old_rows) x', TG_ARGV[1]) INTO months;
+    END IF;
+    FOREACH m IN ARRAY coalesce(months, '{{}}'::date[]) LOOP
+        CONTINUE WHEN m IS NULL;
+        PERFORM {bump}(TG_TABLE_SCHEMA, src, m);
+    END LOOP;
+    RETURN NULL;
+END
+$f$;
+"""
+
+BUMP_FUNCTION = "bqx_bump_source_version"
+SOURCE_TRIGGER = "bqx_version"  # on each month partition; the parent's end in _ins/_upd/_del/_trunc
+PARENT_TRIGGERS = {
+    "ins": "AFTER INSERT ON {t} REFERENCING NEW TABLE AS new_rows",
+    "upd": "AFTER UPDATE ON {t} REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows",
+    "del": "AFTER DELETE ON {t} REFERENCING OLD TABLE AS old_rows",
+    "trunc": "AFTER TRUNCATE ON {t}",
+}
+
+
+def record_source_version(cur: psycopg.Cursor, layout: Layout, pair: str, month: Month) -> None:
+    """Inside the transaction that wrote a month of source bars: give that month a new version.
+
+    The version (the writing transaction's id) and the month's bar count commit or roll back
+    with the bars, so a resume compares versions instead of hashing every bar
+    (``--source-check auto``, docs/guarantees.md). The first call also installs statement
+    triggers on the source table and the month's partition, so later writes by plain SQL
+    (UPDATE, INSERT, DELETE, TRUNCATE, COPY) bump the version too.
+    """
+    schema, table = layout.source_name(pair)
+    versions = sql.Identifier(schema, SOURCE_VERSIONS)
+    parent, part = layout.source(pair), layout.source_partition(pair, month)
+    bump = sql.Identifier(schema, BUMP_FUNCTION)
+    have = cur.execute(
+        "SELECT to_regclass(%s) IS NOT NULL AND to_regproc(%s) IS NOT NULL, (SELECT count(*)"
+        " FROM pg_trigger WHERE tgrelid IN (to_regclass(%s), to_regclass(%s))"
+        " AND tgname LIKE 'bqx\\_version%%')",
+        (versions.as_string(cur), bump.as_string(cur), parent.as_string(cur),
+         part.as_string(cur)),
+    ).fetchone()  # fmt: skip
+    if not have[0] or have[1] < 1 + len(PARENT_TRIGGERS):
+        # concurrent first loads (generate's threads) would race on CREATE … IF NOT EXISTS
+        cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (versions.as_string(cur),))
+        func = sql.Identifier(schema, "bqx_source_changed")
+        cur.execute(sql.SQL(_SOURCE_VERSIONS_DDL).format(versions=versions, func=func, bump=bump))
+        args = [sql.Literal(table), sql.Literal(layout.time_column)]
+        for suffix, when in PARENT_TRIGGERS.items():
+            cur.execute(
+                sql.SQL("CREATE OR REPLACE TRIGGER {name} " + when + " FOR EACH STATEMENT"
+                        " EXECUTE FUNCTION {func}({args})").format(
+                    name=sql.Identifier(f"{SOURCE_TRIGGER}_{suffix}"), t=parent, func=func,
+                    args=sql.SQL(", ").join(args),
+                )
+            )  # fmt: skip
+        cur.execute(
+            sql.SQL(
+                "CREATE OR REPLACE TRIGGER {name} AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE"
+                " ON {t} FOR EACH STATEMENT EXECUTE FUNCTION {func}({args})"
+            ).format(
+                name=sql.Identifier(SOURCE_TRIGGER), t=part, func=func,
+                args=sql.SQL(", ").join([*args, sql.Literal(str(month.first_day))]),
+            )
+        )  # fmt: skip
+    cur.execute(
+        sql.SQL("SELECT {}(%s, %s, %s)").format(bump),
+        (schema, table, month.first_day),
+    )
 
 
 def create_schema(conn: psycopg.Connection, layout: Layout) -> None:
@@ -284,6 +419,7 @@ def create_ledger(conn: psycopg.Connection, layout: Layout) -> None:
             runs=layout.table(LEDGER_RUNS),
             jobs=layout.table(LEDGER_JOBS),
             attempts=layout.table(LEDGER_ATTEMPTS),
+            targets=layout.table(LEDGER_TARGETS),
             attempts_run_idx=sql.Identifier(f"{LEDGER_ATTEMPTS}_run_idx"),
         )
     )

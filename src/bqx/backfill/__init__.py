@@ -11,11 +11,23 @@ The way a job goes, one module each:
 
 from bqx.backfill.job import JobRunner, compute_month, read_series
 from bqx.backfill.ledger import HEARTBEAT_INTERVAL_S, STALE_AFTER_S, Ledger, worker_is_dead
-from bqx.backfill.plan import MODES, Job, Params, RunSummary, init, preflight
+from bqx.backfill.plan import (
+    MODES,
+    SOURCE_CHECKS,
+    BackfillPlan,
+    Job,
+    NothingToPlan,
+    Params,
+    RunSummary,
+    init,
+    plan_backfill,
+    preflight,
+)
 from bqx.backfill.run import backfill
 
 __all__ = [
     "HEARTBEAT_INTERVAL_S", "MODES", "STALE_AFTER_S", "Job", "JobRunner", "Ledger", "Params",
     "RunSummary", "backfill", "compute_month", "init", "preflight", "read_series",
+    "SOURCE_CHECKS", "BackfillPlan", "NothingToPlan", "plan_backfill",
     "worker_is_dead",
 ]  # fmt: skip

@@ -16,9 +16,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from bqx.backfill.plan import Job, Params, RunSummary
+from bqx.backfill.plan import Job, Params, RunSummary, partition_states, target_params
 from bqx.db import current_user, worker_id
-from bqx.schema import LEDGER_ATTEMPTS, LEDGER_JOBS, LEDGER_RUNS, Layout, Month
+from bqx.schema import LEDGER_ATTEMPTS, LEDGER_JOBS, LEDGER_RUNS, LEDGER_TARGETS, Layout, Month
 
 HEARTBEAT_INTERVAL_S = 2.0
 STALE_AFTER_S = 30.0  # a running job whose heartbeat is older than this belongs to a dead worker
@@ -48,6 +48,49 @@ def worker_is_dead(worker: str | None) -> bool:
         return False
 
 
+# -- resume decisions ---------------------------------------------------------------------
+
+SKIP_REASON = "done, unchanged"
+RUNNING_ELSEWHERE = "running elsewhere"
+_FOR_UPDATE = {True: " FOR UPDATE", False: ""}
+_READ_JOBS = (
+    "SELECT pair, month, status, param_hash, source_sig, source_ver, worker,"
+    " heartbeat_at < now() - make_interval(secs => %s) FROM {jobs} WHERE pair = ANY(%s)"
+)
+LedgerRow = tuple[str, str | None, str | None, str | None, bool]
+
+
+def _same_source(job: Job, sig: str | None, ver: str | None) -> bool:
+    """The exact signature decides when the plan computed one; else the version signature."""
+    if job.source_sig is not None:
+        return sig == job.source_sig
+    return job.source_ver is not None and ver == job.source_ver
+
+
+def decide(
+    job: Job, row: LedgerRow | None, param_hash: str, partition: str = "ok", force: bool = False
+) -> tuple[bool, str]:
+    """(to do?, why) for a planned job given its ledger row and its target partition's state."""
+    if row is None:
+        return True, "new"
+    status, h, sig, ver, stale = row
+    if status == "running" and not stale:
+        return True, RUNNING_ELSEWHERE
+    if force:
+        return True, "forced"
+    if status == "failed":
+        return True, "failed before"
+    if status != "done":
+        return True, "not finished before"
+    if h != param_hash:
+        return True, "parameters changed"
+    if not _same_source(job, sig, ver):
+        return True, "source changed"
+    if partition != "ok":
+        return True, f"partition {partition}"
+    return False, SKIP_REASON
+
+
 # -- the ledger ---------------------------------------------------------------------------
 
 
@@ -59,9 +102,12 @@ class Ledger:
         self.runs = layout.table(LEDGER_RUNS)
         self.jobs = layout.table(LEDGER_JOBS)
         self.attempts = layout.table(LEDGER_ATTEMPTS)
+        self.targets = layout.table(LEDGER_TARGETS)
 
     def _q(self, text: str) -> sql.Composed:
-        return sql.SQL(text).format(runs=self.runs, jobs=self.jobs, attempts=self.attempts)
+        return sql.SQL(text).format(
+            runs=self.runs, jobs=self.jobs, attempts=self.attempts, targets=self.targets
+        )
 
     def start_run(
         self, conn: psycopg.Connection, params: Params, doc: dict[str, Any], workers: int,
@@ -109,50 +155,99 @@ class Ledger:
             self.end_run(conn, run_id, "interrupted")
         return dead
 
+    def read_jobs(
+        self,
+        conn: psycopg.Connection,
+        pairs: Sequence[str],
+        *,
+        lock: bool = False,
+        has_ver: bool = True,
+    ) -> dict[tuple[str, Month], tuple[str, str | None, str | None, str | None, bool]]:
+        """(pair, month) -> (status, param_hash, source_sig, source_ver, stale) of the pairs'
+        ledger rows; ``lock`` takes them FOR UPDATE (inside the caller's transaction).
+        ``has_ver=False`` reads a ledger made before ``source_ver`` existed (a dry run does
+        not upgrade it)."""
+        query = _READ_JOBS if has_ver else _READ_JOBS.replace("source_ver", "NULL")
+        return {
+            (p, Month.of(m)): (status, h, sig, ver, bool(stale) or worker_is_dead(worker))
+            for p, m, status, h, sig, ver, worker, stale in conn.execute(
+                self._q(query + _FOR_UPDATE[lock]),
+                (STALE_AFTER_S, sorted(set(pairs))),
+            )
+        }
+
     def plan(
         self, conn: psycopg.Connection, run_id: int, params: Params, jobs: Sequence[Job],
         force: bool,
     ) -> tuple[list[Job], list[Job]]:  # fmt: skip
-        """Mark the jobs to do as pending; return (to_do, skipped)."""
+        """Mark the jobs to do as pending; return (to_do, skipped).
+
+        A done job is skipped only when its parameters and source signature are unchanged and
+        its target partition still holds rows. Why each job is done or skipped is left in
+        ``self.reasons``.
+        """
+        pairs = sorted({j.pair for j in jobs})
+        before = self.read_jobs(conn, pairs)
+        maybe_skip = [
+            (j.pair, j.month) for j in jobs
+            if not force and decide(j, before.get((j.pair, j.month)), params.hash, "ok")[1]
+            == SKIP_REASON
+        ]  # fmt: skip
+        # probed outside the transaction: each probe's lock is released at once
+        parts = partition_states(conn, params.layout, maybe_skip)
         todo, skipped = [], []
+        self.reasons: dict[tuple[str, Month], str] = {}
         with conn.transaction():
-            existing = {
-                (p, Month.of(m)): (status, h, sig, stale or worker_is_dead(worker))
-                for p, m, status, h, sig, worker, stale in conn.execute(
-                    self._q(
-                        "SELECT pair, month, status, param_hash, source_sig, worker,"
-                        " heartbeat_at < now() - make_interval(secs => %s) FROM {jobs}"
-                        " WHERE pair = ANY(%s) FOR UPDATE"
-                    ),
-                    (STALE_AFTER_S, sorted({j.pair for j in jobs})),
-                )
-            }
+            existing = self.read_jobs(conn, pairs, lock=True)
             for job in jobs:
-                status, h, sig, stale = existing.get((job.pair, job.month), (None,) * 4)
-                if status == "done" and h == params.hash and sig == job.source_sig and not force:
+                key = (job.pair, job.month)
+                row = existing.get(key)
+                do, reason = decide(job, row, params.hash, parts.get(key, "ok"), force)
+                self.reasons[key] = reason
+                if not do:
                     skipped.append(job)
                     continue
                 todo.append(job)
-                if status == "running" and not stale:
+                if reason == RUNNING_ELSEWHERE:
                     continue  # another live worker has it; ours wait or take it over when stale
                 conn.execute(
                     self._q(
                         "INSERT INTO {jobs} (pair, month, status, run_id, param_hash, source_bars,"
-                        " source_sig, attempts, updated_at)"
-                        " VALUES (%s, %s, 'pending', %s, %s, %s, %s, 0, now())"
+                        " source_sig, source_ver, attempts, updated_at)"
+                        " VALUES (%s, %s, 'pending', %s, %s, %s, %s, %s, 0, now())"
                         " ON CONFLICT (pair, month) DO UPDATE SET status = 'pending',"
                         " run_id = EXCLUDED.run_id, param_hash = EXCLUDED.param_hash,"
                         " source_bars = EXCLUDED.source_bars, source_sig = EXCLUDED.source_sig,"
-                        " attempts = 0, last_error = NULL, worker = NULL, updated_at = now()"
+                        " source_ver = EXCLUDED.source_ver, attempts = 0, last_error = NULL,"
+                        " worker = NULL, updated_at = now()"
                     ),
                     (job.pair, job.month.first_day, run_id, params.hash, job.source_bars,
-                     job.source_sig),
+                     job.source_sig, job.source_ver),
                 )  # fmt: skip
             conn.execute(
                 self._q("UPDATE {runs} SET jobs_total = %s, jobs_skipped = %s WHERE run_id = %s"),
                 (len(jobs), len(skipped), run_id),
             )
+            self.record_params(conn, run_id, params, pairs)
         return todo, skipped
+
+    def record_params(
+        self, conn: psycopg.Connection, run_id: int, params: Params, pairs: Sequence[str]
+    ) -> None:
+        """Remember the parameters each target table is computed with (``bqx_targets``)."""
+        layout = params.layout
+        for pair in pairs:
+            doc = target_params(params, pair)
+            conn.execute(
+                self._q(
+                    "INSERT INTO {targets} AS t (target_table, params, param_hash, run_id)"
+                    " VALUES (%s, %s, %s, %s) ON CONFLICT (target_table) DO UPDATE SET"
+                    " params = EXCLUDED.params, param_hash = EXCLUDED.param_hash,"
+                    " run_id = EXCLUDED.run_id, updated_at = now()"
+                    " WHERE t.param_hash IS DISTINCT FROM EXCLUDED.param_hash"
+                ),
+                (layout.target_name(pair), json.dumps(doc), params.hash, run_id),
+            )
 
     def claim(
         self, conn: psycopg.Connection, keys: Sequence[tuple[str, date]], run_id: int, worker: str

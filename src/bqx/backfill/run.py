@@ -46,6 +46,7 @@ def backfill(
     executor: str = "local",
     scheduler: str | None = None,
     reconnect_within_s: float = 30.0,
+    source_check: str = "auto",
 ) -> RunSummary:
     """Plan (pair, month) jobs and run them on workers: local processes, or a Dask cluster.
 
@@ -58,7 +59,8 @@ def backfill(
     workers = workers or os.cpu_count() or 1
     url = resolve_url(settings)
     with _sigterm_as_interrupt(), connect(url, autocommit=True) as conn:
-        jobs = preflight(conn, params, pairs, start, end, url)
+        jobs = preflight(conn, params, pairs, start, end, url, force=force,
+                         source_check=source_check)  # fmt: skip
         ledger = Ledger(layout)
         ledger.mark_orphaned_runs(conn)
         doc = {
@@ -69,7 +71,7 @@ def backfill(
             "schema": layout.schema, "source_table": layout.source_table,
             "time_column": layout.time_column, "price_column": layout.price_column,
             "workers": workers, "executor": executor, "force": force,
-            "job_timeout": job_timeout,
+            "job_timeout": job_timeout, "source_check": source_check,
         }  # fmt: skip
         run_id = ledger.start_run(conn, params, doc, workers, executor)
         todo, _skipped = ledger.plan(conn, run_id, params, jobs, force)

@@ -26,6 +26,7 @@ from bqx.schema import (
     Month,
     create_source_table,
     ensure_source_partition,
+    record_source_version,
     table_columns,
     validate_pair,
 )
@@ -162,6 +163,7 @@ def load_bars(
                 result.updated += upd
                 result.unchanged += n - ins - upd
             cur.execute("SELECT pg_notify('bqx_bars', %s)", (pair,))  # wakes `bqx update --follow`
+            record_source_version(cur, layout, pair, month)  # same transaction as the bars
         result.months[str(month)] = n
     return result
 
