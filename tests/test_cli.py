@@ -356,7 +356,7 @@ def test_generate_and_report_json(cli_env, tmp_path, conn, layout):
     assert doc["bars"] == stored.fetchone()[0] > 20_000 and doc["pairs"] == ["EURUSD"]
     assert doc["months"] == ["2024-07"]
     res = cli("generate", "--pairs", "eurusd", "--start", "2024-07", env=cli_env)
-    assert res.stdout.startswith(f"generated {doc['bars']:,} bars for 1 pair in ")
+    assert res.stdout.startswith(f"generated {doc['bars']:,} bars for 1 pair, 2024-07 (seed 0")
 
 
 def test_demo_json_and_next_steps_run_as_printed(cli_env, tmp_path):

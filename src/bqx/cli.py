@@ -229,8 +229,8 @@ def main() -> None:
         _error("database: " + _error_line(exc).splitlines()[0])
         sys.exit(1)
     except SystemExit as exc:
-        if not interrupted and exc.code != 130:  # typer's own exit for Ctrl-C
-            raise
+        if exc.code in (0, None) or (not interrupted and exc.code != 130):
+            raise  # 130 without our flag: typer's own exit for Ctrl-C
         _say_interrupted()
         sys.exit(130)
     except KeyboardInterrupt:

@@ -36,7 +36,7 @@ from psycopg import sql
 from bqx import metrics
 from bqx.backfill.job import _is_transient
 from bqx.backfill.ledger import STALE_AFTER_S, Ledger, worker_is_dead
-from bqx.backfill.plan import Params, _check_source, _source_months
+from bqx.backfill.plan import Params, _check_source, _pair_jobs
 from bqx.config import Settings
 from bqx.db import connect, copy_in, copy_out_series, current_user, resolve_url, worker_id
 from bqx.errors import BqxError
@@ -163,8 +163,8 @@ class UpdateLedger(Ledger):
 
     def record_month(
         self, cur: psycopg.Cursor, run_id: int, pair: str, month: Month, *, done: bool,
-        params: Params, source_bars: int, source_sig: str | None, rows_total: int,
-        rows_written: int, started: float,
+        params: Params, source_bars: int, source_sig: str | None, source_ver: str | None,
+        rows_total: int, rows_written: int, started: float,
     ) -> None:  # fmt: skip
         """After the upsert: the job row states the month's totals; the attempt, what changed."""
         duration = time.time() - started
@@ -172,14 +172,14 @@ class UpdateLedger(Ledger):
             cur.execute(
                 self._q(
                     "UPDATE {jobs} SET status = 'done', run_id = %s, param_hash = %s,"
-                    " source_bars = %s, source_sig = %s, rows_written = %s,"
+                    " source_bars = %s, source_sig = %s, source_ver = %s, rows_written = %s,"
                     " attempts = greatest(attempts, 1), started_at = coalesce(started_at,"
                     " to_timestamp(%s)), finished_at = now(), duration_s = %s, worker = NULL,"
                     " backend_pid = NULL, last_error = NULL, updated_at = now()"
                     " WHERE pair = %s AND month = %s"
                 ),
-                (run_id, params.hash, source_bars, source_sig, rows_total, started, duration,
-                 pair, month.first_day),
+                (run_id, params.hash, source_bars, source_sig, source_ver, rows_total, started,
+                 duration, pair, month.first_day),
             )  # fmt: skip
         cur.execute(
             self._q(
@@ -534,13 +534,18 @@ class Updater:
                                                  out_times, matrix, stage)  # fmt: skip
             if inserted + updated + deleted == 0 and not created:
                 raise _Unchanged()
-            jobs = _source_months(conn, params.layout, pair, month, month)
-            bars, sig = (jobs[0].source_bars, jobs[0].source_sig) if jobs else (0, None)
+            # the month's source signature as a backfill's resume computes it, so that a later
+            # backfill skips this month instead of redoing it
+            jobs = _pair_jobs(conn, params, pair, month, month, "auto")
+            bars, sig, ver = (
+                (jobs[0].source_bars, jobs[0].source_sig, jobs[0].source_ver)
+                if jobs else (0, None, None)
+            )  # fmt: skip
             total = cur.execute(sql.SQL("SELECT count(*) FROM {}").format(
                 self.layout.target_partition(pair, month))).fetchone()[0]  # fmt: skip
             self.ledger.record_month(
                 cur, run_id, pair, month, done=created or status == "done", params=params,
-                source_bars=bars, source_sig=sig, rows_total=int(total),
+                source_bars=bars, source_sig=sig, source_ver=ver, rows_total=int(total),
                 rows_written=inserted + updated + deleted, started=started,
             )  # fmt: skip
         return inserted, updated, deleted
