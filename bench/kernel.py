@@ -222,10 +222,10 @@ def main() -> None:
         "bottleneck move_*": lambda t, p: bottleneck_metrics(p),
         "numbagg move_* (max/min: bottleneck)": lambda t, p: numbagg_metrics(p),
     }
-    calls = {
-        name: month_calls(fn, ts, ps) for name, fn in peers.items() if fn is not None
-    }
-    calls["bqx (scan, prices off the grid)"] = month_calls(lambda t, p: compute_matrix(t, p), ts, po)
+    calls = {name: month_calls(fn, ts, ps) for name, fn in peers.items() if fn is not None}
+    calls["bqx (scan, prices off the grid)"] = month_calls(
+        lambda t, p: compute_matrix(t, p), ts, po
+    )
     for fn in peers.values():  # compile, load caches, warm up
         if fn is not None:
             fn(ts[:5000], ps[:5000])

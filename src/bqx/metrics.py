@@ -369,7 +369,11 @@ def _grid_kernel(values, wins, out, qmax):  # pragma: no cover - compiled
                 out[base + 4, r0 + j0 : r0 + m], out[base + 5, r0 + j0 : r0 + m],
             )  # fmt: skip
         vb = values[r0 : r0 + m]
-        hi, lo, sd = out[last + 1, r0 : r0 + m], out[last + 2, r0 : r0 + m], out[last + 4, r0 : r0 + m]
+        hi, lo, sd = (
+            out[last + 1, r0 : r0 + m],
+            out[last + 2, r0 : r0 + m],
+            out[last + 4, r0 : r0 + m],
+        )
         o_rng, o_vol = out[agg + 5, r0 : r0 + m], out[agg + 6, r0 : r0 + m]
         for c in range(5):
             out[agg + c, r0 : r0 + m] = out[last + c, r0 : r0 + m]
