@@ -251,7 +251,6 @@ def main() -> None:
          "fresh_memory": lambda: np.empty(shape).fill(0.0)},
         max(2, args.repeat // 2),
     )  # fmt: skip
-    del reused
 
     result = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
