@@ -9,7 +9,15 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from bqx.db import _COPY_HEADER, copy_in, copy_in_columns, encode_copy_binary, to_pg_us
+from bqx.db import (
+    _COPY_HEADER,
+    copy_in,
+    copy_in_columns,
+    encode_copy_binary,
+    select_series,
+    to_pg_us,
+)
+from bqx.errors import BqxError
 
 
 def _encode_by_hand(times_us: np.ndarray, rows: np.ndarray) -> bytes:
@@ -96,3 +104,19 @@ def test_empty_copy_writes_nothing(conn, table):
         n = copy_in_columns(cur, table, ["ts", "a", "b", "c"],
                             np.array([], dtype="datetime64[us]"), np.empty((3, 0)))  # fmt: skip
     assert n == 0 and len(_read_back(conn, table)[0]) == 0
+
+
+def test_select_series_reads_sorted_bars_and_refuses_nulls(conn, table):
+    times, values = _data(300, 3, seed=3)
+    values[:, 0] = np.abs(np.nan_to_num(values[:, 0], posinf=2.0)) + 1.0
+    with conn.transaction(), conn.cursor() as cur:
+        copy_in(cur, table, ["ts", "a", "b", "c"], times[::-1], values[::-1])  # unsorted in
+    query = sql.SQL("SELECT ts, a FROM {}").format(table)
+    with conn.cursor() as cur:
+        got_t, got_p = select_series(cur, query)
+        assert np.array_equal(got_t, times) and np.array_equal(got_p, values[:, 0])
+        empty = select_series(cur, sql.SQL("SELECT ts, a FROM {} WHERE false").format(table))
+        assert len(empty[0]) == 0 and len(empty[1]) == 0
+        conn.execute(sql.SQL("UPDATE {} SET a = NULL WHERE ts = %s").format(table), (times[5],))
+        with pytest.raises(BqxError, match="NULL time or price"):
+            select_series(cur, query)

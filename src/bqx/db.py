@@ -437,6 +437,28 @@ def copy_out_series(
     return from_pg_us(rows["t"].astype(np.int64)), rows["p"].astype(np.float64)
 
 
+def select_series(
+    cur: psycopg.Cursor, query: sql.Composable, params: Sequence[object] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run ``query`` selecting (timestamptz, float8) rows and return them sorted by time as
+    (datetime64[us], float64).
+
+    The server packs the rows into one bytea (``timestamptz_send || float8send``, the COPY
+    binary wire encodings) that arrives as one binary value: COPY TO STDOUT would send one
+    message per row, each costing a Python iteration in the client (60 ms a month of bars).
+    """
+    stmt = sql.SQL(
+        "SELECT count(*), string_agg(timestamptz_send(s.t) || float8send(s.p), ''::bytea"
+        " ORDER BY s.t) FROM ({}) s(t, p)"
+    ).format(query)
+    count, packed = cur.execute(stmt, params, binary=True).fetchone()
+    packed = packed or b""
+    if len(packed) != 16 * count:  # string_agg skips a row whose time or price is NULL
+        raise BqxError("unexpected NULL time or price in the source bars")
+    rows = np.frombuffer(packed, dtype=np.dtype([("t", ">i8"), ("p", ">f8")]))
+    return from_pg_us(rows["t"].astype(np.int64)), rows["p"].astype(np.float64)
+
+
 def wait_for_server(url: str, timeout_s: float = 30.0) -> None:
     """Poll until a connection succeeds (used after a restart)."""
     deadline = time.monotonic() + timeout_s

@@ -22,7 +22,7 @@ from psycopg import sql
 from bqx import metrics
 from bqx.backfill.ledger import HEARTBEAT_INTERVAL_S, Ledger
 from bqx.backfill.plan import Params
-from bqx.db import connect, copy_in_columns, copy_out_series, worker_id
+from bqx.db import connect, copy_in_columns, select_series, worker_id
 from bqx.errors import BqxError
 from bqx.schema import Month
 
@@ -61,15 +61,15 @@ def read_series(
     cur: psycopg.Cursor, params: Params, pair: str, month: Month
 ) -> tuple[np.ndarray, np.ndarray]:
     """The month's bars plus the lookback its first bars need (crossing month boundaries),
-    in one COPY: in bars mode the first bar read is found by a subquery in the same
-    statement (the W_max-th bar before the month, however long ago; all of them if fewer)."""
+    in one statement: in bars mode the first bar read is found by a subquery (the W_max-th
+    bar before the month, however long ago; all of them if fewer)."""
     layout = params.layout
     src, t, p = layout.source(pair), layout.time, layout.price
     if params.mode == "bars":
         q = sql.SQL(
-            "SELECT {t}, {p}::float8 FROM {src} WHERE {t} < %s AND {t} >= coalesce("
+            "SELECT {t}::timestamptz, {p}::float8 FROM {src} WHERE {t} < %s AND {t} >= coalesce("
             "(SELECT {t} FROM {src} WHERE {t} < %s ORDER BY {t} DESC OFFSET %s LIMIT 1),"
-            " '-infinity') ORDER BY {t}"
+            " '-infinity')"
         )
         args: list[Any] = [month.end, month.start, metrics.lookback_bars(params.windows) - 1]
     else:
@@ -77,9 +77,9 @@ def read_series(
             month.start
             - np.timedelta64(metrics.lookback_minutes(params.windows, params.max_fill), "m").item()
         )
-        q = sql.SQL("SELECT {t}, {p}::float8 FROM {src} WHERE {t} >= %s AND {t} < %s ORDER BY {t}")
+        q = sql.SQL("SELECT {t}::timestamptz, {p}::float8 FROM {src} WHERE {t} >= %s AND {t} < %s")
         args = [lo, month.end]
-    return copy_out_series(cur, q.format(t=t, p=p, src=src), args)
+    return select_series(cur, q.format(t=t, p=p, src=src), args)
 
 
 def compute_month(
