@@ -117,6 +117,8 @@ def test_select_series_reads_sorted_bars_and_refuses_nulls(conn, table):
         assert np.array_equal(got_t, times) and np.array_equal(got_p, values[:, 0])
         empty = select_series(cur, sql.SQL("SELECT ts, a FROM {} WHERE false").format(table))
         assert len(empty[0]) == 0 and len(empty[1]) == 0
-        conn.execute(sql.SQL("UPDATE {} SET a = NULL WHERE ts = %s").format(table), (times[5],))
+        conn.execute(
+            sql.SQL("UPDATE {} SET a = NULL WHERE ts = %s").format(table), (times[5].item(),)
+        )
         with pytest.raises(BqxError, match="NULL time or price"):
             select_series(cur, query)
