@@ -30,6 +30,8 @@ import json
 import os
 import resource
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -168,6 +170,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--sql-jobs", type=int, default=4)
+    ap.add_argument("--baseline-src", help="also time the bqx under this src/ (CLI process)")
     args = ap.parse_args()
 
     settings = load_settings(schema_name=SCHEMA)
@@ -209,8 +212,11 @@ def _bench(args, settings, layout, pairs, months, url, server) -> None:
     if os.geteuid() == 0:  # the server runs as its own user: it writes, we read
         shutil.chown(dump, "bqx_postgres", "bqx_postgres")
     files = {}
+    total_rows = 0
     with psycopg.connect(url, autocommit=True) as conn:
         for pair, month in jobs:
+            total_rows += conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
+                layout.target_partition(pair, month))).fetchone()[0]  # fmt: skip
             files[(pair, month)] = path = dump / f"{pair}_{month.suffix}.bin"
             conn.execute(sql.SQL("COPY {} ({}) TO {} (FORMAT BINARY)").format(
                 layout.target_partition(pair, month),
@@ -219,6 +225,19 @@ def _bench(args, settings, layout, pairs, months, url, server) -> None:
     def run_bqx() -> int:
         return backfill(settings, layout, pairs=pairs, start=months[0], end=months[-1],
                         workers=args.workers, force=True).rows_written  # fmt: skip
+
+    def run_cli(src: str) -> Callable[[], int]:
+        """``bqx backfill --force`` as a whole process, with the bqx found under ``src``."""
+        env = dict(os.environ, PYTHONPATH=src, BQX_SCHEMA=SCHEMA)
+        cmd = [sys.executable, "-m", "bqx.cli", "backfill", "--force", "--json",
+               "--pairs", ",".join(pairs), "--start", str(months[0])[:7],
+               "--end", str(months[-1])[:7], "--workers", str(args.workers)]  # fmt: skip
+
+        def run() -> int:
+            subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, check=True)
+            return total_rows
+
+        return run
 
     def empty_all() -> None:  # outside the clock: the next COPY goes into existing tables
         with psycopg.connect(url, autocommit=True) as conn:
@@ -272,6 +291,16 @@ def _bench(args, settings, layout, pairs, months, url, server) -> None:
             None, lambda: parallel(jobs, 2, lambda c, j: truncate_file(c, j, True), url)),
         "bqx backfill --force": (None, run_bqx),  # last: leaves the targets as bqx wrote them
     }  # fmt: skip
+    if args.baseline_src:  # an earlier bqx, as a whole process, and this one the same way
+        contenders[f"bqx before ({args.baseline_src}), CLI process"] = (
+            None,
+            run_cli(args.baseline_src),
+        )
+        contenders["bqx backfill --force, CLI process"] = (
+            None,
+            run_cli(str(Path(__file__).resolve().parent.parent / "src")),
+        )
+        contenders["bqx backfill --force"] = contenders.pop("bqx backfill --force")
     best: dict[str, dict[str, float]] = {}
     for rnd in range(args.rounds):
         for name, (prepare, fn) in contenders.items():
@@ -283,7 +312,7 @@ def _bench(args, settings, layout, pairs, months, url, server) -> None:
             print(f"round {rnd + 1}: {name}: {m['rows']:,} rows in {m['s']:.2f}s ="
                   f" {m['rows_per_s']:,.0f} rows/s (server {m['server_cpu_s']:.1f} CPU-s,"
                   f" client {m['client_cpu_s']:.1f} CPU-s)", flush=True)  # fmt: skip
-            if "server file" in name or name.startswith("bqx"):
+            if "server file" in name or name == "bqx backfill --force":
                 m.update(read_then_vacuum())
                 print(f"  then: first read {m['first_read_s']:.2f}s, vacuum {m['vacuum_s']:.2f}s")
             if name not in best or m["s"] < best[name]["s"]:
