@@ -9,13 +9,20 @@ For the bar at t with price p_t and the W bars before it, P = (p_{t-W}, …, p_{
 - ``agg_bqx_*``         the same over the largest window, plus range (max − min)/p_t and
   volatility stdev/p_t.
 
-The windows are nested (each is a prefix of the largest, read backwards from t−1), so one
-backward scan of W_max bars per row yields every window at once. Sums are taken of differences
-from p_{t-1}, which are exact for nearby prices (Sterbenz) and small, so the variance needs no
-subtraction of large numbers: no digits are lost at 1.07 or at 160, and a constant window gives
-exactly 0. Each row's arithmetic depends only on its own window, in a fixed order, so results
-are bit-identical however a series is split into jobs. The scan is O(W_max) per bar in a numba
-kernel that runs across rows in its inner loop (SIMD).
+Two exact paths, chosen per row from that row's own window (docs/performance.md):
+
+- Prices on the 10^-5 grid (every 5- and 3-decimal forex price: p = q / 10^5 exactly, checked
+  by the float64 round trip) use int64 prefix sums of q and q², so every window sum is an exact
+  integer difference: O(1) per window and bar, and the variance numerator W·Σq² − (Σq)² is
+  exact (0 on a constant window, never negative).
+- Other rows take a backward scan of W_max bars that yields every nested window at once. Sums
+  are taken of differences from p_{t-1}, which are exact for nearby prices (Sterbenz) and
+  small, so the variance needs no subtraction of large numbers: no digits are lost at 1.07 or
+  at 160, and a constant window gives exactly 0.
+
+Max and min come from a sparse table of the prices themselves (exact). Each row's arithmetic
+depends only on its own window, in a fixed order, so results are bit-identical however a
+series is split into jobs.
 """
 
 from __future__ import annotations
