@@ -122,6 +122,7 @@ def client_cpu_s() -> float:
 
 
 def measured(fn: Callable[[], int], datadir: Path) -> dict[str, float]:
+    time.sleep(0.5)  # let the server reap backends of connections just closed
     s0, c0, t0 = server_cpu_s(datadir), client_cpu_s(), time.perf_counter()
     rows = fn()
     wall = time.perf_counter() - t0
@@ -268,6 +269,7 @@ def _bench(args, settings, layout, pairs, months, url, server) -> None:
     def read_then_vacuum() -> dict[str, float]:
         """What a load leaves to do: the first full read (hint bits) and a VACUUM."""
         out = {}
+        time.sleep(0.5)  # let the server reap backends of connections just closed
         with psycopg.connect(url, autocommit=True) as conn:
             for what, stmt in (("first_read", "SELECT count(*), sum(rate) FROM {}"),
                                ("vacuum", "VACUUM {}")):  # fmt: skip
