@@ -28,6 +28,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/kernel.py
 	$(BIN)/python bench/backfill.py
+	$(BIN)/python bench/memory.py
 	$(BIN)/python bench/ingest.py
 
 clean:

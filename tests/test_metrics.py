@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bqx import metrics
 from bqx.metrics import (
     DEFAULT_WINDOWS,
     compute,
@@ -185,6 +186,99 @@ def test_any_time_unit_gives_the_same_result():
                 assert np.array_equal(base[col], other[col], equal_nan=True)
 
 
+# -- the two paths: exact integer sums on the decimal grid, the scan off it ---------------------
+
+
+def off_grid(prices: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """The same prices with [lo, hi) nudged off the 10^-5 grid (by 3e-12 relative)."""
+    out = prices.copy()
+    out[lo:hi] *= 1 + 3e-12
+    return out
+
+
+def test_grid_detection_is_exact():
+    wmax = max(DEFAULT_WINDOWS)
+    qmax = metrics._grid_qmax(wmax)
+    on = np.array([1.07123, 160.123, 0.00001, 1.5, 99.99999])
+    assert metrics._grid_off(on, qmax) == 0
+    # one ulp away from a 5-decimal price, a sixth decimal, too large for int64 sums: off
+    off = np.array([np.nextafter(1.07123, 2.0), 1.071235, (qmax + 1) / 1e5, 1e-6])
+    assert metrics._grid_off(off, qmax) == len(off)
+    # the largest grid price really fits: W·Σq² and the block prefix sums stay below 2^63
+    assert wmax * wmax * qmax**2 < 2**63 and (512 + wmax) * qmax**2 < 2**63
+
+
+@pytest.mark.parametrize("level,decimals", [(1.07, 5), (160.0, 3), (160.0, 5), (0.61, 5)],
+                         ids=["EUR", "JPY", "JPY5", "NZD"])  # fmt: skip
+def test_grid_path_matches_reference(level, decimals):
+    n = 1200
+    times = minutes_from("2024-07-01", np.arange(n))
+    prices = walk(n, level, seed=21, decimals=decimals, vol=3e-4)
+    assert metrics._grid_off(prices, metrics._grid_qmax(75)) == 0  # the grid path, all rows
+    assert_close(compute(times, prices), reference(times, prices), prices)
+
+
+def test_scan_path_matches_reference_off_the_grid():
+    n = 1200
+    times = minutes_from("2024-07-01", np.arange(n))
+    prices = walk(n, 1.07, seed=22, decimals=12)
+    assert metrics._grid_off(prices, metrics._grid_qmax(75)) == n  # the scan, all rows
+    assert_close(compute(times, prices), reference(times, prices), prices)
+
+
+def test_prices_too_large_for_the_grid_take_the_scan():
+    n = 400
+    times = minutes_from("2024-07-01", np.arange(n))
+    prices = walk(n, 65000.0, seed=23, decimals=2)  # BTC-like: q·W would overflow int64 sums
+    assert metrics._grid_off(prices, metrics._grid_qmax(75)) == n
+    assert_close(compute(times, prices), reference(times, prices), prices)
+
+
+def test_series_switching_between_the_paths():
+    """Off-grid stretches in an on-grid series: rows whose window touches one take the scan,
+    the rest the grid path; both agree with the reference on every row, at the switches too,
+    and every row equals the row computed from its own window alone."""
+    n = 900
+    times = minutes_from("2024-07-01", np.arange(n))
+    prices = off_grid(walk(n, 1.07, seed=24), 200, 210)
+    prices = off_grid(prices, 500, 501)
+    prices[600:700] = prices[600]  # a flat stretch right after the grid resumes
+    rows = metrics._grid_misses(prices, metrics._grid_qmax(75), 75)
+    assert rows.tolist() == list(range(200, 285)) + list(range(500, 576))
+    got = compute(times, prices)
+    assert_close(got, reference(times, prices), prices)
+    for w in DEFAULT_WINDOWS:
+        assert (got[f"w{w}_bqx_stdev"][600 + w : 701] == 0.0).all()
+    for r in (199, 200, 209, 210, 284, 285, 500, 575, 576, 675):  # the switches, both sides
+        lo = max(0, r - 75)
+        alone = compute(times[lo : r + 1], prices[lo : r + 1])
+        for col in got:
+            assert np.array_equal(alone[col][-1:], got[col][r : r + 1], equal_nan=True), (r, col)
+
+
+def test_constant_windows_have_stdev_exactly_zero_on_both_paths():
+    n = 300
+    times = minutes_from("2024-07-01", np.arange(n))
+    for prices in (np.full(n, 1.23457), np.full(n, 1.23457 + 1e-9), np.full(n, 161.123)):
+        got = compute(times, prices)
+        for w in DEFAULT_WINDOWS:
+            sd = got[f"w{w}_bqx_stdev"][w:]
+            assert (sd == 0.0).all() and not np.signbit(sd).any()
+            assert (got[f"w{w}_bqx_return"][w:] == 0.0).all()
+        assert (got["agg_bqx_range"][75:] == 0.0).all()
+
+
+def test_out_array_is_written_and_checked():
+    n = 500
+    times, prices = minutes_from("2024-07-01", np.arange(n)), walk(n, 1.08, seed=25)
+    out = np.full((37, n), 7.0)
+    got = metrics.compute_matrix(times, prices, out=out)
+    assert got is out
+    assert np.array_equal(out, metrics.compute_matrix(times, prices), equal_nan=True)
+    with pytest.raises(ValueError, match="C-contiguous float64 array of shape"):
+        metrics.compute_matrix(times, prices, out=np.empty((37, n + 1)))
+
+
 # -- properties ----------------------------------------------------------------------------
 
 
@@ -200,6 +294,9 @@ def series(draw):
     flat = draw(st.integers(min_value=0, max_value=n))
     if flat < n:
         prices[flat : flat + 90] = prices[flat]
+    off = draw(st.integers(min_value=0, max_value=n))
+    if off < n and draw(st.booleans()):  # a stretch off the decimal grid: the scan's rows
+        prices[off : off + draw(st.integers(1, 120))] *= 1 + 3e-12
     return times, prices
 
 

@@ -660,27 +660,29 @@ def from_pg_us(us: np.ndarray) -> np.ndarray:
 
 @numba.njit(cache=True, nogil=True)
 def _encode_rows(ts: np.ndarray, values: np.ndarray, bits: np.ndarray, out: np.ndarray) -> int:
-    """Write rows (timestamp, float8 * k; NaN -> NULL) in COPY binary row format into ``out``."""
-    n, k = values.shape
+    """Write rows (timestamp, float8 * k; NaN -> NULL) in COPY binary row format into ``out``.
+
+    ``values`` and ``bits`` (its int64 view) are (k, n): column-major, any strides, so the
+    kernel's (columns × bars) output is encoded as it is, with no transposing copy.
+    """
+    k, n = values.shape
+    nf = k + 1
     pos = 0
     for i in range(n):
-        nf = k + 1
         out[pos] = (nf >> 8) & 0xFF
         out[pos + 1] = nf & 0xFF
-        pos += 2
         # timestamp field: length 8, big-endian int64
-        out[pos] = 0
-        out[pos + 1] = 0
         out[pos + 2] = 0
-        out[pos + 3] = 8
-        pos += 4
+        out[pos + 3] = 0
+        out[pos + 4] = 0
+        out[pos + 5] = 8
+        pos += 6
         v = ts[i]
         for b in range(8):
             out[pos + b] = (v >> (56 - 8 * b)) & 0xFF
         pos += 8
         for j in range(k):
-            x = values[i, j]
-            if np.isnan(x):
+            if np.isnan(values[j, i]):
                 out[pos] = 0xFF
                 out[pos + 1] = 0xFF
                 out[pos + 2] = 0xFF
@@ -691,26 +693,89 @@ def _encode_rows(ts: np.ndarray, values: np.ndarray, bits: np.ndarray, out: np.n
                 out[pos + 1] = 0
                 out[pos + 2] = 0
                 out[pos + 3] = 8
-                pos += 4
-                w = bits[i, j]
+                w = bits[j, i]
                 for b in range(8):
-                    out[pos + b] = (w >> (56 - 8 * b)) & 0xFF
-                pos += 8
+                    out[pos + 4 + b] = (w >> (56 - 8 * b)) & 0xFF
+                pos += 12
     return pos
+
+
+def _encode_into(times_us: np.ndarray, columns: np.ndarray, out: np.ndarray, first: bool,
+                 last: bool) -> memoryview:  # fmt: skip
+    """Encode rows into ``out`` (large enough), with the header and/or trailer; a view of
+    the bytes written, for ``copy.write`` to send without another copy."""
+    pos = 0
+    if first:
+        out[: len(_COPY_HEADER)] = np.frombuffer(_COPY_HEADER, dtype=np.uint8)
+        pos = len(_COPY_HEADER)
+    if columns.strides[-1] == 8:  # the float bits as int64: a view along a unit stride
+        bits = columns.view(np.int64)
+    elif columns.strides[0] == 8:  # (n × k) row-major data, transposed
+        bits = columns.T.view(np.int64).T
+    else:
+        columns = np.ascontiguousarray(columns)
+        bits = columns.view(np.int64)
+    ts = np.ascontiguousarray(times_us, dtype=np.int64)
+    pos += _encode_rows(ts, columns, bits, out[pos:])
+    if last:
+        out[pos : pos + 2] = 0xFF
+        pos += 2
+    return memoryview(out)[:pos]
+
+
+def _copy_bound(n: int, k: int) -> int:
+    return len(_COPY_HEADER) + n * (2 + 12 * (k + 1)) + len(_COPY_TRAILER)
 
 
 def encode_copy_binary(times_us: np.ndarray, values: np.ndarray) -> bytes:
     """A whole COPY BINARY stream: header, one row per time (timestamp then ``values`` row)."""
-    values = np.ascontiguousarray(values, dtype=np.float64)
+    values = np.asarray(values, dtype=np.float64)
     if values.ndim == 1:
         values = values.reshape(-1, 1)
     n, k = values.shape
     if len(times_us) != n:
         raise ValueError(f"{len(times_us)} times but {n} value rows")
-    out = np.empty(n * (2 + 12 * (k + 1)), dtype=np.uint8)
-    ts = np.ascontiguousarray(times_us, dtype=np.int64)
-    used = _encode_rows(ts, values, values.view(np.int64), out)
-    return _COPY_HEADER + out[:used].tobytes() + _COPY_TRAILER
+    out = np.empty(_copy_bound(n, k), dtype=np.uint8)
+    return bytes(_encode_into(times_us, values.T, out, True, True))
+
+
+def copy_in_columns(
+    cur: psycopg.Cursor,
+    table: sql.Composable,
+    names: Sequence[str],
+    times: np.ndarray,
+    columns: np.ndarray,
+    *,
+    freeze: bool = False,
+    chunk_rows: int = 50_000,
+) -> int:
+    """COPY rows into ``table``: ``names[0]`` gets ``times`` (datetime64), the others the rows
+    of ``columns`` (k × n float64, any strides; NaN -> NULL). Returns the number of rows sent.
+
+    ``freeze``: ``COPY … FREEZE``, for a table created or truncated in this transaction: rows
+    land frozen and their pages all-visible, so neither the first read nor vacuum must visit
+    them again to set hint bits or freeze. Rows are encoded in chunks into one reused buffer,
+    whose bytes psycopg sends as they are.
+    """
+    times_us = to_pg_us(np.asarray(times))
+    columns = np.asarray(columns, dtype=np.float64)
+    if columns.ndim == 1:
+        columns = columns.reshape(1, -1)
+    k, n = columns.shape
+    if len(times_us) != n:
+        raise ValueError(f"{len(times_us)} times but {n} value rows")
+    options = sql.SQL("FORMAT BINARY, FREEZE" if freeze else "FORMAT BINARY")
+    stmt = sql.SQL("COPY {} ({}) FROM STDIN ({})").format(
+        table, sql.SQL(", ").join(map(sql.Identifier, names)), options
+    )
+    buf = np.empty(_copy_bound(min(n, chunk_rows), k), dtype=np.uint8)
+    with cur.copy(stmt) as copy:
+        if n == 0:
+            copy.write(_COPY_HEADER + _COPY_TRAILER)
+        for lo in range(0, n, chunk_rows):
+            hi = min(n, lo + chunk_rows)
+            copy.write(_encode_into(times_us[lo:hi], columns[:, lo:hi], buf, lo == 0, hi == n))
+    return n
 
 
 def copy_in(
@@ -722,31 +787,15 @@ def copy_in(
     *,
     chunk_rows: int = 50_000,
 ) -> int:
-    """COPY rows into ``table``: ``columns[0]`` gets ``times`` (datetime64), the rest ``values``.
+    """COPY rows into ``table``: ``columns[0]`` gets ``times`` (datetime64), the rest ``values``
+    (n × k, or n for one column).
 
     The one way bars and metrics enter PostgreSQL. Returns the number of rows sent.
     """
-    times_us = to_pg_us(np.asarray(times))
     values = np.asarray(values, dtype=np.float64)
     if values.ndim == 1:
         values = values.reshape(-1, 1)
-    stmt = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
-        table, sql.SQL(", ").join(map(sql.Identifier, columns))
-    )
-    n = len(times_us)
-    with cur.copy(stmt) as copy:
-        if n == 0:
-            copy.write(_COPY_HEADER + _COPY_TRAILER)
-        for lo in range(0, n, chunk_rows):
-            hi = min(n, lo + chunk_rows)
-            block = encode_copy_binary(times_us[lo:hi], values[lo:hi])
-            # header only on the first block, trailer only on the last
-            if lo > 0:
-                block = block[len(_COPY_HEADER) :]
-            if hi < n:
-                block = block[: -len(_COPY_TRAILER)]
-            copy.write(block)
-    return n
+    return copy_in_columns(cur, table, columns, times, values.T, chunk_rows=chunk_rows)
 
 
 def copy_out_series(
@@ -768,6 +817,28 @@ def copy_out_series(
     rows = np.frombuffer(body, dtype=row)
     if len(rows) and (np.any(rows["l1"] != 8) or np.any(rows["l2"] != 8)):
         raise BqxError("unexpected COPY stream: a NULL time or price in the source?")
+    return from_pg_us(rows["t"].astype(np.int64)), rows["p"].astype(np.float64)
+
+
+def select_series(
+    cur: psycopg.Cursor, query: sql.Composable, params: Sequence[object] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run ``query`` selecting (timestamptz, float8) rows and return them sorted by time as
+    (datetime64[us], float64).
+
+    The server packs the rows into one bytea (``timestamptz_send || float8send``, the COPY
+    binary wire encodings) that arrives as one binary value: COPY TO STDOUT would send one
+    message per row, each costing a Python iteration in the client (60 ms a month of bars).
+    """
+    stmt = sql.SQL(
+        "SELECT count(*), string_agg(timestamptz_send(s.t) || float8send(s.p), ''::bytea"
+        " ORDER BY s.t) FROM ({}) s(t, p)"
+    ).format(query)
+    count, packed = cur.execute(stmt, params, binary=True).fetchone()
+    packed = packed or b""
+    if len(packed) != 16 * count:  # string_agg skips a row whose time or price is NULL
+        raise BqxError("unexpected NULL time or price in the source bars")
+    rows = np.frombuffer(packed, dtype=np.dtype([("t", ">i8"), ("p", ">f8")]))
     return from_pg_us(rows["t"].astype(np.int64)), rows["p"].astype(np.float64)
 
 

@@ -9,13 +9,20 @@ For the bar at t with price p_t and the W bars before it, P = (p_{t-W}, …, p_{
 - ``agg_bqx_*``         the same over the largest window, plus range (max − min)/p_t and
   volatility stdev/p_t.
 
-The windows are nested (each is a prefix of the largest, read backwards from t−1), so one
-backward scan of W_max bars per row yields every window at once. Sums are taken of differences
-from p_{t-1}, which are exact for nearby prices (Sterbenz) and small, so the variance needs no
-subtraction of large numbers: no digits are lost at 1.07 or at 160, and a constant window gives
-exactly 0. Each row's arithmetic depends only on its own window, in a fixed order, so results
-are bit-identical however a series is split into jobs. The scan is O(W_max) per bar in a numba
-kernel that runs across rows in its inner loop (SIMD).
+Two exact paths, chosen per row from that row's own window (docs/performance.md):
+
+- Prices on the 10^-5 grid (every 5- and 3-decimal forex price: p = q / 10^5 exactly, checked
+  by the float64 round trip) use int64 prefix sums of q and q², so every window sum is an exact
+  integer difference: O(1) per window and bar, and the variance numerator W·Σq² − (Σq)² is
+  exact (0 on a constant window, never negative).
+- Other rows take a backward scan of W_max bars that yields every nested window at once. Sums
+  are taken of differences from p_{t-1}, which are exact for nearby prices (Sterbenz) and
+  small, so the variance needs no subtraction of large numbers: no digits are lost at 1.07 or
+  at 160, and a constant window gives exactly 0.
+
+Max and min come from a sparse table of the prices themselves (exact). Each row's arithmetic
+depends only on its own window, in a fixed order, so results are bit-identical however a
+series is split into jobs.
 """
 
 from __future__ import annotations
@@ -209,6 +216,180 @@ def _scan(values, at, p_now, wins, out, contiguous):  # pragma: no cover - compi
             out[agg + 6, r] = out[last + 4, r] * inv_p
 
 
+# -- the grid path: prices on a decimal grid, exact integer window sums ---------------------
+
+GRID_DECIMALS = 5  # 10^-5: every 5-decimal price is on it, and so is every 3-decimal (JPY) one
+_GRID = 10.0**GRID_DECIMALS
+_GRID_BLOCK = 512  # rows per block: local prefix sums and sparse tables stay in L1/L2
+
+
+def _grid_qmax(wmax: int) -> int:
+    """Largest grid integer the int64 arithmetic of :func:`_grid_kernel` takes without overflow.
+
+    Window sums of squares W·Σq² ≤ (W·q)² and block prefix sums (block + W)·q² must stay below
+    2^63; beyond this (prices above ~400 at 5 decimals with the default windows) the scan runs.
+    """
+    limit = 2**62
+    by_window = int(np.sqrt(limit)) // wmax
+    by_block = int(np.sqrt(limit // (_GRID_BLOCK + wmax)))
+    return min(by_window, by_block)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _on_grid(x, qmax):  # pragma: no cover - compiled
+    """x·10^5 as an integer if x is exactly the float64 nearest to that decimal (round-trip
+    exact) and 0 < x·10^5 ≤ qmax; else 0 (off the grid)."""
+    r = np.rint(x * _GRID)
+    ok = (r / _GRID == x) and (r > 0.0) and (r <= qmax)
+    return np.int64(r) if ok else np.int64(0)
+
+
+@numba.njit(cache=True, nogil=True)
+def _grid_off(values, qmax):  # pragma: no cover - compiled
+    """How many values are off the grid."""
+    off = 0
+    for i in range(values.shape[0]):
+        off += 1 if _on_grid(values[i], qmax) == 0 else 0
+    return off
+
+
+@numba.njit(cache=True, nogil=True)
+def _grid_misses(values, qmax, wmax):  # pragma: no cover - compiled
+    """Rows whose own price or any of the ``wmax`` bars before it is off the grid."""
+    n = values.shape[0]
+    rows = np.empty(n, dtype=np.int64)
+    count = 0
+    last_off = -(wmax + 2)
+    for r in range(n):
+        if _on_grid(values[r], qmax) == 0:
+            last_off = r
+        if r - last_off <= wmax:
+            rows[count] = r
+            count += 1
+    return rows[:count]
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _grid_rows(c1b, c1a, c2b, c2a, hi_a, hi_b, lo_a, lo_b, qt, qw, inv_q, w_int, o_ret, o_max,
+               o_min, o_avg, o_sd, o_end):  # pragma: no cover - compiled  # fmt: skip
+    """One window for a run of rows; every array is a 1-D slice indexed from 0, so the loop
+    vectorises."""
+    w = float(w_int)
+    c_avg = 1.0 / (w * _GRID)
+    c_var = 1.0 / (w * (w - 1.0))
+    for i in range(o_ret.shape[0]):
+        s1 = c1b[i] - c1a[i]
+        s2 = c2b[i] - c2a[i]
+        num = w_int * s2 - s1 * s1  # exact: the sample variance numerator, ≥ 0
+        x1 = hi_a[i]
+        x2 = hi_b[i]
+        x3 = lo_a[i]
+        x4 = lo_b[i]
+        o_ret[i] = float(s1 - w_int * qt[i]) * inv_q[i]
+        o_max[i] = x1 if x1 > x2 else x2
+        o_min[i] = x3 if x3 < x4 else x4
+        o_avg[i] = float(s1) * c_avg
+        o_sd[i] = np.sqrt(float(num) * c_var) * (1.0 / _GRID)
+        o_end[i] = float(qw[i] - qt[i]) * inv_q[i]
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")  # 1/0 on off-grid rows: inf, no raise
+def _grid_kernel(values, wins, out, qmax):  # pragma: no cover - compiled
+    """Bars mode for prices on the grid: every window sum is an exact int64 difference of
+    block-local prefix sums, so each row costs O(1) per window whatever W is, and its values
+    depend only on its own window (bit-identical however the series is split).
+
+    With S1 = Σq and S2 = Σq² over the window (q = p·10^5): mean = S1 / (W·10^5), and the
+    sample variance has the exact integer numerator W·S2 − S1² (≥ 0, and 0 exactly when the
+    window is constant). Return and endpoint have exact integer numerators too. Max and min
+    come from a sparse table over the float64 prices themselves (exact).
+    """
+    n = values.shape[0]
+    nw = wins.shape[0]
+    wmax = wins[nw - 1]
+    levels = 1
+    while (1 << levels) <= wmax:
+        levels += 1
+    nan = np.nan
+    cap = _GRID_BLOCK + wmax
+    q = np.empty(cap, dtype=np.int64)  # the block's prices on the grid (0: off it)
+    c1 = np.empty(cap + 1, dtype=np.int64)
+    c2 = np.empty(cap + 1, dtype=np.int64)
+    tmax = np.empty((levels, cap))
+    tmin = np.empty((levels, cap))
+    inv_q = np.empty(_GRID_BLOCK)
+    last = 6 * (nw - 1)
+    agg = 6 * nw
+    for r0 in range(0, n, _GRID_BLOCK):
+        m = min(_GRID_BLOCK, n - r0)
+        seg = max(0, r0 - wmax)
+        span = r0 + m - seg
+        off = r0 - seg  # local index of row r0
+        src = values[seg : seg + span]
+        for i in range(span):
+            q[i] = _on_grid(src[i], qmax)
+        c1[0] = 0
+        c2[0] = 0
+        for i in range(span):
+            x = q[i]
+            c1[i + 1] = c1[i] + x
+            c2[i + 1] = c2[i] + x * x
+        t0 = tmax[0]
+        u0 = tmin[0]
+        for i in range(span):
+            t0[i] = src[i]
+            u0[i] = src[i]
+        for lv in range(1, levels):
+            h = 1 << (lv - 1)
+            cnt = span - (1 << lv) + 1
+            ta, tb, tl = tmax[lv - 1, :cnt], tmax[lv - 1, h : h + cnt], tmax[lv, :cnt]
+            ua, ub, ul = tmin[lv - 1, :cnt], tmin[lv - 1, h : h + cnt], tmin[lv, :cnt]
+            for i in range(cnt):
+                a = ta[i]
+                b = tb[i]
+                tl[i] = a if a > b else b
+                a = ua[i]
+                b = ub[i]
+                ul[i] = a if a < b else b
+        qb = q[off : off + m]
+        iq = inv_q[:m]
+        for j in range(m):
+            iq[j] = 1.0 / qb[j]
+        for wi in range(nw):
+            w_int = wins[wi]
+            base = 6 * wi
+            lv = 0
+            while (2 << lv) <= w_int:
+                lv += 1
+            width = 1 << lv
+            j0 = min(max(0, w_int - r0), m)  # the first W rows of the series have no window
+            for c in range(6):
+                out[base + c, r0 : r0 + j0] = nan
+            b0, b1 = off + j0, off + m  # local prefix ends of the rows' windows
+            _grid_rows(
+                c1[b0:b1], c1[b0 - w_int : b1 - w_int], c2[b0:b1], c2[b0 - w_int : b1 - w_int],
+                tmax[lv, b0 - w_int : b1 - w_int], tmax[lv, b0 - width : b1 - width],
+                tmin[lv, b0 - w_int : b1 - w_int], tmin[lv, b0 - width : b1 - width],
+                qb[j0:], q[b0 - w_int : b1 - w_int], iq[j0:], w_int,
+                out[base, r0 + j0 : r0 + m], out[base + 1, r0 + j0 : r0 + m],
+                out[base + 2, r0 + j0 : r0 + m], out[base + 3, r0 + j0 : r0 + m],
+                out[base + 4, r0 + j0 : r0 + m], out[base + 5, r0 + j0 : r0 + m],
+            )  # fmt: skip
+        vb = values[r0 : r0 + m]
+        hi, lo, sd = (
+            out[last + 1, r0 : r0 + m],
+            out[last + 2, r0 : r0 + m],
+            out[last + 4, r0 : r0 + m],
+        )
+        o_rng, o_vol = out[agg + 5, r0 : r0 + m], out[agg + 6, r0 : r0 + m]
+        for c in range(5):
+            out[agg + c, r0 : r0 + m] = out[last + c, r0 : r0 + m]
+        for j in range(m):
+            inv_p = 1.0 / vb[j]
+            o_rng[j] = (hi[j] - lo[j]) * inv_p
+            o_vol[j] = sd[j] * inv_p
+
+
 @numba.njit(cache=True, nogil=True)
 def _minute_grid(minutes, prices, max_fill):  # pragma: no cover - compiled
     """Calendar-minute prices from the first bar's minute on, forward-filled at most
@@ -274,6 +455,25 @@ def _validate(times: np.ndarray, prices: np.ndarray) -> tuple[np.ndarray, np.nda
     return ticks, np.ascontiguousarray(prices)
 
 
+def _bars(prices: np.ndarray, wins: np.ndarray, out: np.ndarray) -> None:
+    """Bars mode: the grid kernel for rows whose window and price are on the 10^-5 grid, the
+    scan for the others. The choice is per row, from its own window, so a row's values never
+    depend on how the series is split."""
+    n = len(prices)
+    wmax = int(wins[-1])
+    qmax = _grid_qmax(wmax)
+    off = _grid_off(prices, qmax)
+    if off == n:
+        _scan(prices, np.arange(n, dtype=np.int64), prices, wins, out, True)
+        return
+    _grid_kernel(prices, wins, out, qmax)
+    if off:
+        rows = _grid_misses(prices, qmax, wmax)
+        part = np.empty((out.shape[0], len(rows)), dtype=np.float64)
+        _scan(prices, rows, prices[rows], wins, part, False)
+        out[:, rows] = part
+
+
 def compute_matrix(
     times: np.ndarray,
     prices: np.ndarray,
@@ -281,8 +481,15 @@ def compute_matrix(
     windows: Sequence[int] = DEFAULT_WINDOWS,
     mode: str = "bars",
     max_fill: int = 5,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Like :func:`compute`, as one (columns × bars) float64 array in ``metric_columns`` order."""
+    """Like :func:`compute`, as one (columns × bars) float64 array in ``metric_columns`` order.
+
+    ``out``: a C-contiguous float64 array of that shape to write into (and return). Fresh
+    memory costs its first touch, which for a whole series' output (10 M bars: 3 GB) costs
+    more than computing it (docs/performance.md); a caller computing many series in turn can
+    reuse one array.
+    """
     wins = np.array(normalize_windows(windows), dtype=np.int64)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -290,11 +497,15 @@ def compute_matrix(
         raise ValueError(f"max_fill must be >= 0, got {max_fill}")
     ticks, prices = _validate(times, prices)
     n = len(prices)
-    out = np.empty((6 * len(wins) + len(AGG_STATS), n), dtype=np.float64)
+    shape = (6 * len(wins) + len(AGG_STATS), n)
+    if out is None:
+        out = np.empty(shape, dtype=np.float64)
+    elif out.shape != shape or out.dtype != np.float64 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous float64 array of shape {shape}")
     if n == 0:
         return out
     if mode == "bars":
-        _scan(prices, np.arange(n, dtype=np.int64), prices, wins, out, True)
+        _bars(prices, wins, out)
     else:
         minutes = _to_minutes(np.asarray(times))
         if (np.diff(minutes) <= 0).any():

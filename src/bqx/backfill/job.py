@@ -22,7 +22,7 @@ from psycopg import sql
 from bqx import metrics
 from bqx.backfill.ledger import HEARTBEAT_INTERVAL_S, Ledger
 from bqx.backfill.plan import Params
-from bqx.db import connect, copy_in, copy_out_series, worker_id
+from bqx.db import connect, copy_in_columns, select_series, worker_id
 from bqx.errors import BqxError
 from bqx.schema import Month
 
@@ -60,46 +60,44 @@ class _Heartbeat(threading.Thread):
 def read_series(
     cur: psycopg.Cursor, params: Params, pair: str, month: Month
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The month's bars plus the lookback its first bars need (crossing month boundaries)."""
+    """The month's bars plus the lookback its first bars need (crossing month boundaries),
+    in one statement: in bars mode the first bar read is found by a subquery (the W_max-th
+    bar before the month, however long ago; all of them if fewer)."""
     layout = params.layout
     src, t, p = layout.source(pair), layout.time, layout.price
     if params.mode == "bars":
-        # the W_max bars before the month, however long ago they were
-        row = cur.execute(
-            sql.SQL(
-                "SELECT {t} FROM {src} WHERE {t} < %s ORDER BY {t} DESC OFFSET %s LIMIT 1"
-            ).format(t=t, src=src),
-            (month.start, metrics.lookback_bars(params.windows) - 1),
-        ).fetchone()
-        lo = row[0] if row is not None else None
+        q = sql.SQL(
+            "SELECT {t}::timestamptz, {p}::float8 FROM {src} WHERE {t} < %s AND {t} >= coalesce("
+            "(SELECT {t} FROM {src} WHERE {t} < %s ORDER BY {t} DESC OFFSET %s LIMIT 1),"
+            " '-infinity')"
+        )
+        args: list[Any] = [month.end, month.start, metrics.lookback_bars(params.windows) - 1]
     else:
         lo = (
             month.start
             - np.timedelta64(metrics.lookback_minutes(params.windows, params.max_fill), "m").item()
         )
-    q = sql.SQL("SELECT {t}, {p}::float8 FROM {src} WHERE {t} >= %s AND {t} < %s ORDER BY {t}")
-    args: list[Any] = [month.start, month.end]
-    if lo is not None:
-        args[0] = lo
-    else:
-        q = sql.SQL("SELECT {t}, {p}::float8 FROM {src} WHERE {t} < %s ORDER BY {t}")
-        args = [month.end]
-    return copy_out_series(cur, q.format(t=t, p=p, src=src), args)
+        q = sql.SQL("SELECT {t}::timestamptz, {p}::float8 FROM {src} WHERE {t} >= %s AND {t} < %s")
+        args = [lo, month.end]
+    return select_series(cur, q.format(t=t, p=p, src=src), args)
 
 
 def compute_month(
     params: Params, month: Month, times: np.ndarray, prices: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Metrics for the rows inside ``month``: (times, matrix [rate, *metric columns])."""
-    cols = metrics.compute(
-        times, prices, windows=params.windows, mode=params.mode, max_fill=params.max_fill
-    )
+    """Metrics for the rows inside ``month``: (times, matrix), the matrix column-major,
+    (1 + metric columns) × rows: the rate, then the metric columns in table order.
+
+    The kernel writes straight into the matrix, and the COPY encoder reads it as it is.
+    """
     first = int(np.searchsorted(times, np.datetime64(month.start.replace(tzinfo=None), "us")))
-    out = np.empty((len(times) - first, 1 + len(params.columns)), dtype=np.float64)
-    out[:, 0] = prices[first:]
-    for j, name in enumerate(params.columns, start=1):
-        out[:, j] = cols[name][first:]
-    return times[first:], out
+    out = np.empty((1 + len(params.columns), len(times)), dtype=np.float64)
+    out[0] = prices
+    metrics.compute_matrix(
+        times, prices, windows=params.windows, mode=params.mode, max_fill=params.max_fill,
+        out=out[1:],
+    )  # fmt: skip
+    return times[first:], out[:, first:]
 
 
 def bad_bar_message(pair: str, times: np.ndarray, prices: np.ndarray) -> str | None:
@@ -225,7 +223,8 @@ class JobRunner:
             if not self.ledger.lock_own(cur, pair, month, self.worker):
                 raise _Permanent("job was taken over by another worker")
             cur.execute(sql.SQL("TRUNCATE {}").format(part))
-            rows = copy_in(cur, part, cols, out_times, matrix)
+            # truncated in this transaction: FREEZE is allowed (docs/performance.md)
+            rows = copy_in_columns(cur, part, cols, out_times, matrix, freeze=True)
             self.ledger.finish(
                 cur, self.run_id, pair, month, self.worker, "done", attempt, started,
                 len(out_times), rows, None, self.params.hash,

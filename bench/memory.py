@@ -1,0 +1,97 @@
+"""Peak memory of a backfill worker for 1, 3 and 12 months: it must stay flat.
+
+    python bench/memory.py [--pairs 2] [--months 1,3,12]
+
+Each measurement is a fresh process that runs ``bqx backfill --force --workers 1`` over the
+first N months and reads the peak resident set of its (reaped) worker process
+(``getrusage(RUSAGE_CHILDREN).ru_maxrss``). A worker holds one (pair, month) job at a time,
+so its peak should not grow with the number of months. Data: ``bqx generate`` bars in the
+embedded server under BQX_HOME (default /tmp/bqx-bench), schema ``bench_memory``.
+Writes bench/results/memory.json and bench/results/memory.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+os.environ.setdefault("BQX_HOME", "/tmp/bqx-bench")
+os.environ.pop("BQX_DATABASE_URL", None)
+
+RESULTS = Path(__file__).parent / "results"
+SCHEMA = "bench_memory"
+
+_CHILD = """
+import json, resource, sys
+from bqx.backfill import backfill
+from bqx.config import load_settings
+from bqx.schema import REPORT_PAIRS, Layout, Month
+n_pairs, n_months = int(sys.argv[1]), int(sys.argv[2])
+end = Month(2024, 7)
+for _ in range(n_months - 1):
+    end = end.next()
+run = backfill(load_settings(schema_name=sys.argv[3]), Layout(sys.argv[3]),
+               pairs=list(REPORT_PAIRS[:n_pairs]), start=Month(2024, 7), end=end,
+               workers=1, force=True)
+peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the worker's peak
+print(json.dumps({"rows": run.rows_written, "jobs": run.jobs_done, "peak_mib": peak_kib / 1024}))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pairs", type=int, default=2)
+    ap.add_argument("--months", default="1,3,12")
+    args = ap.parse_args()
+    months = sorted(int(m) for m in args.months.split(","))
+
+    from bqx.config import load_settings
+    from bqx.schema import REPORT_PAIRS, Layout, Month
+    from bqx.sources.generate import generate
+
+    end = Month(2024, 7)
+    for _ in range(months[-1] - 1):
+        end = end.next()
+    generate(load_settings(schema_name=SCHEMA), Layout(SCHEMA),
+             list(REPORT_PAIRS[: args.pairs]), Month(2024, 7), end, workers=1)  # fmt: skip
+
+    rows = []
+    for m in months:
+        out = subprocess.run(
+            [sys.executable, "-c", _CHILD, str(args.pairs), str(m), SCHEMA],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        got["months"] = m
+        rows.append(got)
+        print(f"{m:>2} months: {got['rows']:,} rows, worker peak {got['peak_mib']:.0f} MiB")
+    growth = rows[-1]["peak_mib"] / rows[0]["peak_mib"]
+    result = {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "pairs": args.pairs,
+        "runs": rows,
+        "peak_growth_first_to_last": growth,
+        "target": "flat (growth ≤ 1.1)",
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "memory.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = [
+        f"Peak resident memory of one backfill worker ({args.pairs} pairs, --workers 1, --force):",
+        "",
+        "| months | jobs | rows | worker peak RSS (MiB) |",
+        "|---:|---:|---:|---:|",
+        *(f"| {r['months']} | {r['jobs']} | {r['rows']:,} | {r['peak_mib']:.0f} |" for r in rows),
+        "",
+        f"**{months[-1]} months / {months[0]} month: {growth:.2f}×** (flat: one job at a time).",
+    ]
+    (RESULTS / "memory.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
