@@ -351,11 +351,20 @@ class DaskExecutor:
                 with contextlib.suppress(Exception):
                     self.client.close(timeout=10)
             if self.cluster is not None:
-                pids = [pid for pid, _ in self.known.values() if pid > 0]
+                pids = self._cluster_pids()
                 with contextlib.suppress(Exception):
                     self.cluster.close(timeout=20)
                 _kill_children(pids)  # the cluster is ours: none of its processes may stay
         return [t.worker for t in tasks]
+
+    def _cluster_pids(self) -> list[int]:
+        """Pids of our LocalCluster's worker processes, restarted ones included."""
+        pids = {pid for pid, _ in self.known.values() if pid > 0}
+        for nanny in getattr(self.cluster, "workers", {}).values():
+            with contextlib.suppress(Exception):
+                if nanny.pid:
+                    pids.add(int(nanny.pid))
+        return sorted(pids)
 
     def _wait_gone(self, tasks: list[_Task], timeout_s: float = 15.0) -> None:
         """Until the scheduler sees each killed process gone, so no write can land after."""
