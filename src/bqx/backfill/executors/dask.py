@@ -29,6 +29,10 @@ from bqx.errors import BqxError
 
 NO_WORKER_TIMEOUT_S = 60.0  # a cluster without any usable worker for this long is an error
 CONNECT_TIMEOUT_S = 15.0
+# Dask's nannies start workers with MALLOC_TRIM_THRESHOLD_=65536, which also pins glibc's mmap
+# threshold: every array of a job (tens of MB) is then fresh mmap'd pages, and jobs ran 2-3x
+# slower than in a plain process (docs/scaling.md). None unsets it for the workers bqx starts.
+NO_MALLOC_TRIM = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
 
 
 # -- what runs on the workers -------------------------------------------------------------
@@ -184,14 +188,16 @@ class DaskExecutor:
     # -- cluster --------------------------------------------------------------------------
 
     def _connect(self) -> None:
+        import dask
         from distributed import Client, LocalCluster
 
         if self.scheduler is None:
-            self.cluster = LocalCluster(
-                n_workers=self.workers, threads_per_worker=1, processes=True,
-                host="127.0.0.1", scheduler_port=0, dashboard_address=":0",
-                worker_dashboard_address=None, silence_logs=logging.ERROR,
-            )  # fmt: skip
+            with dask.config.set(NO_MALLOC_TRIM):
+                self.cluster = LocalCluster(
+                    n_workers=self.workers, threads_per_worker=1, processes=True,
+                    host="127.0.0.1", scheduler_port=0, dashboard_address=":0",
+                    worker_dashboard_address=None, silence_logs=logging.ERROR,
+                )  # fmt: skip
             self.client = Client(self.cluster, set_as_default=False)
             return
         try:
