@@ -183,8 +183,8 @@ def test_ctrl_c_cancels_hands_jobs_back_and_leaves_no_process(
     settings, layout, conn, bars, cli_env, pg_url
 ):
     # hold both workers inside their first jobs' write, then press Ctrl-C
-    blocker = psycopg.connect(pg_url)
     backfill(settings, layout, pairs=["eurusd"], start=Month(2024, 7), end=Month(2024, 7))
+    blocker = psycopg.connect(pg_url)
     blocker.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(layout.table("bqx_attempts")))
     proc = subprocess.Popen(
         [sys.executable, "-m", "bqx.cli", "backfill", "--executor", "dask", "--workers", "2"],

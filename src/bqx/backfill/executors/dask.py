@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from bqx.backfill.plan import Params
 from bqx.db import connect, mask_url, worker_id
 from bqx.errors import BqxError
 
+FINISH_GRACE_S = 5.0  # at a normal end, how long the last tasks get to return
 NO_WORKER_TIMEOUT_S = 60.0  # a cluster without any usable worker for this long is an error
 CONNECT_TIMEOUT_S = 15.0
 # Dask's nannies start workers with MALLOC_TRIM_THRESHOLD_=65536, which also pins glibc's mmap
@@ -339,10 +341,17 @@ class DaskExecutor:
 
     def shutdown(self) -> list[str]:
         """Stop every task (killing the processes that run one), close what we started."""
+        import distributed
+
         if self.closed:
             return []
         self.closed = True
         tasks = list(self.tasks.values())
+        if sys.exc_info()[0] is None and self.client is not None:
+            # a normal end: the last tasks are only making their final (empty) claim; killing
+            # them would cost a worker restart. On Ctrl-C or an error they are stopped at once.
+            with contextlib.suppress(Exception):
+                distributed.wait([t.future for t in tasks], timeout=FINISH_GRACE_S)
         running = [t for t in tasks if not t.future.done()]
         self.tasks = {}
         try:
