@@ -191,8 +191,13 @@ def test_ctrl_c_cancels_hands_jobs_back_and_leaves_no_process(
         env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        running = "SELECT count(*) FROM {jobs} WHERE status = 'running'"
-        _wait_for(lambda: _q(conn, running, layout)[0][0] == 2, timeout=90, what="two jobs")
+        # both inside their write transaction, holding their job rows, waiting on the lock
+        blocked = (
+            "SELECT count(*) FROM {jobs} j JOIN pg_stat_activity a ON a.pid ="
+            " j.backend_pid AND a.wait_event_type = 'Lock' WHERE j.status = 'running'"
+        )
+        _wait_for(lambda: _q(conn, blocked, layout)[0][0] == 2, timeout=120,
+                  what="two jobs blocked mid-write")  # fmt: skip
         family = psutil.Process(proc.pid).children(recursive=True)
         assert len(family) >= 2  # the Dask worker processes (and whatever else Dask started)
         proc.send_signal(signal.SIGINT)

@@ -27,6 +27,7 @@ from typing import Any
 from bqx.backfill.plan import Params
 from bqx.db import connect, mask_url, worker_id
 from bqx.errors import BqxError
+from bqx.schema import Layout
 
 FINISH_GRACE_S = 5.0  # at a normal end, how long the last tasks get to return
 NO_WORKER_TIMEOUT_S = 60.0  # a cluster without any usable worker for this long is an error
@@ -177,6 +178,7 @@ class DaskExecutor:
         self.tasks: dict[str, _Task] = {}
         self.known: dict[str, tuple[int, str | None]] = {}  # addr -> (pid, worker id or None)
         self.secret: Secret | None = None
+        self.layout: Layout | None = None
         self.token = uuid.uuid4().hex[:8]
         self.count = 0
         self.closed = False
@@ -267,7 +269,7 @@ class DaskExecutor:
     def spawn(self, url: str, params: Params, run_id: int, keys: list[tuple[str, date]]) -> None:
         """Start one more task on a Dask worker that runs none of ours (none free: next tick)."""
         if self.secret is None:
-            self.secret = Secret(url)
+            self.secret, self.layout = Secret(url), params.layout
             self._preflight()
         now = self._refresh()
         busy = {t.addr for t in self.tasks.values()}
@@ -361,6 +363,7 @@ class DaskExecutor:
                 for t in running:  # cancelling does not stop a running task: its process dies
                     self._kill_process(t)
                 self._wait_gone(running)
+                self._end_sessions([t.worker for t in running])
         finally:
             if self.client is not None:
                 with contextlib.suppress(Exception):
@@ -371,6 +374,25 @@ class DaskExecutor:
                     self.cluster.close(timeout=20)
                 _kill_children(pids)  # the cluster is ours: none of its processes may stay
         return [t.worker for t in tasks]
+
+    def _end_sessions(self, workers: list[str]) -> None:
+        """End the database sessions of the killed workers' jobs.
+
+        A session waiting on a lock does not notice that its client is gone: it would keep its
+        job's row locked, and handing the job back would wait for it.
+        """
+        if not workers or self.secret is None or self.layout is None:
+            return
+        from bqx.backfill.ledger import Ledger
+
+        with contextlib.suppress(Exception), connect(self.secret.reveal(), autocommit=True) as c:
+            c.execute(
+                Ledger(self.layout)._q(
+                    "SELECT pg_terminate_backend(backend_pid) FROM {jobs} WHERE status ="
+                    " 'running' AND worker = ANY(%s) AND backend_pid IS NOT NULL"
+                ),
+                (workers,),
+            )
 
     def _cluster_pids(self) -> list[int]:
         """Pids of our LocalCluster's worker processes, restarted ones included."""
