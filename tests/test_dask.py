@@ -180,15 +180,18 @@ def cluster_children() -> set[int]:
 
 
 def test_ctrl_c_cancels_hands_jobs_back_and_leaves_no_process(
-    settings, layout, conn, bars, cli_env, pg_url
+    settings, layout, conn, bars, cli_env, pg_url, tmp_path
 ):
     # hold both workers inside their first jobs' write, then press Ctrl-C
     backfill(settings, layout, pairs=["eurusd"], start=Month(2024, 7), end=Month(2024, 7))
     blocker = psycopg.connect(pg_url)
     blocker.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(layout.table("bqx_attempts")))
+    # stderr to a file, not a pipe: a pipe nobody reads fills up with progress lines and
+    # blocks the backfill's writes, so it could not exit
+    errfile = (tmp_path / "stderr.txt").open("w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "bqx.cli", "backfill", "--executor", "dask", "--workers", "2"],
-        env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env=cli_env, stdout=subprocess.DEVNULL, stderr=errfile, text=True,
     )  # fmt: skip
     try:
         # both inside their write transaction, holding their job rows, waiting on the lock
@@ -207,7 +210,9 @@ def test_ctrl_c_cancels_hands_jobs_back_and_leaves_no_process(
         blocker.close()
         if proc.poll() is None:
             proc.kill()
-    assert "Traceback" not in proc.stderr.read()
+    errfile.seek(0)
+    assert "Traceback" not in errfile.read()
+    errfile.close()
     gone, alive = psutil.wait_procs(family, timeout=10)
     assert alive == [], [p.pid for p in alive]
     assert _q(conn, "SELECT status FROM {runs} ORDER BY run_id DESC LIMIT 1", layout) == [

@@ -357,6 +357,10 @@ class DaskExecutor:
         running = [t for t in tasks if not t.future.done()]
         self.tasks = {}
         try:
+            if self.cluster is not None:  # ours: its nannies must not restart what we kill
+                for nanny in list(getattr(self.cluster, "workers", {}).values()):
+                    with contextlib.suppress(Exception):
+                        nanny.close_gracefully(reason="bqx-shutdown")
             if self.client is not None and tasks:
                 with contextlib.suppress(Exception):
                     self.client.cancel([t.future for t in tasks], force=True)
