@@ -10,7 +10,8 @@ cluster started with Dask's own commands (docs/scaling.md shows them). Two rates
 - end to end: rows / the run's duration in the ledger (includes starting workers or a cluster);
 - in jobs: rows / (last job end - first job start), the rate once workers are running.
 
-Writes bench/results/scaling.json and .md (an existing-cluster row is merged into them).
+Writes bench/results/scaling.json and the table of .md (an existing-cluster row is merged into
+them); docs/scaling.md has the commands that started the existing cluster.
 """
 
 from __future__ import annotations
