@@ -396,7 +396,13 @@ def record_source_version(cur: psycopg.Cursor, layout: Layout, pair: str, month:
 
 
 def create_schema(conn: psycopg.Connection, layout: Layout) -> None:
-    conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(layout.schema)))
+    # only when missing: even with IF NOT EXISTS, CREATE SCHEMA needs CREATE on the database,
+    # which a least-privilege role lacks (docs/privileges.md)
+    found = "SELECT 1 FROM pg_namespace WHERE nspname = %s"
+    if conn.execute(found, (layout.schema,)).fetchone() is None:
+        conn.execute(
+            sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(layout.schema))
+        )
 
 
 def lock_schema_ddl(conn: psycopg.Connection, layout: Layout) -> None:

@@ -50,5 +50,7 @@ def make_executor(name: str, workers: int, scheduler: str | None = None) -> Exec
 
         return LocalExecutor(workers)
     if name == "dask":
-        raise BqxError("--executor dask is not available yet")
+        from bqx.backfill.executors.dask import DaskExecutor
+
+        return DaskExecutor(workers, scheduler)
     raise BqxError(f"invalid --executor {name!r}: expected one of {', '.join(EXECUTORS)}")
