@@ -320,6 +320,22 @@ class Ledger:
              source_bars, rows, error),
         )  # fmt: skip
 
+    def end_sessions(self, conn: psycopg.Connection, workers: Sequence[str]) -> None:
+        """End the database sessions of running jobs held by ``workers`` (already stopped).
+
+        A session waiting on a lock does not notice that its client is gone, and would keep
+        its job row locked: releasing or abandoning the job would then wait for ever.
+        """
+        if workers:
+            conn.execute(
+                self._q(
+                    "SELECT pg_terminate_backend(backend_pid) FROM {jobs} WHERE status = 'running'"
+                    " AND worker = ANY(%s) AND backend_pid IS NOT NULL"
+                    " AND backend_pid <> pg_backend_pid()"
+                ),
+                (list(workers),),
+            )
+
     def release(
         self, conn: psycopg.Connection, keys: Sequence[tuple[str, date]], workers: Sequence[str],
         status: str, error: str | None,

@@ -88,6 +88,7 @@ def backfill(
         except KeyboardInterrupt:
             ids = runner.shutdown()
             with contextlib.suppress(psycopg.Error):
+                ledger.end_sessions(watch.conn, ids)
                 ledger.release(watch.conn, keys, ids, "pending", "interrupted by the user")
                 ledger.end_run(watch.conn, run_id, "interrupted")
             raise
@@ -216,13 +217,7 @@ def _abandon(
     Its database session is ended first: a session waiting on a lock does not notice that
     its client is gone, and would keep the job's row locked.
     """
-    conn.execute(
-        ledger._q(
-            "SELECT pg_terminate_backend(backend_pid) FROM {jobs} WHERE status = 'running'"
-            " AND worker = %s AND backend_pid IS NOT NULL AND backend_pid <> pg_backend_pid()"
-        ),
-        (worker,),
-    )
+    ledger.end_sessions(conn, [worker])
     with conn.transaction():
         conn.execute(
             ledger._q(
