@@ -416,8 +416,34 @@ def lock_schema_ddl(conn: psycopg.Connection, layout: Layout) -> None:
     )
 
 
+# the newest column of each ledger table: when all are there, the ledger needs no DDL
+_LEDGER_NEWEST = (
+    (LEDGER_RUNS, "heartbeat_at"), (LEDGER_RUNS, "pid"), (LEDGER_JOBS, "source_ver"),
+    (LEDGER_JOBS, "backend_pid"), (LEDGER_ATTEMPTS, "error"), (LEDGER_TARGETS, "params"),
+)  # fmt: skip
+
+
+def ledger_is_current(conn: psycopg.Connection, layout: Layout) -> bool:
+    """True when every ledger table and column exists (a catalog read, no lock taken)."""
+    found = conn.execute(
+        "SELECT count(*) FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s"
+        " AND NOT a.attisdropped AND (c.relname, a.attname) IN"
+        " (SELECT * FROM unnest(%s::text[], %s::text[]))",
+        (layout.schema, [t for t, _ in _LEDGER_NEWEST], [c for _, c in _LEDGER_NEWEST]),
+    ).fetchone()[0]
+    return int(found) == len(_LEDGER_NEWEST)
+
+
 def create_ledger(conn: psycopg.Connection, layout: Layout) -> None:
-    """The run/job/attempt ledger that status, verify and report read."""
+    """The run/job/attempt ledger that status, verify and report read.
+
+    Only when something is missing: ``ALTER TABLE … ADD COLUMN IF NOT EXISTS`` takes an
+    exclusive lock even when the column exists, which would deadlock with an ``update`` or
+    another run writing the ledger.
+    """
+    if ledger_is_current(conn, layout):
+        return
     lock_schema_ddl(conn, layout)
     create_schema(conn, layout)
     conn.execute(

@@ -142,7 +142,9 @@ def status(conn: psycopg.Connection, layout: Layout, *, errors: int = 10) -> dic
 
     fresh = freshness(conn, layout, pairs)
     for p in doc["pairs"]:
-        p.update(fresh.get(p["pair"], {"newest_bar": None, "newest_metric": None, "lag_s": None}))
+        p.update(
+            fresh.get(p["pair"].lower(), {"newest_bar": None, "newest_metric": None, "lag_s": None})
+        )
     # the run's own rate: rows it wrote over the time it has been going
     written_by_run = conn.execute(
         psycopg.sql.SQL(
