@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench bench-more clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,7 +29,14 @@ bench: $(STAMP)
 	$(BIN)/python bench/kernel.py
 	$(BIN)/python bench/backfill.py
 	$(BIN)/python bench/memory.py
+	$(BIN)/python bench/noop.py
 	$(BIN)/python bench/ingest.py
+
+# the slower measurements: update latency, export against pandas, Dask scaling
+bench-more: $(STAMP)
+	$(BIN)/python bench/update.py
+	$(BIN)/python bench/export.py
+	$(BIN)/python bench/scaling.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build src/*.egg-info

@@ -82,9 +82,13 @@ def test_help_keeps_defaults_and_shows_no_bool_type():
 def test_version_and_shell_completion():
     res = cli("--version")
     assert res.exit_code == 0 and res.stdout == f"bqx {bqx.__version__}\n"
-    # a process of its own: completion reads the program name and environment of the process
-    res = run("--show-completion", "bash", env=dict(os.environ))
-    assert res.returncode == 0 and "complete " in res.stdout, res.stderr
+    # as a person types it in bash: the completion script is for the shell it runs in
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run(
+        ["bash", "-c", f"{shlex.quote(sys.executable)} -m bqx.cli --show-completion"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 0 and "complete " in res.stdout and "bash" in res.stdout, res.stderr
 
 
 @pytest.mark.parametrize(
