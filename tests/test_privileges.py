@@ -106,8 +106,8 @@ def test_loader_role_runs_backfill_status_verify_report_and_cannot_write_sources
         owners = mine.execute(
             "SELECT DISTINCT pg_get_userbyid(c.relowner) FROM pg_class c JOIN pg_namespace n"
             " ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname ~ '^bqx_'"
-                # the source versions go with the source tables: kept by whoever loads bars
-                " AND c.relname !~ '^bqx_source_versions'",
+            # the source versions go with the source tables: kept by whoever loads bars
+            " AND c.relname !~ '^bqx_source_versions'",
             (schema_name,),
         ).fetchall()
         assert owners == [(role,)]

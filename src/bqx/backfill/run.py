@@ -98,8 +98,8 @@ def backfill(
             with contextlib.suppress(psycopg.Error, BqxError, _DatabaseLost):
                 ledger.end_run(watch.reconnect(timeout_s=2), run_id, "interrupted")
             raise BqxError(
-                f"lost the database during run {run_id} ({lost}): its jobs are handed back when "
-                "the server is reachable again; run the same command again to resume"
+                f"lost the database during run {run_id} ({lost}): when the server is back, run"
+                " the same command again to resume (it takes this run's jobs over)"
             ) from None
         finally:
             runner.shutdown()
@@ -141,7 +141,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-class _DatabaseLost(Exception):
+class _DatabaseLost(BqxError):
     """The driver's connection is gone and the server stayed unreachable."""
 
 
