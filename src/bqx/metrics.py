@@ -424,6 +424,14 @@ def _to_minutes(times: np.ndarray) -> np.ndarray:
     return times.astype("datetime64[m]").view(np.int64)
 
 
+class BadBar(ValueError):
+    """An element the formulas refuse; ``index`` says which, so a caller can name its time."""
+
+    def __init__(self, index: int, problem: str, message: str) -> None:
+        super().__init__(message)
+        self.index, self.problem = index, problem
+
+
 def _validate(times: np.ndarray, prices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     times = np.asarray(times)
     prices = np.asarray(prices)
@@ -436,7 +444,8 @@ def _validate(times: np.ndarray, prices: np.ndarray) -> tuple[np.ndarray, np.nda
     ticks = times.view(np.int64)  # unit-agnostic: order and NaT checks need no conversion
     nat = ticks == np.iinfo(np.int64).min
     if nat.any():
-        raise ValueError(f"times[{int(np.flatnonzero(nat)[0])}] is NaT")
+        i = int(np.flatnonzero(nat)[0])
+        raise BadBar(i, "has no time (NaT)", f"times[{i}] is NaT")
     try:
         prices = prices.astype(np.float64, copy=False)
     except (TypeError, ValueError):
@@ -444,13 +453,18 @@ def _validate(times: np.ndarray, prices: np.ndarray) -> tuple[np.ndarray, np.nda
     bad = ~(np.isfinite(prices) & (prices > 0))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"prices[{i}] is {float(prices[i])!r}: prices must be finite and > 0")
+        problem = f"has price {float(prices[i])!r} (prices must be finite and > 0)"
+        raise BadBar(
+            i, problem, f"prices[{i}] is {float(prices[i])!r}: prices must be finite and > 0"
+        )
     step = np.diff(ticks)
     if (step <= 0).any():
         i = int(np.flatnonzero(step <= 0)[0]) + 1
         why = "a duplicate of" if step[i - 1] == 0 else "earlier than"
-        raise ValueError(
-            f"times[{i}] ({times[i]}) is {why} times[{i - 1}]: times must be sorted and unique"
+        raise BadBar(
+            i,
+            "repeats or precedes the bar before it (times must be sorted and unique)",
+            f"times[{i}] ({times[i]}) is {why} times[{i - 1}]: times must be sorted and unique",
         )
     return ticks, np.ascontiguousarray(prices)
 

@@ -100,26 +100,17 @@ def compute_month(
     return times[first:], out[:, first:]
 
 
-def bad_bar_message(pair: str, times: np.ndarray, prices: np.ndarray) -> str | None:
-    """Name the first bar that the formulas refuse: its time, its value and the month it is in.
+def bad_bar_message(pair: str, times: np.ndarray, exc: ValueError) -> str:
+    """Name the bar the formulas refused: its time, its value and the month it is in.
 
     The kernel only knows array indices, which count lookback bars from an earlier month.
     """
-    bad_price = ~(np.isfinite(prices) & (prices > 0))
-    ticks = times.astype("datetime64[us]").view(np.int64)
-    bad_time = np.zeros(len(times), dtype=bool)
-    bad_time[1:] = np.diff(ticks) <= 0
-    bad = np.flatnonzero(bad_price | bad_time)
-    if not len(bad):
-        return None
-    i = int(bad[0])
-    when = str(times[i].astype("datetime64[s]")).replace("T", " ")
-    owner = str(times[i].astype("datetime64[M]"))
-    if bad_price[i]:
-        what = f"has price {float(prices[i])!r} (prices must be finite and > 0)"
-    else:
-        what = "repeats or precedes the bar before it (times must be sorted and unique)"
-    return f"bad source bar: {pair.upper()} at {when} UTC (month {owner}) {what}"
+    if not isinstance(exc, metrics.BadBar) or exc.index >= len(times):
+        return f"bad source bars: {exc}"
+    t = times[exc.index]
+    when = str(t.astype("datetime64[s]")).replace("T", " ")
+    owner = str(t.astype("datetime64[M]"))
+    return f"bad source bar: {pair.upper()} at {when} UTC (month {owner}) {exc.problem}"
 
 
 def null_bar_message(cur: psycopg.Cursor, params: Params, pair: str, month: Month) -> str:
@@ -215,8 +206,7 @@ class JobRunner:
         try:
             out_times, matrix = compute_month(self.params, month, times, prices)
         except ValueError as exc:
-            why = bad_bar_message(pair, times, prices) or f"bad source bars: {exc}"
-            raise _Permanent(why) from None
+            raise _Permanent(bad_bar_message(pair, times, exc)) from None
         cols = ["ts_utc", "rate", *self.params.columns]
         part = self.params.layout.target_partition(pair, month)
         with conn.transaction(), conn.cursor() as cur:

@@ -34,7 +34,7 @@ import tenacity
 from psycopg import sql
 
 from bqx import metrics
-from bqx.backfill.job import _is_transient
+from bqx.backfill.job import _is_transient, bad_bar_message
 from bqx.backfill.ledger import STALE_AFTER_S, Ledger, worker_is_dead
 from bqx.backfill.plan import Params, _check_source, _pair_jobs
 from bqx.config import Settings
@@ -529,7 +529,9 @@ class Updater:
             try:
                 out_times, matrix = compute_from(params, lo, times, prices)
             except ValueError as exc:
-                raise BqxError(f"{pair.upper()} {month}: bad source bars: {exc}") from None
+                raise BqxError(
+                    f"{pair.upper()} {month}: {bad_bar_message(pair, times, exc)}"
+                ) from None
             inserted, updated, deleted = _upsert(cur, params, self.layout, pair, month, lo,
                                                  out_times, matrix, stage)  # fmt: skip
             if inserted + updated + deleted == 0 and not created:
