@@ -7,6 +7,7 @@ set BQX_TEST_DATABASE_URL to run the suite against another PostgreSQL instead.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,6 +70,15 @@ def cli_env(pg_url: str, schema_name: str, tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "BQX_"))}
     env.update(BQX_DATABASE_URL=pg_url, BQX_SCHEMA=schema_name, BQX_HOME=str(tmp_path / "home"))
     return env
+
+
+def wait_for(predicate, timeout: float = 60.0, what: str = "condition") -> None:
+    """Poll ``predicate`` every 0.1 s until it holds; fail the test after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
 
 
 def random_walk_bars(

@@ -19,7 +19,7 @@ from bqx.backfill import backfill
 from bqx.db import connect
 from bqx.errors import BqxError
 from bqx.schema import Layout, Month
-from conftest import random_walk_bars
+from conftest import random_walk_bars, wait_for
 
 WINDOWS = (15, 30, 45, 60, 75)
 COLS = metrics.metric_columns(WINDOWS)
@@ -145,14 +145,6 @@ def test_changed_source_month_is_redone_on_resume(settings, layout, conn, two_pa
     )
 
 
-def _wait_for(predicate, timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 def test_worker_killed_mid_job_leaves_month_intact_and_next_run_completes(
     settings, layout, conn, two_pairs, cli_env, pg_url
 ):
@@ -185,7 +177,7 @@ def test_worker_killed_mid_job_leaves_month_intact_and_next_run_completes(
             ).fetchone()
             return int(row[0].rsplit(":", 1)[1]) if row else None
 
-        _wait_for(lambda: blocked_worker() is not None, what="the worker to block mid-job")
+        wait_for(lambda: blocked_worker() is not None, what="the worker to block mid-job")
         worker_pid = blocked_worker()
         os.kill(proc.pid, signal.SIGKILL)  # the whole backfill dies, as in a machine crash
         os.kill(worker_pid, signal.SIGKILL)
@@ -195,7 +187,7 @@ def test_worker_killed_mid_job_leaves_month_intact_and_next_run_completes(
         blocker.close()
         if proc.poll() is None:
             proc.kill()
-    _wait_for(
+    wait_for(
         lambda: (
             conn.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE query ILIKE %s AND state <> 'idle'"
@@ -351,7 +343,7 @@ def test_ctrl_c_stops_every_worker_and_the_next_run_resumes(
     )  # fmt: skip
     jobs = layout.table("bqx_jobs")
     try:
-        _wait_for(
+        wait_for(
             lambda: (
                 conn.execute(
                     sql.SQL("SELECT count(*) FROM {} WHERE status = 'running'").format(jobs)

@@ -24,6 +24,7 @@ from bqx.backfill.executors import dask as dask_executor
 from bqx.config import load_settings
 from bqx.errors import BqxError
 from bqx.schema import Layout, Month
+from conftest import wait_for
 from test_privileges import make_loader  # noqa: F401 - the least-privilege role fixture
 
 COLS = metrics.metric_columns(metrics.DEFAULT_WINDOWS)
@@ -72,14 +73,6 @@ def same_bits(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]
         a[1].shape == b[1].shape and len(a[0]) > 0 and np.array_equal(a[0], b[0])
         and np.array_equal(a[1].view(np.int64), b[1].view(np.int64))
     )  # fmt: skip
-
-
-def _wait_for(predicate, timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def _q(conn: psycopg.Connection, text: str, layout: Layout, *args: object) -> list[tuple]:
@@ -143,13 +136,13 @@ def test_killed_dask_worker_is_restarted_and_its_job_redone_exactly(
                       " AND j.month = '2024-07-01'", layout)  # fmt: skip
             return rows[0][0] if rows else None
 
-        _wait_for(lambda: stuck() is not None, what="the job to block mid-write")
+        wait_for(lambda: stuck() is not None, what="the job to block mid-write")
         victim = stuck()
         assert victim is not None
         pid = int(victim.rsplit(":", 1)[1])
         assert pid in {p.pid for p in psutil.Process().children(recursive=True)}  # a Dask worker
         os.kill(pid, signal.SIGKILL)
-        _wait_for(lambda: stuck() != victim, what="the dead worker's job to be handed back")
+        wait_for(lambda: stuck() != victim, what="the dead worker's job to be handed back")
     finally:
         blocker.rollback()
         blocker.close()
@@ -166,7 +159,7 @@ def test_killed_dask_worker_is_restarted_and_its_job_redone_exactly(
                 " AND month = '2024-07-01'", layout)  # fmt: skip
     assert redone[0][0] != victim and redone[0][1] == 2
     # the LocalCluster bqx started is closed: none of its processes (restarted one included) stays
-    _wait_for(lambda: cluster_children() <= children_before, timeout=20,
+    wait_for(lambda: cluster_children() <= children_before, timeout=20,
               what="the cluster's processes to end")  # fmt: skip
 
 
@@ -199,7 +192,7 @@ def test_ctrl_c_cancels_hands_jobs_back_and_leaves_no_process(
             "SELECT count(*) FROM {jobs} j JOIN pg_stat_activity a ON a.pid ="
             " j.backend_pid AND a.wait_event_type = 'Lock' WHERE j.status = 'running'"
         )
-        _wait_for(lambda: _q(conn, blocked, layout)[0][0] == 2, timeout=120,
+        wait_for(lambda: _q(conn, blocked, layout)[0][0] == 2, timeout=120,
                   what="two jobs blocked mid-write")  # fmt: skip
         family = psutil.Process(proc.pid).children(recursive=True)
         assert len(family) >= 2  # the Dask worker processes (and whatever else Dask started)

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from datetime import UTC
 from pathlib import Path
 
@@ -20,15 +19,7 @@ from psycopg import sql
 from bqx.backfill import backfill
 from bqx.db import EmbeddedServer
 from bqx.schema import Layout
-from conftest import random_walk_bars
-
-
-def _wait_for(predicate, timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+from conftest import random_walk_bars, wait_for
 
 
 def _alive(pid: int) -> bool:
@@ -62,7 +53,7 @@ def _held_run(pg_url, layout, conn, cli_env, extra=()):
         env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     jobs = layout.table("bqx_jobs")
-    _wait_for(
+    wait_for(
         lambda: _count(conn, "SELECT count(*) FROM {} WHERE status = 'running'", jobs) == 2,
         what="two running jobs",
     )
@@ -91,7 +82,7 @@ def test_sigterm_stops_like_ctrl_c_and_records_the_run_as_interrupted(
     err = proc.stderr.read()
     assert "Traceback" not in err
     assert "interrupted: run the same command again to resume" in err
-    _wait_for(lambda: not any(_alive(p) for p in workers), 10, "workers to exit")
+    wait_for(lambda: not any(_alive(p) for p in workers), 10, "workers to exit")
     run_status = conn.execute(
         sql.SQL("SELECT status, ended_at IS NOT NULL FROM {} ORDER BY run_id DESC LIMIT 1").format(
             layout.table("bqx_runs")
@@ -113,7 +104,7 @@ def test_killed_driver_leaves_no_worker_and_next_run_marks_its_run_interrupted(
     finally:
         blocker.rollback()
         blocker.close()
-    _wait_for(lambda: not any(_alive(p) for p in workers), 10, "workers to die with the driver")
+    wait_for(lambda: not any(_alive(p) for p in workers), 10, "workers to die with the driver")
     runs = layout.table("bqx_runs")
     orphan = conn.execute(
         sql.SQL("SELECT run_id, status FROM {} ORDER BY run_id DESC LIMIT 1").format(runs)
@@ -165,7 +156,7 @@ def test_database_gone_mid_run_gives_one_line_and_the_next_run_resumes(tmp_path:
             text=True, env={**os.environ, "BQX_HOME": str(tmp_path / "other")},
         )  # fmt: skip
         with connect(url, autocommit=True) as conn:
-            _wait_for(
+            wait_for(
                 lambda: _count(
                     conn, "SELECT count(*) FROM {} WHERE status = 'running'",
                     layout.table("bqx_jobs"),
