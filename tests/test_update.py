@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -377,8 +378,16 @@ def test_follow_catches_up_across_a_database_restart_and_stops_on_sigterm(tmp_pa
         with psycopg.connect(url, autocommit=True) as c:
             load_bars(c, layout, "eurusd", times[1200:], ohlcv[1200:])
         _wait_for(lambda: rows() == len(times), timeout=60)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            text = r.read().decode()
+
+        def scrape() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                return r.read().decode()
+
+        # the counters move just after the commit that the row count above already sees
+        written = f'bqx_rows_written_total{{pair="eurusd"}} {float(len(times))}'
+        with contextlib.suppress(AssertionError):
+            _wait_for(lambda: written in scrape(), timeout=10)
+        text = scrape()
         assert 'bqx_target_lag_seconds{pair="eurusd"} 0.0' in text
         assert f'bqx_rows_written_total{{pair="eurusd"}} {float(len(times))}' in text
         errors = [ln for ln in text.splitlines() if ln.startswith("bqx_update_errors_total")]
