@@ -439,3 +439,42 @@ def test_db_url_masks_the_password(tmp_path):
     full = subprocess.run([sys.executable, "-m", "bqx.cli", "db", "url", "--show-password"],
                           env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert full.stdout.strip() == env["BQX_DATABASE_URL"]
+
+
+def _worker_children() -> list[int]:
+    """Pids of this process's children running ``bqx._worker`` (zombies excluded)."""
+    pids = []
+    for task in os.listdir(f"/proc/{os.getpid()}/task"):
+        with open(f"/proc/{os.getpid()}/task/{task}/children") as f:
+            pids += [int(p) for p in f.read().split()]
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            continue
+        if b"bqx._worker" in cmd and state != "Z":
+            out.append(pid)
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_started_ahead_of_the_plan_never_outlive_the_run(settings, layout, conn, two_pairs):
+    # workers start before planning (they import while the plan is made): whatever the plan
+    # turns out to be, none is left behind, and a run with fewer jobs than workers is exact
+    with pytest.raises(BqxError, match="does not exist"):
+        backfill(settings, layout, pairs=["GBPUSD"], workers=3)
+    assert _worker_children() == []
+    with pytest.raises(BqxError, match="nothing to do"):
+        backfill(settings, layout, pairs=["EURUSD"], start=Month(2030, 1), workers=3)
+    assert _worker_children() == []
+    summary = backfill(settings, layout, pairs=["EURUSD"], start=Month(2024, 7),
+                       end=Month(2024, 7), workers=4)  # fmt: skip
+    assert summary.jobs_done == 1 and summary.status == "done"
+    assert _worker_children() == []
+    assert month_counts(conn, layout.target("eurusd"), "ts_utc") == {
+        "2024-07": month_counts(conn, layout.source("eurusd"), "time")["2024-07"]
+    }

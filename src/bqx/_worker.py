@@ -20,8 +20,17 @@ if __name__ == "__main__":
     if os.getppid() != parent:  # the parent died before we asked to die with it
         sys.exit(1)
 
+    import logging
     import pickle
 
-    from bqx.backfill.executors.local import worker_main
+    # a database lost mid-COPY makes psycopg log "error ignored terminating Copy" on its way
+    # out; the parent reports the lost database in one line, so the worker stays quiet
+    logging.getLogger("psycopg").addHandler(logging.NullHandler())
 
-    worker_main(*pickle.loads(sys.stdin.buffer.read()))
+    from bqx.backfill.executors.local import warm, worker_main
+
+    warm()  # started ahead of its jobs (while the run is planned): load the kernel now
+    args = sys.stdin.buffer.read()
+    if not args:  # the run needed fewer workers than were started, or had nothing to do
+        sys.exit(0)
+    worker_main(*pickle.loads(args))
