@@ -658,44 +658,55 @@ def from_pg_us(us: np.ndarray) -> np.ndarray:
     return (us.astype(np.int64) + _PG_EPOCH_US).astype("datetime64[us]")
 
 
+def _big_endian_store(bits: int) -> object:
+    """A numba intrinsic ``store(buffer, at, value)``: the low ``bits`` of an int64 written
+    big-endian at any byte offset of a uint8 array, as one byte swap and one unaligned store
+    (byte-at-a-time stores made encoding the slowest step of a job's client side)."""
+    from llvmlite import ir
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def store(typingctx, buf, at, value):  # type: ignore[no-untyped-def]
+        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+            array, offset, v = args
+            data = context.make_array(signature.args[0])(context, builder, array).data
+            t = ir.IntType(bits)
+            word = builder.trunc(v, t) if bits < 64 else v
+            ptr = builder.bitcast(builder.gep(data, [offset]), t.as_pointer())
+            builder.store(builder.bswap(word), ptr, align=1)
+            return context.get_dummy_value()
+
+        return numba.types.void(buf, at, value), codegen
+
+    return store
+
+
+_be16, _be32, _be64 = (_big_endian_store(b) for b in (16, 32, 64))
+
+
 @numba.njit(cache=True, nogil=True)
 def _encode_rows(ts: np.ndarray, values: np.ndarray, bits: np.ndarray, out: np.ndarray) -> int:
-    """Write rows (timestamp, float8 * k; NaN -> NULL) in COPY binary row format into ``out``.
+    """Write rows (timestamp, float8 * k; NaN -> NULL) in COPY binary row format into ``out``,
+    which the caller sized for them (:func:`_copy_bound`).
 
     ``values`` and ``bits`` (its int64 view) are (k, n): column-major, any strides, so the
     kernel's (columns × bars) output is encoded as it is, with no transposing copy.
     """
     k, n = values.shape
-    nf = k + 1
+    nf = np.int64(k + 1)
     pos = 0
     for i in range(n):
-        out[pos] = (nf >> 8) & 0xFF
-        out[pos + 1] = nf & 0xFF
-        # timestamp field: length 8, big-endian int64
-        out[pos + 2] = 0
-        out[pos + 3] = 0
-        out[pos + 4] = 0
-        out[pos + 5] = 8
-        pos += 6
-        v = ts[i]
-        for b in range(8):
-            out[pos + b] = (v >> (56 - 8 * b)) & 0xFF
-        pos += 8
+        _be16(out, pos, nf)  # field count, then the timestamp field: length 8, int64
+        _be32(out, pos + 2, np.int64(8))
+        _be64(out, pos + 6, ts[i])
+        pos += 14
         for j in range(k):
             if np.isnan(values[j, i]):
-                out[pos] = 0xFF
-                out[pos + 1] = 0xFF
-                out[pos + 2] = 0xFF
-                out[pos + 3] = 0xFF
+                _be32(out, pos, np.int64(-1))  # NULL
                 pos += 4
             else:
-                out[pos] = 0
-                out[pos + 1] = 0
-                out[pos + 2] = 0
-                out[pos + 3] = 8
-                w = bits[j, i]
-                for b in range(8):
-                    out[pos + 4 + b] = (w >> (56 - 8 * b)) & 0xFF
+                _be32(out, pos, np.int64(8))
+                _be64(out, pos + 4, bits[j, i])
                 pos += 12
     return pos
 
