@@ -54,10 +54,11 @@ def two_pairs(make_bars):
     return {"eurusd": eur, "usdjpy": jpy}
 
 
+@pytest.mark.parametrize("executor", ["local", "threads"])
 def test_rows_per_month_equal_source_bars_and_values_match_metrics(
-    settings, layout, conn, two_pairs
+    settings, layout, conn, two_pairs, executor
 ):
-    summary = backfill(settings, layout, workers=2)
+    summary = backfill(settings, layout, workers=2, executor=executor)
     assert summary.status == "done"
     assert (summary.jobs_total, summary.jobs_done, summary.jobs_failed) == (6, 6, 0)
     total = 0
@@ -330,15 +331,16 @@ def test_connection_error_names_the_database_without_password(tmp_path):
     assert "bob:****@127.0.0.1:1/nowhere" in str(err.value)
 
 
+@pytest.mark.parametrize("executor", ["local", "threads"])
 def test_ctrl_c_stops_every_worker_and_the_next_run_resumes(
-    settings, layout, conn, two_pairs, cli_env, pg_url
+    settings, layout, conn, two_pairs, cli_env, pg_url, executor
 ):
     # hold the workers inside their first jobs, then press Ctrl-C
     blocker = psycopg.connect(pg_url)
     backfill(settings, layout, pairs=["eurusd"], start=Month(2024, 7), end=Month(2024, 7))
     blocker.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(layout.table("bqx_attempts")))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bqx.cli", "backfill", "--workers", "2"],
+        [sys.executable, "-m", "bqx.cli", "backfill", "--workers", "2", "--executor", executor],
         env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     jobs = layout.table("bqx_jobs")
@@ -352,8 +354,8 @@ def test_ctrl_c_stops_every_worker_and_the_next_run_resumes(
             ),
             what="two running jobs",
         )
-        workers = [
-            int(w.rsplit(":", 1)[1])
+        workers = [  # host:pid, or host:pid#n for a thread of the driver
+            int(w.rsplit(":", 1)[1].split("#")[0])
             for (w,) in conn.execute(
                 sql.SQL("SELECT worker FROM {} WHERE status = 'running'").format(jobs)
             )
@@ -385,7 +387,10 @@ def test_ctrl_c_stops_every_worker_and_the_next_run_resumes(
     assert resumed.jobs_failed == 0 and resumed.jobs_skipped == 1 and resumed.jobs_done == 5
 
 
-def test_job_timeout_stops_the_job_retries_then_fails_it(settings, layout, conn, make_bars, pg_url):
+@pytest.mark.parametrize("executor", ["local", "threads"])
+def test_job_timeout_stops_the_job_retries_then_fails_it(
+    settings, layout, conn, make_bars, pg_url, executor
+):
     make_bars("eurusd", "2024-07-01", 5 * 1440, seed=1)
     backfill(settings, layout, workers=1)
     before = target_rows(conn, layout, "eurusd")
@@ -399,7 +404,8 @@ def test_job_timeout_stops_the_job_retries_then_fails_it(settings, layout, conn,
     )
     timer.start()
     try:
-        summary = backfill(settings, layout, workers=1, force=True, job_timeout=1.5, max_attempts=2)
+        summary = backfill(settings, layout, workers=1, force=True, job_timeout=1.5, max_attempts=2,
+                           executor=executor)  # fmt: skip
     finally:
         timer.cancel()
         blocker.rollback()

@@ -57,8 +57,8 @@ def _held_run(pg_url, layout, conn, cli_env, extra=()):
         lambda: _count(conn, "SELECT count(*) FROM {} WHERE status = 'running'", jobs) == 2,
         what="two running jobs",
     )
-    workers = [
-        int(w.rsplit(":", 1)[1])
+    workers = [  # host:pid, or host:pid#n for a thread of the driver
+        int(w.rsplit(":", 1)[1].split("#")[0])
         for (w,) in conn.execute(
             sql.SQL("SELECT worker FROM {} WHERE status = 'running'").format(jobs)
         )
@@ -93,11 +93,12 @@ def test_sigterm_stops_like_ctrl_c_and_records_the_run_as_interrupted(
     assert _count(conn, "SELECT count(*) FROM {} WHERE status = 'running'", jobs) == 0
 
 
+@pytest.mark.parametrize("executor", ["local", "threads"])
 def test_killed_driver_leaves_no_worker_and_next_run_marks_its_run_interrupted(
-    settings, layout, conn, eurusd, cli_env, pg_url
+    settings, layout, conn, eurusd, cli_env, pg_url, executor
 ):
     backfill(settings, layout, workers=1)
-    blocker, proc, workers = _held_run(pg_url, layout, conn, cli_env)
+    blocker, proc, workers = _held_run(pg_url, layout, conn, cli_env, ("--executor", executor))
     try:
         proc.kill()  # SIGKILL: no handler runs, the run row stays 'running'
         proc.wait(timeout=10)
@@ -276,3 +277,15 @@ def test_two_backfills_at_once_never_run_a_job_twice_at_the_same_time(
         _count(conn, "SELECT count(*) FROM {} WHERE status <> 'done'", layout.table("bqx_jobs"))
         == 0
     )
+
+
+def test_a_thread_worker_id_names_its_process_for_a_takeover():
+    from bqx.backfill import worker_is_dead
+    from bqx.db import worker_id
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    host = worker_id().rsplit(":", 1)[0]
+    assert worker_is_dead(f"{host}:{gone.pid}#2")  # a thread of a process that is gone
+    assert not worker_is_dead(f"{worker_id()}#2")  # a thread of this live process
+    assert not worker_is_dead(f"elsewhere:{gone.pid}#2")  # another host: the heartbeat judges

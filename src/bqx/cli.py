@@ -476,7 +476,12 @@ def backfill(
         float, typer.Option("--job-timeout", help="Seconds before a job is stopped and retried.")
     ] = 600.0,
     executor: Annotated[
-        str, typer.Option("--executor", help="local (processes) or dask (a Dask cluster).")
+        str,
+        typer.Option(
+            "--executor",
+            help="local (worker processes), threads (worker threads in this process: no"
+            " start-up cost per worker) or dask (a Dask cluster).",
+        ),
     ] = "local",
     scheduler: Annotated[
         str | None,

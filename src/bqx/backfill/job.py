@@ -151,11 +151,14 @@ def _is_transient(exc: BaseException) -> bool:
 class JobRunner:
     """Runs claimed jobs for one worker: read, compute, atomically replace, record."""
 
-    def __init__(self, url: str, params: Params, run_id: int) -> None:
+    def __init__(self, url: str, params: Params, run_id: int, worker: str | None = None) -> None:
         self.url, self.params, self.run_id = url, params, run_id
         self.ledger = Ledger(params.layout)
-        self.worker = worker_id()
+        self.worker = worker or worker_id()
         self.conn: psycopg.Connection | None = None
+        # set when the driver stops this worker (a thread cannot be killed): no retry, and
+        # no failure recorded, since the driver hands the job back itself
+        self.stopped = threading.Event()
         self.heart = _Heartbeat(url, self.ledger, self.worker)
         self.heart.start()
 
@@ -178,7 +181,9 @@ class JobRunner:
         started = time.time()
         try:
             retrying = tenacity.Retrying(
-                retry=tenacity.retry_if_exception(_is_transient),
+                retry=tenacity.retry_if_exception(
+                    lambda exc: _is_transient(exc) and not self.stopped.is_set()
+                ),
                 stop=tenacity.stop_after_attempt(MAX_TRANSIENT_RETRIES),
                 wait=tenacity.wait_exponential(multiplier=0.5, max=8),
                 before_sleep=lambda rs: self._note_retry(pair, month, attempt, started, rs),
@@ -188,7 +193,8 @@ class JobRunner:
                 with try_:
                     return self._attempt(pair, month, attempt, started)
         except Exception as exc:  # a permanent error fails this job; the others go on
-            self._fail(pair, month, attempt, started, _describe(exc, pair, month))
+            if not self.stopped.is_set():
+                self._fail(pair, month, attempt, started, _describe(exc, pair, month))
             return -1
         finally:
             self.heart.current = None

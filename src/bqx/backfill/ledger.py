@@ -25,7 +25,8 @@ STALE_AFTER_S = 30.0  # a running job whose heartbeat is older than this belongs
 
 
 def worker_is_dead(worker: str | None) -> bool:
-    """True when ``host:pid`` names a process on this host that no longer exists.
+    """True when ``host:pid`` (or ``host:pid#n``, a thread of it) names a process on this
+    host that no longer exists.
 
     Lets a restart take over a dead local worker's job at once instead of waiting for its
     heartbeat to go stale; workers on other hosts are judged by their heartbeat alone.
@@ -33,6 +34,7 @@ def worker_is_dead(worker: str | None) -> bool:
     if not worker or ":" not in worker:
         return False
     host, pid = worker.rsplit(":", 1)
+    pid = pid.split("#", 1)[0]
     if host != worker_id().rsplit(":", 1)[0] or not pid.isdigit():
         return False
     try:

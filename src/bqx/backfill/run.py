@@ -58,10 +58,11 @@ def backfill(
     params = Params.build(layout, windows, mode, max_fill)
     workers = workers or os.cpu_count() or 1
     url = resolve_url(settings)
-    # local workers start now: they import and load the kernel (about a CPU-second each)
-    # while the run is planned; a Dask cluster is only reached once there is work for it
+    # local workers start now: processes import and load the kernel (about a CPU-second
+    # each), threads load it once, while the run is planned; a Dask cluster is only reached
+    # once there is work for it
     runner: Executor | None = None
-    if executor == "local":
+    if executor in ("local", "threads"):
         runner = make_executor(executor, workers, scheduler)
         runner.prestart()
     try:

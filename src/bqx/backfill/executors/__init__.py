@@ -12,7 +12,7 @@ from bqx.errors import BqxError
 if TYPE_CHECKING:
     from bqx.backfill.plan import Params
 
-EXECUTORS = ("local", "dask")
+EXECUTORS = ("local", "threads", "dask")
 
 
 class Executor(Protocol):
@@ -53,6 +53,12 @@ def make_executor(name: str, workers: int, scheduler: str | None = None) -> Exec
         from bqx.backfill.executors.local import LocalExecutor
 
         return LocalExecutor(workers)
+    if name == "threads":
+        if scheduler is not None:
+            raise BqxError("--scheduler goes with --executor dask")
+        from bqx.backfill.executors.threads import ThreadExecutor
+
+        return ThreadExecutor(workers)
     if name == "dask":
         from bqx.backfill.executors.dask import DaskExecutor
 
