@@ -841,16 +841,22 @@ def select_series(
     binary wire encodings) that arrives as one binary value: COPY TO STDOUT would send one
     message per row, each costing a Python iteration in the client (60 ms a month of bars).
     """
+    # no ORDER BY in the aggregate: rows come in index order almost always, and sorting them
+    # here only when they do not costs the client far less than a sort on the server
     stmt = sql.SQL(
-        "SELECT count(*), string_agg(timestamptz_send(s.t) || float8send(s.p), ''::bytea"
-        " ORDER BY s.t) FROM ({}) s(t, p)"
+        "SELECT count(*), string_agg(timestamptz_send(s.t) || float8send(s.p), ''::bytea)"
+        " FROM ({}) s(t, p)"
     ).format(query)
     count, packed = cur.execute(stmt, params, binary=True).fetchone()
     packed = packed or b""
     if len(packed) != 16 * count:  # string_agg skips a row whose time or price is NULL
         raise BqxError("unexpected NULL time or price in the source bars")
     rows = np.frombuffer(packed, dtype=np.dtype([("t", ">i8"), ("p", ">f8")]))
-    return from_pg_us(rows["t"].astype(np.int64)), rows["p"].astype(np.float64)
+    us, prices = rows["t"].astype(np.int64), rows["p"].astype(np.float64)
+    if len(us) > 1 and not (us[1:] >= us[:-1]).all():
+        order = np.argsort(us, kind="stable")
+        us, prices = us[order], prices[order]
+    return from_pg_us(us), prices
 
 
 def wait_for_server(url: str, timeout_s: float = 30.0) -> None:
