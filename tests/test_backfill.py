@@ -468,19 +468,21 @@ def _worker_children() -> list[int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_workers_started_ahead_of_the_plan_never_outlive_the_run(settings, layout, conn, two_pairs):
-    # workers start before planning (they import while the plan is made): whatever the plan
-    # turns out to be, none is left behind, and a run with fewer jobs than workers is exact
+@pytest.mark.parametrize("executor", ["local", "threads"])
+def test_no_worker_outlives_a_run_whatever_its_plan(settings, layout, conn, two_pairs, executor):
+    # a failed plan, an empty plan, fewer jobs than workers: none is left behind
     with pytest.raises(BqxError, match="does not exist"):
-        backfill(settings, layout, pairs=["GBPUSD"], workers=3)
+        backfill(settings, layout, pairs=["GBPUSD"], workers=3, executor=executor)
     assert _worker_children() == []
     with pytest.raises(BqxError, match="nothing to do"):
-        backfill(settings, layout, pairs=["EURUSD"], start=Month(2030, 1), workers=3)
+        backfill(settings, layout, pairs=["EURUSD"], start=Month(2030, 1), workers=3,
+                 executor=executor)  # fmt: skip
     assert _worker_children() == []
     summary = backfill(settings, layout, pairs=["EURUSD"], start=Month(2024, 7),
-                       end=Month(2024, 7), workers=4)  # fmt: skip
+                       end=Month(2024, 7), workers=4, executor=executor)  # fmt: skip
     assert summary.jobs_done == 1 and summary.status == "done"
     assert _worker_children() == []
+    assert not [t for t in threading.enumerate() if t.name.startswith("bqx-")]
     assert month_counts(conn, layout.target("eurusd"), "ts_utc") == {
         "2024-07": month_counts(conn, layout.source("eurusd"), "time")["2024-07"]
     }

@@ -27,10 +27,6 @@ if __name__ == "__main__":
     # out; the parent reports the lost database in one line, so the worker stays quiet
     logging.getLogger("psycopg").addHandler(logging.NullHandler())
 
-    from bqx.backfill.executors.local import warm, worker_main
+    from bqx.backfill.executors.local import worker_main
 
-    warm()  # started ahead of its jobs (while the run is planned): load the kernel now
-    args = sys.stdin.buffer.read()
-    if not args:  # the run needed fewer workers than were started, or had nothing to do
-        sys.exit(0)
-    worker_main(*pickle.loads(args))
+    worker_main(*pickle.loads(sys.stdin.buffer.read()))

@@ -48,7 +48,8 @@ def backfill(
     reconnect_within_s: float = 30.0,
     source_check: str = "auto",
 ) -> RunSummary:
-    """Plan (pair, month) jobs and run them on workers: local processes, or a Dask cluster.
+    """Plan (pair, month) jobs and run them on workers: local processes or threads, or a Dask
+    cluster.
 
     SIGTERM stops the run as Ctrl-C does (``KeyboardInterrupt``): workers are stopped and
     their jobs handed back, and the run is recorded as interrupted. A database that stays
@@ -58,70 +59,57 @@ def backfill(
     params = Params.build(layout, windows, mode, max_fill)
     workers = workers or os.cpu_count() or 1
     url = resolve_url(settings)
-    # local workers start now: processes import and load the kernel (about a CPU-second
-    # each), threads load it once, while the run is planned; a Dask cluster is only reached
-    # once there is work for it
-    runner: Executor | None = None
-    if executor in ("local", "threads"):
-        runner = make_executor(executor, workers, scheduler)
-        runner.prestart()
-    try:
-        with _sigterm_as_interrupt(), connect(url, autocommit=True) as conn:
-            jobs = preflight(conn, params, pairs, start, end, url, force=force,
-                             source_check=source_check)  # fmt: skip
-            ledger = Ledger(layout)
-            ledger.mark_orphaned_runs(conn)
-            doc = {
-                "pairs": sorted({j.pair for j in jobs}),
-                "months": sorted({str(j.month) for j in jobs}),
-                "jobs": [[j.pair, str(j.month)] for j in jobs],
-                "windows": list(params.windows), "mode": params.mode, "max_fill": params.max_fill,
-                "schema": layout.schema, "source_table": layout.source_table,
-                "time_column": layout.time_column, "price_column": layout.price_column,
-                "workers": workers, "executor": executor, "force": force,
-                "job_timeout": job_timeout, "source_check": source_check,
-            }  # fmt: skip
-            run_id = ledger.start_run(conn, params, doc, workers, executor)
-            todo, _skipped = ledger.plan(conn, run_id, params, jobs, force)
-            keys = [(j.pair, j.month.first_day) for j in todo]
-            reporter = _make_reporter(progress, len(jobs), len(jobs) - len(todo))
-            watch = _Watch(conn, url, reconnect_within_s)
-            status = "interrupted"
-            if runner is None:
-                runner = make_executor(executor, min(workers, max(1, len(todo))), scheduler)
-            runner.workers = min(workers, max(1, len(todo)))  # no more than there are jobs
-            try:
-                if todo:
-                    _drive(watch, ledger, runner, url, params, run_id, keys, job_timeout,
-                           max_attempts, reporter)  # fmt: skip
-                status = "done"
-            except KeyboardInterrupt:
-                ids = runner.shutdown()
-                with contextlib.suppress(psycopg.Error):
-                    ledger.end_sessions(watch.conn, ids)
-                    ledger.release(watch.conn, keys, ids, "pending", "interrupted by the user")
-                    ledger.end_run(watch.conn, run_id, "interrupted")
-                raise
-            except _DatabaseLost as lost:
-                runner.shutdown()
-                reporter(None)
-                with contextlib.suppress(psycopg.Error, BqxError, _DatabaseLost):
-                    ledger.end_run(watch.reconnect(timeout_s=2), run_id, "interrupted")
-                raise BqxError(
-                    f"lost the database during run {run_id} ({lost}): when the server is back, run"
-                    " the same command again to resume (it takes this run's jobs over)"
-                ) from None
-            finally:
-                runner.shutdown()
-                reporter(None)
-            try:
-                summary = ledger.end_run(watch.conn, run_id, status)
-            except psycopg.OperationalError:
-                summary = ledger.end_run(watch.reconnect(timeout_s=10), run_id, status)
-        return summary
-    finally:
-        if runner is not None:  # idempotent: ends workers started ahead for an empty plan
+    with _sigterm_as_interrupt(), connect(url, autocommit=True) as conn:
+        jobs = preflight(conn, params, pairs, start, end, url, force=force,
+                         source_check=source_check)  # fmt: skip
+        ledger = Ledger(layout)
+        ledger.mark_orphaned_runs(conn)
+        doc = {
+            "pairs": sorted({j.pair for j in jobs}),
+            "months": sorted({str(j.month) for j in jobs}),
+            "jobs": [[j.pair, str(j.month)] for j in jobs],
+            "windows": list(params.windows), "mode": params.mode, "max_fill": params.max_fill,
+            "schema": layout.schema, "source_table": layout.source_table,
+            "time_column": layout.time_column, "price_column": layout.price_column,
+            "workers": workers, "executor": executor, "force": force,
+            "job_timeout": job_timeout, "source_check": source_check,
+        }  # fmt: skip
+        run_id = ledger.start_run(conn, params, doc, workers, executor)
+        todo, _skipped = ledger.plan(conn, run_id, params, jobs, force)
+        keys = [(j.pair, j.month.first_day) for j in todo]
+        reporter = _make_reporter(progress, len(jobs), len(jobs) - len(todo))
+        watch = _Watch(conn, url, reconnect_within_s)
+        status = "interrupted"
+        runner = make_executor(executor, min(workers, max(1, len(todo))), scheduler)
+        try:
+            if todo:
+                _drive(watch, ledger, runner, url, params, run_id, keys, job_timeout,
+                       max_attempts, reporter)  # fmt: skip
+            status = "done"
+        except KeyboardInterrupt:
+            ids = runner.shutdown()
+            with contextlib.suppress(psycopg.Error):
+                ledger.end_sessions(watch.conn, ids)
+                ledger.release(watch.conn, keys, ids, "pending", "interrupted by the user")
+                ledger.end_run(watch.conn, run_id, "interrupted")
+            raise
+        except _DatabaseLost as lost:
             runner.shutdown()
+            reporter(None)
+            with contextlib.suppress(psycopg.Error, BqxError, _DatabaseLost):
+                ledger.end_run(watch.reconnect(timeout_s=2), run_id, "interrupted")
+            raise BqxError(
+                f"lost the database during run {run_id} ({lost}): when the server is back, run"
+                " the same command again to resume (it takes this run's jobs over)"
+            ) from None
+        finally:
+            runner.shutdown()
+            reporter(None)
+        try:
+            summary = ledger.end_run(watch.conn, run_id, status)
+        except psycopg.OperationalError:
+            summary = ledger.end_run(watch.reconnect(timeout_s=10), run_id, status)
+    return summary
 
 
 def check_run_options(workers: int | None, job_timeout: float, max_attempts: int) -> None:

@@ -25,10 +25,6 @@ class Executor(Protocol):
     name: str
     workers: int  # how many workers to keep running while jobs are claimable
 
-    def prestart(self) -> None:
-        """Get ``workers`` workers ready ahead of the plan, if starting one is slow; may do
-        nothing."""
-
     def spawn(self, url: str, params: Params, run_id: int, keys: list[tuple[str, date]]) -> None:
         """Start one more worker."""
 

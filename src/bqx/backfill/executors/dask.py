@@ -266,9 +266,6 @@ class DaskExecutor:
 
     # -- the Executor interface -----------------------------------------------------------
 
-    def prestart(self) -> None:
-        """Nothing: the cluster is reached in ``__init__``, once the plan has jobs for it."""
-
     def spawn(self, url: str, params: Params, run_id: int, keys: list[tuple[str, date]]) -> None:
         """Start one more task on a Dask worker that runs none of ours (none free: next tick)."""
         if self.secret is None:

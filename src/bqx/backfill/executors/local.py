@@ -58,38 +58,11 @@ class _Proc:
     worker: str = ""
 
 
-def warm() -> None:
-    """Load the compiled kernel and COPY codec from numba's cache (about 0.3 s), so a worker
-    started ahead of its jobs does it while the run is planned rather than in its first job."""
-    import numpy as np
-
-    from bqx import metrics
-    from bqx.db import encode_copy_binary
-
-    times = np.arange(200).astype("datetime64[m]")
-    on_grid = np.round(1.1 + np.arange(200) * 1e-5, 5)
-    for mode, prices in (("bars", on_grid), ("bars", on_grid * np.pi), ("clock", on_grid)):
-        matrix = metrics.compute_matrix(times, prices, windows=(2, 3), mode=mode)
-    encode_copy_binary(times.astype("datetime64[us]").astype(np.int64), matrix.T)
-
-
-def _start_process() -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "bqx._worker"],
-        stdin=subprocess.PIPE,
-        close_fds=True,
-        process_group=0,  # Ctrl-C at a terminal is the parent's: it stops the workers
-    )
-
-
 class LocalExecutor:
     """N worker processes on this machine (``python -m bqx._worker``), watched by the parent.
 
     Workers are fresh interpreters fed their arguments on stdin, rather than multiprocessing
     children, so that a caller's ``__main__`` is never re-imported and nothing is inherited.
-    A fresh interpreter takes about a CPU-second to import numpy, numba and psycopg and load
-    the kernel: ``prestart`` starts them before the run is planned, so that second overlaps
-    planning, and each waits for its arguments.
     """
 
     name = "local"
@@ -97,20 +70,14 @@ class LocalExecutor:
     def __init__(self, workers: int) -> None:
         self.workers = max(1, workers)
         self.procs: list[_Proc] = []
-        self.ready: list[subprocess.Popen[bytes]] = []  # started ahead, waiting for a job
-        self.released: list[subprocess.Popen[bytes]] = []  # started ahead, told to exit
-
-    def prestart(self) -> None:
-        """Start every worker's interpreter now; ``spawn`` hands them their jobs later."""
-        while len(self.ready) < self.workers:
-            self.ready.append(_start_process())
 
     def spawn(self, url: str, params: Params, run_id: int, keys: list[tuple[str, date]]) -> None:
-        while self.ready and self.ready[0].poll() is not None:  # one that died while waiting
-            self.ready.pop(0)
-        p = self.ready.pop(0) if self.ready else _start_process()
-        while self.ready and len(self.procs) + 1 + len(self.ready) > self.workers:
-            self._release(self.ready.pop())  # fewer jobs than workers started ahead
+        p = subprocess.Popen(
+            [sys.executable, "-m", "bqx._worker"],
+            stdin=subprocess.PIPE,
+            close_fds=True,
+            process_group=0,  # Ctrl-C at a terminal is the parent's: it stops the workers
+        )
         assert p.stdin is not None
         p.stdin.write(pickle.dumps((url, params, run_id, keys)))
         p.stdin.close()
@@ -137,21 +104,9 @@ class LocalExecutor:
             pr.process.wait(timeout=10)
             self.procs.remove(pr)
 
-    def _release(self, p: subprocess.Popen[bytes]) -> None:
-        """A worker started ahead that gets no job: end of input, and it exits by itself."""
-        with contextlib.suppress(OSError):
-            assert p.stdin is not None
-            p.stdin.close()
-        self.released.append(p)
-
     def shutdown(self) -> list[str]:
         """Stop every worker (terminate, then kill); returns their worker ids."""
-        for p in self.ready:  # started ahead and never given a job
-            self._release(p)
-        self.ready = []
-        self.procs += [_Proc(p) for p in self.released]
-        self.released = []
-        ids = [pr.worker for pr in self.procs if pr.worker]
+        ids = [pr.worker for pr in self.procs]
         for pr in self.procs:
             if pr.process.poll() is None:
                 pr.process.terminate()

@@ -44,14 +44,6 @@ class ThreadExecutor:
         self.running: dict[str, _Worker] = {}
         self.stopped: list[_Worker] = []
         self.count = 0
-        self.warming: threading.Thread | None = None
-
-    def prestart(self) -> None:
-        """Load the kernel from numba's cache in the background while the run is planned."""
-        from bqx.backfill.executors.local import warm
-
-        self.warming = threading.Thread(target=warm, daemon=True, name="bqx-warm")
-        self.warming.start()
 
     def spawn(self, url: str, params: Params, run_id: int, keys: list[tuple[str, date]]) -> None:
         self.count += 1
