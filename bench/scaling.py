@@ -1,11 +1,12 @@
-"""Backfill rows/s by executor on the same data: local processes, Dask LocalClusters, a cluster.
+"""Backfill rows/s by executor on the same data: threads, processes, Dask LocalClusters, a cluster.
 
     python bench/scaling.py [--pairs 8] [--months 2] [--scheduler tcp://HOST:PORT]
 
 Every run is ``backfill --force`` over the same bars in the embedded server under BQX_HOME
-(default /tmp/bqx-scaling): the local executor with 1 and 2 workers, a LocalCluster of 1 and
-of 2 Dask workers that bqx starts (its start-up counted), and with ``--scheduler`` an existing
-cluster started with Dask's own commands (docs/scaling.md shows them). Two rates per run:
+(default /tmp/bqx-scaling): 1 and 2 worker threads, 1 and 2 worker processes, a LocalCluster
+of 1 and of 2 Dask workers that bqx starts (its start-up counted), and with ``--scheduler`` an
+existing cluster started with Dask's own commands (docs/scaling.md shows them). Two rates per
+run:
 
 - end to end: rows / the run's duration in the ledger (includes starting workers or a cluster);
 - in jobs: rows / (last job end - first job start), the rate once workers are running.
@@ -79,8 +80,10 @@ def main() -> None:
     runs: list[tuple[str, dict]] = []
     if not args.only_scheduler:
         runs += [
-            ("local executor, 1 worker", {"workers": 1}),
-            ("local executor, 2 workers", {"workers": 2}),
+            ("threads (default), 1 worker", {"workers": 1, "executor": "threads"}),
+            ("threads (default), 2 workers", {"workers": 2, "executor": "threads"}),
+            ("local processes, 1 worker", {"workers": 1, "executor": "local"}),
+            ("local processes, 2 workers", {"workers": 2, "executor": "local"}),
             ("LocalCluster, 1 Dask worker", {"workers": 1, "executor": "dask"}),
             ("LocalCluster, 2 Dask workers", {"workers": 2, "executor": "dask"}),
         ]

@@ -162,7 +162,7 @@ def test_worker_killed_mid_job_leaves_month_intact_and_next_run_completes(
     blocker.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(layout.table("bqx_attempts")))
     proc = subprocess.Popen(
         [sys.executable, "-m", "bqx.cli", "backfill", "--pairs", "EURUSD", "--force",
-         "--workers", "1"],
+         "--workers", "1", "--executor", "local"],
         env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:

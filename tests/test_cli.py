@@ -85,7 +85,8 @@ def test_version_and_shell_completion():
     # as a person types it in bash: the completion script is for the shell it runs in
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
     res = subprocess.run(
-        ["bash", "-c", f"{shlex.quote(sys.executable)} -m bqx.cli --show-completion"],
+        # "; exit $?": bash stays the parent (a lone command would replace it), as at a prompt
+        ["bash", "-c", f"{shlex.quote(sys.executable)} -m bqx.cli --show-completion; exit $?"],
         env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert res.returncode == 0 and "complete " in res.stdout and "bash" in res.stdout, res.stderr

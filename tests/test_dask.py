@@ -97,7 +97,7 @@ def test_existing_cluster_gives_the_local_executors_values_bit_for_bit(
     for pair, want in expected.items():
         assert same_bits(snapshot(conn, layout, pair), want), pair
     runs = _q(conn, "SELECT executor FROM {runs} ORDER BY run_id", layout)
-    assert runs == [("local",), ("dask",)]
+    assert runs == [("threads",), ("dask",)]
     # every job names the Dask worker process that ran it, in the jobs and the attempts
     dask_ids = {f"{dask_executor._this_host()}:{pid}" for pid in pids.values()}
     workers = _q(conn, "SELECT worker FROM {attempts} WHERE run_id = %s AND status = 'done'",

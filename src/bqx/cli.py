@@ -479,10 +479,10 @@ def backfill(
         str,
         typer.Option(
             "--executor",
-            help="local (worker processes), threads (worker threads in this process: no"
-            " start-up cost per worker) or dask (a Dask cluster).",
+            help="threads (worker threads of this process), local (a worker process each:"
+            " isolated, about a CPU-second to start) or dask (a Dask cluster).",
         ),
-    ] = "local",
+    ] = "threads",
     scheduler: Annotated[
         str | None,
         typer.Option("--scheduler", help="Dask scheduler address (default: a local cluster)."),
@@ -914,6 +914,9 @@ def _run_ended(doc: dict) -> int | None:
     return 0 if ok else 1
 
 
+WORKER_KIND = {"threads": "worker thread", "local": "worker process", "dask": "Dask worker"}
+
+
 def _render_status(doc: dict) -> Any:
     from rich.console import Group
     from rich.markup import escape
@@ -935,7 +938,8 @@ def _render_status(doc: dict) -> Any:
         when += f", ended {end[11:] if end[:10] == start[:10] else end}"
     head.add_row(
         f"run {run['run_id']} [bold {color}]{run['status']}[/] · {when} ({run['elapsed_s']:.1f} s)"
-        f" · {plural(run['workers'] or 0, run['executor'] + ' worker')} on {run['host']}"
+        f" · {plural(run['workers'] or 0, WORKER_KIND.get(run['executor'], 'worker'))}"
+        f" on {run['host']}"
     )
     if run.get("mode"):
         head.add_row(escape(describe_parameters(run)))

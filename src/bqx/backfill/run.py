@@ -43,7 +43,7 @@ def backfill(
     job_timeout: float = 600.0,
     max_attempts: int = 3,
     progress: bool | ProgressFn = False,
-    executor: str = "local",
+    executor: str = "threads",
     scheduler: str | None = None,
     reconnect_within_s: float = 30.0,
     source_check: str = "auto",
