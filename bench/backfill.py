@@ -285,17 +285,18 @@ def _bench(args, settings, layout, pairs, months, url, server) -> None:
                 out[f"{what}_server_cpu_s"] = server_cpu_s(server.datadir) - s0
         return out
 
+    n = args.workers  # streams of the bare loads, workers of bqx
     contenders: dict[str, tuple[Callable[[], None] | None, Callable[[], int]]] = {
         "COPY into existing tables, 1 stream": (
             empty_all, lambda: parallel(jobs, 1, into_existing, url)),
-        "COPY into existing tables, 2 streams": (
-            empty_all, lambda: parallel(jobs, 2, into_existing, url)),
-        "TRUNCATE + COPY FROM STDIN per partition, 2 streams": (
-            None, lambda: parallel(jobs, 2, truncate_stdin, url)),
-        "TRUNCATE + COPY FROM server file per partition, 2 streams": (
-            None, lambda: parallel(jobs, 2, truncate_file, url)),
-        "TRUNCATE + COPY FREEZE FROM server file per partition, 2 streams": (
-            None, lambda: parallel(jobs, 2, lambda c, j: truncate_file(c, j, True), url)),
+        f"COPY into existing tables, {n} streams": (
+            empty_all, lambda: parallel(jobs, n, into_existing, url)),
+        f"TRUNCATE + COPY FROM STDIN per partition, {n} streams": (
+            None, lambda: parallel(jobs, n, truncate_stdin, url)),
+        f"TRUNCATE + COPY FROM server file per partition, {n} streams": (
+            None, lambda: parallel(jobs, n, truncate_file, url)),
+        f"TRUNCATE + COPY FREEZE FROM server file per partition, {n} streams": (
+            None, lambda: parallel(jobs, n, lambda c, j: truncate_file(c, j, True), url)),
         **{f"bqx backfill --force --executor {ex}": (None, lambda ex=ex: run_bqx(ex))
            for ex in ("local", "threads") if ex != DEFAULT_EXECUTOR},
         "bqx backfill --force": (None, run_bqx),  # last: leaves the targets as bqx wrote them

@@ -29,7 +29,6 @@ from bqx.errors import BqxError
 @dataclass
 class _Worker:
     runner: JobRunner
-    thread: threading.Thread
     error: str | None = None  # why the worker ended abnormally
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -50,11 +49,10 @@ class ThreadExecutor:
         # host:pid#n: unique per thread, and the pid still tells a restart whether the
         # process that held a job is alive
         worker = f"{worker_id()}#{self.count}"
-        runner = JobRunner(url, params, run_id, worker=worker)
-        w = _Worker(runner, threading.Thread(daemon=True, name=f"bqx-worker-{self.count}"))
-        w.thread.run = lambda: self._loop(w, keys)  # type: ignore[method-assign]
+        w = _Worker(JobRunner(url, params, run_id, worker=worker))
         self.running[worker] = w
-        w.thread.start()
+        name = f"bqx-worker-{self.count}"
+        threading.Thread(target=self._loop, args=(w, keys), daemon=True, name=name).start()
 
     @staticmethod
     def _loop(w: _Worker, keys: list[tuple[str, date]]) -> None:
