@@ -27,7 +27,7 @@ series is split into jobs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numba
 import numpy as np
@@ -510,6 +510,21 @@ class BadBar(ValueError):
         self.index, self.problem = index, problem
 
 
+_CHECK_CHUNK = 1 << 16  # elements checked at a time: a big call's temporaries stay in cache
+
+
+def _first_bad(check: Callable[[int, int], np.ndarray], n: int) -> int:
+    """The first index where ``check(lo, hi)`` (a mask of elements lo … hi − 1) is True, or −1.
+
+    Chunked so that one whole-series call builds no series-sized temporaries (fresh memory,
+    first-touched every call: docs/performance.md)."""
+    for lo in range(0, n, _CHECK_CHUNK):
+        bad = check(lo, min(lo + _CHECK_CHUNK, n))
+        if bad.any():
+            return lo + int(np.flatnonzero(bad)[0])
+    return -1
+
+
 def _validate(times: np.ndarray, prices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     times = np.asarray(times)
     prices = np.asarray(prices)
@@ -520,25 +535,23 @@ def _validate(times: np.ndarray, prices: np.ndarray) -> tuple[np.ndarray, np.nda
     if not np.issubdtype(times.dtype, np.datetime64):
         raise ValueError(f"times must be numpy datetime64, got dtype {times.dtype}")
     ticks = times.view(np.int64)  # unit-agnostic: order and NaT checks need no conversion
-    nat = ticks == np.iinfo(np.int64).min
-    if nat.any():
-        i = int(np.flatnonzero(nat)[0])
+    nat = np.iinfo(np.int64).min
+    i = _first_bad(lambda a, b: ticks[a:b] == nat, len(ticks))
+    if i >= 0:
         raise BadBar(i, "has no time (NaT)", f"times[{i}] is NaT")
     try:
         prices = prices.astype(np.float64, copy=False)
     except (TypeError, ValueError):
         raise ValueError(f"prices must be numeric, got dtype {prices.dtype}") from None
-    bad = ~(np.isfinite(prices) & (prices > 0))
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
+    i = _first_bad(lambda a, b: ~(np.isfinite(prices[a:b]) & (prices[a:b] > 0)), len(prices))
+    if i >= 0:
         problem = f"has price {float(prices[i])!r} (prices must be finite and > 0)"
         raise BadBar(
             i, problem, f"prices[{i}] is {float(prices[i])!r}: prices must be finite and > 0"
         )
-    step = np.diff(ticks)
-    if (step <= 0).any():
-        i = int(np.flatnonzero(step <= 0)[0]) + 1
-        why = "a duplicate of" if step[i - 1] == 0 else "earlier than"
+    i = _first_bad(lambda a, b: ticks[a + 1 : b + 1] <= ticks[a:b], len(ticks) - 1) + 1
+    if i > 0:
+        why = "a duplicate of" if ticks[i] == ticks[i - 1] else "earlier than"
         raise BadBar(
             i,
             "repeats or precedes the bar before it (times must be sorted and unique)",
@@ -579,9 +592,10 @@ def compute_matrix(
     """Like :func:`compute`, as one (columns × bars) float64 array in ``metric_columns`` order.
 
     ``out``: a C-contiguous float64 array of that shape to write into (and return). Fresh
-    memory costs its first touch, which for a whole series' output (10 M bars: 3 GB) costs
-    more than computing it (docs/performance.md); a caller computing many series in turn can
-    reuse one array.
+    memory costs its first touch (the OS zeroing it), which for a whole series' output (10 M
+    bars: 3 GB) costs about as much as computing it (docs/performance.md); a caller computing
+    many series in turn can reuse one array. An output larger than ``STREAM_BYTES`` is written
+    with streaming stores, past the cache.
     """
     wins = np.array(normalize_windows(windows), dtype=np.int64)
     if mode not in MODES:
