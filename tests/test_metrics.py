@@ -452,6 +452,26 @@ def test_bad_input_names_the_index(times, prices, message):
         compute(times, np.array(prices))
 
 
+def test_bad_input_found_in_any_chunk_of_a_long_series():
+    """The checks run chunk by chunk: the first bad element is named wherever it lies."""
+    n = 3 * metrics._CHECK_CHUNK + 5
+    times, prices = minutes_from("2024-07-01", np.arange(n)), np.ones(n)
+    for i in (metrics._CHECK_CHUNK - 1, metrics._CHECK_CHUNK, n - 1):
+        bad = times.copy()
+        bad[i] = bad[i - 1]
+        with pytest.raises(metrics.BadBar, match=rf"times\[{i}\].*duplicate") as err:
+            compute(bad, prices)
+        assert err.value.index == i
+        bad = prices.copy()
+        bad[i:] = np.nan
+        with pytest.raises(metrics.BadBar, match=rf"prices\[{i}\] is nan"):
+            compute(times, bad)
+    bad = times.copy()
+    bad[2 * metrics._CHECK_CHUNK] = np.datetime64("NaT")
+    with pytest.raises(metrics.BadBar, match=rf"times\[{2 * metrics._CHECK_CHUNK}\] is NaT"):
+        compute(bad, prices)
+
+
 def test_clock_mode_refuses_two_bars_in_one_minute():
     times = np.array(["2024-07-01T00:00:00", "2024-07-01T00:00:30"], dtype="datetime64[s]")
     with pytest.raises(ValueError, match=r"times\[1\] falls in the same minute"):
