@@ -15,7 +15,11 @@ Rounds are interleaved (each contender once per round) and each keeps its best r
 in CPU seconds of this one-threaded process, so a noisy neighbour slows all alike. Each peer's
 columns are checked against a plain two-pass reference (the tolerances of docs/metrics.md);
 the table reports its worst error/tolerance. Then bqx computes the whole series in one call
-against the same series in month-sized calls.
+against the same series in month-sized calls: as the backfill makes them (each month's output
+used and dropped: it stays in cache), and like for like, each month's output copied into one
+whole-series array. The memory floors are timed alone in the same rounds: the OS zeroing a
+fresh array of the output's size, its first touch, and writing it once where memory was used
+before.
 Writes bench/results/kernel.json and bench/results/kernel.md.
 """
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import platform
 import time
@@ -46,6 +51,7 @@ from bqx.metrics import DEFAULT_WINDOWS, compute_matrix, lookback_bars, metric_c
 
 RESULTS = Path(__file__).parent / "results"
 JOB = 31_000  # bars in a pair-month, about
+IDLE = 3.0  # seconds memory stays free before "idle_first_touch" (page reporting waits 2 s)
 WINDOWS = DEFAULT_WINDOWS
 WMAX = max(WINDOWS)
 COLUMNS = metric_columns(WINDOWS)
@@ -188,6 +194,36 @@ def month_calls(fn: Callable, times: np.ndarray, p: np.ndarray) -> Callable[[], 
     return run
 
 
+def month_calls_copied(
+    times: np.ndarray, p: np.ndarray, whole: Callable[[], np.ndarray]
+) -> Callable[[], None]:
+    """Month-sized calls, each month's output copied into one whole-series array: what a caller
+    who wants the whole series from month-sized calls does."""
+    lb = lookback_bars(WINDOWS)
+
+    def run() -> None:
+        out = whole()
+        for lo in range(0, len(p), JOB):
+            a = max(0, lo - lb)
+            month = compute_matrix(times[a : lo + JOB], p[a : lo + JOB])
+            out[:, lo : lo + JOB] = month[:, lo - a :]
+
+    return run
+
+
+def os_zeroing(nbytes: int) -> Callable[[], None]:
+    """Fresh anonymous memory of ``nbytes``, huge pages as numpy asks for them, faulted in by the
+    kernel in one call (``MADV_POPULATE_WRITE``, Linux ≥ 5.14): the OS zeroing it, alone."""
+
+    def run() -> None:
+        m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        m.madvise(mmap.MADV_HUGEPAGE)
+        m.madvise(getattr(mmap, "MADV_POPULATE_WRITE", 23))
+        m.close()
+
+    return run
+
+
 def interleaved(contenders: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
     """Best seconds of each contender over ``rounds`` rounds, one run of each per round."""
     best = dict.fromkeys(contenders, float("inf"))
@@ -241,16 +277,26 @@ def main() -> None:
     fastest = max(peer_names, key=rate.get)
 
     # one big call against month-sized calls over the same series, interleaved
-    # (fresh memory costs its first touch, page faults and zeroing by the OS: timed alone too)
+    # (fresh memory costs its first touch, page faults and zeroing by the OS: timed alone too).
+    # Memory left free for a few seconds may be handed back to a VM's host (virtio-balloon free
+    # page reporting), which makes its next first touch far dearer: timed apart, after IDLE
+    # seconds asleep (not CPU time); the fresh-memory rows after it reuse what it freed.
     shape = (len(COLUMNS), n)
     reused = np.zeros(shape)
+    copied_into = np.zeros(shape)
     whole = interleaved(
         {"months": month_calls(lambda t, p: compute_matrix(t, p), times, prices),
-         "whole": lambda: compute_matrix(times, prices),
          "whole_into": lambda: compute_matrix(times, prices, out=reused),
-         "fresh_memory": lambda: np.empty(shape).fill(0.0)},
-        max(2, args.repeat // 2),
+         "months_copied": month_calls_copied(times, prices, lambda: copied_into),
+         "idle_first_touch": lambda: (time.sleep(IDLE), np.empty(shape).fill(0.0)),
+         "whole": lambda: compute_matrix(times, prices),
+         "months_copied_fresh": month_calls_copied(times, prices, lambda: np.empty(shape)),
+         "fresh_memory": lambda: np.empty(shape).fill(0.0),
+         "os_zeroing": os_zeroing(reused.nbytes),
+         "write_used_memory": lambda: reused.fill(0.0)},
+        args.repeat,  # fresh 3 GB allocations are noisy: the OS sometimes compacts memory first
     )  # fmt: skip
+    ns = {k: v / n * 1e9 for k, v in whole.items()}  # ns per bar
 
     result = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -271,8 +317,16 @@ def main() -> None:
         "one_call_vs_month_calls": whole["months"] / whole["whole"],
         "bqx_one_call_reused_out_bars_per_s": n / whole["whole_into"],
         "one_call_reused_out_vs_month_calls": whole["months"] / whole["whole_into"],
+        "bqx_month_calls_copied_bars_per_s": n / whole["months_copied"],
+        "bqx_month_calls_copied_fresh_bars_per_s": n / whole["months_copied_fresh"],
+        "one_call_vs_month_calls_copied": whole["months_copied_fresh"] / whole["whole"],
+        "one_call_reused_out_vs_month_calls_copied": whole["months_copied"] / whole["whole_into"],
         "first_touch_of_output_s": whole["fresh_memory"],
+        "first_touch_after_idle_s": whole["idle_first_touch"],
+        "os_zeroing_of_output_s": whole["os_zeroing"],
+        "writing_output_to_used_memory_s": whole["write_used_memory"],
         "kernel_one_call_s": whole["whole_into"],
+        "ns_per_bar": ns,
         "targets": {"ratio_vs_fastest_peer": 2, "one_call_vs_month_calls": 1},
     }  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
@@ -293,18 +347,40 @@ def main() -> None:
         f"**bqx / fastest peer ({fastest}): {result['ratio_vs_fastest_peer']:.2f}×** (target ≥ 2×);"
         f" the scan alone: {result['ratio_scan_vs_fastest_peer']:.2f}×.",
         "",
-        "| bqx, the whole series | bars/s |",
-        "|---|---:|",
-        f"| {n:,} bars in month-sized calls | {result['bqx_month_calls_bars_per_s']:,.0f} |",
-        f"| {n:,} bars in one call into fresh memory | {result['bqx_one_call_bars_per_s']:,.0f} |",
-        f"| {n:,} bars in one call into an array used before (`out=`) |"
-        f" {result['bqx_one_call_reused_out_bars_per_s']:,.0f} |",
-        f"| **one call / month-sized calls** | **{result['one_call_vs_month_calls']:.2f}**"
-        f" (into memory used before: {result['one_call_reused_out_vs_month_calls']:.2f}) |",
+        f"| bqx, the whole series ({n:,} bars) | bars/s | CPU-s | ns/bar |",
+        "|---|---:|---:|---:|",
+    ]
+    for key, label in (
+        ("months", "month-sized calls (each output used and dropped)"),
+        ("months_copied", "month-sized calls, each copied into one whole-series array used before"),
+        ("months_copied_fresh", "month-sized calls, each copied into one fresh whole-series array"),
+        ("whole_into", "one call into an array used before (`out=`)"),
+        ("whole", "one call into fresh memory"),
+    ):
+        md.append(f"| {label} | {n / whole[key]:,.0f} | {whole[key]:.3f} | {ns[key]:.1f} |")
+    md += [
         "",
-        f"First touch of a fresh {len(COLUMNS)} × {n:,} float64 array alone (np.empty + fill,"
-        f" page faults and zeroing by the OS): {whole['fresh_memory']:.2f} CPU-s, against"
-        f" {whole['whole_into']:.2f} CPU-s for the kernel to fill an array used before.",
+        f"**One call / month-sized calls: {result['one_call_vs_month_calls']:.2f} into fresh"
+        f" memory, {result['one_call_reused_out_vs_month_calls']:.2f} into memory used before**;"
+        " like for like (month outputs copied into one array):"
+        f" {result['one_call_vs_month_calls_copied']:.2f} fresh,"
+        f" {result['one_call_reused_out_vs_month_calls_copied']:.2f} used before.",
+        "",
+        f"Memory alone, a {len(COLUMNS)} × {n:,} float64 array ({reused.nbytes / 2**30:.2f} GiB):",
+        "",
+        "| memory alone | CPU-s | ns/bar |",
+        "|---|---:|---:|",
+    ]
+    for key, label in (
+        ("os_zeroing", "OS zeroing fresh pages (mmap + MADV_POPULATE_WRITE, huge pages)"),
+        ("fresh_memory", "first touch of a fresh array (np.empty + fill)"),
+        ("idle_first_touch", f"the same, the memory having been free {IDLE:.0f} s before"),
+        ("write_used_memory", "writing it once where memory was used before (fill)"),
+    ):
+        md.append(f"| {label} | {whole[key]:.3f} | {ns[key]:.1f} |")
+    md += [
+        "",
+        f"Kernel alone (one call into memory used before): {whole['whole_into']:.3f} CPU-s.",
     ]
     (RESULTS / "kernel.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

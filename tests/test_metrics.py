@@ -279,6 +279,38 @@ def test_out_array_is_written_and_checked():
         metrics.compute_matrix(times, prices, out=np.empty((37, n + 1)))
 
 
+@pytest.mark.parametrize("n", [1, 700, 2047, 2048, 2049, 5000])
+def test_streamed_output_equals_plain_output(monkeypatch, n):
+    """An output above ``STREAM_BYTES`` is computed in L2 and streamed to memory past the cache;
+    bit for bit the same values as plain stores and as month-sized pieces give, into an ``out``
+    at every alignment, just above and just at the threshold, with off-grid rows in between."""
+    times = minutes_from("2024-07-01", np.arange(n))
+    prices = walk(n, 1.07, seed=26)
+    if n > 1200:
+        prices = off_grid(prices, 1000, 1010)  # the scan's rows, written over the streamed ones
+    plain = metrics.compute_matrix(times, prices)  # far below the threshold: plain stores
+    lb = lookback_bars(DEFAULT_WINDOWS)
+    for lo in range(0, n, 600):  # month-sized pieces, each with its lookback
+        a = max(0, lo - lb)
+        piece = metrics.compute_matrix(times[a : lo + 600], prices[a : lo + 600])
+        assert np.array_equal(piece[:, lo - a :], plain[:, lo : lo + 600], equal_nan=True)
+    streamed = []
+    kernel = metrics._grid_kernel
+    monkeypatch.setattr(
+        metrics, "_grid_kernel", lambda *args: (streamed.append(args[-1]), kernel(*args))
+    )
+    nbytes = 37 * 8 * n
+    for threshold, stream in ((nbytes - 1, True), (nbytes, False)):
+        monkeypatch.setattr(metrics, "STREAM_BYTES", threshold)
+        for shift in range(8):  # each of out's 8-byte offsets within a cache line
+            buf = np.full(37 * n + 8, 7.0)
+            out = buf[shift : shift + 37 * n].reshape(37, n)
+            metrics.compute_matrix(times, prices, out=out)
+            assert streamed.pop() is stream
+            assert np.array_equal(out, plain, equal_nan=True), (threshold, shift)
+            assert (buf[:shift] == 7.0).all() and (buf[shift + 37 * n :] == 7.0).all()
+
+
 # -- properties ----------------------------------------------------------------------------
 
 
@@ -418,6 +450,26 @@ def test_clock_weekend_gives_null_until_a_full_window_after_the_reopen():
 def test_bad_input_names_the_index(times, prices, message):
     with pytest.raises(ValueError, match=message):
         compute(times, np.array(prices))
+
+
+def test_bad_input_found_in_any_chunk_of_a_long_series():
+    """The checks run chunk by chunk: the first bad element is named wherever it lies."""
+    n = 3 * metrics._CHECK_CHUNK + 5
+    times, prices = minutes_from("2024-07-01", np.arange(n)), np.ones(n)
+    for i in (metrics._CHECK_CHUNK - 1, metrics._CHECK_CHUNK, n - 1):
+        bad = times.copy()
+        bad[i] = bad[i - 1]
+        with pytest.raises(metrics.BadBar, match=rf"times\[{i}\].*duplicate") as err:
+            compute(bad, prices)
+        assert err.value.index == i
+        bad = prices.copy()
+        bad[i:] = np.nan
+        with pytest.raises(metrics.BadBar, match=rf"prices\[{i}\] is nan"):
+            compute(times, bad)
+    bad = times.copy()
+    bad[2 * metrics._CHECK_CHUNK] = np.datetime64("NaT")
+    with pytest.raises(metrics.BadBar, match=rf"times\[{2 * metrics._CHECK_CHUNK}\] is NaT"):
+        compute(bad, prices)
 
 
 def test_clock_mode_refuses_two_bars_in_one_minute():

@@ -27,10 +27,13 @@ series is split into jobs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
 DEFAULT_WINDOWS: tuple[int, ...] = (15, 30, 45, 60, 75)
 MODES: tuple[str, ...] = ("bars", "clock")
@@ -216,11 +219,73 @@ def _scan(values, at, p_now, wins, out, contiguous):  # pragma: no cover - compi
             out[agg + 6, r] = out[last + 4, r] * inv_p
 
 
+# -- streaming stores: output too large for the cache goes straight to memory ---------------
+
+# Above this many output bytes (the L3's size) the grid kernel computes into a scratch matrix
+# that stays in L2 and copies it to ``out`` with non-temporal (streaming) stores: a whole
+# series' output (3 GB for 10 M bars) cannot stay in cache, and plain stores would first read
+# every line they write (read-for-ownership), doubling the DRAM traffic. Below it (a month:
+# 9 MB) the output stays in cache for the caller and plain stores are faster.
+# docs/performance.md has the measurements.
+STREAM_BYTES = 32 << 20
+_NT_LANES = 8  # float64 per streaming store: one 64-byte cache line (two stores without AVX-512)
+_NT_BYTES = 8 * _NT_LANES
+
+
+@intrinsic
+def _stream_line(typingctx, dst, i, src, j):  # pragma: no cover - compiled
+    """``dst[i : i + 8] = src[j : j + 8]`` as one non-temporal store of a whole cache line
+    (``dst[i]`` must be 64-byte aligned): LLVM's ``!nontemporal`` store, ``vmovntpd`` on x86."""
+    sig = types.void(dst, i, src, j)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        vec = ir.VectorType(ir.DoubleType(), _NT_LANES)
+        d = context.make_array(signature.args[0])(context, builder, value=args[0])
+        s = context.make_array(signature.args[2])(context, builder, value=args[2])
+        v = builder.load(builder.bitcast(builder.gep(s.data, [args[3]]), vec.as_pointer()), align=8)
+        ptr = builder.bitcast(builder.gep(d.data, [args[1]]), vec.as_pointer())
+        store = builder.store(v, ptr, align=8 * _NT_LANES)
+        store.set_metadata("nontemporal", builder.module.add_metadata([ir.IntType(32)(1)]))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _store_fence(typingctx):  # pragma: no cover - compiled
+    """A full fence: streaming stores are weakly ordered, this makes them visible in order."""
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        builder.fence("seq_cst")
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _stream_copy(dst, src):  # pragma: no cover - compiled
+    """``dst[:] = src`` (1-D, contiguous), with streaming stores of the whole cache lines of
+    ``dst`` and plain ones for the partial lines at its ends."""
+    n = src.shape[0]
+    head = min(((_NT_BYTES - dst.ctypes.data % _NT_BYTES) % _NT_BYTES) // 8, n)
+    for i in range(head):
+        dst[i] = src[i]
+    i = head
+    while i + _NT_LANES <= n:
+        _stream_line(dst, i, src, i)
+        i += _NT_LANES
+    for k in range(i, n):
+        dst[k] = src[k]
+
+
 # -- the grid path: prices on a decimal grid, exact integer window sums ---------------------
 
 GRID_DECIMALS = 5  # 10^-5: every 5-decimal price is on it, and so is every 3-decimal (JPY) one
 _GRID = 10.0**GRID_DECIMALS
 _GRID_BLOCK = 512  # rows per block: local prefix sums and sparse tables stay in L1/L2
+# streaming: blocks collected per copy to ``out``; 16 KB runs per row stream far better than
+# 4 KB ones, and the 37 × 2048 scratch (600 KB) still stays in L2
+_STREAM_COLS = 4 * _GRID_BLOCK
 
 
 def _grid_qmax(wmax: int) -> int:
@@ -294,10 +359,14 @@ def _grid_rows(c1b, c1a, c2b, c2a, hi_a, hi_b, lo_a, lo_b, qt, qw, inv_q, w_int,
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")  # 1/0 on off-grid rows: inf, no raise
-def _grid_kernel(values, wins, out, qmax):  # pragma: no cover - compiled
+def _grid_kernel(values, wins, out, qmax, stream):  # pragma: no cover - compiled
     """Bars mode for prices on the grid: every window sum is an exact int64 difference of
     block-local prefix sums, so each row costs O(1) per window whatever W is, and its values
     depend only on its own window (bit-identical however the series is split).
+
+    ``stream``: compute the blocks into a scratch matrix of ``_STREAM_COLS`` rows (it stays in
+    L2) and copy each full one to ``out`` with streaming stores (see ``STREAM_BYTES``); the
+    values are the same either way.
 
     With S1 = Σq and S2 = Σq² over the window (q = p·10^5): mean = S1 / (W·10^5), and the
     sample variance has the exact integer numerator W·S2 − S1² (≥ 0, and 0 exactly when the
@@ -320,8 +389,11 @@ def _grid_kernel(values, wins, out, qmax):  # pragma: no cover - compiled
     inv_q = np.empty(_GRID_BLOCK)
     last = 6 * (nw - 1)
     agg = 6 * nw
+    scratch = np.empty((out.shape[0], _STREAM_COLS if stream else 0))
     for r0 in range(0, n, _GRID_BLOCK):
         m = min(_GRID_BLOCK, n - r0)
+        dst = scratch if stream else out  # the block's rows are dst[:, c0 : c0 + m]
+        c0 = r0 % _STREAM_COLS if stream else r0
         seg = max(0, r0 - wmax)
         span = r0 + m - seg
         off = r0 - seg  # local index of row r0
@@ -364,30 +436,36 @@ def _grid_kernel(values, wins, out, qmax):  # pragma: no cover - compiled
             width = 1 << lv
             j0 = min(max(0, w_int - r0), m)  # the first W rows of the series have no window
             for c in range(6):
-                out[base + c, r0 : r0 + j0] = nan
+                dst[base + c, c0 : c0 + j0] = nan
             b0, b1 = off + j0, off + m  # local prefix ends of the rows' windows
             _grid_rows(
                 c1[b0:b1], c1[b0 - w_int : b1 - w_int], c2[b0:b1], c2[b0 - w_int : b1 - w_int],
                 tmax[lv, b0 - w_int : b1 - w_int], tmax[lv, b0 - width : b1 - width],
                 tmin[lv, b0 - w_int : b1 - w_int], tmin[lv, b0 - width : b1 - width],
                 qb[j0:], q[b0 - w_int : b1 - w_int], iq[j0:], w_int,
-                out[base, r0 + j0 : r0 + m], out[base + 1, r0 + j0 : r0 + m],
-                out[base + 2, r0 + j0 : r0 + m], out[base + 3, r0 + j0 : r0 + m],
-                out[base + 4, r0 + j0 : r0 + m], out[base + 5, r0 + j0 : r0 + m],
+                dst[base, c0 + j0 : c0 + m], dst[base + 1, c0 + j0 : c0 + m],
+                dst[base + 2, c0 + j0 : c0 + m], dst[base + 3, c0 + j0 : c0 + m],
+                dst[base + 4, c0 + j0 : c0 + m], dst[base + 5, c0 + j0 : c0 + m],
             )  # fmt: skip
         vb = values[r0 : r0 + m]
         hi, lo, sd = (
-            out[last + 1, r0 : r0 + m],
-            out[last + 2, r0 : r0 + m],
-            out[last + 4, r0 : r0 + m],
+            dst[last + 1, c0 : c0 + m],
+            dst[last + 2, c0 : c0 + m],
+            dst[last + 4, c0 : c0 + m],
         )
-        o_rng, o_vol = out[agg + 5, r0 : r0 + m], out[agg + 6, r0 : r0 + m]
+        o_rng, o_vol = dst[agg + 5, c0 : c0 + m], dst[agg + 6, c0 : c0 + m]
         for c in range(5):
-            out[agg + c, r0 : r0 + m] = out[last + c, r0 : r0 + m]
+            dst[agg + c, c0 : c0 + m] = dst[last + c, c0 : c0 + m]
         for j in range(m):
             inv_p = 1.0 / vb[j]
             o_rng[j] = (hi[j] - lo[j]) * inv_p
             o_vol[j] = sd[j] * inv_p
+        if stream and (c0 + m == _STREAM_COLS or r0 + m == n):
+            a = r0 + m - (c0 + m)
+            for c in range(out.shape[0]):
+                _stream_copy(out[c, a : r0 + m], scratch[c, : c0 + m])
+    if stream:
+        _store_fence()
 
 
 @numba.njit(cache=True, nogil=True)
@@ -432,6 +510,21 @@ class BadBar(ValueError):
         self.index, self.problem = index, problem
 
 
+_CHECK_CHUNK = 1 << 16  # elements checked at a time: a big call's temporaries stay in cache
+
+
+def _first_bad(check: Callable[[int, int], np.ndarray], n: int) -> int:
+    """The first index where ``check(lo, hi)`` (a mask of elements lo … hi − 1) is True, or −1.
+
+    Chunked so that one whole-series call builds no series-sized temporaries (fresh memory,
+    first-touched every call: docs/performance.md)."""
+    for lo in range(0, n, _CHECK_CHUNK):
+        bad = check(lo, min(lo + _CHECK_CHUNK, n))
+        if bad.any():
+            return lo + int(np.flatnonzero(bad)[0])
+    return -1
+
+
 def _validate(times: np.ndarray, prices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     times = np.asarray(times)
     prices = np.asarray(prices)
@@ -442,25 +535,23 @@ def _validate(times: np.ndarray, prices: np.ndarray) -> tuple[np.ndarray, np.nda
     if not np.issubdtype(times.dtype, np.datetime64):
         raise ValueError(f"times must be numpy datetime64, got dtype {times.dtype}")
     ticks = times.view(np.int64)  # unit-agnostic: order and NaT checks need no conversion
-    nat = ticks == np.iinfo(np.int64).min
-    if nat.any():
-        i = int(np.flatnonzero(nat)[0])
+    nat = np.iinfo(np.int64).min
+    i = _first_bad(lambda a, b: ticks[a:b] == nat, len(ticks))
+    if i >= 0:
         raise BadBar(i, "has no time (NaT)", f"times[{i}] is NaT")
     try:
         prices = prices.astype(np.float64, copy=False)
     except (TypeError, ValueError):
         raise ValueError(f"prices must be numeric, got dtype {prices.dtype}") from None
-    bad = ~(np.isfinite(prices) & (prices > 0))
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
+    i = _first_bad(lambda a, b: ~(np.isfinite(prices[a:b]) & (prices[a:b] > 0)), len(prices))
+    if i >= 0:
         problem = f"has price {float(prices[i])!r} (prices must be finite and > 0)"
         raise BadBar(
             i, problem, f"prices[{i}] is {float(prices[i])!r}: prices must be finite and > 0"
         )
-    step = np.diff(ticks)
-    if (step <= 0).any():
-        i = int(np.flatnonzero(step <= 0)[0]) + 1
-        why = "a duplicate of" if step[i - 1] == 0 else "earlier than"
+    i = _first_bad(lambda a, b: ticks[a + 1 : b + 1] <= ticks[a:b], len(ticks) - 1) + 1
+    if i > 0:
+        why = "a duplicate of" if ticks[i] == ticks[i - 1] else "earlier than"
         raise BadBar(
             i,
             "repeats or precedes the bar before it (times must be sorted and unique)",
@@ -480,7 +571,8 @@ def _bars(prices: np.ndarray, wins: np.ndarray, out: np.ndarray) -> None:
     if off == n:
         _scan(prices, np.arange(n, dtype=np.int64), prices, wins, out, True)
         return
-    _grid_kernel(prices, wins, out, qmax)
+    stream = out.nbytes > STREAM_BYTES and out.flags.aligned
+    _grid_kernel(prices, wins, out, qmax, stream)
     if off:
         rows = _grid_misses(prices, qmax, wmax)
         part = np.empty((out.shape[0], len(rows)), dtype=np.float64)
@@ -500,9 +592,10 @@ def compute_matrix(
     """Like :func:`compute`, as one (columns × bars) float64 array in ``metric_columns`` order.
 
     ``out``: a C-contiguous float64 array of that shape to write into (and return). Fresh
-    memory costs its first touch, which for a whole series' output (10 M bars: 3 GB) costs
-    more than computing it (docs/performance.md); a caller computing many series in turn can
-    reuse one array.
+    memory costs its first touch (the OS zeroing it), which for a whole series' output (10 M
+    bars: 3 GB) costs about as much as computing it (docs/performance.md); a caller computing
+    many series in turn can reuse one array. An output larger than ``STREAM_BYTES`` is written
+    with streaming stores, past the cache.
     """
     wins = np.array(normalize_windows(windows), dtype=np.int64)
     if mode not in MODES:
