@@ -222,6 +222,8 @@ def test_a_bad_lookback_bar_is_named_by_pair_time_value_and_its_own_month(
         (["--job-timeout", "nan"], "--job-timeout"),
         (["--job-timeout", "0"], "--job-timeout"),
         (["--job-timeout", "-5"], "--job-timeout"),
+        (["--executor", "bogus"], "--executor"),
+        (["--scheduler", "tcp://127.0.0.1:1"], "--scheduler"),
     ],
 )
 def test_absurd_run_options_give_one_line_and_create_nothing(

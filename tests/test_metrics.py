@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bqx import metrics
+from bqx import kernels, metrics
 from bqx.metrics import (
     DEFAULT_WINDOWS,
     compute,
@@ -198,12 +198,12 @@ def off_grid(prices: np.ndarray, lo: int, hi: int) -> np.ndarray:
 
 def test_grid_detection_is_exact():
     wmax = max(DEFAULT_WINDOWS)
-    qmax = metrics._grid_qmax(wmax)
+    qmax = kernels._grid_qmax(wmax)
     on = np.array([1.07123, 160.123, 0.00001, 1.5, 99.99999])
-    assert metrics._grid_off(on, qmax) == 0
+    assert kernels._grid_off(on, qmax) == 0
     # one ulp away from a 5-decimal price, a sixth decimal, too large for int64 sums: off
     off = np.array([np.nextafter(1.07123, 2.0), 1.071235, (qmax + 1) / 1e5, 1e-6])
-    assert metrics._grid_off(off, qmax) == len(off)
+    assert kernels._grid_off(off, qmax) == len(off)
     # the largest grid price really fits: W·Σq² and the block prefix sums stay below 2^63
     assert wmax * wmax * qmax**2 < 2**63 and (512 + wmax) * qmax**2 < 2**63
 
@@ -214,7 +214,7 @@ def test_grid_path_matches_reference(level, decimals):
     n = 1200
     times = minutes_from("2024-07-01", np.arange(n))
     prices = walk(n, level, seed=21, decimals=decimals, vol=3e-4)
-    assert metrics._grid_off(prices, metrics._grid_qmax(75)) == 0  # the grid path, all rows
+    assert kernels._grid_off(prices, kernels._grid_qmax(75)) == 0  # the grid path, all rows
     assert_close(compute(times, prices), reference(times, prices), prices)
 
 
@@ -222,7 +222,7 @@ def test_scan_path_matches_reference_off_the_grid():
     n = 1200
     times = minutes_from("2024-07-01", np.arange(n))
     prices = walk(n, 1.07, seed=22, decimals=12)
-    assert metrics._grid_off(prices, metrics._grid_qmax(75)) == n  # the scan, all rows
+    assert kernels._grid_off(prices, kernels._grid_qmax(75)) == n  # the scan, all rows
     assert_close(compute(times, prices), reference(times, prices), prices)
 
 
@@ -230,7 +230,7 @@ def test_prices_too_large_for_the_grid_take_the_scan():
     n = 400
     times = minutes_from("2024-07-01", np.arange(n))
     prices = walk(n, 65000.0, seed=23, decimals=2)  # BTC-like: q·W would overflow int64 sums
-    assert metrics._grid_off(prices, metrics._grid_qmax(75)) == n
+    assert kernels._grid_off(prices, kernels._grid_qmax(75)) == n
     assert_close(compute(times, prices), reference(times, prices), prices)
 
 
@@ -243,7 +243,7 @@ def test_series_switching_between_the_paths():
     prices = off_grid(walk(n, 1.07, seed=24), 200, 210)
     prices = off_grid(prices, 500, 501)
     prices[600:700] = prices[600]  # a flat stretch right after the grid resumes
-    rows = metrics._grid_misses(prices, metrics._grid_qmax(75), 75)
+    rows = kernels._grid_misses(prices, kernels._grid_qmax(75), 75)
     assert rows.tolist() == list(range(200, 285)) + list(range(500, 576))
     got = compute(times, prices)
     assert_close(got, reference(times, prices), prices)
@@ -295,9 +295,9 @@ def test_streamed_output_equals_plain_output(monkeypatch, n):
         piece = metrics.compute_matrix(times[a : lo + 600], prices[a : lo + 600])
         assert np.array_equal(piece[:, lo - a :], plain[:, lo : lo + 600], equal_nan=True)
     streamed = []
-    kernel = metrics._grid_kernel
+    kernel = kernels._grid_kernel
     monkeypatch.setattr(
-        metrics, "_grid_kernel", lambda *args: (streamed.append(args[-1]), kernel(*args))
+        kernels, "_grid_kernel", lambda *args: (streamed.append(args[-1]), kernel(*args))
     )
     nbytes = 37 * 8 * n
     for threshold, stream in ((nbytes - 1, True), (nbytes, False)):

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-import numba
 import numpy as np
 import psycopg
 from psycopg import sql
@@ -658,59 +657,6 @@ def from_pg_us(us: np.ndarray) -> np.ndarray:
     return (us.astype(np.int64) + _PG_EPOCH_US).astype("datetime64[us]")
 
 
-def _big_endian_store(bits: int) -> object:
-    """A numba intrinsic ``store(buffer, at, value)``: the low ``bits`` of an int64 written
-    big-endian at any byte offset of a uint8 array, as one byte swap and one unaligned store
-    (byte-at-a-time stores made encoding the slowest step of a job's client side)."""
-    from llvmlite import ir
-    from numba.extending import intrinsic
-
-    @intrinsic
-    def store(typingctx, buf, at, value):  # type: ignore[no-untyped-def]
-        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-            array, offset, v = args
-            data = context.make_array(signature.args[0])(context, builder, array).data
-            t = ir.IntType(bits)
-            word = builder.trunc(v, t) if bits < 64 else v
-            ptr = builder.bitcast(builder.gep(data, [offset]), t.as_pointer())
-            builder.store(builder.bswap(word), ptr, align=1)
-            return context.get_dummy_value()
-
-        return numba.types.void(buf, at, value), codegen
-
-    return store
-
-
-_be16, _be32, _be64 = (_big_endian_store(b) for b in (16, 32, 64))
-
-
-@numba.njit(cache=True, nogil=True)
-def _encode_rows(ts: np.ndarray, values: np.ndarray, bits: np.ndarray, out: np.ndarray) -> int:
-    """Write rows (timestamp, float8 * k; NaN -> NULL) in COPY binary row format into ``out``,
-    which the caller sized for them (:func:`_copy_bound`).
-
-    ``values`` and ``bits`` (its int64 view) are (k, n): column-major, any strides, so the
-    kernel's (columns × bars) output is encoded as it is, with no transposing copy.
-    """
-    k, n = values.shape
-    nf = np.int64(k + 1)
-    pos = 0
-    for i in range(n):
-        _be16(out, pos, nf)  # field count, then the timestamp field: length 8, int64
-        _be32(out, pos + 2, np.int64(8))
-        _be64(out, pos + 6, ts[i])
-        pos += 14
-        for j in range(k):
-            if np.isnan(values[j, i]):
-                _be32(out, pos, np.int64(-1))  # NULL
-                pos += 4
-            else:
-                _be32(out, pos, np.int64(8))
-                _be64(out, pos + 4, bits[j, i])
-                pos += 12
-    return pos
-
-
 def _encode_into(times_us: np.ndarray, columns: np.ndarray, out: np.ndarray, first: bool,
                  last: bool) -> memoryview:  # fmt: skip
     """Encode rows into ``out`` (large enough), with the header and/or trailer; a view of
@@ -727,7 +673,9 @@ def _encode_into(times_us: np.ndarray, columns: np.ndarray, out: np.ndarray, fir
         columns = np.ascontiguousarray(columns)
         bits = columns.view(np.int64)
     ts = np.ascontiguousarray(times_us, dtype=np.int64)
-    pos += _encode_rows(ts, columns, bits, out[pos:])
+    from bqx import kernels  # numba: imported when rows are first encoded
+
+    pos += kernels._encode_rows(ts, columns, bits, out[pos:])
     if last:
         out[pos : pos + 2] = 0xFF
         pos += 2
@@ -875,67 +823,6 @@ def wait_for_server(url: str, timeout_s: float = 30.0) -> None:
 # -- binary COPY out, N columns -------------------------------------------------------------
 # (section: h6-ml — metrics and bars out to Arrow)
 
-_NAN_BITS = np.array([np.nan]).view(np.int64)[0]
-
-
-@numba.njit(cache=True, nogil=True)
-def _decode_columns(buf, pos, nfields, ts_out, bits_out, null_out):  # pragma: no cover
-    """Decode whole COPY BINARY rows (timestamp, float8 × (nfields − 1)) from ``buf[pos:]``.
-
-    Returns (rows decoded, position after them, status): status 0 = more may follow,
-    1 = trailer seen, -1 = wrong field count, -2 = NULL time, -3 = a field is not 8 bytes.
-    A NULL float gets NaN bits and a 1 in ``null_out``.
-    """
-    end = buf.shape[0]
-    cap = ts_out.shape[0]
-    r = 0
-    while r < cap:
-        if pos + 2 > end:
-            return r, pos, 0
-        nf = (np.int64(buf[pos]) << 8) | np.int64(buf[pos + 1])
-        if nf == 0xFFFF:
-            return r, pos + 2, 1
-        if nf != nfields:
-            return r, pos, -1
-        # the row is decoded only when all of it is in the buffer
-        p = pos + 2
-        for _f in range(nfields):
-            if p + 4 > end:
-                return r, pos, 0
-            ln = (
-                (np.int64(buf[p]) << 24) | (np.int64(buf[p + 1]) << 16)
-                | (np.int64(buf[p + 2]) << 8) | np.int64(buf[p + 3])
-            )  # fmt: skip
-            p += 4
-            if ln == 8:
-                p += 8
-            elif ln != 0xFFFFFFFF:
-                return r, pos, -3
-        if p > end:
-            return r, pos, 0
-        p = pos + 2
-        for f in range(nfields):
-            null = buf[p] == 0xFF
-            p += 4
-            if null:
-                if f == 0:
-                    return r, pos, -2
-                bits_out[f - 1, r] = _NAN_BITS
-                null_out[f - 1, r] = 1
-                continue
-            v = np.int64(0)
-            for b in range(8):
-                v = (v << 8) | np.int64(buf[p + b])
-            p += 8
-            if f == 0:
-                ts_out[r] = v
-            else:
-                bits_out[f - 1, r] = v
-                null_out[f - 1, r] = 0
-        pos = p
-        r += 1
-    return r, pos, 0
-
 
 def copy_out_columns(
     cur: psycopg.Cursor,
@@ -951,6 +838,8 @@ def copy_out_columns(
     NaN where NULL. The stream is decoded in chunks as it arrives, with numba (no Python object
     per row), so memory holds the decoded columns plus one chunk of the wire format.
     """
+    from bqx import kernels  # numba: imported when rows are first decoded
+
     stmt = sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(query)
     nfields = ncols + 1
     min_row = 2 + 4 * nfields + 8  # a row with every float NULL
@@ -975,7 +864,7 @@ def copy_out_columns(
         bits = np.empty((ncols, cap), dtype=np.int64)
         nulls = np.empty((ncols, cap), dtype=np.uint8)
         view = np.frombuffer(buf, dtype=np.uint8)
-        rows, pos, status = _decode_columns(view, start, nfields, ts, bits, nulls)
+        rows, pos, status = kernels._decode_columns(view, start, nfields, ts, bits, nulls)
         del view  # release the export so the bytearray can shrink
         if status < 0:
             raise BqxError(

@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 
 from bqx import metrics
-from bqx.backfill.executors import Executor, make_executor
+from bqx.backfill.executors import EXECUTORS, Executor, make_executor
 from bqx.backfill.ledger import Ledger
 from bqx.backfill.plan import Params, RunSummary, preflight
 from bqx.config import Settings
@@ -55,7 +55,7 @@ def backfill(
     their jobs handed back, and the run is recorded as interrupted. A database that stays
     unreachable ends the run with one ``BqxError``; see docs/guarantees.md.
     """
-    check_run_options(workers, job_timeout, max_attempts)
+    check_run_options(workers, job_timeout, max_attempts, executor, scheduler)
     params = Params.build(layout, windows, mode, max_fill)
     workers = workers or os.cpu_count() or 1
     url = resolve_url(settings)
@@ -112,8 +112,16 @@ def backfill(
     return summary
 
 
-def check_run_options(workers: int | None, job_timeout: float, max_attempts: int) -> None:
-    """Refuse absurd run options before anything is done (NaN, zero or negative values)."""
+def check_run_options(
+    workers: int | None, job_timeout: float, max_attempts: int, executor: str = "threads",
+    scheduler: str | None = None,
+) -> None:  # fmt: skip
+    """Refuse absurd run options before anything is done (NaN, zero or negative values, an
+    unknown executor)."""
+    if executor not in EXECUTORS:
+        raise BqxError(f"invalid --executor {executor!r}: expected one of {', '.join(EXECUTORS)}")
+    if scheduler is not None and executor != "dask":
+        raise BqxError("--scheduler goes with --executor dask")
     if workers is not None and (isinstance(workers, bool) or workers < 1):
         raise BqxError(f"invalid --workers {workers}: must be at least 1 (default: CPU count)")
     if not (isinstance(job_timeout, int | float) and math.isfinite(job_timeout)) or (
