@@ -81,6 +81,19 @@ def wait_for(predicate, timeout: float = 60.0, what: str = "condition") -> None:
         time.sleep(0.1)
 
 
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (killed, nobody has reaped it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def random_walk_bars(
     start: str, minutes: int, *, seed: int = 0, level: float = 1.08, missing: float = 0.03
 ) -> tuple[np.ndarray, np.ndarray]:

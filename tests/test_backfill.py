@@ -19,7 +19,7 @@ from bqx.backfill import backfill
 from bqx.db import connect
 from bqx.errors import BqxError
 from bqx.schema import Layout, Month
-from conftest import random_walk_bars, wait_for
+from conftest import alive, random_walk_bars, wait_for
 
 WINDOWS = (15, 30, 45, 60, 75)
 COLS = metrics.metric_columns(WINDOWS)
@@ -369,12 +369,7 @@ def test_ctrl_c_stops_every_worker_and_the_next_run_resumes(
             proc.kill()
     assert "Traceback" not in proc.stderr.read()
     for pid in workers:  # no orphan: every worker is gone (or a zombie nobody waits for)
-        try:
-            os.kill(pid, 0)
-            with open(f"/proc/{pid}/stat") as f:
-                assert f.read().rsplit(")", 1)[1].split()[0] == "Z"
-        except ProcessLookupError:
-            pass
+        assert not alive(pid)
     run = conn.execute(
         sql.SQL("SELECT status FROM {} ORDER BY run_id DESC LIMIT 1").format(
             layout.table("bqx_runs")
@@ -458,11 +453,9 @@ def _worker_children() -> list[int]:
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmd = f.read()
-            with open(f"/proc/{pid}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
         except FileNotFoundError:
             continue
-        if b"bqx._worker" in cmd and state != "Z":
+        if b"bqx._worker" in cmd and alive(pid):
             out.append(pid)
     return out
 

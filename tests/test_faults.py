@@ -19,19 +19,7 @@ from psycopg import sql
 from bqx.backfill import backfill
 from bqx.db import EmbeddedServer
 from bqx.schema import Layout
-from conftest import random_walk_bars, wait_for
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+from conftest import alive, random_walk_bars, wait_for
 
 
 def _count(conn: psycopg.Connection, query: str, table: sql.Composable) -> int:
@@ -82,7 +70,7 @@ def test_sigterm_stops_like_ctrl_c_and_records_the_run_as_interrupted(
     err = proc.stderr.read()
     assert "Traceback" not in err
     assert "interrupted: run the same command again to resume" in err
-    wait_for(lambda: not any(_alive(p) for p in workers), 10, "workers to exit")
+    wait_for(lambda: not any(alive(p) for p in workers), 10, "workers to exit")
     run_status = conn.execute(
         sql.SQL("SELECT status, ended_at IS NOT NULL FROM {} ORDER BY run_id DESC LIMIT 1").format(
             layout.table("bqx_runs")
@@ -105,7 +93,7 @@ def test_killed_driver_leaves_no_worker_and_next_run_marks_its_run_interrupted(
     finally:
         blocker.rollback()
         blocker.close()
-    wait_for(lambda: not any(_alive(p) for p in workers), 10, "workers to die with the driver")
+    wait_for(lambda: not any(alive(p) for p in workers), 10, "workers to die with the driver")
     runs = layout.table("bqx_runs")
     orphan = conn.execute(
         sql.SQL("SELECT run_id, status FROM {} ORDER BY run_id DESC LIMIT 1").format(runs)
