@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 
 from bqx import metrics
-from bqx.backfill.executors import EXECUTORS, Executor, make_executor
+from bqx.backfill.executors import Executor, check_executor, make_executor
 from bqx.backfill.ledger import Ledger
 from bqx.backfill.plan import Params, RunSummary, preflight
 from bqx.config import Settings
@@ -118,10 +118,7 @@ def check_run_options(
 ) -> None:  # fmt: skip
     """Refuse absurd run options before anything is done (NaN, zero or negative values, an
     unknown executor)."""
-    if executor not in EXECUTORS:
-        raise BqxError(f"invalid --executor {executor!r}: expected one of {', '.join(EXECUTORS)}")
-    if scheduler is not None and executor != "dask":
-        raise BqxError("--scheduler goes with --executor dask")
+    check_executor(executor, scheduler)
     if workers is not None and (isinstance(workers, bool) or workers < 1):
         raise BqxError(f"invalid --workers {workers}: must be at least 1 (default: CPU count)")
     if not (isinstance(job_timeout, int | float) and math.isfinite(job_timeout)) or (

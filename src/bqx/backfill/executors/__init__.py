@@ -41,22 +41,25 @@ class Executor(Protocol):
         """Stop every worker; return their ids. Idempotent."""
 
 
+def check_executor(name: str, scheduler: str | None = None) -> None:
+    """Refuse an unknown executor, or a scheduler without Dask, before anything is done."""
+    if name not in EXECUTORS:
+        raise BqxError(f"invalid --executor {name!r}: expected one of {', '.join(EXECUTORS)}")
+    if scheduler is not None and name != "dask":
+        raise BqxError("--scheduler goes with --executor dask")
+
+
 def make_executor(name: str, workers: int, scheduler: str | None = None) -> Executor:
     """The executor called ``name`` with room for ``workers`` workers."""
+    check_executor(name, scheduler)
     if name == "local":
-        if scheduler is not None:
-            raise BqxError("--scheduler goes with --executor dask")
         from bqx.backfill.executors.local import LocalExecutor
 
         return LocalExecutor(workers)
     if name == "threads":
-        if scheduler is not None:
-            raise BqxError("--scheduler goes with --executor dask")
         from bqx.backfill.executors.threads import ThreadExecutor
 
         return ThreadExecutor(workers)
-    if name == "dask":
-        from bqx.backfill.executors.dask import DaskExecutor
+    from bqx.backfill.executors.dask import DaskExecutor
 
-        return DaskExecutor(workers, scheduler)
-    raise BqxError(f"invalid --executor {name!r}: expected one of {', '.join(EXECUTORS)}")
+    return DaskExecutor(workers, scheduler)
