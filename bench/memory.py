@@ -77,11 +77,8 @@ def main() -> None:
             rows.append(got)
             print(f"{executor}, {m:>2} months: {got['rows']:,} rows,"
                   f" peak {got['peak_mib']:.0f} MiB")  # fmt: skip
-    growth = max(
-        [r for r in rows if r["executor"] == ex][-1]["peak_mib"]
-        / [r for r in rows if r["executor"] == ex][0]["peak_mib"]
-        for ex in EXECUTORS
-    )
+    per_executor = [[r for r in rows if r["executor"] == ex] for ex in EXECUTORS]
+    growth = max(runs[-1]["peak_mib"] / runs[0]["peak_mib"] for runs in per_executor)
     result = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "pairs": args.pairs,
