@@ -46,16 +46,25 @@ os.environ.pop("BQX_DATABASE_URL", None)
 import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402
 
-from bqx.backfill import Params, backfill, preflight  # noqa: E402
+from bqx.api import Store  # noqa: E402
 from bqx.config import load_settings  # noqa: E402
+from bqx.core.layout import Layout
+from bqx.core.months import (
+    Month,
+    month_range,  # noqa: E402
+)
+from bqx.core.params import Params
+from bqx.core.symbols import REPORT_PAIRS
 from bqx.db import connect, embedded, resolve_url  # noqa: E402
 from bqx.metrics import DEFAULT_WINDOWS, metric_columns  # noqa: E402
-from bqx.schema import REPORT_PAIRS, SOURCE_VERSIONS, Layout, Month, month_range  # noqa: E402
-from bqx.sources.generate import generate  # noqa: E402
+from bqx.pipeline.plan import preflight  # noqa: E402
+from bqx.store import names
+from bqx.store.versions import SOURCE_VERSIONS
+from common import store_for  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 SCHEMA = "bench_backfill"
-DEFAULT_EXECUTOR = inspect.signature(backfill).parameters["executor"].default
+DEFAULT_EXECUTOR = inspect.signature(Store.backfill).parameters["executor"].default
 COLS = ["ts_utc", "rate", *metric_columns()]
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -63,7 +72,7 @@ TICK = os.sysconf("SC_CLK_TCK")
 def sql_window_insert(layout: Layout, pair: str, month: Month) -> sql.Composed:
     """The same 37 columns as one INSERT … SELECT with window functions (the usual SQL way),
     into the job's partition."""
-    src, t, p = layout.source(pair), layout.time, layout.price
+    src, t, p = names.source(layout, pair), names.time(layout), names.price(layout)
     exprs, windows = [], []
     for w in DEFAULT_WINDOWS:
         win = sql.Identifier(f"w{w}")
@@ -89,7 +98,7 @@ def sql_window_insert(layout: Layout, pair: str, month: Month) -> sql.Composed:
         " WHERE time >= %s WINDOW {windows}"
     ).format(
         exprs=sql.SQL(", ").join(exprs), t=t, p=p, src=src,
-        windows=sql.SQL(", ").join(windows), part=layout.target_partition(pair, month),
+        windows=sql.SQL(", ").join(windows), part=names.target_partition(layout, pair, month),
         cols=sql.SQL(", ").join(map(sql.Identifier, COLS)),
     )  # fmt: skip
 
@@ -189,7 +198,7 @@ def main() -> None:
     if not have:
         with psycopg.connect(url, autocommit=True) as conn:  # the bench's own schema only
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(SCHEMA)))
-        gen = generate(settings, layout, pairs, months[0], months[-1], workers=2)
+        gen = store_for(settings, layout).generate(pairs, months[0], months[-1], workers=2)
         print(f"data: {gen.bars:,} bars, {len(pairs)} pairs × {len(months)} months")
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("VACUUM (ANALYZE)")
@@ -209,7 +218,7 @@ def _bench(args, settings, layout, pairs, months, url, server) -> None:
     jobs = [(p, m) for p in pairs for m in months]
 
     # a first backfill creates the targets; then the server dumps the rows bqx wrote
-    backfill(settings, layout, pairs=pairs, start=months[0], end=months[-1],
+    store_for(settings, layout).backfill(pairs=pairs, start=months[0], end=months[-1],
              workers=args.workers, force=True)  # fmt: skip
     dump = Path(settings.home_dir) / "bench-copy"
     shutil.rmtree(dump, ignore_errors=True)
@@ -221,14 +230,14 @@ def _bench(args, settings, layout, pairs, months, url, server) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         for pair, month in jobs:
             total_rows += conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
-                layout.target_partition(pair, month))).fetchone()[0]  # fmt: skip
+                names.target_partition(layout, pair, month))).fetchone()[0]  # fmt: skip
             files[(pair, month)] = path = dump / f"{pair}_{month.suffix}.bin"
             conn.execute(sql.SQL("COPY {} ({}) TO {} (FORMAT BINARY)").format(
-                layout.target_partition(pair, month),
+                names.target_partition(layout, pair, month),
                 sql.SQL(", ").join(map(sql.Identifier, COLS)), sql.Literal(str(path))))  # fmt: skip
 
     def run_bqx(executor: str = DEFAULT_EXECUTOR) -> int:
-        return backfill(settings, layout, pairs=pairs, start=months[0], end=months[-1],
+        return store_for(settings, layout).backfill(pairs=pairs, start=months[0], end=months[-1],
                         workers=args.workers, force=True,
                         executor=executor).rows_written  # fmt: skip
 
@@ -248,21 +257,22 @@ def _bench(args, settings, layout, pairs, months, url, server) -> None:
     def empty_all() -> None:  # outside the clock: the next COPY goes into existing tables
         with psycopg.connect(url, autocommit=True) as conn:
             for pair, month in jobs:
-                conn.execute(sql.SQL("TRUNCATE {}").format(layout.target_partition(pair, month)))
+                part = names.target_partition(layout, pair, month)
+                conn.execute(sql.SQL("TRUNCATE {}").format(part))
             conn.execute("CHECKPOINT")
 
     def into_existing(conn: psycopg.Connection, job) -> int:
         with conn.transaction(), conn.cursor() as cur:
-            return copy_stdin(cur, layout.target_partition(*job), files[job])
+            return copy_stdin(cur, names.target_partition(layout, *job), files[job])
 
     def truncate_stdin(conn: psycopg.Connection, job) -> int:
-        part = layout.target_partition(*job)
+        part = names.target_partition(layout, *job)
         with conn.transaction(), conn.cursor() as cur:
             cur.execute(sql.SQL("TRUNCATE {}").format(part))
             return copy_stdin(cur, part, files[job])
 
     def truncate_file(conn: psycopg.Connection, job, freeze: bool = False) -> int:
-        part = layout.target_partition(*job)
+        part = names.target_partition(layout, *job)
         with conn.transaction(), conn.cursor() as cur:
             cur.execute(sql.SQL("TRUNCATE {}").format(part))
             cur.execute(sql.SQL("COPY {} ({}) FROM {} ({})").format(
@@ -280,7 +290,7 @@ def _bench(args, settings, layout, pairs, months, url, server) -> None:
                                ("vacuum", "VACUUM {}")):  # fmt: skip
                 s0, t0 = server_cpu_s(server.datadir), time.perf_counter()
                 for job in jobs:
-                    conn.execute(sql.SQL(stmt).format(layout.target_partition(*job)))
+                    conn.execute(sql.SQL(stmt).format(names.target_partition(layout, *job)))
                 out[f"{what}_s"] = time.perf_counter() - t0
                 out[f"{what}_server_cpu_s"] = server_cpu_s(server.datadir) - s0
         return out
@@ -335,7 +345,7 @@ def _bench(args, settings, layout, pairs, months, url, server) -> None:
     def sql_job(job: tuple[str, Month]) -> int:
         pair, month = job
         with psycopg.connect(url) as conn, conn.transaction():
-            conn.execute(sql.SQL("TRUNCATE {}").format(layout.target_partition(pair, month)))
+            conn.execute(sql.SQL("TRUNCATE {}").format(names.target_partition(layout, pair, month)))
             cur = conn.execute(sql_window_insert(layout, pair, month),
                                (month.start, month.end, month.start))  # fmt: skip
             return cur.rowcount
@@ -428,7 +438,7 @@ def _data_present(url: str, layout: Layout, pairs: list[str], months: list[Month
                 try:
                     row = conn.execute(
                         sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE {} >= %s AND {} < %s)")
-                        .format(layout.source(pair), layout.time, layout.time),
+                        .format(names.source(layout, pair), names.time(layout), names.time(layout)),
                         (month.start, month.end),
                     ).fetchone()  # fmt: skip
                 except psycopg.errors.UndefinedTable:

@@ -54,9 +54,11 @@ def main() -> None:
 
     import bqx
     from bqx.config import load_settings
+    from bqx.core.layout import Layout, target_columns
+    from bqx.core.symbols import parse_pairs
     from bqx.db import connect
-    from bqx.export import export
-    from bqx.schema import Layout, parse_pairs, target_columns
+    from bqx.store import names
+    from common import store_for
 
     load_before = os.getloadavg()[0]
     settings = load_settings()
@@ -86,7 +88,7 @@ def main() -> None:
                 n = 0
                 for p in pairs:
                     q = sql.SQL("SELECT {} FROM {} ORDER BY ts_utc").format(
-                        sql.SQL(", ").join(map(sql.Identifier, cols)), layout.target(p)
+                        sql.SQL(", ").join(map(sql.Identifier, cols)), names.target(layout, p)
                     )
                     n += len(pd.read_sql(q.as_string(conn), conn))
             timings["pandas_read_sql"].append(time.perf_counter() - t0)
@@ -94,7 +96,7 @@ def main() -> None:
 
             shutil.rmtree(out, ignore_errors=True)
             t0 = time.perf_counter()
-            summary = export(settings, out, pairs=pairs)
+            summary = store_for(settings).export(out, pairs=pairs)
             timings["export"].append(time.perf_counter() - t0)
             assert summary.rows == rows
         parquet_mb = sum(f.stat().st_size for f in out.rglob("*.parquet")) / 1e6

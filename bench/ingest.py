@@ -43,12 +43,13 @@ def write_histdata(path: Path, lines: int, seed: int = 0) -> None:
 
 def child(path: str, schema: str) -> None:
     from bqx.config import load_settings
-    from bqx.schema import Layout
+    from bqx.core.layout import Layout
+    from bqx.db import resolve_url
     from bqx.sources.ingest import ingest_files
 
     settings = load_settings(schema_name=schema)
     t0 = time.perf_counter()
-    s = ingest_files(settings, Layout(schema), [path], "EURUSD")
+    s = ingest_files(resolve_url(settings), Layout(schema), [path], "EURUSD")
     dt = time.perf_counter() - t0
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     lines = s.accepted + s.rejected + s.duplicates

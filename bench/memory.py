@@ -32,16 +32,16 @@ WHAT = {"threads": "the whole process, driver included", "local": "the worker pr
 
 _CHILD = """
 import json, resource, sys
-from bqx.backfill import backfill
-from bqx.config import load_settings
-from bqx.schema import REPORT_PAIRS, Layout, Month
+from bqx import Store
+from bqx.core.months import Month
+from bqx.core.symbols import REPORT_PAIRS
 n_pairs, n_months = int(sys.argv[1]), int(sys.argv[2])
 end = Month(2024, 7)
 for _ in range(n_months - 1):
     end = end.next()
-run = backfill(load_settings(schema_name=sys.argv[3]), Layout(sys.argv[3]),
-               pairs=list(REPORT_PAIRS[:n_pairs]), start=Month(2024, 7), end=end,
-               workers=1, force=True, executor=sys.argv[4])
+run = Store(schema=sys.argv[3]).backfill(
+    list(REPORT_PAIRS[:n_pairs]), Month(2024, 7), end, workers=1, force=True,
+    executor=sys.argv[4])
 who = resource.RUSAGE_CHILDREN if sys.argv[4] == "local" else resource.RUSAGE_SELF
 peak_kib = resource.getrusage(who).ru_maxrss  # the worker's peak (a thread: the process's)
 print(json.dumps({"rows": run.rows_written, "jobs": run.jobs_done, "peak_mib": peak_kib / 1024}))
@@ -56,14 +56,17 @@ def main() -> None:
     months = sorted(int(m) for m in args.months.split(","))
 
     from bqx.config import load_settings
-    from bqx.schema import REPORT_PAIRS, Layout, Month
-    from bqx.sources.generate import generate
+    from bqx.core.layout import Layout
+    from bqx.core.months import Month
+    from bqx.core.symbols import REPORT_PAIRS
+    from common import store_for
 
     end = Month(2024, 7)
     for _ in range(months[-1] - 1):
         end = end.next()
-    generate(load_settings(schema_name=SCHEMA), Layout(SCHEMA),
-             list(REPORT_PAIRS[: args.pairs]), Month(2024, 7), end, workers=1)  # fmt: skip
+    store_for(load_settings(schema_name=SCHEMA), Layout(SCHEMA)).generate(
+        list(REPORT_PAIRS[: args.pairs]), Month(2024, 7), end, workers=1
+    )
 
     rows = []
     for executor in EXECUTORS:

@@ -34,12 +34,16 @@ os.environ.pop("BQX_DATABASE_URL", None)
 import numpy as np  # noqa: E402
 from psycopg import sql  # noqa: E402
 
-from bqx.backfill import Params, plan_backfill  # noqa: E402
 from bqx.config import load_settings  # noqa: E402
+from bqx.core.layout import Layout
+from bqx.core.months import Month  # noqa: E402
+from bqx.core.params import Params
+from bqx.core.symbols import REPORT_PAIRS
 from bqx.db import connect  # noqa: E402
 from bqx.metrics import DEFAULT_WINDOWS  # noqa: E402
-from bqx.schema import REPORT_PAIRS, Layout, Month  # noqa: E402
-from bqx.sources.load import load_bars  # noqa: E402
+from bqx.pipeline.plan import plan_backfill  # noqa: E402
+from bqx.store import names
+from bqx.store.bars import load_bars  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 CLI = [sys.executable, "-m", "bqx.cli"]
@@ -137,7 +141,7 @@ def main() -> None:
             sql.SQL(
                 "SELECT time, open, high, low, close, volume FROM {} WHERE time < %s"
                 " ORDER BY time DESC OFFSET 10 LIMIT 1"
-            ).format(layout.source(pair)),
+            ).format(names.source(layout, pair)),
             (month.end,),
         ).fetchone()
         times = np.array([np.datetime64(t.replace(tzinfo=None), "us")])
@@ -160,7 +164,7 @@ def main() -> None:
     with connect(settings, autocommit=True) as conn:
         bars = conn.execute(
             sql.SQL("SELECT sum(rows_written) FROM {} WHERE status = 'done'").format(
-                layout.table("bqx_jobs")
+                names.table(layout, "bqx_jobs")
             )
         ).fetchone()[0]
     lines = [

@@ -29,11 +29,16 @@ os.environ.pop("BQX_DATABASE_URL", None)
 import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402
 
-from bqx.backfill import backfill  # noqa: E402
 from bqx.config import load_settings  # noqa: E402
+from bqx.core.layout import Layout
+from bqx.core.months import (
+    Month,
+    month_range,  # noqa: E402
+)
+from bqx.core.symbols import REPORT_PAIRS
 from bqx.db import resolve_url  # noqa: E402
-from bqx.schema import REPORT_PAIRS, Layout, Month, month_range  # noqa: E402
-from bqx.sources.generate import generate  # noqa: E402
+from bqx.store import names
+from common import store_for  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 SCHEMA = "bench_scaling"
@@ -46,7 +51,7 @@ def in_jobs_rate(url: str, layout: Layout, run_id: int) -> float:
             sql.SQL(
                 "SELECT sum(rows_written), extract(epoch FROM max(finished_at) - min(started_at))"
                 " FROM {} WHERE run_id = %s AND status = 'done'"
-            ).format(layout.table("bqx_attempts")),
+            ).format(names.table(layout, "bqx_attempts")),
             (run_id,),
         ).fetchone()
     return float(rows) / float(span) if span else 0.0
@@ -71,11 +76,11 @@ def main() -> None:
     with psycopg.connect(url) as conn:
         have = conn.execute("SELECT to_regclass(%s)", (f"{SCHEMA}.m1_{pairs[-1]}",)).fetchone()[0]
     if have is None:
-        gen = generate(settings, layout, pairs, months[0], months[-1], workers=2)
+        gen = store_for(settings, layout).generate(pairs, months[0], months[-1], workers=2)
         print(f"data: {gen.bars:,} bars, {len(pairs)} pairs × {len(months)} months")
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("VACUUM (ANALYZE)")
-        backfill(settings, layout, workers=2)  # targets created, caches warm
+        store_for(settings, layout).backfill(workers=2)  # targets created, caches warm
 
     runs: list[tuple[str, dict]] = []
     if not args.only_scheduler:
@@ -93,7 +98,7 @@ def main() -> None:
     out = json.loads((RESULTS / "scaling.json").read_text()) if args.only_scheduler else {}
     rows_by_run = out.get("runs", {})
     for label, kw in runs:
-        run = backfill(settings, layout, force=True, **kw)
+        run = store_for(settings, layout).backfill(force=True, **kw)
         assert run.jobs_failed == 0, run.failures
         rate = in_jobs_rate(url, layout, run.run_id)
         rows_by_run[label] = {

@@ -39,13 +39,16 @@ import numpy as np  # noqa: E402
 import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402
 
-from bqx.backfill import backfill  # noqa: E402
-from bqx.backfill.update import Updater  # noqa: E402
 from bqx.config import load_settings  # noqa: E402
+from bqx.core.layout import Layout
+from bqx.core.months import Month
+from bqx.core.symbols import REPORT_PAIRS
 from bqx.db import connect, embedded, resolve_url  # noqa: E402
-from bqx.schema import REPORT_PAIRS, Layout, Month, ensure_source_partition  # noqa: E402
-from bqx.sources.generate import generate  # noqa: E402
-from bqx.sources.load import load_bars  # noqa: E402
+from bqx.pipeline.update import Updater  # noqa: E402
+from bqx.store import names
+from bqx.store.bars import load_bars  # noqa: E402
+from bqx.store.ddl import ensure_source_partition  # noqa: E402
+from common import store_for  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 SCHEMA = "bench_update"
@@ -86,10 +89,10 @@ def prepare(settings, layout: Layout, pairs: list[str], months: int) -> None:
     for _ in range(months - 1):
         end = end.next()
     t0 = time.monotonic()
-    generate(settings, layout, pairs, start, end, seed=1, workers=2)
+    store_for(settings, layout).generate(pairs, start, end, seed=1, workers=2)
     print(f"generated in {time.monotonic() - t0:.0f} s", flush=True)
     t0 = time.monotonic()
-    backfill(settings, layout, workers=2)
+    store_for(settings, layout).backfill(workers=2)
     print(f"backfilled in {time.monotonic() - t0:.0f} s", flush=True)
 
 
@@ -133,7 +136,7 @@ def _last_bars(conn: psycopg.Connection, layout: Layout, pairs: list[str]) -> di
     for pair in pairs:
         t, close = conn.execute(
             sql.SQL("SELECT time, close FROM {} ORDER BY time DESC LIMIT 1").format(
-                layout.source(pair)
+                names.source(layout, pair)
             )
         ).fetchone()
         out[pair] = [t, close]
@@ -184,7 +187,7 @@ def latency(url: str, layout: Layout, pairs: list[str], rounds: int, way: str) -
                             sql.SQL(
                                 "INSERT INTO {} (time, open, high, low, close, volume)"
                                 " VALUES (%s, %s, %s, %s, %s, 1)"
-                            ).format(layout.source(pair)),
+                            ).format(names.source(layout, pair)),
                             (t, close, close, close, close),
                         )
                     else:
@@ -198,7 +201,7 @@ def latency(url: str, layout: Layout, pairs: list[str], rounds: int, way: str) -
                     "SELECT extract(epoch FROM pg_xact_commit_timestamp(d.xmin)"
                     " - pg_xact_commit_timestamp(s.xmin))::float8 FROM {src} s"
                     " JOIN {tgt} d ON d.ts_utc = s.time WHERE s.time = ANY(%s)"
-                ).format(src=layout.source(p), tgt=layout.target(p))
+                ).format(src=names.source(layout, p), tgt=names.target(layout, p))
                 for p in pairs
             )
             while True:
@@ -225,7 +228,9 @@ def main() -> None:
     url = resolve_url(settings)
     with connect(url, autocommit=True) as c:
         rows = sum(
-            c.execute(sql.SQL("SELECT count(*) FROM {}").format(layout.target(p))).fetchone()[0]
+            c.execute(
+                sql.SQL("SELECT count(*) FROM {}").format(names.target(layout, p))
+            ).fetchone()[0]
             for p in pairs
         )
     res: dict = {

@@ -17,9 +17,19 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from bqx.api import Store
 from bqx.config import Settings, load_settings
+from bqx.core.layout import Layout
 from bqx.db import EmbeddedServer, connect
-from bqx.schema import Layout
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that reaches a PostgreSQL server is marked ``db``: those using the session's
+    server (the ``pg_url`` fixture, directly or through another) here, those that start their
+    own with ``@pytest.mark.db``. ``pytest -m "not db"`` runs the rest in seconds."""
+    for item in items:
+        if "pg_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.db)
 
 
 @pytest.fixture(scope="session")
@@ -55,6 +65,20 @@ def settings(pg_url: str, schema_name: str, tmp_path: Path) -> Settings:
 @pytest.fixture
 def layout(schema_name: str) -> Layout:
     return Layout(schema=schema_name)
+
+
+def store_for(settings: Settings, layout: Layout | None = None) -> Store:
+    """The ``bqx.Store`` of a test's settings, with another layout's schema and source."""
+    if layout is None:
+        return Store(settings)
+    return Store(settings, schema=layout.schema, source_table=layout.source_table,
+                 time_column=layout.time_column, price_column=layout.price_column)  # fmt: skip
+
+
+@pytest.fixture
+def store(settings: Settings, layout: Layout) -> Store:
+    """The test's store: its own schema on the session's server."""
+    return store_for(settings, layout)
 
 
 @pytest.fixture
@@ -116,7 +140,7 @@ def random_walk_bars(
 @pytest.fixture
 def make_bars(conn: psycopg.Connection, layout: Layout):
     """Store random-walk bars for a pair: make_bars('eurusd', '2024-07-01', minutes, seed=1)."""
-    from bqx.sources.load import load_bars
+    from bqx.store.bars import load_bars
 
     def make(pair: str, start: str, minutes: int, **kw: object) -> tuple[np.ndarray, np.ndarray]:
         times, ohlcv = random_walk_bars(start, minutes, **kw)

@@ -15,11 +15,12 @@ import pytest
 from psycopg import sql
 
 from bqx import metrics
-from bqx.backfill import backfill
+from bqx.core.layout import Layout
+from bqx.core.months import Month
 from bqx.db import connect
 from bqx.errors import BqxError
-from bqx.schema import Layout, Month
-from conftest import alive, random_walk_bars, wait_for
+from bqx.store import names
+from conftest import alive, random_walk_bars, store_for, wait_for
 
 WINDOWS = (15, 30, 45, 60, 75)
 COLS = metrics.metric_columns(WINDOWS)
@@ -37,7 +38,7 @@ def target_rows(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(ts_utc as datetime64[us], matrix [rate, metric columns]) ordered by time; NULL -> NaN."""
     q = sql.SQL("SELECT ts_utc, rate, {cols} FROM {t} ORDER BY ts_utc").format(
-        cols=sql.SQL(", ").join(map(sql.Identifier, COLS)), t=layout.target(pair)
+        cols=sql.SQL(", ").join(map(sql.Identifier, COLS)), t=names.target(layout, pair)
     )
     rows = conn.execute(q).fetchall()
     ts = np.array([r[0].replace(tzinfo=None) for r in rows], dtype="datetime64[us]")
@@ -58,13 +59,13 @@ def two_pairs(make_bars):
 def test_rows_per_month_equal_source_bars_and_values_match_metrics(
     settings, layout, conn, two_pairs, executor
 ):
-    summary = backfill(settings, layout, workers=2, executor=executor)
+    summary = store_for(settings, layout).backfill(workers=2, executor=executor)
     assert summary.status == "done"
     assert (summary.jobs_total, summary.jobs_done, summary.jobs_failed) == (6, 6, 0)
     total = 0
     for pair, (times, ohlcv) in two_pairs.items():
-        src = month_counts(conn, layout.source(pair), "time")
-        tgt = month_counts(conn, layout.target(pair), "ts_utc")
+        src = month_counts(conn, names.source(layout, pair), "time")
+        tgt = month_counts(conn, names.target(layout, pair), "ts_utc")
         assert tgt == src and len(src) == 3
         total += sum(src.values())
         # the whole series computed in one go equals the month-by-month backfill
@@ -77,19 +78,19 @@ def test_rows_per_month_equal_source_bars_and_values_match_metrics(
     assert summary.rows_written == total
     ledger = conn.execute(
         sql.SQL("SELECT sum(rows_written), count(*) FILTER (WHERE status = 'done') FROM {}").format(
-            layout.table("bqx_jobs")
+            names.table(layout, "bqx_jobs")
         )
     ).fetchone()
     assert (int(ledger[0]), ledger[1]) == (total, 6)
 
 
 def test_first_bars_of_a_month_use_the_previous_month(settings, layout, conn, two_pairs):
-    backfill(settings, layout, pairs=["EURUSD"], workers=1)
+    store_for(settings, layout).backfill(pairs=["EURUSD"], workers=1)
     times, ohlcv = two_pairs["eurusd"]
     first_aug = int(np.searchsorted(times, np.datetime64("2024-08-01", "us")))
     row = conn.execute(
         sql.SQL("SELECT w75_bqx_avg, w15_bqx_endpoint FROM {} WHERE ts_utc = %s").format(
-            layout.target("eurusd")
+            names.target(layout, "eurusd")
         ),
         (times[first_aug].item(),),
     ).fetchone()
@@ -103,30 +104,32 @@ def test_first_bars_of_a_month_use_the_previous_month(settings, layout, conn, tw
 def test_months_split_differently_give_the_same_values(settings, layout, conn, two_pairs):
     # one month at a time, in reverse order, then compare with a single full run elsewhere
     for m in ("2024-09", "2024-08", "2024-07"):
-        backfill(settings, layout, pairs=["usdjpy"], start=Month.parse(m), end=Month.parse(m))
+        store_for(settings, layout).backfill(
+            pairs=["usdjpy"], start=Month.parse(m), end=Month.parse(m)
+        )
     split = target_rows(conn, layout, "usdjpy")
-    conn.execute(sql.SQL("TRUNCATE {}").format(layout.target("usdjpy")))
-    backfill(settings, layout, pairs=["usdjpy"], force=True, workers=2)
+    conn.execute(sql.SQL("TRUNCATE {}").format(names.target(layout, "usdjpy")))
+    store_for(settings, layout).backfill(pairs=["usdjpy"], force=True, workers=2)
     whole = target_rows(conn, layout, "usdjpy")
     assert np.array_equal(split[0], whole[0])
     assert np.array_equal(split[1], whole[1], equal_nan=True)
 
 
 def test_second_run_is_a_noop_and_force_rewrites_same_values(settings, layout, conn, two_pairs):
-    first = backfill(settings, layout, workers=2)
+    first = store_for(settings, layout).backfill(workers=2)
     before = target_rows(conn, layout, "eurusd")
     created = conn.execute(
-        sql.SQL("SELECT max(created_at) FROM {}").format(layout.target("eurusd"))
+        sql.SQL("SELECT max(created_at) FROM {}").format(names.target(layout, "eurusd"))
     ).fetchone()[0]
-    second = backfill(settings, layout, workers=2)
+    second = store_for(settings, layout).backfill(workers=2)
     assert (second.jobs_skipped, second.jobs_done, second.rows_written) == (6, 0, 0)
     assert (
         conn.execute(
-            sql.SQL("SELECT max(created_at) FROM {}").format(layout.target("eurusd"))
+            sql.SQL("SELECT max(created_at) FROM {}").format(names.target(layout, "eurusd"))
         ).fetchone()[0]
         == created
     )  # nothing was rewritten
-    forced = backfill(settings, layout, workers=2, force=True)
+    forced = store_for(settings, layout).backfill(workers=2, force=True)
     assert (forced.jobs_done, forced.rows_written) == (6, first.rows_written)
     after = target_rows(conn, layout, "eurusd")
     assert np.array_equal(before[0], after[0])
@@ -134,39 +137,41 @@ def test_second_run_is_a_noop_and_force_rewrites_same_values(settings, layout, c
 
 
 def test_changed_source_month_is_redone_on_resume(settings, layout, conn, two_pairs):
-    backfill(settings, layout, pairs=["eurusd"])
-    part = layout.source_partition("eurusd", Month(2024, 8))
+    store_for(settings, layout).backfill(pairs=["eurusd"])
+    part = names.source_partition(layout, "eurusd", Month(2024, 8))
     conn.execute(
         sql.SQL("DELETE FROM {} WHERE time = (SELECT min(time) FROM {})").format(part, part)
     )
-    again = backfill(settings, layout, pairs=["eurusd"])
+    again = store_for(settings, layout).backfill(pairs=["eurusd"])
     assert (again.jobs_done, again.jobs_skipped) == (1, 2)
-    assert month_counts(conn, layout.target("eurusd"), "ts_utc") == month_counts(
-        conn, layout.source("eurusd"), "time"
+    assert month_counts(conn, names.target(layout, "eurusd"), "ts_utc") == month_counts(
+        conn, names.source(layout, "eurusd"), "time"
     )
 
 
 def test_worker_killed_mid_job_leaves_month_intact_and_next_run_completes(
     settings, layout, conn, two_pairs, cli_env, pg_url
 ):
-    backfill(settings, layout, pairs=["eurusd"])
+    store_for(settings, layout).backfill(pairs=["eurusd"])
     before = target_rows(conn, layout, "eurusd")
     stamps = conn.execute(
         sql.SQL("SELECT min(created_at), max(created_at), count(*) FROM {}").format(
-            layout.target("eurusd")
+            names.target(layout, "eurusd")
         )
     ).fetchone()
     # Block the job's final ledger insert: the worker then sits inside its write transaction,
     # after TRUNCATE and COPY, until it is killed.
     blocker = psycopg.connect(pg_url)
-    blocker.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(layout.table("bqx_attempts")))
+    blocker.execute(
+        sql.SQL("LOCK TABLE {} IN SHARE MODE").format(names.table(layout, "bqx_attempts"))
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "bqx.cli", "backfill", "--pairs", "EURUSD", "--force",
          "--workers", "1", "--executor", "local"],
         env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        jobs = layout.table("bqx_jobs")
+        jobs = names.table(layout, "bqx_jobs")
 
         def blocked_worker() -> int | None:
             row = conn.execute(
@@ -205,7 +210,7 @@ def test_worker_killed_mid_job_leaves_month_intact_and_next_run_completes(
     assert (
         conn.execute(
             sql.SQL("SELECT min(created_at), max(created_at), count(*) FROM {}").format(
-                layout.target("eurusd")
+                names.target(layout, "eurusd")
             )
         ).fetchone()
         == stamps
@@ -215,10 +220,10 @@ def test_worker_killed_mid_job_leaves_month_intact_and_next_run_completes(
     ).fetchone()[0]
     assert status == "running"  # left behind by the dead worker
     # the next run takes the dead worker's job over and completes everything
-    rerun = backfill(settings, layout, pairs=["eurusd"])
+    rerun = store_for(settings, layout).backfill(pairs=["eurusd"])
     assert rerun.jobs_failed == 0 and rerun.jobs_done >= 1
-    assert month_counts(conn, layout.target("eurusd"), "ts_utc") == month_counts(
-        conn, layout.source("eurusd"), "time"
+    assert month_counts(conn, names.target(layout, "eurusd"), "ts_utc") == month_counts(
+        conn, names.source(layout, "eurusd"), "time"
     )
     states = conn.execute(sql.SQL("SELECT DISTINCT status FROM {}").format(jobs)).fetchall()
     assert states == [("done",)]
@@ -238,7 +243,7 @@ def _schema_objects(conn: psycopg.Connection, schema: str) -> list[str]:
 def test_invalid_pair_fails_fast_and_writes_nothing(settings, layout, conn, two_pairs):
     before = _schema_objects(conn, layout.schema)
     with pytest.raises(BqxError, match=r"invalid pair name 'EUR-USD'"):
-        backfill(settings, layout, pairs=["EUR-USD"])
+        store_for(settings, layout).backfill(pairs=["EUR-USD"])
     assert _schema_objects(conn, layout.schema) == before
 
 
@@ -246,18 +251,18 @@ def test_missing_source_table_fails_fast_and_writes_nothing(settings, layout, co
     before = _schema_objects(conn, layout.schema)
     t0 = time.monotonic()
     with pytest.raises(BqxError, match=r"source table .*m1_gbpusd does not exist"):
-        backfill(settings, layout, pairs=["EURUSD", "GBPUSD"])
+        store_for(settings, layout).backfill(pairs=["EURUSD", "GBPUSD"])
     assert time.monotonic() - t0 < 10
     assert _schema_objects(conn, layout.schema) == before  # no ledger, no target, no partition
 
 
 def test_column_mismatch_fails_fast_and_writes_nothing(settings, layout, conn, two_pairs):
-    backfill(settings, layout, pairs=["eurusd"], windows=(15, 30))
-    runs = layout.table("bqx_runs")
+    store_for(settings, layout).backfill(pairs=["eurusd"], windows=(15, 30))
+    runs = names.table(layout, "bqx_runs")
     n_runs = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(runs)).fetchone()[0]
     before = _schema_objects(conn, layout.schema)
     with pytest.raises(BqxError) as err:
-        backfill(settings, layout, pairs=["eurusd", "usdjpy"])
+        store_for(settings, layout).backfill(pairs=["eurusd", "usdjpy"])
     msg = str(err.value)
     assert "bqx_eurusd does not match windows 15,30,45,60,75" in msg
     assert "missing w45_bqx_return" in msg
@@ -288,7 +293,7 @@ def test_naive_numeric_source_like_the_report_works(settings, conn, schema_name)
             cp.write_row((t, f"{p:.5f}"))
     layout = Layout(schema=schema_name, source_table="legacy_{pair}", time_column="ts",
                     price_column="rate")  # fmt: skip
-    summary = backfill(settings, layout, workers=1)
+    summary = store_for(settings, layout).backfill(workers=1)
     assert (summary.jobs_done, summary.rows_written) == (1, len(times))
     ts, vals = target_rows(conn, layout, "eurusd")
     assert np.array_equal(ts, times)  # naive timestamps were read as UTC
@@ -300,14 +305,14 @@ def test_naive_numeric_source_like_the_report_works(settings, conn, schema_name)
 
 def test_a_bad_source_month_fails_that_job_and_the_others_go_on(settings, layout, conn, two_pairs):
     # a non-positive price mid-August: that job fails with its message, the rest complete
-    part = layout.source_partition("eurusd", Month(2024, 8))
+    part = names.source_partition(layout, "eurusd", Month(2024, 8))
     conn.execute(
         sql.SQL(
             "UPDATE {} SET close = -1 WHERE time = (SELECT time FROM {} ORDER BY time"
             " OFFSET 1000 LIMIT 1)"
         ).format(part, part)
     )
-    summary = backfill(settings, layout, pairs=["eurusd"], workers=2)
+    summary = store_for(settings, layout).backfill(pairs=["eurusd"], workers=2)
     assert (summary.jobs_done, summary.jobs_failed, summary.status) == (2, 1, "failed")
     ((pair, month, error),) = summary.failures
     assert (pair, month) == ("eurusd", "2024-08")
@@ -315,7 +320,9 @@ def test_a_bad_source_month_fails_that_job_and_the_others_go_on(settings, layout
     done = {
         m.strftime("%Y-%m")
         for (m,) in conn.execute(
-            sql.SQL("SELECT month FROM {} WHERE status = 'done'").format(layout.table("bqx_jobs"))
+            sql.SQL("SELECT month FROM {} WHERE status = 'done'").format(
+                names.table(layout, "bqx_jobs")
+            )
         )
     }
     assert done == {"2024-07", "2024-09"}
@@ -337,13 +344,15 @@ def test_ctrl_c_stops_every_worker_and_the_next_run_resumes(
 ):
     # hold the workers inside their first jobs, then press Ctrl-C
     blocker = psycopg.connect(pg_url)
-    backfill(settings, layout, pairs=["eurusd"], start=Month(2024, 7), end=Month(2024, 7))
-    blocker.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(layout.table("bqx_attempts")))
+    store_for(settings, layout).backfill(pairs=["eurusd"], start=Month(2024, 7), end=Month(2024, 7))
+    blocker.execute(
+        sql.SQL("LOCK TABLE {} IN SHARE MODE").format(names.table(layout, "bqx_attempts"))
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "bqx.cli", "backfill", "--workers", "2", "--executor", executor],
         env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    jobs = layout.table("bqx_jobs")
+    jobs = names.table(layout, "bqx_jobs")
     try:
         wait_for(
             lambda: (
@@ -372,13 +381,13 @@ def test_ctrl_c_stops_every_worker_and_the_next_run_resumes(
         assert not alive(pid)
     run = conn.execute(
         sql.SQL("SELECT status FROM {} ORDER BY run_id DESC LIMIT 1").format(
-            layout.table("bqx_runs")
+            names.table(layout, "bqx_runs")
         )
     ).fetchone()[0]
     assert run == "interrupted"
     left = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE status = 'running'").format(jobs))
     assert left.fetchone()[0] == 0  # handed back as pending, not left for a heartbeat to expire
-    resumed = backfill(settings, layout)
+    resumed = store_for(settings, layout).backfill()
     assert resumed.jobs_failed == 0 and resumed.jobs_skipped == 1 and resumed.jobs_done == 5
 
 
@@ -387,11 +396,11 @@ def test_job_timeout_stops_the_job_retries_then_fails_it(
     settings, layout, conn, make_bars, pg_url, executor
 ):
     make_bars("eurusd", "2024-07-01", 5 * 1440, seed=1)
-    backfill(settings, layout, workers=1)
+    store_for(settings, layout).backfill(workers=1)
     before = target_rows(conn, layout, "eurusd")
     # a reader holding the partition makes the job's TRUNCATE wait: the job hangs
     blocker = psycopg.connect(pg_url)
-    part = layout.target_partition("eurusd", Month(2024, 7))
+    part = names.target_partition(layout, "eurusd", Month(2024, 7))
     blocker.execute(sql.SQL("LOCK TABLE {} IN ACCESS SHARE MODE").format(part))
     # never hold the lock past the test, whatever happens
     timer = threading.Timer(
@@ -399,7 +408,7 @@ def test_job_timeout_stops_the_job_retries_then_fails_it(
     )
     timer.start()
     try:
-        summary = backfill(settings, layout, workers=1, force=True, job_timeout=1.5, max_attempts=2,
+        summary = store_for(settings, layout).backfill(workers=1, force=True, job_timeout=1.5, max_attempts=2,
                            executor=executor)  # fmt: skip
     finally:
         timer.cancel()
@@ -409,24 +418,23 @@ def test_job_timeout_stops_the_job_retries_then_fails_it(
     assert "EURUSD 2024-07: timed out after 1.5s" in summary.failures[0][2]
     outcomes = conn.execute(
         sql.SQL("SELECT status, error FROM {} WHERE run_id = %s ORDER BY attempt_id").format(
-            layout.table("bqx_attempts")
+            names.table(layout, "bqx_attempts")
         ),
         (summary.run_id,),
     ).fetchall()
     assert [o[0] for o in outcomes] == ["retried", "failed"]
     after = target_rows(conn, layout, "eurusd")
     assert np.array_equal(before[1], after[1], equal_nan=True)  # the month is as it was
-    again = backfill(settings, layout, workers=1)
+    again = store_for(settings, layout).backfill(workers=1)
     assert (again.jobs_done, again.jobs_failed) == (1, 0)
 
 
 def test_init_is_idempotent(settings, layout, conn):
-    from bqx.backfill import init
 
     months = [Month(2024, 7), Month(2024, 8)]
-    assert init(conn, layout, ["EURUSD", "usdjpy"], months) == 4
+    assert store_for(settings, layout).init(["EURUSD", "usdjpy"], *months).pair_months == 4
     first = _schema_objects(conn, layout.schema)
-    assert init(conn, layout, ["EURUSD", "usdjpy"], months) == 4
+    assert store_for(settings, layout).init(["EURUSD", "usdjpy"], *months).pair_months == 4
     assert _schema_objects(conn, layout.schema) == first
     assert {"bqx_eurusd_2024m07", "m1_usdjpy_2024m08", "bqx_runs", "bqx_jobs"} <= set(first)
 
@@ -465,17 +473,17 @@ def _worker_children() -> list[int]:
 def test_no_worker_outlives_a_run_whatever_its_plan(settings, layout, conn, two_pairs, executor):
     # a failed plan, an empty plan, fewer jobs than workers: none is left behind
     with pytest.raises(BqxError, match="does not exist"):
-        backfill(settings, layout, pairs=["GBPUSD"], workers=3, executor=executor)
+        store_for(settings, layout).backfill(pairs=["GBPUSD"], workers=3, executor=executor)
     assert _worker_children() == []
     with pytest.raises(BqxError, match="nothing to do"):
-        backfill(settings, layout, pairs=["EURUSD"], start=Month(2030, 1), workers=3,
+        store_for(settings, layout).backfill(pairs=["EURUSD"], start=Month(2030, 1), workers=3,
                  executor=executor)  # fmt: skip
     assert _worker_children() == []
-    summary = backfill(settings, layout, pairs=["EURUSD"], start=Month(2024, 7),
+    summary = store_for(settings, layout).backfill(pairs=["EURUSD"], start=Month(2024, 7),
                        end=Month(2024, 7), workers=4, executor=executor)  # fmt: skip
     assert summary.jobs_done == 1 and summary.status == "done"
     assert _worker_children() == []
     assert not [t for t in threading.enumerate() if t.name.startswith("bqx-")]
-    assert month_counts(conn, layout.target("eurusd"), "ts_utc") == {
-        "2024-07": month_counts(conn, layout.source("eurusd"), "time")["2024-07"]
+    assert month_counts(conn, names.target(layout, "eurusd"), "ts_utc") == {
+        "2024-07": month_counts(conn, names.source(layout, "eurusd"), "time")["2024-07"]
     }

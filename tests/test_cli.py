@@ -16,10 +16,12 @@ from psycopg import sql
 from typer.testing import CliRunner
 
 import bqx
-from bqx.backfill import backfill
 from bqx.cli import app, invocation
+from bqx.core.text import plural
 from bqx.errors import BqxError
-from bqx.progress import plural
+from bqx.store import names
+from bqx.store.ledger import Ledger
+from conftest import store_for
 
 runner = CliRunner()
 SRC = str(Path(bqx.__file__).resolve().parents[1])
@@ -42,7 +44,7 @@ def run(*args: str, env: dict, cwd: Path | None = None, timeout: float = 180):
 def backfilled(settings, layout, make_bars):
     """EURUSD, 10 days over July and August 2024 (2 jobs), backfilled with one worker."""
     make_bars("eurusd", "2024-07-27", 10 * 1440, seed=1)
-    return backfill(settings, layout, workers=1)
+    return store_for(settings, layout).backfill(workers=1)
 
 
 def empty_run(conn, layout) -> int:
@@ -54,7 +56,7 @@ def empty_run(conn, layout) -> int:
             "INSERT INTO {} (command, params, param_hash, status, ended_at, jobs_total, workers,"
             " executor, run_by, host) VALUES ('backfill', %s, 'x', 'done', now(), 0, 1, 'local',"
             " 'me', 'here') RETURNING run_id"
-        ).format(layout.table("bqx_runs")),
+        ).format(names.table(layout, "bqx_runs")),
         (json.dumps(params),),
     ).fetchone()[0]
 
@@ -64,7 +66,9 @@ def empty_run(conn, layout) -> int:
 
 def test_help_keeps_defaults_and_shows_no_bool_type():
     backfill_help = cli("backfill", "--help").stdout
-    assert "Worker processes [default: CPU count]." in " ".join(backfill_help.split())
+    assert "Workers (threads, processes or Dask tasks) [default: CPU count]." in " ".join(
+        backfill_help.split()
+    )
     assert "--force  " in backfill_help and "<bool>" not in backfill_help
     assert "[default: 1]" in " ".join(cli("generate", "-h").stdout.split())  # its real default
     for command in ("verify", "report"):  # one scope rule, stated in both
@@ -216,14 +220,14 @@ def test_watch_piped_prints_a_line_per_interval(cli_env):
 
 def test_watch_until_done_ends_with_the_run(cli_env, make_bars, settings, layout, conn):
     make_bars("eurusd", "2024-07-01", 20 * 1440, seed=1)
-    backfill(settings, layout, workers=1)
+    store_for(settings, layout).backfill(workers=1)
     res = run("status", "--watch", "--until-done", "--interval", "0.1", env=cli_env, timeout=60)
     assert res.returncode == 0, res.stderr
     (line,) = res.stdout.splitlines()
     assert " done · jobs 1/1 done, 0 running, 0 failed, 0 pending · " in line
     # a run that ended with a failed job: stop too, exit 1
-    conn.execute(sql.SQL("UPDATE {} SET status = 'failed'").format(layout.table("bqx_jobs")))
-    conn.execute(sql.SQL("UPDATE {} SET status = 'failed'").format(layout.table("bqx_runs")))
+    conn.execute(sql.SQL("UPDATE {} SET status = 'failed'").format(names.table(layout, "bqx_jobs")))
+    conn.execute(sql.SQL("UPDATE {} SET status = 'failed'").format(names.table(layout, "bqx_runs")))
     res = run("status", "--watch", "--until-done", "--interval", "0.1", env=cli_env, timeout=60)
     assert res.returncode == 1 and "1 failed" in res.stdout
     res = cli("status", "--until-done", env=cli_env)  # --until-done watches by itself
@@ -246,7 +250,7 @@ def test_watch_until_done_follows_a_live_run(cli_env, make_bars, conn, layout):
                 (layout.schema,),
             ).fetchone()
             and conn.execute(
-                sql.SQL("SELECT count(*) FROM {}").format(layout.table("bqx_runs"))
+                sql.SQL("SELECT count(*) FROM {}").format(names.table(layout, "bqx_runs"))
             ).fetchone()[0]
         ):
             break
@@ -299,9 +303,8 @@ def test_a_run_with_zero_jobs_is_not_the_latest_and_not_a_pass(
 
 
 def test_only_empty_runs_say_so(cli_env, conn, layout, settings):
-    from bqx.schema import create_ledger
 
-    create_ledger(conn, layout)
+    Ledger(layout).create(conn)
     empty = empty_run(conn, layout)
     res = run("verify", env=cli_env)
     assert res.returncode == 1 and res.stderr == (
@@ -314,14 +317,14 @@ def test_only_empty_runs_say_so(cli_env, conn, layout, settings):
 
 
 def test_report_of_a_run_that_did_not_end_done(backfilled, conn, layout, tmp_path, cli_env):
-    from bqx.report import write_report
-    from bqx.verify import verify
+    from bqx.ops.report import write_report
+    from bqx.ops.verify import verify
 
     checked = verify(conn, layout, sample=2)  # the tables are fine: only the run's end differs
     assert checked.ok
     for status in ("interrupted", "running", "failed"):
         conn.execute(
-            sql.SQL("UPDATE {} SET status = %s").format(layout.table("bqx_runs")), (status,)
+            sql.SQL("UPDATE {} SET status = %s").format(names.table(layout, "bqx_runs")), (status,)
         )
         md_path, _, data = write_report(conn, layout, tmp_path / status, verification=checked)
         md = md_path.read_text()
@@ -339,7 +342,7 @@ def test_status_and_report_show_mode_and_windows(
     settings, layout, make_bars, conn, tmp_path, cli_env
 ):
     make_bars("eurusd", "2024-07-01", 3 * 1440, seed=1)
-    backfill(settings, layout, workers=1, mode="clock", max_fill=3, windows=(10, 20))
+    store_for(settings, layout).backfill(workers=1, mode="clock", max_fill=3, windows=(10, 20))
     res = cli("status", env=cli_env)
     assert "clock mode, windows 10, 20, max fill 3 min" in res.stdout
     doc = json.loads(cli("status", "--json", env=cli_env).stdout)["run"]
@@ -358,7 +361,7 @@ def test_generate_and_report_json(cli_env, tmp_path, conn, layout):
     res = cli("generate", "--pairs", "eurusd", "--start", "2024-07", "--json", env=cli_env)
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
-    stored = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(layout.source("eurusd")))
+    stored = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(names.source(layout, "eurusd")))
     assert doc["bars"] == stored.fetchone()[0] > 20_000 and doc["pairs"] == ["EURUSD"]
     assert doc["months"] == ["2024-07"]
     res = cli("generate", "--pairs", "eurusd", "--start", "2024-07", env=cli_env)

@@ -9,7 +9,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from bqx.db import (
+from bqx.db.copy import (
     _COPY_HEADER,
     copy_in,
     copy_in_columns,

@@ -19,12 +19,14 @@ from psycopg import sql
 
 import bqx
 from bqx import metrics
-from bqx.backfill import Params, backfill
-from bqx.backfill.executors import dask as dask_executor
 from bqx.config import load_settings
+from bqx.core.layout import Layout
+from bqx.core.months import Month
+from bqx.core.params import Params
 from bqx.errors import BqxError
-from bqx.schema import Layout, Month
-from conftest import wait_for
+from bqx.pipeline.executors import dask as dask_executor
+from bqx.store import names
+from conftest import store_for, wait_for
 from test_privileges import make_loader  # noqa: F401 - the least-privilege role fixture
 
 COLS = metrics.metric_columns(metrics.DEFAULT_WINDOWS)
@@ -60,7 +62,7 @@ def bars(make_bars):
 def snapshot(conn: psycopg.Connection, layout: Layout, pair: str) -> tuple[np.ndarray, np.ndarray]:
     """(ts_utc in µs, every value column as raw float64 bits) ordered by time; NULL -> NaN."""
     q = sql.SQL("SELECT ts_utc, rate, {cols} FROM {t} ORDER BY ts_utc").format(
-        cols=sql.SQL(", ").join(map(sql.Identifier, COLS)), t=layout.target(pair)
+        cols=sql.SQL(", ").join(map(sql.Identifier, COLS)), t=names.target(layout, pair)
     )
     rows = conn.execute(q).fetchall()
     ts = np.array([r[0].replace(tzinfo=None) for r in rows], dtype="datetime64[us]")
@@ -77,8 +79,8 @@ def same_bits(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]
 
 def _q(conn: psycopg.Connection, text: str, layout: Layout, *args: object) -> list[tuple]:
     return conn.execute(
-        sql.SQL(text).format(jobs=layout.table("bqx_jobs"), attempts=layout.table("bqx_attempts"),
-                             runs=layout.table("bqx_runs")),
+        sql.SQL(text).format(jobs=names.table(layout, "bqx_jobs"), attempts=names.table(layout, "bqx_attempts"),
+                             runs=names.table(layout, "bqx_runs")),
         args,
     ).fetchall()  # fmt: skip
 
@@ -86,12 +88,12 @@ def _q(conn: psycopg.Connection, text: str, layout: Layout, *args: object) -> li
 def test_existing_cluster_gives_the_local_executors_values_bit_for_bit(
     settings, layout, conn, bars, cluster, client
 ):
-    local = backfill(settings, layout, workers=2)
+    local = store_for(settings, layout).backfill(workers=2)
     assert (local.jobs_done, local.jobs_failed) == (4, 0)
     expected = {p: snapshot(conn, layout, p) for p in ("eurusd", "usdjpy")}
     pids = client.run(os.getpid)  # the Dask worker processes, by address
 
-    summary = backfill(settings, layout, workers=2, force=True, executor="dask",
+    summary = store_for(settings, layout).backfill(workers=2, force=True, executor="dask",
                        scheduler=cluster.scheduler_address)  # fmt: skip
     assert (summary.jobs_done, summary.jobs_failed, summary.status) == (4, 0, "done")
     for pair, want in expected.items():
@@ -110,18 +112,20 @@ def test_existing_cluster_gives_the_local_executors_values_bit_for_bit(
 def test_killed_dask_worker_is_restarted_and_its_job_redone_exactly(
     settings, layout, conn, bars, pg_url
 ):
-    backfill(settings, layout, workers=1)
+    store_for(settings, layout).backfill(workers=1)
     expected = {p: snapshot(conn, layout, p) for p in ("eurusd", "usdjpy")}
     # a reader holding one partition makes that job's TRUNCATE wait: its worker sits mid-job
     blocker = psycopg.connect(pg_url)
-    part = layout.target_partition("eurusd", Month(2024, 7))
+    part = names.target_partition(layout, "eurusd", Month(2024, 7))
     blocker.execute(sql.SQL("LOCK TABLE {} IN ACCESS SHARE MODE").format(part))
     children_before = cluster_children()
     result: dict[str, object] = {}
 
     def run() -> None:
         try:
-            result["summary"] = backfill(settings, layout, workers=2, force=True, executor="dask")
+            result["summary"] = store_for(settings, layout).backfill(
+                workers=2, force=True, executor="dask"
+            )
         except BaseException as exc:  # reported by the assertion below
             result["error"] = exc
 
@@ -176,9 +180,11 @@ def test_ctrl_c_cancels_hands_jobs_back_and_leaves_no_process(
     settings, layout, conn, bars, cli_env, pg_url, tmp_path
 ):
     # hold both workers inside their first jobs' write, then press Ctrl-C
-    backfill(settings, layout, pairs=["eurusd"], start=Month(2024, 7), end=Month(2024, 7))
+    store_for(settings, layout).backfill(pairs=["eurusd"], start=Month(2024, 7), end=Month(2024, 7))
     blocker = psycopg.connect(pg_url)
-    blocker.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(layout.table("bqx_attempts")))
+    blocker.execute(
+        sql.SQL("LOCK TABLE {} IN SHARE MODE").format(names.table(layout, "bqx_attempts"))
+    )
     # stderr to a file, not a pipe: a pipe nobody reads fills up with progress lines and
     # blocks the backfill's writes, so it could not exit
     errfile = (tmp_path / "stderr.txt").open("w+")
@@ -246,7 +252,7 @@ def test_password_is_in_no_task_key_task_stream_or_worker_log(
         watcher = threading.Thread(target=watch)
         watcher.start()
         try:
-            summary = backfill(settings, layout, workers=2, executor="dask",
+            summary = store_for(settings, layout).backfill(workers=2, executor="dask",
                                scheduler=cluster.scheduler_address)  # fmt: skip
         finally:
             watching.set()
@@ -282,7 +288,7 @@ def test_preflight_refuses_a_socket_url_for_workers_on_other_hosts(
     # the workers now look as if they ran on another machine than this backfill
     monkeypatch.setattr(dask_executor, "_this_host", lambda: "somewhere-else")
     with pytest.raises(BqxError) as err:
-        backfill(settings, layout, executor="dask", scheduler=cluster.scheduler_address)
+        store_for(settings, layout).backfill(executor="dask", scheduler=cluster.scheduler_address)
     text = str(err.value)
     assert "\n" not in text and "set BQX_DATABASE_URL to a TCP address" in text
     assert "somewhere-else" not in text and "runs on host" in text
@@ -295,7 +301,7 @@ def test_preflight_refuses_workers_with_another_bqx_version(
 ):
     monkeypatch.setattr(bqx, "__version__", "0.0.0-other")  # this side only: workers keep theirs
     with pytest.raises(BqxError) as err:
-        backfill(settings, layout, executor="dask", scheduler=cluster.scheduler_address)
+        store_for(settings, layout).backfill(executor="dask", scheduler=cluster.scheduler_address)
     assert "\n" not in str(err.value) and "this run bqx 0.0.0-other" in str(err.value)
     assert _q(conn, "SELECT count(*) FROM {jobs} WHERE status <> 'pending'", layout) == [(0,)]
 
@@ -326,5 +332,5 @@ def test_preflight_names_a_worker_that_cannot_import_bqx_or_reach_the_database()
 def test_unreachable_scheduler_is_one_line(settings, layout, bars, monkeypatch):
     monkeypatch.setattr(dask_executor, "CONNECT_TIMEOUT_S", 1.0)
     with pytest.raises(BqxError) as err:
-        backfill(settings, layout, executor="dask", scheduler="tcp://127.0.0.1:9")
+        store_for(settings, layout).backfill(executor="dask", scheduler="tcp://127.0.0.1:9")
     assert "\n" not in str(err.value) and "--scheduler tcp://127.0.0.1:9" in str(err.value)

@@ -14,16 +14,17 @@ from psycopg import sql
 from typer.testing import CliRunner
 
 import bqx
-from bqx.backfill import backfill
 from bqx.cli import app
+from bqx.core.layout import target_columns
 from bqx.errors import BqxError
-from bqx.schema import target_columns
+from bqx.store import names
+from conftest import store_for
 
 
 def _plain_select(conn, layout, pair) -> list[tuple]:
     cols = [c for c in target_columns() if c != "created_at"]
     q = sql.SQL("SELECT {} FROM {} ORDER BY ts_utc").format(
-        sql.SQL(", ").join(map(sql.Identifier, cols)), layout.target(pair)
+        sql.SQL(", ").join(map(sql.Identifier, cols)), names.target(layout, pair)
     )
     return conn.execute(q).fetchall()
 
@@ -45,7 +46,7 @@ def _same_rows(table: pa.Table, rows: list[tuple]) -> None:
 def stored(settings, layout, make_bars):
     make_bars("eurusd", "2024-07-30", 4 * 1440, seed=1)  # crosses into August
     make_bars("usdjpy", "2024-07-31", 2 * 1440, seed=2, level=160.0)
-    backfill(settings, layout, workers=1)
+    store_for(settings, layout).backfill(workers=1)
     return settings
 
 
@@ -63,7 +64,7 @@ def test_read_metrics_gives_exactly_the_stored_rows(stored, conn, layout) -> Non
         sql.SQL(
             "SELECT ts_utc, agg_bqx_max, rate FROM {} WHERE ts_utc >= %s AND ts_utc < %s"
             " ORDER BY ts_utc"
-        ).format(layout.target("eurusd")),
+        ).format(names.target(layout, "eurusd")),
         (start, datetime(2024, 8, 1, 6, 30, tzinfo=UTC)),
     ).fetchall()
     assert len(rows) > 100
@@ -106,22 +107,23 @@ def test_export_writes_every_stored_row_partitioned(stored, conn, layout, cli_en
         assert doc["rows"] >= len(rows)
         _same_rows(metrics, rows)
     # a month range exports those months only, and a rerun replaces files in place
-    from bqx.export import export
-    from bqx.schema import Month
+    from bqx.core.months import Month
 
-    again = export(stored, out, pairs=["EURUSD"], start=Month(2024, 8), end=Month(2024, 8))
+    again = store_for(stored).export(
+        out, pairs=["EURUSD"], start=Month(2024, 8), end=Month(2024, 8)
+    )
     assert again.files == 1 and again.pairs == ["eurusd"]
     assert len(list(out.rglob("*.parquet"))) == 4 and not list(out.rglob("*.tmp"))
     n_aug = conn.execute(
         sql.SQL("SELECT count(*) FROM {} WHERE ts_utc >= '2024-08-01'").format(
-            layout.target("eurusd")
+            names.target(layout, "eurusd")
         )
     ).fetchone()[0]
     assert again.rows == n_aug
 
 
 def test_copy_decoder_handles_nulls_and_many_columns(conn) -> None:
-    from bqx.db import copy_out_columns
+    from bqx.db.copy import copy_out_columns
 
     q = sql.SQL(
         "SELECT timestamptz '2024-01-01' + make_interval(mins => g),"

@@ -16,10 +16,10 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from bqx.backfill import backfill
+from bqx.core.layout import Layout
 from bqx.db import EmbeddedServer
-from bqx.schema import Layout
-from conftest import alive, random_walk_bars, wait_for
+from bqx.store import names
+from conftest import alive, random_walk_bars, store_for, wait_for
 
 
 def _count(conn: psycopg.Connection, query: str, table: sql.Composable) -> int:
@@ -35,12 +35,14 @@ def eurusd(make_bars):
 def _held_run(pg_url, layout, conn, cli_env, extra=()):
     """A CLI backfill whose two workers are held inside their first jobs by a lock."""
     blocker = psycopg.connect(pg_url)
-    blocker.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(layout.table("bqx_attempts")))
+    blocker.execute(
+        sql.SQL("LOCK TABLE {} IN SHARE MODE").format(names.table(layout, "bqx_attempts"))
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "bqx.cli", "backfill", "--workers", "2", "--force", *extra],
         env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    jobs = layout.table("bqx_jobs")
+    jobs = names.table(layout, "bqx_jobs")
     wait_for(
         lambda: _count(conn, "SELECT count(*) FROM {} WHERE status = 'running'", jobs) == 2,
         what="two running jobs",
@@ -57,7 +59,7 @@ def _held_run(pg_url, layout, conn, cli_env, extra=()):
 def test_sigterm_stops_like_ctrl_c_and_records_the_run_as_interrupted(
     settings, layout, conn, eurusd, cli_env, pg_url
 ):
-    backfill(settings, layout, workers=1)  # creates the ledger the blocker locks
+    store_for(settings, layout).backfill(workers=1)  # creates the ledger the blocker locks
     blocker, proc, workers = _held_run(pg_url, layout, conn, cli_env)
     try:
         proc.send_signal(signal.SIGTERM)
@@ -73,11 +75,11 @@ def test_sigterm_stops_like_ctrl_c_and_records_the_run_as_interrupted(
     wait_for(lambda: not any(alive(p) for p in workers), 10, "workers to exit")
     run_status = conn.execute(
         sql.SQL("SELECT status, ended_at IS NOT NULL FROM {} ORDER BY run_id DESC LIMIT 1").format(
-            layout.table("bqx_runs")
+            names.table(layout, "bqx_runs")
         )
     ).fetchone()
     assert run_status == ("interrupted", True)
-    jobs = layout.table("bqx_jobs")
+    jobs = names.table(layout, "bqx_jobs")
     assert _count(conn, "SELECT count(*) FROM {} WHERE status = 'running'", jobs) == 0
 
 
@@ -85,7 +87,7 @@ def test_sigterm_stops_like_ctrl_c_and_records_the_run_as_interrupted(
 def test_killed_driver_leaves_no_worker_and_next_run_marks_its_run_interrupted(
     settings, layout, conn, eurusd, cli_env, pg_url, executor
 ):
-    backfill(settings, layout, workers=1)
+    store_for(settings, layout).backfill(workers=1)
     blocker, proc, workers = _held_run(pg_url, layout, conn, cli_env, ("--executor", executor))
     try:
         proc.kill()  # SIGKILL: no handler runs, the run row stays 'running'
@@ -94,19 +96,19 @@ def test_killed_driver_leaves_no_worker_and_next_run_marks_its_run_interrupted(
         blocker.rollback()
         blocker.close()
     wait_for(lambda: not any(alive(p) for p in workers), 10, "workers to die with the driver")
-    runs = layout.table("bqx_runs")
+    runs = names.table(layout, "bqx_runs")
     orphan = conn.execute(
         sql.SQL("SELECT run_id, status FROM {} ORDER BY run_id DESC LIMIT 1").format(runs)
     ).fetchone()
     assert orphan[1] == "running"
-    summary = backfill(settings, layout, workers=2)
+    summary = store_for(settings, layout).backfill(workers=2)
     assert summary.status == "done" and summary.jobs_failed == 0
     status = conn.execute(
         sql.SQL("SELECT status FROM {} WHERE run_id = %s").format(runs), (orphan[0],)
     ).fetchone()[0]
     assert status == "interrupted"
     # the months the dead run held were redone: every source bar has its row
-    assert _count(conn, "SELECT count(*) FROM {}", layout.target("eurusd")) == len(eurusd[0])
+    assert _count(conn, "SELECT count(*) FROM {}", names.target(layout, "eurusd")) == len(eurusd[0])
 
 
 def test_database_gone_mid_run_gives_one_line_and_the_next_run_resumes(tmp_path: Path):
@@ -116,21 +118,19 @@ def test_database_gone_mid_run_gives_one_line_and_the_next_run_resumes(tmp_path:
     layout = Layout(schema="outage")
     try:
         from bqx.db import connect
-        from bqx.sources.load import load_bars
+        from bqx.store.bars import load_bars
 
         times, ohlcv = random_walk_bars("2024-07-01", 62 * 1440, seed=5)
         with connect(url, autocommit=True) as conn:
             load_bars(conn, layout, "eurusd", times, ohlcv, mode="replace")
         script = textwrap.dedent(
             f"""
-            from bqx.backfill import backfill
-            from bqx.config import load_settings
-            from bqx.errors import BqxError
-            from bqx.schema import Layout
+            import bqx
             import sys
+            from bqx.errors import BqxError
             try:
-                backfill(load_settings(database_url={url!r}), Layout(schema="outage"),
-                         workers=1, job_timeout=120, reconnect_within_s=3, force=True)
+                bqx.Store(database_url={url!r}, schema="outage").backfill(
+                    workers=1, job_timeout=120, reconnect_within_s=3, force=True)
             except BqxError as exc:
                 print("error:", exc, file=sys.stderr)
                 sys.exit(1)
@@ -138,8 +138,10 @@ def test_database_gone_mid_run_gives_one_line_and_the_next_run_resumes(tmp_path:
         )
         blocker = psycopg.connect(url)
         with connect(url, autocommit=True) as conn:
-            backfill(load_settings_for(url), layout, workers=1)
-        blocker.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(layout.table("bqx_attempts")))
+            store_for(load_settings_for(url), layout).backfill(workers=1)
+        blocker.execute(
+            sql.SQL("LOCK TABLE {} IN SHARE MODE").format(names.table(layout, "bqx_attempts"))
+        )
         proc = subprocess.Popen(
             [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True, env={**os.environ, "BQX_HOME": str(tmp_path / "other")},
@@ -148,7 +150,7 @@ def test_database_gone_mid_run_gives_one_line_and_the_next_run_resumes(tmp_path:
             wait_for(
                 lambda: _count(
                     conn, "SELECT count(*) FROM {} WHERE status = 'running'",
-                    layout.table("bqx_jobs"),
+                    names.table(layout, "bqx_jobs"),
                 ) == 1,
                 what="a running job",
             )  # fmt: skip
@@ -160,18 +162,18 @@ def test_database_gone_mid_run_gives_one_line_and_the_next_run_resumes(tmp_path:
         lines = [ln for ln in err.splitlines() if ln.strip()]
         assert len(lines) == 1 and "lost the database" in lines[0], err
         server.start()
-        summary = backfill(load_settings_for(url), layout, workers=1, force=True)
+        summary = store_for(load_settings_for(url), layout).backfill(workers=1, force=True)
         assert summary.status == "done"
         with connect(url, autocommit=True) as conn:
             statuses = [
                 s for (s,) in conn.execute(
                     sql.SQL("SELECT status FROM {} ORDER BY run_id").format(
-                        layout.table("bqx_runs")
+                        names.table(layout, "bqx_runs")
                     )
                 )
             ]  # fmt: skip
             assert statuses == ["done", "interrupted", "done"]
-            rows = _count(conn, "SELECT count(*) FROM {}", layout.target("eurusd"))
+            rows = _count(conn, "SELECT count(*) FROM {}", names.target(layout, "eurusd"))
         assert rows == len(times)
     finally:
         server.stop()
@@ -190,10 +192,10 @@ def test_a_bad_lookback_bar_is_named_by_pair_time_value_and_its_own_month(
     aug = times[(times >= np.datetime64("2024-08-01")) & (times < np.datetime64("2024-09-01"))]
     bad = aug[-3]  # August's own bar, and inside September's lookback
     conn.execute(
-        sql.SQL("UPDATE {} SET close = 0 WHERE time = %s").format(layout.source("eurusd")),
+        sql.SQL("UPDATE {} SET close = 0 WHERE time = %s").format(names.source(layout, "eurusd")),
         (bad.item().replace(tzinfo=UTC),),
     )
-    summary = backfill(settings, layout, workers=1, max_attempts=1)
+    summary = store_for(settings, layout).backfill(workers=1, max_attempts=1)
     failed = {month: error for pair, month, error in summary.failures}
     assert sorted(failed) == ["2024-08", "2024-09"]  # July's job does not read that bar
     when = str(bad.astype("datetime64[s]")).replace("T", " ")
@@ -254,24 +256,28 @@ def test_two_backfills_at_once_never_run_a_job_twice_at_the_same_time(
             "SELECT count(*) FROM {a} x JOIN {a} y ON x.pair = y.pair AND x.month = y.month"
             " AND x.attempt_id < y.attempt_id AND x.status = 'done' AND y.status = 'done'"
             " AND tstzrange(x.started_at, x.finished_at) && tstzrange(y.started_at, y.finished_at)"
-        ).format(a=layout.table("bqx_attempts"))
+        ).format(a=names.table(layout, "bqx_attempts"))
     ).fetchone()[0]
     assert overlaps == 0
     for pair in ("eurusd", "gbpusd"):
         rows, distinct = conn.execute(
-            sql.SQL("SELECT count(*), count(DISTINCT ts_utc) FROM {}").format(layout.target(pair))
+            sql.SQL("SELECT count(*), count(DISTINCT ts_utc) FROM {}").format(
+                names.target(layout, pair)
+            )
         ).fetchone()
-        source = _count(conn, "SELECT count(*) FROM {}", layout.source(pair))
+        source = _count(conn, "SELECT count(*) FROM {}", names.source(layout, pair))
         assert rows == distinct == source
     assert (
-        _count(conn, "SELECT count(*) FROM {} WHERE status <> 'done'", layout.table("bqx_jobs"))
+        _count(
+            conn, "SELECT count(*) FROM {} WHERE status <> 'done'", names.table(layout, "bqx_jobs")
+        )
         == 0
     )
 
 
 def test_a_thread_worker_id_names_its_process_for_a_takeover():
-    from bqx.backfill import worker_is_dead
     from bqx.db import worker_id
+    from bqx.store.ledger import worker_is_dead
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()

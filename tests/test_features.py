@@ -14,11 +14,12 @@ from hypothesis import strategies as st
 from psycopg import sql
 from typer.testing import CliRunner
 
-from bqx.backfill import backfill
 from bqx.cli import app
 from bqx.errors import BqxError
 from bqx.metrics import compute
-from bqx.ml.features import build_features, pair_features, split_boundaries, write_features
+from bqx.ml.features import build_features, pair_features, split_boundaries
+from bqx.store import names
+from conftest import store_for
 
 WINDOWS = (3, 5, 8)
 LAGS = (1, 2, 6)
@@ -104,7 +105,7 @@ def test_target_is_the_column_h_bars_later_and_splits_keep_the_embargo() -> None
 def test_features_command_on_stored_bars(settings, layout, make_bars, cli_env, tmp_path) -> None:
     for i, pair in enumerate(["eurusd", "usdjpy"]):
         make_bars(pair, "2024-07-29", 4 * 1440, seed=i, level=1.08 if i == 0 else 160.0)
-    backfill(settings, layout, workers=1)
+    store_for(settings, layout).backfill(workers=1)
     out = tmp_path / "feat"
     h = 30
     result = CliRunner().invoke(
@@ -119,7 +120,7 @@ def test_features_command_on_stored_bars(settings, layout, make_bars, cli_env, t
     assert manifest["target"] == "w15_bqx_return" and manifest["horizon"] == h
     assert manifest["embargo_bars"] == h + 75
     assert set(manifest["splits"]) == {"train", "validation", "test"}
-    from bqx.export import read_metrics
+    from bqx import read_metrics
 
     total = 0
     for pair in ("eurusd", "usdjpy"):
@@ -148,22 +149,22 @@ def test_features_command_on_stored_bars(settings, layout, make_bars, cli_env, t
 
 def test_bad_options_give_one_line(cli_env, tmp_path, make_bars, settings, layout, conn) -> None:
     make_bars("eurusd", "2024-07-29", 600, seed=1)
-    backfill(settings, layout, workers=1)
+    store_for(settings, layout).backfill(workers=1)
     for kwargs, culprit in (
         ({"target": "nope"}, "--target"),
         ({"pairs": ["GBPUSD"]}, "GBPUSD"),
-        ({"horizon": 0}, "--horizon"),
+        ({"horizon": 0}, "invalid horizon 0"),
     ):
         with pytest.raises(BqxError, match=culprit):
-            write_features(settings, tmp_path / "f", **kwargs)
+            store_for(settings).features(tmp_path / "f", **kwargs)
     # a bar stored after the backfill has no metric row yet: refused, naming pair and time
     conn.execute(
         sql.SQL("INSERT INTO {} VALUES ('2024-07-30 00:00+00', 1.1, 1.1, 1.1, 1.1, 1)").format(
-            layout.source("eurusd")
+            names.source(layout, "eurusd")
         )
     )
     with pytest.raises(BqxError, match=r"EURUSD: .* differ from 2024-07-30T00:00:00Z"):
-        write_features(settings, tmp_path / "f")
+        store_for(settings).features(tmp_path / "f")
     proc = subprocess.run(
         [sys.executable, "-m", "bqx.cli", "features", "--out", str(tmp_path / "f"),
          "--split", "0.7,0.2"],

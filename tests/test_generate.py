@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 from psycopg import sql
 
-from bqx.schema import REPORT_PAIRS, Month
-from bqx.sources.generate import generate, pip_digits, synth_bars
+from bqx.core.months import Month
+from bqx.core.symbols import REPORT_PAIRS
+from bqx.sources.generate import pip_digits, synth_bars
+from bqx.store import names
+from conftest import store_for
 
 JULY = Month(2024, 7)
 
@@ -82,13 +85,15 @@ def test_reproducible_and_subset_consistent(july):
 
 
 def test_stored_exactly(settings, layout, conn):
-    summary = generate(settings, layout, ["EURUSD", "usdjpy"], JULY, Month(2024, 8), workers=2)
+    summary = store_for(settings, layout).generate(
+        ["EURUSD", "usdjpy"], JULY, Month(2024, 8), workers=2
+    )
     expected = {p: (t, o) for p, t, o in synth_bars(["eurusd", "usdjpy"], JULY, Month(2024, 8))}
     assert summary.bars == sum(len(t) for t, _ in expected.values())
     assert summary.months == ["2024-07", "2024-08"]
     for pair, (times, ohlcv) in expected.items():
         for month in (JULY, Month(2024, 8)):
-            part = layout.source_partition(pair, month)
+            part = names.source_partition(layout, pair, month)
             n = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(part)).fetchone()[0]
             in_month = (times >= np.datetime64(month.start.replace(tzinfo=None))) & (
                 times < np.datetime64(month.end.replace(tzinfo=None))
@@ -97,20 +102,20 @@ def test_stored_exactly(settings, layout, conn):
         rows = conn.execute(
             sql.SQL(
                 "SELECT time, open, high, low, close, volume FROM {} ORDER BY time LIMIT 3"
-            ).format(layout.source(pair))
+            ).format(names.source(layout, pair))
         ).fetchall()
         for row, t, o in zip(rows, times[:3], ohlcv[:3], strict=True):
             assert np.datetime64(row[0].replace(tzinfo=None), "us") == t
             assert list(row[1:]) == o.tolist()
     # generating July again replaces July with the same bars and leaves August
-    august = layout.source_partition("eurusd", Month(2024, 8))
+    august = names.source_partition(layout, "eurusd", Month(2024, 8))
     count = sql.SQL("SELECT count(*) FROM {}")
     n_aug = conn.execute(count.format(august)).fetchone()[0]
-    generate(settings, layout, ["eurusd"], JULY, JULY)
+    store_for(settings, layout).generate(["eurusd"], JULY, JULY)
     _, july_only, _ = next(synth_bars(["eurusd"], JULY, JULY))
-    assert conn.execute(count.format(layout.source_partition("eurusd", JULY))).fetchone()[0] == len(
-        july_only
-    )
+    assert conn.execute(count.format(names.source_partition(layout, "eurusd", JULY))).fetchone()[
+        0
+    ] == len(july_only)
     assert conn.execute(count.format(august)).fetchone()[0] == n_aug
 
 
@@ -118,22 +123,28 @@ def test_a_month_is_the_same_whatever_range_is_generated(settings, pg_url, conn)
     """Same seed and month, same bars: 2024-07..08 and 2024-07..09 in two schemas agree on July
     and August, and months join without a jump beyond a minute's move."""
     from bqx.config import load_settings
-    from bqx.schema import Layout
+    from bqx.core.layout import Layout
 
     other = Layout(schema=settings.schema_name + "_b")
     try:
-        generate(settings, Layout(settings.schema_name), ["eurusd"], JULY, Month(2024, 8), seed=3)
-        generate(load_settings(database_url=pg_url, schema_name=other.schema,
-                               home=settings.home), other, ["eurusd"], JULY, Month(2024, 9),
-                 seed=3)  # fmt: skip
+        store_for(settings, Layout(settings.schema_name)).generate(
+            ["eurusd"], JULY, Month(2024, 8), seed=3
+        )
+        store_for(
+            load_settings(database_url=pg_url, schema_name=other.schema, home=settings.home), other
+        ).generate(["eurusd"], JULY, Month(2024, 9), seed=3)
         q = "SELECT time, open, high, low, close, volume FROM {} ORDER BY time"
         for month in (JULY, Month(2024, 8)):
             a = conn.execute(
-                sql.SQL(q).format(Layout(settings.schema_name).source_partition("eurusd", month))
+                sql.SQL(q).format(
+                    names.source_partition(Layout(settings.schema_name), "eurusd", month)
+                )
             ).fetchall()
-            b = conn.execute(sql.SQL(q).format(other.source_partition("eurusd", month))).fetchall()
+            b = conn.execute(
+                sql.SQL(q).format(names.source_partition(other, "eurusd", month))
+            ).fetchall()
             assert len(a) > 30_000 and a == b, month
-        rows = conn.execute(sql.SQL(q).format(other.source("eurusd"))).fetchall()
+        rows = conn.execute(sql.SQL(q).format(names.source(other, "eurusd"))).fetchall()
     finally:
         conn.execute(
             sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(other.schema))
@@ -158,7 +169,7 @@ def test_an_unknown_currency_is_refused_before_anything_is_created(settings, lay
 
     for pair in ("ABCDEF", "EUREUR"):
         with pytest.raises(BqxError, match=f"cannot generate {pair}"):
-            generate(settings, layout, [pair], Month(2024, 7), Month(2024, 7))
+            store_for(settings, layout).generate([pair], Month(2024, 7), Month(2024, 7))
     found = conn.execute(
         "SELECT count(*) FROM pg_namespace WHERE nspname = %s", (layout.schema,)
     ).fetchone()[0]

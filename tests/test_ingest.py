@@ -19,11 +19,13 @@ import pyarrow.parquet as pq
 import pytest
 from psycopg import sql
 
+from bqx.core.months import Month
+from bqx.db import resolve_url
 from bqx.errors import BqxError
-from bqx.schema import Month
 from bqx.sources import ingest as ingest_mod
 from bqx.sources.ingest import Mapping, ingest_files, pairs_in_name, sniff
-from bqx.sources.load import lock_source_month, source_month_key
+from bqx.store import names
+from bqx.store.bars import lock_source_month, source_month_key
 
 
 def utc(*args: int) -> datetime:
@@ -33,7 +35,7 @@ def utc(*args: int) -> datetime:
 def stored(conn, layout, pair: str) -> list[tuple]:
     return conn.execute(
         sql.SQL("SELECT time, open, high, low, close, volume FROM {} ORDER BY time").format(
-            layout.source(pair)
+            names.source(layout, pair)
         )
     ).fetchall()
 
@@ -70,7 +72,7 @@ def test_histdata_exact_bars_times_and_rejects(settings, layout, conn, tmp_path)
     f = tmp_path / "DAT_ASCII_EURUSD_M1_2024.csv"
     f.write_text(HISTDATA)
     assert sniff(f) == "histdata"
-    s = ingest_files(settings, layout, [f], "EURUSD")
+    s = ingest_files(resolve_url(settings), layout, [f], "EURUSD")
     # EST is UTC-5 all year: no daylight-saving shift in March; July 31 23:30 EST is August 1
     assert stored(conn, layout, "eurusd") == [
         (utc(2024, 3, 10, 7, 30), 1.085, 1.0851, 1.0849, 1.08505, 0.0),
@@ -114,7 +116,7 @@ def test_histdata_zip_as_shipped_with_crlf_and_bom(settings, layout, conn, tmp_p
             "20240630 170100;1.07120;1.07130;1.07110;1.07125;0\r\n",
         )
     assert sniff(f) == "histdata"
-    s = ingest_files(settings, layout, [f], "EURUSD")
+    s = ingest_files(resolve_url(settings), layout, [f], "EURUSD")
     assert stored(conn, layout, "eurusd") == [
         (utc(2024, 6, 30, 22, 0), 1.071, 1.0712, 1.0709, 1.0712, 0.0),
         (utc(2024, 6, 30, 22, 1), 1.0712, 1.0713, 1.0711, 1.07125, 0.0),
@@ -166,7 +168,7 @@ def test_big_unsorted_file_across_blocks_gives_exact_bars_lines_and_duplicates(
     f = tmp_path / "unsorted.csv.gz"
     with gzip.open(f, "wt") as g:
         g.write("\n".join(text) + "\n")
-    s = ingest_files(settings, layout, [f], "EURUSD", fmt="histdata")
+    s = ingest_files(resolve_url(settings), layout, [f], "EURUSD", fmt="histdata")
     want = [(t.replace(tzinfo=UTC) + timedelta(hours=5), *v) for t, v in sorted(kept.items())]
     assert stored(conn, layout, "eurusd") == want
     assert rejects_of(s.rejects_file) == expected_rejects
@@ -178,13 +180,17 @@ def test_big_unsorted_file_across_blocks_gives_exact_bars_lines_and_duplicates(
 
     # re-ingesting changes nothing, not even the rows' versions
     xmins = conn.execute(
-        sql.SQL("SELECT time, xmin::text FROM {} ORDER BY time").format(layout.source("eurusd"))
+        sql.SQL("SELECT time, xmin::text FROM {} ORDER BY time").format(
+            names.source(layout, "eurusd")
+        )
     ).fetchall()
-    again = ingest_files(settings, layout, [f], "EURUSD")
+    again = ingest_files(resolve_url(settings), layout, [f], "EURUSD")
     assert (again.inserted, again.updated, again.unchanged) == (0, 0, len(kept))
     assert (
         conn.execute(
-            sql.SQL("SELECT time, xmin::text FROM {} ORDER BY time").format(layout.source("eurusd"))
+            sql.SQL("SELECT time, xmin::text FROM {} ORDER BY time").format(
+                names.source(layout, "eurusd")
+            )
         ).fetchall()
         == xmins
     )
@@ -193,19 +199,19 @@ def test_big_unsorted_file_across_blocks_gives_exact_bars_lines_and_duplicates(
 def test_reingest_changes_nothing_and_overlapping_files_merge(settings, layout, conn, tmp_path):
     a = tmp_path / "a.csv"
     a.write_text("20240701 000000;1.1;1.2;1.0;1.15;1\n20240701 000100;1.1;1.2;1.0;1.15;2\n")
-    ingest_files(settings, layout, [a], "EURUSD")
+    ingest_files(resolve_url(settings), layout, [a], "EURUSD")
     before = stored(conn, layout, "eurusd")
-    again = ingest_files(settings, layout, [a], "EURUSD")
+    again = ingest_files(resolve_url(settings), layout, [a], "EURUSD")
     assert (again.inserted, again.updated, again.unchanged) == (0, 0, 2)
     assert stored(conn, layout, "eurusd") == before
     b = tmp_path / "b.csv.gz"
     with gzip.open(b, "wt") as f:
         f.write("20240701 000100;1.1;1.2;1.0;1.16;2\n20240701 000200;1.1;1.2;1.0;1.17;3\n")
-    merged = ingest_files(settings, layout, [b], "EURUSD")
+    merged = ingest_files(resolve_url(settings), layout, [b], "EURUSD")
     assert (merged.inserted, merged.updated, merged.unchanged) == (1, 1, 0)
     assert [r[4] for r in stored(conn, layout, "eurusd")] == [1.15, 1.16, 1.17]
     # two overlapping files in one call: the later file's bar wins and counts as a duplicate
-    both = ingest_files(settings, layout, [b, a], "EURUSD")
+    both = ingest_files(resolve_url(settings), layout, [b, a], "EURUSD")
     assert (both.accepted, both.duplicates) == (3, 1)
     assert [r[4] for r in stored(conn, layout, "eurusd")] == [1.15, 1.15, 1.17]
 
@@ -222,7 +228,7 @@ def test_dukascopy_gmt_and_local_time_exports(settings, layout, conn, tmp_path):
             "01.07.2024 00:03:00.000,1.07120,1.07130\n"
         )
     assert sniff(f) == "dukascopy"
-    s = ingest_files(settings, layout, [f], "eurusd", fmt="auto")
+    s = ingest_files(resolve_url(settings), layout, [f], "eurusd", fmt="auto")
     assert stored(conn, layout, "eurusd") == [
         (utc(2024, 7, 1, 0, 0), 1.071, 1.0712, 1.0709, 1.0712, 99.1),
         (utc(2024, 7, 1, 0, 1), 1.0712, 1.0713, 1.0711, 1.07125, 123.45),
@@ -239,7 +245,7 @@ def test_dukascopy_gmt_and_local_time_exports(settings, layout, conn, tmp_path):
         "01.12.2024 02:00:00.000 GMT+0200,1.26,1.27,1.25,1.26,10\n"
     )
     assert sniff(local) == "dukascopy"
-    ingest_files(settings, layout, [local], "GBPUSD")
+    ingest_files(resolve_url(settings), layout, [local], "GBPUSD")
     assert [r[0] for r in stored(conn, layout, "gbpusd")] == [utc(2024, 7, 1), utc(2024, 12, 1)]
 
 
@@ -256,7 +262,7 @@ def test_metatrader_zip_with_server_time_zone_across_dst(settings, layout, conn,
             "2024.10.27,04:30,1.26,1.27,1.25,1.26,10\n",  # EET again
         )
     assert sniff(f) == "metatrader"
-    s = ingest_files(settings, layout, [f], "GBPUSD", tz="Europe/Athens")
+    s = ingest_files(resolve_url(settings), layout, [f], "GBPUSD", tz="Europe/Athens")
     assert [r[0] for r in stored(conn, layout, "gbpusd")] == [
         utc(2024, 3, 31, 0, 59),
         utc(2024, 3, 31, 1, 0),
@@ -274,7 +280,7 @@ def test_metatrader5_tab_export_in_a_fixed_offset_zone(settings, layout, conn, t
         "2024.07.01\t00:01:00\t1.07120\t1.07130\t1.07110\t1.07125\t12\t0\t2\n"
     )
     assert sniff(f) == "metatrader"
-    ingest_files(settings, layout, [f], "EURUSD", tz="Etc/GMT-2")  # POSIX sign: UTC+2
+    ingest_files(resolve_url(settings), layout, [f], "EURUSD", tz="Etc/GMT-2")  # POSIX sign: UTC+2
     assert stored(conn, layout, "eurusd") == [
         (utc(2024, 6, 30, 22, 0), 1.071, 1.0712, 1.0709, 1.0712, 45.0),
         (utc(2024, 6, 30, 22, 1), 1.0712, 1.0713, 1.0711, 1.07125, 12.0),
@@ -291,7 +297,7 @@ def test_generic_csv_and_parquet_with_a_column_mapping(settings, layout, conn, t
         "2024-07-01 00:03:00.000,1.1,1.2,1.0,\n"
     )
     mapping = Mapping.parse("time=Date,open=O,high=H,low=L,close=Last,volume=")
-    s = ingest_files(settings, layout, [f], "AUDUSD", fmt="csv", mapping=mapping)
+    s = ingest_files(resolve_url(settings), layout, [f], "AUDUSD", fmt="csv", mapping=mapping)
     assert (s.accepted, s.rejected) == (3, 1)
     assert rejects_of(s.rejects_file) == [(5, "missing close")]
     assert stored(conn, layout, "audusd") == [
@@ -302,7 +308,7 @@ def test_generic_csv_and_parquet_with_a_column_mapping(settings, layout, conn, t
     # a strptime format and a time zone for naive local times
     g = tmp_path / "ny.csv"
     g.write_text("when;open;high;low;close;volume\n01/07/2024 20:00;1.1;1.2;1.0;1.15;3\n")
-    ingest_files(settings, layout, [g], "USDCAD", mapping=Mapping.parse("time=when", "%d/%m/%Y %H:%M"),
+    ingest_files(resolve_url(settings), layout, [g], "USDCAD", mapping=Mapping.parse("time=when", "%d/%m/%Y %H:%M"),
                  tz="America/New_York")  # fmt: skip
     assert stored(conn, layout, "usdcad") == [(utc(2024, 7, 2, 0, 0), 1.1, 1.2, 1.0, 1.15, 3.0)]
 
@@ -313,7 +319,7 @@ def test_generic_csv_and_parquet_with_a_column_mapping(settings, layout, conn, t
         "volume": [5.0, 6.0],
     })  # fmt: skip
     pq.write_table(table, p)
-    s = ingest_files(settings, layout, [p], "AUDUSD", mapping=Mapping.parse("time=ts"))
+    s = ingest_files(resolve_url(settings), layout, [p], "AUDUSD", mapping=Mapping.parse("time=ts"))
     assert (s.accepted, s.rejected) == (1, 1)
     assert rejects_of(s.rejects_file) == [(2, "high 1.2 < low 1.3")]
     assert stored(conn, layout, "audusd")[-1] == (utc(2024, 7, 2, 0, 0), 1.1, 1.2, 1.0, 1.15, 5.0)
@@ -324,7 +330,7 @@ def test_interrupted_ingest_keeps_earlier_months_and_the_interrupted_one(
 ):
     old = tmp_path / "old.csv"
     old.write_text("20240801 000000;2.1;2.2;2.0;2.15;0\n")
-    ingest_files(settings, layout, [old], "EURUSD")
+    ingest_files(resolve_url(settings), layout, [old], "EURUSD")
     august_before = stored(conn, layout, "eurusd")
     new = tmp_path / "new.csv"
     new.write_text("20240701 000000;1.1;1.2;1.0;1.15;0\n20240801 000000;3.1;3.2;3.0;3.15;0\n")
@@ -337,7 +343,7 @@ def test_interrupted_ingest_keeps_earlier_months_and_the_interrupted_one(
 
     monkeypatch.setattr(ingest_mod, "load_bars", failing_second_month)
     with pytest.raises(KeyboardInterrupt):  # (prices far apart on purpose: no level check)
-        ingest_files(settings, layout, [new], "EURUSD", allow_mismatch=True)
+        ingest_files(resolve_url(settings), layout, [new], "EURUSD", allow_mismatch=True)
     rows = stored(conn, layout, "eurusd")
     assert rows[0] == (utc(2024, 7, 1, 5, 0), 1.1, 1.2, 1.0, 1.15, 0.0)  # July stored
     assert rows[1:] == august_before  # August as it was
@@ -358,7 +364,7 @@ def test_interrupted_ingest_keeps_earlier_months_and_the_interrupted_one(
     newer = tmp_path / "newer.csv"
     newer.write_text("20240801 000000;4.1;4.2;4.0;4.15;0\n20240801 000100;4.1;4.2;4.0;4.15;0\n")
     with pytest.raises(Exception, match="null value"):
-        ingest_files(settings, layout, [newer], "EURUSD", allow_mismatch=True)
+        ingest_files(resolve_url(settings), layout, [newer], "EURUSD", allow_mismatch=True)
     assert stored(conn, layout, "eurusd")[1:] == august_before
 
 
@@ -387,12 +393,14 @@ def test_bad_invocations_fail_clearly_and_write_nothing(settings, layout, conn, 
     ]  # fmt: skip
     for files, pair, fmt, kw, message in cases:
         with pytest.raises(BqxError, match=message):
-            ingest_files(settings, layout, files, pair, fmt=fmt, **kw)
+            ingest_files(resolve_url(settings), layout, files, pair, fmt=fmt, **kw)
     exists = conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname = %s", (layout.schema,))
     assert exists.fetchone()[0] == 0  # nothing was created
     assert not list(tmp_path.glob("*.rejects.csv"))  # no rejects file either
     with pytest.raises(BqxError, match=r"cannot write rejects file"):
-        ingest_files(settings, layout, [good], "EURUSD", rejects_path=tmp_path / "no" / "r.csv")
+        ingest_files(
+            resolve_url(settings), layout, [good], "EURUSD", rejects_path=tmp_path / "no" / "r.csv"
+        )
     assert conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname = %s",
                         (layout.schema,)).fetchone()[0] == 0  # fmt: skip
     for args, message in [
@@ -489,7 +497,7 @@ def test_a_file_named_for_another_pair_is_refused(settings, layout, conn, tmp_pa
     for f in files:
         assert pairs_in_name(f) == {"usdjpy"}, f
         with pytest.raises(BqxError, match=rf"{f.name}: the file name says USDJPY, not EURUSD"):
-            ingest_files(settings, layout, [f], "EURUSD", fmt="histdata")
+            ingest_files(resolve_url(settings), layout, [f], "EURUSD", fmt="histdata")
     assert not schema_exists(conn, layout) and not list(tmp_path.glob("*.rejects.csv"))
     for plain in ("bars.csv", "DAT_ASCII_EURUSD_M1_2024.csv", "ASCII_M1_2024.csv", "prices.txt"):
         assert pairs_in_name(tmp_path / plain) <= {"eurusd"}
@@ -497,7 +505,7 @@ def test_a_file_named_for_another_pair_is_refused(settings, layout, conn, tmp_pa
         bqx(["ingest", str(files[1]), "--pair", "EURUSD"], cli_env), "the file name says USDJPY"
     )
     # the user insists
-    s = ingest_files(settings, layout, [files[1]], "EURUSD", allow_mismatch=True)
+    s = ingest_files(resolve_url(settings), layout, [files[1]], "EURUSD", allow_mismatch=True)
     assert s.accepted == 1 and stored(conn, layout, "eurusd")[0][4] == 161.15
 
 
@@ -508,14 +516,14 @@ def test_prices_far_from_the_stored_level_are_refused(settings, layout, conn, tm
     jpy.write_text(JPY_LINE.replace("20240701 000000", "20240702 120000") + JPY_LINE)
     with pytest.raises(BqxError, match=r"prices.csv: median close 161.15 in 2024-07 is 1[45]\d.\dx off"
                                        r" the stored EURUSD bars' level 1\.0\d"):  # fmt: skip
-        ingest_files(settings, layout, [jpy], "EURUSD")
+        ingest_files(resolve_url(settings), layout, [jpy], "EURUSD")
     assert stored(conn, layout, "eurusd") == before
     assert not list(tmp_path.glob("*.rejects.csv"))
     # a level within the factor is the same pair moving: loaded
     near = tmp_path / "near.csv"
     near.write_text("20240702 120000;1.30;1.31;1.29;1.30;0\n")  # 1.2x the stored level
-    assert ingest_files(settings, layout, [near], "EURUSD").accepted == 1
-    s = ingest_files(settings, layout, [jpy], "EURUSD", allow_mismatch=True)
+    assert ingest_files(resolve_url(settings), layout, [near], "EURUSD").accepted == 1
+    s = ingest_files(resolve_url(settings), layout, [jpy], "EURUSD", allow_mismatch=True)
     assert s.inserted + s.updated == 2
 
 
@@ -526,7 +534,7 @@ def test_dukascopy_local_time_export_is_stored_at_the_utc_instant(settings, layo
         "02.12.2024 10:00:00.000 GMT+0300,1.05,1.06,1.04,1.05,10\n"
         "02.12.2024 10:01:00.000 GMT-0130,1.05,1.06,1.04,1.05,10\n"
     )
-    ingest_files(settings, layout, [f], "EURUSD", fmt="dukascopy")
+    ingest_files(resolve_url(settings), layout, [f], "EURUSD", fmt="dukascopy")
     assert [r[0] for r in stored(conn, layout, "eurusd")] == [
         utc(2024, 12, 2, 7, 0),
         utc(2024, 12, 2, 11, 31),
@@ -534,17 +542,17 @@ def test_dukascopy_local_time_export_is_stored_at_the_utc_instant(settings, layo
     naive = tmp_path / "local_no_offset.csv"
     naive.write_text("Local time,Open,High,Low,Close,Volume\n02.12.2024 10:00:00.000,1,1,1,1,0\n")
     with pytest.raises(BqxError, match=r"local_no_offset.csv: .*no GMT offset: give --tz"):
-        ingest_files(settings, layout, [naive], "EURUSD")
-    ingest_files(settings, layout, [naive], "GBPUSD", tz="Europe/Moscow")  # UTC+3
+        ingest_files(resolve_url(settings), layout, [naive], "EURUSD")
+    ingest_files(resolve_url(settings), layout, [naive], "GBPUSD", tz="Europe/Moscow")  # UTC+3
     # formats whose zone is fixed refuse a --tz that would shift their times a second time
     gmt = tmp_path / "gmt.csv"
     gmt.write_text("Gmt time,Open,High,Low,Close,Volume\n02.12.2024 10:00:00.000,1,1,1,1,0\n")
     with pytest.raises(BqxError, match=r"gmt.csv: a Dukascopy 'Gmt time' export is in UTC"):
-        ingest_files(settings, layout, [gmt], "GBPUSD", tz="Europe/Moscow")
+        ingest_files(resolve_url(settings), layout, [gmt], "GBPUSD", tz="Europe/Moscow")
     hist = tmp_path / "hist.csv"
     hist.write_text("20240701 000000;1.1;1.2;1.0;1.15;0\n")
     with pytest.raises(BqxError, match=r"hist.csv: HistData.com times are fixed EST"):
-        ingest_files(settings, layout, [hist], "GBPUSD", tz="America/New_York")
+        ingest_files(resolve_url(settings), layout, [hist], "GBPUSD", tz="America/New_York")
     assert [r[0] for r in stored(conn, layout, "gbpusd")] == [utc(2024, 12, 2, 7, 0)]
 
 
@@ -561,10 +569,10 @@ def test_metatrader_needs_tz_and_mt4_header_csv_is_read(
     message = ("MetaTrader times are in the broker's server time: give --tz (e.g. --tz Etc/GMT-2,"
                " or --tz UTC)")  # fmt: skip
     with pytest.raises(BqxError, match=r"EURUSD1.csv: MetaTrader times .* give --tz"):
-        ingest_files(settings, layout, [mt4], "EURUSD")
+        ingest_files(resolve_url(settings), layout, [mt4], "EURUSD")
     one_line_error(bqx(["ingest", str(mt4), "--pair", "EURUSD"], cli_env), message)
     assert not schema_exists(conn, layout)
-    ingest_files(settings, layout, [mt4], "EURUSD", tz="UTC")
+    ingest_files(resolve_url(settings), layout, [mt4], "EURUSD", tz="UTC")
     assert stored(conn, layout, "eurusd") == [
         (utc(2024, 7, 1, 0, 0), 1.071, 1.0712, 1.0709, 1.0712, 45.0),
         (utc(2024, 7, 1, 0, 1), 1.0712, 1.0713, 1.0711, 1.07125, 12.0),
@@ -575,7 +583,7 @@ def test_metatrader_needs_tz_and_mt4_header_csv_is_read(
         "2024.07.01\t02:00:00\t1.26\t1.27\t1.25\t1.26\t7\t0\t2\n"
     )
     assert sniff(mt5) == "metatrader"
-    ingest_files(settings, layout, [mt5], "GBPUSD", tz="Etc/GMT-2")
+    ingest_files(resolve_url(settings), layout, [mt5], "GBPUSD", tz="Etc/GMT-2")
     assert stored(conn, layout, "gbpusd") == [(utc(2024, 7, 1, 0, 0), 1.26, 1.27, 1.25, 1.26, 7.0)]
 
 
@@ -589,7 +597,9 @@ def test_generic_csv_iso_times_with_offsets_are_utc(settings, layout, conn, tmp_
         "2024-07-01T15:33+05:30,1.1,1.2,1.0,1.1\n"
         "2024-07-01 23:04:00+01,1.1,1.2,1.0,1.1\n"
     )
-    s = ingest_files(settings, layout, [f], "EURUSD", tz="America/New_York")  # offsets win
+    s = ingest_files(
+        resolve_url(settings), layout, [f], "EURUSD", tz="America/New_York"
+    )  # offsets win
     assert s.rejected == 0
     assert [r[0] for r in stored(conn, layout, "eurusd")] == [
         utc(2024, 7, 1, 8, 0), utc(2024, 7, 1, 10, 1), utc(2024, 7, 1, 10, 3),
@@ -609,7 +619,7 @@ def test_two_concurrent_ingests_into_one_empty_month_both_succeed(settings, layo
 
     def run(f):
         try:
-            results[f.name] = ingest_files(settings, layout, [f], "EURUSD")
+            results[f.name] = ingest_files(resolve_url(settings), layout, [f], "EURUSD")
         except BaseException as exc:  # noqa: BLE001 - reported below
             results[f.name] = exc
 
@@ -655,7 +665,7 @@ def test_rejects_path_checked_first_and_stale_file_never_left(
         (other, r"notes.txt exists and is not a bqx rejects file"),
     ]:
         with pytest.raises(BqxError, match=message):
-            ingest_files(settings, layout, [f], "EURUSD", rejects_path=path)
+            ingest_files(resolve_url(settings), layout, [f], "EURUSD", rejects_path=path)
     assert f.read_text() == text and other.read_text() == "my notes\n"
     assert not schema_exists(conn, layout)
     one_line_error(bqx(["ingest", str(f), "--pair", "EURUSD", "--rejects", str(f)], cli_env),
@@ -664,7 +674,7 @@ def test_rejects_path_checked_first_and_stale_file_never_left(
     # an earlier run's rejects file of the same name is overwritten, and the output says so
     default = tmp_path / "in.csv.rejects.csv"
     default.write_text("file,line,reason,text\nold.csv,9,old reason,x\n")
-    s = ingest_files(settings, layout, [f], "EURUSD")
+    s = ingest_files(resolve_url(settings), layout, [f], "EURUSD")
     assert s.rejects_replaced and s.rejects_file == str(default)
     assert rejects_of(default) == [(2, "wrong number of fields")]
     res = bqx(["ingest", str(f), "--pair", "EURUSD"], cli_env)
@@ -701,7 +711,7 @@ def test_broken_files_give_one_line_and_change_nothing(
             bqx(["ingest", str(f), "--pair", "EURUSD", "--format", "histdata"], cli_env), message
         )
         with pytest.raises(BqxError, match=message):
-            ingest_files(settings, layout, [f], "EURUSD", fmt="histdata")
+            ingest_files(resolve_url(settings), layout, [f], "EURUSD", fmt="histdata")
     assert not schema_exists(conn, layout) and not list(tmp_path.glob("*.rejects.csv"))
     # a 10 MB line, a 100 kB line and an invalid UTF-8 byte: those lines are rejected
     f = tmp_path / "DAT_ASCII_EURUSD_M1_2024.csv"
@@ -712,7 +722,7 @@ def test_broken_files_give_one_line_and_change_nothing(
         out.write(b"x" * 100_000 + b"\n")
         out.write(b"20240701 000300;1.1;1.2;1.0;1.15;\xff\n")
         out.write(good.replace("000000", "000400").encode())
-    s = ingest_files(settings, layout, [f], "EURUSD")
+    s = ingest_files(resolve_url(settings), layout, [f], "EURUSD")
     assert [r[0].minute for r in stored(conn, layout, "eurusd")] == [0, 2, 4]
     assert rejects_of(s.rejects_file) == [
         (2, "line too long (10,000,030 bytes; a bar is under 65,536)"),
@@ -756,19 +766,19 @@ def test_close_only_sources_store_null_and_validate_present_columns(
     # only the columns present are checked: close against high, there is no low
     c = tmp_path / "hc.csv"
     c.write_text("time,high,close\n2024-07-03 00:00,1.2,1.1\n2024-07-03 00:01,1.2,1.3\n")
-    s = ingest_files(settings, layout, [c], "AUDUSD")
+    s = ingest_files(resolve_url(settings), layout, [c], "AUDUSD")
     assert rejects_of(s.rejects_file) == [(3, "close 1.3 outside [low, high]")]
     assert stored(conn, layout, "audusd")[-1] == (utc(2024, 7, 3), None, 1.2, None, 1.1, None)
     # a column the user maps by name must exist
     with pytest.raises(BqxError, match=r"no column 'O' for open"):
-        ingest_files(settings, layout, [c], "AUDUSD", mapping=Mapping.parse("open=O"))
+        ingest_files(resolve_url(settings), layout, [c], "AUDUSD", mapping=Mapping.parse("open=O"))
     # a table made with NOT NULL open/high/low (older bqx): a clear error, nothing written
     conn.execute(sql.SQL(
         "CREATE TABLE {} (time timestamptz PRIMARY KEY, open float8 NOT NULL,"
         " high float8 NOT NULL, low float8 NOT NULL, close float8 NOT NULL, volume float8)"
-        " PARTITION BY RANGE (time)").format(layout.source("nzdusd")))  # fmt: skip
+        " PARTITION BY RANGE (time)").format(names.source(layout, "nzdusd")))  # fmt: skip
     with pytest.raises(BqxError, match=r"m1_nzdusd requires open, low \(NOT NULL\).*ALTER TABLE"):
-        ingest_files(settings, layout, [c], "NZDUSD")
+        ingest_files(resolve_url(settings), layout, [c], "NZDUSD")
     assert stored(conn, layout, "nzdusd") == []
 
 
@@ -781,21 +791,23 @@ def test_drop_flat_zero_volume_bars(settings, layout, conn, tmp_path):
         "06.07.2024 00:01:00.000,1.08,1.08,1.08,1.08,0\n"
         "06.07.2024 00:02:00.000,1.08,1.08,1.08,1.08,3\n"  # flat but traded: kept
     )
-    s = ingest_files(settings, layout, [f], "EURUSD", drop_flat=True)
+    s = ingest_files(resolve_url(settings), layout, [f], "EURUSD", drop_flat=True)
     assert (s.accepted, s.dropped_flat) == (2, 2)
     assert [r[0] for r in stored(conn, layout, "eurusd")] == [
         utc(2024, 7, 5, 21, 59),
         utc(2024, 7, 6, 0, 2),
     ]
     assert "2 flat zero-volume bars dropped" in s.line()
-    assert ingest_files(settings, layout, [f], "EURUSD").inserted == 2  # without the option
+    assert (
+        ingest_files(resolve_url(settings), layout, [f], "EURUSD").inserted == 2
+    )  # without the option
 
 
 def test_delete_bars_says_what_asks_and_the_backfill_redoes(
     settings, layout, conn, tmp_path, cli_env, bqx, make_bars
 ):
-    from bqx.backfill import backfill
-    from bqx.sources.load import parse_bound
+    from bqx.core.months import parse_bound
+    from conftest import store_for
 
     assert parse_bound("2024-07-01T02:00+02:00", "--start") == utc(2024, 7, 1)
     assert parse_bound("2024-07-01 00:00Z", "--start") == utc(2024, 7, 1)
@@ -805,8 +817,8 @@ def test_delete_bars_says_what_asks_and_the_backfill_redoes(
         parse_bound("soon", "--end", end=True)
     make_bars("eurusd", "2024-07-29", 6 * 1440)  # 29 July .. 3 August
     n_july = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
-        layout.source_partition("eurusd", Month(2024, 7)))).fetchone()[0]  # fmt: skip
-    first = backfill(settings, layout, workers=1)
+        names.source_partition(layout, "eurusd", Month(2024, 7)))).fetchone()[0]  # fmt: skip
+    first = store_for(settings, layout).backfill(workers=1)
     assert first.jobs_done == 2
     args = ["delete-bars", "--pair", "EURUSD", "--start", "2024-07-31T12:00", "--end", "2024-08"]
     res = subprocess.run([sys.executable, "-m", "bqx.cli", *args], env=cli_env,
@@ -814,9 +826,9 @@ def test_delete_bars_says_what_asks_and_the_backfill_redoes(
     one_line_error_lines = res.stderr.splitlines()
     assert res.returncode == 1 and "give --yes" in one_line_error_lines[-1]
     in_july = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE time >= %s").format(
-        layout.source_partition("eurusd", Month(2024, 7))), (utc(2024, 7, 31, 12),)).fetchone()[0]  # fmt: skip
+        names.source_partition(layout, "eurusd", Month(2024, 7))), (utc(2024, 7, 31, 12),)).fetchone()[0]  # fmt: skip
     n_aug = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
-        layout.source_partition("eurusd", Month(2024, 8)))).fetchone()[0]  # fmt: skip
+        names.source_partition(layout, "eurusd", Month(2024, 8)))).fetchone()[0]  # fmt: skip
     plan = " ".join(one_line_error_lines[0].split())
     assert plan == (f"EURUSD: will delete {in_july + n_aug:,} bars from 2024-07-31 12:00 to"
                     f" 2024-09-01 00:00 UTC (end excluded): 2024-07 ({in_july:,}),"
@@ -829,9 +841,9 @@ def test_delete_bars_says_what_asks_and_the_backfill_redoes(
     assert doc["metric_rows"] == in_july + n_aug
     assert len(stored(conn, layout, "eurusd")) == n_july - in_july
     jobs = conn.execute(sql.SQL("SELECT month::text FROM {} ORDER BY 1").format(
-        layout.table("bqx_jobs"))).fetchall()  # fmt: skip
+        names.table(layout, "bqx_jobs"))).fetchall()  # fmt: skip
     assert jobs == [("2024-07-01",)]  # August has no bars left: no job claims it is done
-    again = backfill(settings, layout, workers=1)
+    again = store_for(settings, layout).backfill(workers=1)
     assert (again.jobs_done, again.jobs_skipped) == (1, 0)  # July's source changed: redone
-    rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(layout.target("eurusd")))
+    rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(names.target(layout, "eurusd")))
     assert rows.fetchone()[0] == n_july - in_july

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bqx import kernels, metrics
+from bqx import metrics
+from bqx.core import kernels
 from bqx.metrics import (
     DEFAULT_WINDOWS,
     compute,

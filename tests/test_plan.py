@@ -15,9 +15,13 @@ import pytest
 from psycopg import sql
 
 from bqx import metrics
-from bqx.backfill import NothingToPlan, Params, backfill, plan_backfill, preflight
-from bqx.errors import BqxError
-from bqx.schema import Layout, Month
+from bqx.core.layout import Layout
+from bqx.core.months import Month
+from bqx.core.params import Params
+from bqx.errors import BqxError, NothingToDo
+from bqx.pipeline.plan import plan_backfill, preflight
+from bqx.store import names
+from conftest import store_for
 
 OCT, NOV = Month(2024, 10), Month(2024, 11)
 WINDOWS = (15, 30, 45, 60, 75)
@@ -42,7 +46,7 @@ def objects(conn: psycopg.Connection, schema: str) -> set[str]:
 
 def run_ids(conn: psycopg.Connection, layout: Layout) -> list[int]:
     return [r[0] for r in conn.execute(sql.SQL("SELECT run_id FROM {} ORDER BY 1").format(
-        layout.table("bqx_runs")))]  # fmt: skip
+        names.table(layout, "bqx_runs")))]  # fmt: skip
 
 
 def cli(cli_env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
@@ -63,9 +67,9 @@ def test_other_parameters_are_refused_and_force_recomputes_the_whole_pair(
     settings, layout, conn, bars
 ):
     times, ohlcv = bars
-    backfill(settings, layout, workers=1)
+    store_for(settings, layout).backfill(workers=1)
     runs = run_ids(conn, layout)
-    stamp = sql.SQL("SELECT max(created_at) FROM {}").format(layout.target("eurusd"))
+    stamp = sql.SQL("SELECT max(created_at) FROM {}").format(names.target(layout, "eurusd"))
     written = conn.execute(stamp).fetchone()[0]
 
     with pytest.raises(
@@ -73,29 +77,33 @@ def test_other_parameters_are_refused_and_force_recomputes_the_whole_pair(
         match=r"bqx_eurusd holds results computed with mode=bars, not "
         r"mode=clock as asked: add --force to recompute every month of EURUSD",
     ):
-        backfill(settings, layout, mode="clock", workers=1)  # fmt: skip
+        store_for(settings, layout).backfill(mode="clock", workers=1)  # fmt: skip
     with pytest.raises(BqxError, match=r"with max_fill=5, not max_fill=9 as asked"):
-        backfill(settings, layout, max_fill=9, workers=1)
+        store_for(settings, layout).backfill(max_fill=9, workers=1)
     assert run_ids(conn, layout) == runs  # refused before any run was recorded
     assert conn.execute(stamp).fetchone()[0] == written  # and nothing was rewritten
 
     # --force with a one-month range still recomputes every month of the pair
-    forced = backfill(settings, layout, mode="clock", workers=1, force=True, start=NOV, end=NOV)
+    forced = store_for(settings, layout).backfill(
+        mode="clock", workers=1, force=True, start=NOV, end=NOV
+    )
     assert (forced.jobs_done, forced.jobs_total) == (2, 2)
     ref = metrics.compute(times, ohlcv[:, 3], windows=WINDOWS, mode="clock")
     got = [
         r[0]
         for r in conn.execute(
-            sql.SQL("SELECT w15_bqx_max FROM {} ORDER BY ts_utc").format(layout.target("eurusd"))
+            sql.SQL("SELECT w15_bqx_max FROM {} ORDER BY ts_utc").format(
+                names.target(layout, "eurusd")
+            )
         )
     ]
     np.testing.assert_allclose(np.array(got, dtype=float), ref["w15_bqx_max"], rtol=0)
 
     # now the table holds clock-mode results: a plain run is refused the other way round,
     # also when the parameters are only known from the ledger's runs
-    conn.execute(sql.SQL("DELETE FROM {}").format(layout.table("bqx_targets")))
+    conn.execute(sql.SQL("DELETE FROM {}").format(names.table(layout, "bqx_targets")))
     with pytest.raises(BqxError, match=r"computed with mode=clock, not mode=bars as asked"):
-        backfill(settings, layout, workers=1)
+        store_for(settings, layout).backfill(workers=1)
 
 
 # -- the dry run --------------------------------------------------------------------------
@@ -113,16 +121,16 @@ def test_dry_run_shows_every_reason_and_writes_nothing(settings, layout, conn, b
     assert (doc["jobs_todo"], doc["jobs_skipped"], doc["reasons"]) == (2, 0, {"new": 2})
     assert objects(conn, layout.schema) == before  # no ledger, no target, no partition
 
-    backfill(settings, layout, workers=1)
+    store_for(settings, layout).backfill(workers=1)
     runs = run_ids(conn, layout)
-    jobs = layout.table("bqx_jobs")
+    jobs = names.table(layout, "bqx_jobs")
     plan = plan_backfill(conn, params(layout))
     assert {j.reason for j in plan.jobs} == {"done, unchanged"} and not plan.todo
 
     # a bar in the middle of October changes: October only (November's lookback is unaffected)
     conn.execute(
         sql.SQL("UPDATE {} SET close = close + 0.0001 WHERE time = '2024-10-30 12:00+00'").format(
-            layout.source("eurusd")
+            names.source(layout, "eurusd")
         )
     )
     conn.execute(sql.SQL("UPDATE {} SET status = 'failed' WHERE month = %s").format(jobs),
@@ -149,10 +157,10 @@ def test_dry_run_shows_every_reason_and_writes_nothing(settings, layout, conn, b
 def test_a_range_without_bars_plans_nothing_says_why_and_records_no_run(
     settings, layout, conn, bars, cli_env
 ):
-    backfill(settings, layout, workers=1)
+    store_for(settings, layout).backfill(workers=1)
     runs = run_ids(conn, layout)
-    with pytest.raises(NothingToPlan, match=r"no source bars for EURUSD from 2030-01 on"):
-        backfill(settings, layout, start=Month(2030, 1))
+    with pytest.raises(NothingToDo, match=r"no source bars for EURUSD from 2030-01 on"):
+        store_for(settings, layout).backfill(start=Month(2030, 1))
     res = cli(cli_env, "backfill", "--start", "2030-01", "--end", "2030-03")
     assert res.returncode == 3
     assert "nothing to do: no source bars for EURUSD from 2030-01 to 2030-03" in res.stderr
@@ -169,11 +177,11 @@ def test_too_many_or_too_large_windows_are_refused_before_any_ddl(
     before = objects(conn, layout.schema)
     many = ",".join(str(w) for w in range(2, 302))
     res = cli(cli_env, "backfill", "--windows", many)
-    assert res.returncode == 1
+    assert res.returncode == 2  # a bad option value is a usage error
     assert "300 windows need 1810 columns, more than PostgreSQL's 1600 per table" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
     with pytest.raises(BqxError, match=r"window 10,000,000 is larger than the maximum 10,080"):
-        backfill(settings, layout, windows=(15, 10_000_000))
+        store_for(settings, layout).backfill(windows=(15, 10_000_000))
     assert objects(conn, layout.schema) == before
 
 
@@ -182,7 +190,7 @@ def test_a_bad_time_in_a_users_table_is_named_in_preflight(settings, conn, schem
     layout = Layout(schema=schema_name, source_table="own_{pair}", time_column="ts",
                     price_column="px")  # fmt: skip
     conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema_name)))
-    table = layout.source("eurusd")
+    table = names.source(layout, "eurusd")
     conn.execute(sql.SQL("CREATE TABLE {} (ts timestamptz, px float8)").format(table))
     conn.execute(
         sql.SQL("INSERT INTO {} SELECT t, 1.08 FROM generate_series('2024-10-01'::timestamptz,"
@@ -193,7 +201,7 @@ def test_a_bad_time_in_a_users_table_is_named_in_preflight(settings, conn, schem
     before = objects(conn, schema_name)
     shown = "NULL" if bad == "NULL" else bad
     with pytest.raises(BqxError) as err:
-        backfill(settings, layout, workers=1)
+        store_for(settings, layout).backfill(workers=1)
     assert str(err.value) == (
         f"source table {schema_name}.own_eurusd (pair EURUSD) has 1 bar(s) whose ts is {shown}:"
         " every bar needs a finite time; delete or fix them"
@@ -208,7 +216,7 @@ def test_a_locked_source_table_gives_a_message_and_ctrl_c_interrupts_planning(
     make_bars("usdjpy", "2024-10-29", 2 * 1440, seed=2, level=150.0)
     with psycopg.connect(pg_url) as locker:
         locker.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(
-            layout.source("eurusd")))  # fmt: skip
+            names.source(layout, "eurusd")))  # fmt: skip
         pid = locker.info.backend_pid
         t0 = time.monotonic()
         with pytest.raises(BqxError) as err:

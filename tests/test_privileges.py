@@ -13,13 +13,15 @@ import pytest
 from psycopg import errors as pgerrors
 from psycopg import sql
 
-from bqx.backfill import backfill
 from bqx.config import load_settings
+from bqx.core.layout import Layout
+from bqx.core.months import Month
 from bqx.db import connect
-from bqx.report import write_report
-from bqx.schema import Layout, Month
-from bqx.status import status
-from bqx.verify import verify
+from bqx.ops.report import write_report
+from bqx.ops.status import status
+from bqx.ops.verify import verify
+from bqx.store import names
+from conftest import store_for
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "privileges.md"
 
@@ -92,11 +94,11 @@ def test_loader_role_runs_backfill_status_verify_report_and_cannot_write_sources
     ).fetchone()
     settings = load_settings(database_url=url, schema_name=schema_name, home=tmp_path / "home")
     layout = Layout(schema=schema_name)
-    summary = backfill(settings, layout, workers=2)
+    summary = store_for(settings, layout).backfill(workers=2)
     assert (summary.jobs_done, summary.jobs_failed, summary.status) == (4, 0, "done")
     with connect(settings, autocommit=True) as mine:
         assert mine.execute("SELECT current_user").fetchone()[0] == role
-        st = status(mine, layout)
+        st = status(mine, layout).as_dict()
         assert st["jobs"]["done"] == 4 and st["jobs"]["failed"] == 0
         result = verify(mine, layout)
         assert result.ok, [c for c in result.checks if not c.ok]
@@ -112,7 +114,7 @@ def test_loader_role_runs_backfill_status_verify_report_and_cannot_write_sources
         ).fetchall()
         assert owners == [(role,)]
 
-        part = Layout(schema=schema_name).source_partition("eurusd", Month(2024, 7))
+        part = names.source_partition(Layout(schema=schema_name), "eurusd", Month(2024, 7))
         writes = [
             sql.SQL("INSERT INTO {} (time, open, high, low, close) VALUES"
                     " ('2030-01-01', 1, 1, 1, 1)").format(src),

@@ -8,8 +8,9 @@ from html.parser import HTMLParser
 
 from psycopg import sql
 
-from bqx.backfill import backfill
-from bqx.report import write_report
+from bqx.ops.report import write_report
+from bqx.store import names
+from conftest import store_for
 
 SECTIONS = [
     "## Summary", "## Per-pair completion", "## Database verification",
@@ -34,12 +35,14 @@ class Images(HTMLParser):
 def test_report_states_exact_totals_and_renders_charts(settings, layout, conn, make_bars, tmp_path):
     make_bars("eurusd", "2024-07-01", 62 * 1440, seed=1)
     make_bars("gbpusd", "2024-07-01", 62 * 1440, seed=2, level=1.27)
-    backfill(settings, layout, workers=2)
+    store_for(settings, layout).backfill(workers=2)
     md_path, html_path, data = write_report(conn, layout, tmp_path / "out", sample=5)
     md = md_path.read_text()
 
     exact = {
-        p: conn.execute(sql.SQL("SELECT count(*) FROM {}").format(layout.target(p))).fetchone()[0]
+        p: conn.execute(
+            sql.SQL("SELECT count(*) FROM {}").format(names.target(layout, p))
+        ).fetchone()[0]
         for p in ("eurusd", "gbpusd")
     }
     total = sum(exact.values())
@@ -52,12 +55,12 @@ def test_report_states_exact_totals_and_renders_charts(settings, layout, conn, m
         assert section in md, section
     july = conn.execute(
         sql.SQL("SELECT count(*) FROM {}").format(
-            layout.target_partition("eurusd", data_month("2024-07"))
+            names.target_partition(layout, "eurusd", data_month("2024-07"))
         )
     ).fetchone()[0]
     gb_july = conn.execute(
         sql.SQL("SELECT count(*) FROM {}").format(
-            layout.target_partition("gbpusd", data_month("2024-07"))
+            names.target_partition(layout, "gbpusd", data_month("2024-07"))
         )
     ).fetchone()[0]
     assert f"| 2024-07 | 2 | {july + gb_july:,} |" in md
@@ -82,13 +85,13 @@ def test_report_states_exact_totals_and_renders_charts(settings, layout, conn, m
 
 def test_report_lists_failures_with_their_errors(settings, layout, conn, make_bars, tmp_path):
     make_bars("eurusd", "2024-07-01", 40 * 1440, seed=1)
-    part = layout.source_partition("eurusd", data_month("2024-08"))
+    part = names.source_partition(layout, "eurusd", data_month("2024-08"))
     conn.execute(
         sql.SQL("UPDATE {} SET close = 0 WHERE time = (SELECT min(time) FROM {})").format(
             part, part
         )
     )
-    backfill(settings, layout, workers=1)
+    store_for(settings, layout).backfill(workers=1)
     md = write_report(conn, layout, tmp_path, sample=3)[0].read_text()
     assert "**Status:** INCOMPLETE" in md
     assert "| EURUSD | 2024-08 | 1 | failed | EURUSD 2024-08:" in md
@@ -96,6 +99,6 @@ def test_report_lists_failures_with_their_errors(settings, layout, conn, make_ba
 
 
 def data_month(text: str):
-    from bqx.schema import Month
+    from bqx.core.months import Month
 
     return Month.parse(text)

@@ -13,9 +13,14 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from bqx.backfill import Params, backfill, plan_backfill
-from bqx.schema import Layout, Month, ensure_source_partition
-from bqx.sources.load import load_bars
+from bqx.core.layout import Layout
+from bqx.core.months import Month
+from bqx.core.params import Params
+from bqx.pipeline.plan import plan_backfill
+from bqx.store import names
+from bqx.store.bars import load_bars
+from bqx.store.ddl import ensure_source_partition
+from conftest import store_for
 
 OCT, NOV = Month(2024, 10), Month(2024, 11)
 
@@ -33,13 +38,13 @@ def month_rows(conn: psycopg.Connection, layout: Layout, month: Month) -> np.nda
         for r in conn.execute(
             "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attnum > 0"
             " AND attname LIKE 'w%%' ORDER BY attnum",
-            (layout.target("eurusd").as_string(conn),),
+            (names.target(layout, "eurusd").as_string(conn),),
         )
     ]
     rows = conn.execute(
         sql.SQL(
             "SELECT rate, {} FROM {} WHERE ts_utc >= %s AND ts_utc < %s ORDER BY ts_utc"
-        ).format(sql.SQL(", ").join(map(sql.Identifier, cols)), layout.target("eurusd")),
+        ).format(sql.SQL(", ").join(map(sql.Identifier, cols)), names.target(layout, "eurusd")),
         (month.start, month.end),
     ).fetchall()
     return np.array([[np.nan if v is None else v for v in r] for r in rows], dtype=np.float64)
@@ -49,7 +54,7 @@ def w75_avg_first_november_bar(conn: psycopg.Connection, layout: Layout) -> tupl
     """(stored w75_bqx_avg of November's first bar, mean of the 75 closes before it)."""
     stored = conn.execute(
         sql.SQL("SELECT w75_bqx_avg FROM {} WHERE ts_utc >= %s ORDER BY ts_utc LIMIT 1").format(
-            layout.target("eurusd")
+            names.target(layout, "eurusd")
         ),
         (NOV.start,),
     ).fetchone()[0]
@@ -57,7 +62,7 @@ def w75_avg_first_november_bar(conn: psycopg.Connection, layout: Layout) -> tupl
         r[0]
         for r in conn.execute(
             sql.SQL("SELECT close FROM {} WHERE time < %s ORDER BY time DESC LIMIT 75").format(
-                layout.source("eurusd")
+                names.source(layout, "eurusd")
             ),
             (NOV.start,),
         )
@@ -71,7 +76,7 @@ def change_late_october_bar(conn: psycopg.Connection, layout: Layout, how: str) 
         sql.SQL(
             "SELECT time, open, high, low, close, volume FROM {} WHERE time < %s"
             " ORDER BY time DESC OFFSET 5 LIMIT 1"
-        ).format(layout.source("eurusd")),
+        ).format(names.source(layout, "eurusd")),
         (NOV.start,),
     ).fetchone()
     assert (NOV.start - t).total_seconds() < 75 * 60
@@ -79,7 +84,7 @@ def change_late_october_bar(conn: psycopg.Connection, layout: Layout, how: str) 
         conn.execute(
             sql.SQL(
                 "UPDATE {} SET close = close * 1.01, high = high * 1.01 WHERE time = %s"
-            ).format(layout.source("eurusd")),
+            ).format(names.source(layout, "eurusd")),
             (t,),
         )
     else:  # the path of `bqx ingest`: a one-bar merge
@@ -98,12 +103,12 @@ def change_late_october_bar(conn: psycopg.Connection, layout: Layout, how: str) 
 def test_a_corrected_lookback_bar_redoes_the_next_month(
     settings, layout, conn, bars, mode, how, check
 ):
-    first = backfill(settings, layout, mode=mode, workers=1, source_check=check)
+    first = store_for(settings, layout).backfill(mode=mode, workers=1, source_check=check)
     assert first.jobs_done == 2
     before = month_rows(conn, layout, NOV)
     change_late_october_bar(conn, layout, how)
 
-    resumed = backfill(settings, layout, mode=mode, workers=1, source_check=check)
+    resumed = store_for(settings, layout).backfill(mode=mode, workers=1, source_check=check)
     assert (resumed.jobs_done, resumed.jobs_skipped) == (2, 0)  # October and November
     after = month_rows(conn, layout, NOV)
     assert not np.array_equal(before, after, equal_nan=True)  # November's first rows moved
@@ -111,16 +116,18 @@ def test_a_corrected_lookback_bar_redoes_the_next_month(
         stored, expected = w75_avg_first_november_bar(conn, layout)
         assert stored == pytest.approx(expected, rel=1e-12)
 
-    forced = backfill(settings, layout, mode=mode, workers=1, force=True, source_check=check)
+    forced = store_for(settings, layout).backfill(
+        mode=mode, workers=1, force=True, source_check=check
+    )
     assert forced.jobs_done == 2
     assert np.array_equal(month_rows(conn, layout, NOV), after, equal_nan=True)
 
 
 @pytest.mark.parametrize("fault", ["drop", "truncate"])
 def test_a_done_job_whose_partition_is_gone_or_empty_is_redone(settings, layout, conn, bars, fault):
-    backfill(settings, layout, workers=1)
+    store_for(settings, layout).backfill(workers=1)
     good = month_rows(conn, layout, OCT)
-    part = layout.target_partition("eurusd", OCT)
+    part = names.target_partition(layout, "eurusd", OCT)
     verb = "DROP TABLE" if fault == "drop" else "TRUNCATE"
     conn.execute(sql.SQL(verb + " {}").format(part))
 
@@ -129,39 +136,39 @@ def test_a_done_job_whose_partition_is_gone_or_empty_is_redone(settings, layout,
     reason = "partition missing" if fault == "drop" else "partition empty"
     assert why == {("eurusd", OCT): ("do", reason), ("eurusd", NOV): ("skip", "done, unchanged")}
 
-    resumed = backfill(settings, layout, workers=1)
+    resumed = store_for(settings, layout).backfill(workers=1)
     assert (resumed.jobs_done, resumed.jobs_skipped) == (1, 1)
     assert np.array_equal(month_rows(conn, layout, OCT), good, equal_nan=True)
 
 
 def test_auto_check_agrees_with_exact_and_sees_every_bqx_write(settings, layout, conn, bars):
-    backfill(settings, layout, workers=1)  # exact: records the versions it saw as well
-    noop = backfill(settings, layout, workers=1, source_check="auto")
+    store_for(settings, layout).backfill(workers=1)  # exact: records the versions it saw as well
+    noop = store_for(settings, layout).backfill(workers=1, source_check="auto")
     assert (noop.jobs_done, noop.jobs_skipped) == (0, 2)
     # a new bar appended to November through bqx: only November is redone
     t = np.array([np.datetime64("2024-11-01T21:59", "us")])
     conn.execute(
-        sql.SQL("DELETE FROM {} WHERE time = %s").format(layout.source("eurusd")),
+        sql.SQL("DELETE FROM {} WHERE time = %s").format(names.source(layout, "eurusd")),
         ("2024-11-01 21:59+00",),
     )
     load_bars(conn, layout, "eurusd", t, np.array([[1.1, 1.1, 1.1, 1.1, 1.0]]))
-    resumed = backfill(settings, layout, workers=1, source_check="auto")
+    resumed = store_for(settings, layout).backfill(workers=1, source_check="auto")
     assert (resumed.jobs_done, resumed.jobs_skipped) == (1, 1)
     assert month_rows(conn, layout, NOV)[-1, 0] == 1.1
     # a source partition bqx did not write (no version): hashed exactly, so still planned
     ensure_source_partition(conn, layout, "eurusd", Month(2024, 12))
     conn.execute(
         sql.SQL("INSERT INTO {} VALUES ('2024-12-02 10:00+00', 1.2, 1.2, 1.2, 1.2, 1)").format(
-            layout.source("eurusd")
+            names.source(layout, "eurusd")
         )
     )
-    dec = backfill(settings, layout, workers=1, source_check="auto")
+    dec = store_for(settings, layout).backfill(workers=1, source_check="auto")
     assert (dec.jobs_done, dec.jobs_skipped) == (1, 2)
 
 
 def test_auto_check_uses_versions_and_sees_plain_sql_writes(settings, layout, conn, bars):
-    backfill(settings, layout, workers=1)
-    jobs = layout.table("bqx_jobs")
+    store_for(settings, layout).backfill(workers=1)
+    jobs = names.table(layout, "bqx_jobs")
     sigs = conn.execute(
         sql.SQL("SELECT bool_and(source_sig IS NULL AND source_ver IS NOT NULL) FROM {}").format(
             jobs
@@ -174,7 +181,7 @@ def test_auto_check_uses_versions_and_sees_plain_sql_writes(settings, layout, co
         return {j.month for j in plan.jobs if j.reason == "source changed"}
 
     assert changed() == set()
-    src = layout.source("eurusd")
+    src = names.source(layout, "eurusd")
     conn.execute(
         sql.SQL("UPDATE {} SET close = close * 1.001 WHERE time = '2024-11-01 12:00+00'").format(
             src
@@ -183,24 +190,24 @@ def test_auto_check_uses_versions_and_sees_plain_sql_writes(settings, layout, co
     assert changed() == {NOV}
     conn.execute(
         sql.SQL("DELETE FROM {} WHERE time = '2024-10-30 12:00+00'").format(
-            layout.source_partition("eurusd", OCT)
+            names.source_partition(layout, "eurusd", OCT)
         )
     )  # straight into a partition (November is still changed from the UPDATE)
     assert changed() == {OCT, NOV}
-    assert backfill(settings, layout, workers=1).jobs_done == 2
+    assert store_for(settings, layout).backfill(workers=1).jobs_done == 2
     assert changed() == set()
     conn.execute(
         sql.SQL("INSERT INTO {} VALUES ('2024-10-30 12:00+00', 1, 1, 1, 1, 1)").format(src)
     )  # far from November's lookback (its last 75 bars of October): October only
     assert changed() == {OCT}
-    conn.execute(sql.SQL("TRUNCATE {}").format(layout.source_partition("eurusd", NOV)))
+    conn.execute(sql.SQL("TRUNCATE {}").format(names.source_partition(layout, "eurusd", NOV)))
     plan = plan_backfill(conn, Params.build(layout, (15, 30, 45, 60, 75), "bars", 5))
     assert [(j.month, j.reason) for j in plan.jobs] == [(OCT, "source changed")]
     # with a trigger disabled, that month is hashed exactly instead: still redone
-    assert backfill(settings, layout, workers=1).jobs_done == 1
+    assert store_for(settings, layout).backfill(workers=1).jobs_done == 1
     conn.execute(
         sql.SQL("ALTER TABLE {} DISABLE TRIGGER bqx_version").format(
-            layout.source_partition("eurusd", OCT)
+            names.source_partition(layout, "eurusd", OCT)
         )
     )
     assert changed() == {OCT}

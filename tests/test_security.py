@@ -21,15 +21,9 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from bqx.db import (
-    EmbeddedServer,
-    check_url,
-    conf_string,
-    connect,
-    mask_text,
-    mask_url,
-    scram_verifier,
-)
+from bqx.db import EmbeddedServer, connect, mask_text, mask_url
+from bqx.db.embedded import conf_string, scram_verifier
+from bqx.db.urls import check_url
 from bqx.errors import BqxError
 
 SECRET = "S3cretPw"

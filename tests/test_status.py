@@ -8,11 +8,12 @@ import subprocess
 import sys
 import time
 
-from bqx.status import status
+from bqx.ops.status import status
+from bqx.store import names
 
 
 def test_no_run_yet_gives_zeros(conn, layout):
-    doc = status(conn, layout)
+    doc = status(conn, layout).as_dict()
     assert doc["jobs"] == {"total": 0, "done": 0, "running": 0, "failed": 0, "pending": 0}
     assert doc["run"] is None and doc["rows"] == 0
 
@@ -27,7 +28,7 @@ def test_status_follows_a_backfill_in_another_process(conn, layout, make_bars, c
     seen = []
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
-        seen.append(status(conn, layout))
+        seen.append(status(conn, layout).as_dict())
         time.sleep(0.05)
     assert proc.wait(timeout=60) == 0
     during = [d for d in seen if d["run"] is not None and d["run"]["status"] == "running"]
@@ -71,18 +72,18 @@ def final_weekend_minutes(conn, layout) -> int:
 def test_stale_running_job_is_flagged(conn, layout, make_bars, settings, cli_env):
     from psycopg import sql
 
-    from bqx.backfill import backfill
+    from conftest import store_for
 
     make_bars("eurusd", "2024-07-01", 3 * 1440, seed=1)
-    backfill(settings, layout, workers=1)
+    store_for(settings, layout).backfill(workers=1)
     conn.execute(
         sql.SQL(
             "UPDATE {} SET status = 'running', worker = 'otherhost:1',"
             " heartbeat_at = now() - interval '5 minutes', started_at = now() - interval '6 minutes',"
             " finished_at = NULL"
-        ).format(layout.table("bqx_jobs"))
+        ).format(names.table(layout, "bqx_jobs"))
     )
-    doc = status(conn, layout)
+    doc = status(conn, layout).as_dict()
     assert doc["jobs"]["running"] == 1 and len(doc["stale"]) == 1
     job = doc["stale"][0]
     assert job["pair"] == "EURUSD" and job["worker"] == "otherhost:1"
@@ -93,9 +94,9 @@ def test_stale_running_job_is_flagged(conn, layout, make_bars, settings, cli_env
         sql.SQL(
             "UPDATE {} SET status = 'running', ended_at = NULL,"
             " started_at = now() - interval '10 minutes'"
-        ).format(layout.table("bqx_runs"))
+        ).format(names.table(layout, "bqx_runs"))
     )
-    doc = status(conn, layout)
+    doc = status(conn, layout).as_dict()
     assert doc["run"]["stalled"] is True and doc["run"]["last_activity_s"] >= 299
     res = subprocess.run(
         [sys.executable, "-m", "bqx.cli", "status"],

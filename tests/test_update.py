@@ -20,16 +20,16 @@ import pytest
 from psycopg import sql
 
 from bqx import metrics
-from bqx.backfill import backfill
-from bqx.backfill.update import Updater, parse_duration, update
+from bqx.core.layout import Layout
 from bqx.db import EmbeddedServer, resolve_url
 from bqx.errors import BqxError
-from bqx.report import write_report
-from bqx.schema import Layout
-from bqx.sources.load import load_bars
-from bqx.status import status
-from bqx.verify import verify
-from conftest import random_walk_bars
+from bqx.ops.report import write_report
+from bqx.ops.status import status
+from bqx.ops.verify import verify
+from bqx.pipeline.update import Updater, parse_duration
+from bqx.store import names
+from bqx.store.bars import load_bars
+from conftest import random_walk_bars, store_for
 
 COLS = metrics.metric_columns()
 
@@ -43,7 +43,7 @@ def _target(conn: psycopg.Connection, layout: Layout, pair: str) -> dict[str, np
     cols = ["rate", *COLS]
     rows = conn.execute(
         sql.SQL("SELECT ts_utc, created_at, xmin::text, {} FROM {} ORDER BY ts_utc").format(
-            sql.SQL(", ").join(map(sql.Identifier, cols)), layout.target(pair)
+            sql.SQL(", ").join(map(sql.Identifier, cols)), names.target(layout, pair)
         )
     ).fetchall()
     out = {
@@ -58,7 +58,7 @@ def _target(conn: psycopg.Connection, layout: Layout, pair: str) -> dict[str, np
 
 def _source(conn: psycopg.Connection, layout: Layout, pair: str) -> tuple[np.ndarray, np.ndarray]:
     rows = conn.execute(
-        sql.SQL("SELECT time, close FROM {} ORDER BY time").format(layout.source(pair))
+        sql.SQL("SELECT time, close FROM {} ORDER BY time").format(names.source(layout, pair))
     ).fetchall()
     times = np.array([r[0].replace(tzinfo=None) for r in rows], dtype="datetime64[us]")
     return times, np.array([r[1] for r in rows], dtype=float)
@@ -88,7 +88,7 @@ def _assert_equals_whole_series(
 def _runs(conn: psycopg.Connection, layout: Layout) -> list[tuple]:
     return conn.execute(
         sql.SQL("SELECT run_id, command, status, rows_written FROM {} ORDER BY run_id").format(
-            layout.table("bqx_runs")
+            names.table(layout, "bqx_runs")
         )
     ).fetchall()
 
@@ -97,7 +97,7 @@ def _jobs(conn: psycopg.Connection, layout: Layout, pair: str) -> dict[str, tupl
     rows = conn.execute(
         sql.SQL(
             "SELECT month::text, status, rows_written, source_bars FROM {} WHERE pair = %s"
-        ).format(layout.table("bqx_jobs")),
+        ).format(names.table(layout, "bqx_jobs")),
         (pair,),
     ).fetchall()
     return {m[:7]: (s, r, b) for m, s, r, b in rows}
@@ -122,10 +122,10 @@ def test_new_bars_into_a_new_month_after_a_backfill(settings, layout, conn, tmp_
     times, ohlcv = _bars("2024-06-27", 6 * 1440)  # to 2024-07-02
     cut = int(np.searchsorted(times, np.datetime64("2024-07-01T00:00")))
     load_bars(conn, layout, "eurusd", times[:cut], ohlcv[:cut])
-    backfill(settings, layout, workers=1)
+    store_for(settings, layout).backfill(workers=1)
     load_bars(conn, layout, "eurusd", times[cut:], ohlcv[cut:])
 
-    result = update(settings, layout)
+    result = store_for(settings, layout).update()
 
     (pu,) = result.pairs
     assert pu.new_rows == len(times) - cut > 0 and pu.changed_rows == 0 and pu.months == ["2024-07"]
@@ -169,7 +169,7 @@ def test_nothing_new_writes_nothing(settings, layout, conn):
     _poll(settings, layout)
     runs, before = _runs(conn, layout), _target(conn, layout, "usdjpy")
 
-    again = update(settings, layout)
+    again = store_for(settings, layout).update()
 
     assert again.rows == 0 and again.run_ids == []
     assert [p.lag_s for p in again.pairs] == [0.0, 0.0]
@@ -197,7 +197,7 @@ def test_late_and_corrected_bars_inside_the_recheck_horizon(settings, layout, co
     fixed[old, 3] += 0.0005
     load_bars(conn, layout, "eurusd", times, fixed)
 
-    result = update(settings, layout, recheck_s=parse_duration("1d"))
+    result = store_for(settings, layout).update(recheck=("1d"))
 
     (pu,) = result.pairs
     assert pu.new_rows == 1
@@ -227,18 +227,20 @@ def test_update_equals_a_forced_recompute(settings, layout, conn):
     keep[drop] = False
     keep[n - 150 :] = False  # new bars to come
     load_bars(conn, layout, "audnzd", times[keep], ohlcv[keep])
-    backfill(settings, layout, workers=1)
+    store_for(settings, layout).backfill(workers=1)
     fixed = ohlcv.copy()
     fixed[n - 600, 3] *= 1.001  # a corrected price
     load_bars(conn, layout, "audnzd", times, fixed)
     gone = times[n - 700].astype(datetime).replace(tzinfo=UTC)  # a bar the feed withdrew
-    conn.execute(sql.SQL("DELETE FROM {} WHERE time = %s").format(layout.source("audnzd")), (gone,))
+    conn.execute(
+        sql.SQL("DELETE FROM {} WHERE time = %s").format(names.source(layout, "audnzd")), (gone,)
+    )
 
-    result = update(settings, layout)
+    result = store_for(settings, layout).update()
     assert result.pairs[0].deleted_rows == 1 and result.pairs[0].new_rows == 151
     got = _assert_equals_whole_series(conn, layout, "audnzd")
 
-    backfill(settings, layout, workers=1, force=True)
+    store_for(settings, layout).backfill(workers=1, force=True)
     forced = _target(conn, layout, "audnzd")
     np.testing.assert_array_equal(got["ts"], forced["ts"])
     for c in ["rate", *COLS]:  # every column but created_at, bit for bit
@@ -254,11 +256,11 @@ def test_status_shows_newest_bar_metric_and_lag(settings, layout, conn):
     load_bars(conn, layout, "eurusd", times[:-60], ohlcv[:-60])
     _poll(settings, layout)
     load_bars(conn, layout, "eurusd", times[-60:], ohlcv[-60:])
-    (p,) = status(conn, layout)["pairs"]
+    (p,) = status(conn, layout).as_dict()["pairs"]
     assert p["lag_s"] == (times[-1] - times[-61]) / np.timedelta64(1, "s") > 0
     assert p["newest_bar"].startswith(str(times[-1].astype("datetime64[s]")))
-    update(settings, layout)
-    (p,) = status(conn, layout)["pairs"]
+    store_for(settings, layout).update()
+    (p,) = status(conn, layout).as_dict()["pairs"]
     assert p["lag_s"] == 0.0 and p["newest_metric"] == p["newest_bar"]
 
 
@@ -268,12 +270,12 @@ def test_options_that_contradict_the_recorded_parameters_are_refused(settings, l
     _poll(settings, layout, windows=(15, 30))
     load_bars(conn, layout, "eurusd", times, ohlcv)
     with pytest.raises(BqxError, match="EURUSD was computed with mode bars, not clock"):
-        update(settings, layout, mode="clock")
+        store_for(settings, layout).update(mode="clock")
     with pytest.raises(BqxError, match="does not exist for pair GBPUSD"):
-        update(settings, layout, pairs=["gbpusd"])
-    with pytest.raises(BqxError, match="--recheck"):
+        store_for(settings, layout).update(pairs=["gbpusd"])
+    with pytest.raises(BqxError, match="invalid recheck"):
         parse_duration("one day")
-    assert update(settings, layout).rows == 10  # windows 15,30 from the ledger
+    assert store_for(settings, layout).update().rows == 10  # windows 15,30 from the ledger
 
 
 def test_cli_json_and_one_line_errors(cli_env, conn, layout):
@@ -288,7 +290,7 @@ def test_cli_json_and_one_line_errors(cli_env, conn, layout):
     assert set(p) >= {"pair", "new_rows", "newest_bar", "newest_metric", "lag_s"}
     assert p["new_rows"] == len(times) and p["lag_s"] == 0.0
     bad = subprocess.run([*cmd, "--recheck", "soon"], env=cli_env, capture_output=True, text=True)
-    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr  # a usage error
     assert bad.stderr.strip().count("\n") == 0 and "--recheck" in bad.stderr
 
 
@@ -298,25 +300,25 @@ def test_cli_json_and_one_line_errors(cli_env, conn, layout):
 def test_updates_beside_a_forced_backfill_lose_nothing_and_verify_passes(settings, layout, conn):
     times, ohlcv = _bars("2024-06-29", 3 * 1440, seed=5)
     load_bars(conn, layout, "eurusd", times[:-400], ohlcv[:-400])
-    backfill(settings, layout, workers=1)
+    store_for(settings, layout).backfill(workers=1)
     load_bars(conn, layout, "eurusd", times, ohlcv)  # 400 new bars
     errors: list[BaseException] = []
 
     def updates() -> None:
         try:
             for _ in range(4):
-                update(settings, layout)
+                store_for(settings, layout).update()
         except BaseException as exc:  # noqa: BLE001 - reported by the assert below
             errors.append(exc)
 
     threads = [threading.Thread(target=updates) for _ in range(2)]  # two updates at once
     for t in threads:
         t.start()
-    summary = backfill(settings, layout, workers=2, force=True)
+    summary = store_for(settings, layout).backfill(workers=2, force=True)
     for t in threads:
         t.join(timeout=120)
     assert not errors and summary.jobs_failed == 0
-    update(settings, layout)  # whatever a busy month left behind
+    store_for(settings, layout).update()  # whatever a busy month left behind
     _assert_equals_whole_series(conn, layout, "eurusd")
     check = verify(conn, layout, sample=20)
     assert check.ok, [c for c in check.checks if not c.ok]
@@ -361,7 +363,7 @@ def test_follow_catches_up_across_a_database_restart_and_stops_on_sigterm(tmp_pa
             try:
                 with psycopg.connect(url, connect_timeout=2) as c:
                     return c.execute(
-                        sql.SQL("SELECT count(*) FROM {}").format(layout.target("eurusd"))
+                        sql.SQL("SELECT count(*) FROM {}").format(names.target(layout, "eurusd"))
                     ).fetchone()[0]
             except psycopg.Error:
                 return -1
@@ -413,14 +415,13 @@ def test_follow_catches_up_across_a_database_restart_and_stops_on_sigterm(tmp_pa
 
 
 def test_follow_wakes_on_notify_and_stops_with_its_event(settings, layout, conn):
-    from bqx.backfill.update import follow
 
     times, ohlcv = _bars("2024-07-01", 800)
     load_bars(conn, layout, "eurusd", times[:700], ohlcv[:700])
     stop = threading.Event()
     polls: list[tuple[float, int]] = []
     t = threading.Thread(
-        target=follow, args=(settings, layout, 30.0),  # a long poll interval: NOTIFY wakes it
+        target=store_for(settings, layout).follow, args=(30.0,),  # a long poll interval: NOTIFY wakes it
         kwargs={"stop": stop, "on_poll": lambda r: polls.append((time.monotonic(), r.rows))},
     )  # fmt: skip
     t.start()
@@ -438,9 +439,9 @@ def test_follow_wakes_on_notify_and_stops_with_its_event(settings, layout, conn)
 
 
 def test_follow_refuses_a_bad_interval_or_port(settings, layout):
-    from bqx.backfill.update import follow
+    from conftest import store_for
 
-    with pytest.raises(BqxError, match="--follow"):
-        follow(settings, layout, 0)
-    with pytest.raises(BqxError, match="--metrics-port 70000"):
-        follow(settings, layout, 1, metrics_port=70000)
+    with pytest.raises(BqxError, match="invalid follow 0"):
+        store_for(settings, layout).follow(0)
+    with pytest.raises(BqxError, match="invalid metrics port 70000"):
+        store_for(settings, layout).follow(1, metrics_port=70000)

@@ -10,9 +10,10 @@ import sys
 import pytest
 from psycopg import sql
 
-from bqx.backfill import backfill
-from bqx.schema import Month
-from bqx.verify import verify
+from bqx.core.months import Month
+from bqx.ops.verify import verify
+from bqx.store import names
+from conftest import store_for
 
 AUG = Month(2024, 8)
 
@@ -22,7 +23,7 @@ def done(settings, layout, make_bars):
     """EURUSD and USDJPY, July and August 2024, backfilled."""
     make_bars("eurusd", "2024-07-01", 62 * 1440, seed=1, level=1.08)
     make_bars("usdjpy", "2024-07-01", 62 * 1440, seed=2, level=160.0)
-    backfill(settings, layout, workers=2)
+    store_for(settings, layout).backfill(workers=2)
     return layout
 
 
@@ -52,7 +53,7 @@ def test_clean_run_passes_every_check(conn, done):
 
 
 def test_deleted_row_fails_then_forced_redo_of_the_pair_passes(settings, conn, done):
-    part = done.target_partition("eurusd", AUG)
+    part = names.target_partition(done, "eurusd", AUG)
     conn.execute(
         sql.SQL("DELETE FROM {} WHERE ts_utc = (SELECT max(ts_utc) FROM {})").format(part, part)
     )
@@ -60,12 +61,12 @@ def test_deleted_row_fails_then_forced_redo_of_the_pair_passes(settings, conn, d
     assert set(bad) == {"row_counts", "ledger"}
     assert "EURUSD 2024-08" in bad["row_counts"] and "rows for" in bad["row_counts"]
     assert "EURUSD 2024-08: ledger says" in bad["ledger"]
-    backfill(settings, done, pairs=["EURUSD"], force=True)
+    store_for(settings, done).backfill(pairs=["EURUSD"], force=True)
     assert failing(conn, done) == {}
 
 
 def test_row_outside_its_month(conn, done):
-    target, part = done.target("eurusd"), done.target_partition("eurusd", AUG)
+    target, part = names.target(done, "eurusd"), names.target_partition(done, "eurusd", AUG)
     conn.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {}").format(target, part))
     conn.execute(
         sql.SQL("INSERT INTO {} (ts_utc, rate) VALUES ('2024-09-01 00:30+00', 1.1)").format(part)
@@ -82,7 +83,7 @@ def test_row_outside_its_month(conn, done):
 
 
 def test_missing_partition(conn, done):
-    conn.execute(sql.SQL("DROP TABLE {}").format(done.target_partition("usdjpy", AUG)))
+    conn.execute(sql.SQL("DROP TABLE {}").format(names.target_partition(done, "usdjpy", AUG)))
     bad = failing(conn, done)
     assert (
         f"USDJPY 2024-08: partition {done.schema}.bqx_usdjpy_2024m08 is missing"
@@ -94,7 +95,7 @@ def test_missing_partition(conn, done):
 def test_corrupted_value_is_caught_by_recomputation(conn, done):
     conn.execute(
         sql.SQL("UPDATE {} SET w30_bqx_stdev = w30_bqx_stdev * 1.000001").format(
-            done.target_partition("usdjpy", AUG)
+            names.target_partition(done, "usdjpy", AUG)
         )
     )
     bad = failing(conn, done)
@@ -117,7 +118,9 @@ def test_unexpected_null_is_caught(conn, done):
     conn.execute(
         sql.SQL(
             "UPDATE {} SET w45_bqx_max = NULL WHERE ts_utc = (SELECT max(ts_utc) FROM {})"
-        ).format(done.target_partition("eurusd", AUG), done.target_partition("eurusd", AUG))
+        ).format(
+            names.target_partition(done, "eurusd", AUG), names.target_partition(done, "eurusd", AUG)
+        )
     )
     bad = failing(conn, done)
     assert bad["nulls"] == "EURUSD 2024-08 w45: 1 unexpected NULL row"
@@ -128,7 +131,7 @@ def test_job_left_running_by_a_dead_worker(conn, done):
         sql.SQL(
             "UPDATE {} SET status = 'running', worker = 'elsewhere:4242',"
             " heartbeat_at = now() - interval '1 hour' WHERE pair = 'usdjpy' AND month = %s"
-        ).format(done.table("bqx_jobs")),
+        ).format(names.table(done, "bqx_jobs")),
         (AUG.first_day,),
     )
     bad = failing(conn, done)
@@ -140,7 +143,7 @@ def test_job_left_running_by_a_dead_worker(conn, done):
 def test_ledger_count_that_disagrees_with_the_table(conn, done):
     conn.execute(
         sql.SQL("UPDATE {} SET rows_written = rows_written + 1 WHERE pair = 'eurusd'").format(
-            done.table("bqx_jobs")
+            names.table(done, "bqx_jobs")
         )
     )
     bad = failing(conn, done)
@@ -162,17 +165,17 @@ def test_cli_json_and_exit_code(conn, done, cli_env):
     assert all(set(c) == {"name", "ok", "detail", "failures", "counts"} for c in doc["checks"])
     counts = {c["name"]: c["counts"] for c in doc["checks"]}
     exact = sum(
-        conn.execute(sql.SQL("SELECT count(*) FROM {}").format(done.target(p))).fetchone()[0]
+        conn.execute(sql.SQL("SELECT count(*) FROM {}").format(names.target(done, p))).fetchone()[0]
         for p in ("eurusd", "usdjpy")
     )
     assert counts["row_counts"] == {"rows": exact, "source_bars": exact}  # numbers, not text
     assert counts["partitions"] == {"partitions": 4, "missing": 0}
-    conn.execute(sql.SQL("DROP TABLE {}").format(done.target_partition("eurusd", AUG)))
+    conn.execute(sql.SQL("DROP TABLE {}").format(names.target_partition(done, "eurusd", AUG)))
     code, doc = run()
     assert code == 1 and doc["ok"] is False
     failures = {c["name"]: c["failures"] for c in doc["checks"]}
     src_aug = conn.execute(
-        sql.SQL("SELECT count(*) FROM {}").format(done.source_partition("eurusd", AUG))
+        sql.SQL("SELECT count(*) FROM {}").format(names.source_partition(done, "eurusd", AUG))
     ).fetchone()[0]
     assert failures["partitions"] == [{
         "problem": f"EURUSD 2024-08: partition {done.schema}.bqx_eurusd_2024m08 is missing",
@@ -189,29 +192,31 @@ def test_cli_json_and_exit_code(conn, done, cli_env):
 
 
 def test_a_forced_redo_of_one_pair_does_not_hide_faults_in_another(settings, conn, done):
-    conn.execute(sql.SQL("DELETE FROM {}").format(done.target_partition("usdjpy", AUG)))
-    backfill(settings, done, pairs=["EURUSD"], force=True)
+    conn.execute(sql.SQL("DELETE FROM {}").format(names.target_partition(done, "usdjpy", AUG)))
+    store_for(settings, done).backfill(pairs=["EURUSD"], force=True)
     # the latest run covered EURUSD only; verify still checks every job the ledger holds
     bad = failing(conn, done)
     assert "USDJPY 2024-08: 0 rows for" in bad["row_counts"]
     assert "EURUSD" not in bad["row_counts"]
     latest = verify(conn, done, sample=5).run_id
     assert verify(conn, done, sample=5, run_id=latest).ok  # that run's own plan is fine
-    backfill(settings, done, pairs=["USDJPY"], force=True)
+    store_for(settings, done).backfill(pairs=["USDJPY"], force=True)
     assert failing(conn, done) == {}
 
 
 def test_clock_mode_nulls_and_recomputation(settings, layout, conn, make_bars):
     """Clock mode: NULL exactly where a window has a minute without a price (weekends, holes)."""
     make_bars("eurusd", "2024-07-22", 16 * 1440, seed=3, missing=0.05)
-    backfill(settings, layout, workers=1, mode="clock", max_fill=2)
+    store_for(settings, layout).backfill(workers=1, mode="clock", max_fill=2)
     result = checks(conn, layout)
     assert all(ok for ok, _ in result.values()), result
     nulls = conn.execute(
-        sql.SQL("SELECT count(*) FROM {} WHERE w15_bqx_avg IS NULL").format(layout.target("eurusd"))
+        sql.SQL("SELECT count(*) FROM {} WHERE w15_bqx_avg IS NULL").format(
+            names.target(layout, "eurusd")
+        )
     ).fetchone()[0]
     assert nulls > 15  # weekend gaps and holes, not only the start of history
-    part = layout.target_partition("eurusd", AUG)
+    part = names.target_partition(layout, "eurusd", AUG)
     # a value where the window has a hole, and a NULL where it is full
     conn.execute(
         sql.SQL(

@@ -27,6 +27,6 @@ if __name__ == "__main__":
     # out; the parent reports the lost database in one line, so the worker stays quiet
     logging.getLogger("psycopg").addHandler(logging.NullHandler())
 
-    from bqx.backfill.executors.local import worker_main
+    from bqx.pipeline.executors.local import worker_main
 
     worker_main(*pickle.loads(sys.stdin.buffer.read()))

@@ -1,5 +1,47 @@
-"""Errors a user can act on: the CLI prints their message on one line, without a traceback."""
+"""Errors a caller can act on, for Python callers and the command line alike.
+
+Each says what is wrong in words both understand; the CLI prints the message on one line
+(no traceback) and maps the class to its exit code. ``InvalidOption`` names the parameter
+(``workers``), which the CLI shows as its flag (``--workers``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 
 class BqxError(Exception):
-    """A problem with the user's input or configuration, stated so that they can fix it."""
+    """A problem with the user's input, configuration or environment, stated so that they can
+    fix it."""
+
+
+class InvalidOption(BqxError):
+    """A parameter's value is refused: ``param`` is its Python name (``job_timeout``)."""
+
+    def __init__(self, param: str, value: Any, why: str, *, shown: str | None = None) -> None:
+        self.param, self.value, self.why = param, value, why
+        self.shown = _show(value) if shown is None else shown
+        super().__init__(f"invalid {param.replace('_', ' ')} {self.shown}: {why}")
+
+    @property
+    def flag(self) -> str:
+        """The command line's name of the parameter."""
+        return "--" + self.param.replace("_", "-")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+class NothingToDo(BqxError):
+    """The command found nothing to work on (no source bars in the range, say)."""
+
+
+class DatabaseLost(BqxError):
+    """The database went away during the work and did not come back in time."""
+
+
+class MissingExtra(BqxError, ImportError):
+    """A feature needs an optional extra that is not installed."""

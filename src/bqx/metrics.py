@@ -156,7 +156,7 @@ def _bars(prices: np.ndarray, wins: np.ndarray, out: np.ndarray) -> None:
     """Bars mode: the grid kernel for rows whose window and price are on the 10^-5 grid, the
     scan for the others. The choice is per row, from its own window, so a row's values never
     depend on how the series is split."""
-    from bqx import kernels as k
+    from bqx.core import kernels as k
 
     n = len(prices)
     wmax = int(wins[-1])
@@ -215,7 +215,7 @@ def compute_matrix(
                 f"times[{i}] falls in the same minute as times[{i - 1}]: clock mode needs at "
                 "most one bar per minute"
             )
-        from bqx import kernels
+        from bqx.core import kernels
 
         grid = kernels._minute_grid(minutes, prices, int(max_fill))
         kernels._scan(grid, minutes - minutes[0], prices, wins, out, False)
@@ -247,7 +247,7 @@ def compute(
     ``prices`` or found by name (close, rate, price), gives that kind of frame back.
     """
     if not (isinstance(times, np.ndarray) and isinstance(prices, np.ndarray)):
-        from bqx import frames  # series and frames: converted there, pandas/polars optional
+        from bqx.core import frames  # series and frames: converted there, pandas/polars optional
 
         return frames.compute_any(
             compute, times, prices, windows=windows, mode=mode, max_fill=max_fill

@@ -18,6 +18,8 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from bqx.core.text import format_eta, plural
+
 PLAIN_EVERY_S = 5.0
 # set once by the CLI's --quiet / --verbose: quiet shows no progress at all, verbose plain
 # lines every second instead of every PLAIN_EVERY_S
@@ -26,11 +28,6 @@ SETTINGS = {"quiet": False, "verbose": False}
 
 def configure(*, quiet: bool = False, verbose: bool = False) -> None:
     SETTINGS.update(quiet=quiet, verbose=verbose)
-
-
-def plural(n: int, word: str, many: str | None = None) -> str:
-    """``1 job``, ``2 jobs``, ``1,234 rows``: a count with its noun in the right number."""
-    return f"{n:,} {word if n == 1 else (many or word + 's')}"
 
 
 def rate_and_eta(state: dict[str, Any]) -> tuple[float, float | None]:
@@ -43,24 +40,21 @@ def rate_and_eta(state: dict[str, Any]) -> tuple[float, float | None]:
     return rate, (left / rate if rate > 0 else None)
 
 
-def format_eta(eta: float | None) -> str:
-    if eta is None:
-        return "--:--"
-    m, s = divmod(int(round(eta)), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
-
-
 class BackfillProgress:
-    """Callable with the ledger's progress state; ``None`` closes the display."""
+    """A run's progress for a person: ``start``, then ``update`` with the ledger's counts,
+    then ``close``."""
 
-    def __init__(self, total: int, skipped: int, console: Console | None = None) -> None:
+    def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console(stderr=True, soft_wrap=True)
         self.console.quiet = self.console.quiet or SETTINGS["quiet"]
-        self.total, self.skipped = total, skipped
+        self.total = self.skipped = 0
         self.live = self.console.is_terminal and not SETTINGS["quiet"]
         self.last_plain = 0.0
         self.progress: Progress | None = None
+        self.task: Any = None
+
+    def start(self, total: int, skipped: int) -> None:
+        self.total, self.skipped = total, skipped
         if self.live:
             self.progress = Progress(
                 TextColumn("[bold]backfill"),
@@ -82,12 +76,7 @@ class BackfillProgress:
                 highlight=False,
             )
 
-    def __call__(self, state: dict[str, Any] | None) -> None:
-        if state is None:
-            if self.progress is not None:
-                self.progress.stop()
-                self.progress = None
-            return
+    def update(self, state: dict[str, Any]) -> None:
         rate, eta = rate_and_eta(state)
         finished = self.skipped + state["done"] + state["failed"]
         if self.progress is not None:
@@ -103,6 +92,11 @@ class BackfillProgress:
                 highlight=False,
                 soft_wrap=True,  # one line per report in logs, whatever the width
             )
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
 
 
 class StepProgress:

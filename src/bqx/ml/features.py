@@ -27,13 +27,14 @@ import numpy as np
 import psycopg
 import pyarrow as pa
 import pyarrow.parquet as pq
-from psycopg import sql
 
-from bqx.config import Settings
-from bqx.db import connect, copy_out_columns
-from bqx.errors import BqxError
-from bqx.export import metric_table_columns, read_metrics_conn, target_pairs, to_utc_us
-from bqx.schema import Layout, Month, source_pairs, validate_pair
+from bqx.core.layout import Layout
+from bqx.core.months import Month
+from bqx.core.symbols import validate_pair
+from bqx.errors import BqxError, InvalidOption
+from bqx.ops.export import metric_table_columns, read_metrics_conn, to_utc_us
+from bqx.store import bars as bar_store
+from bqx.store import catalog, targets
 
 LAGS: tuple[int, ...] = (1, 5, 15, 60)
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
@@ -217,6 +218,18 @@ class FeaturesSummary:
     seconds: float = 0.0
     pairs: list[str] = field(default_factory=list)
 
+    def as_dict(self) -> dict[str, Any]:
+        return self.manifest
+
+    def text(self) -> str:
+        m = self.manifest
+        splits = "".join(f" {k} {v['rows']:,}" for k, v in m["splits"].items())
+        return (
+            f"{self.rows:,} rows of {len(self.pairs)} pairs, {len(m['features'])} features,"
+            f" target {m['target']} +{m['horizon']} bars:{splits} (embargo"
+            f" {m['embargo_bars']} bars) in {self.seconds:.1f}s -> {self.out}/manifest.json"
+        )
+
 
 def _iso(t: np.datetime64 | None) -> str | None:
     if t is None:
@@ -224,29 +237,107 @@ def _iso(t: np.datetime64 | None) -> str | None:
     return str(np.datetime64(t, "s")) + "Z"
 
 
-def _read_bars(
-    conn: psycopg.Connection, layout: Layout, pair: str, lo: Any, hi: Any
-) -> tuple[np.ndarray, np.ndarray]:
-    """(times, [high, low, volume]) of the source bars in [lo, hi)."""
-    src = layout.source(pair)
-    q = sql.SQL(
-        "SELECT {t}, high::float8, low::float8, volume::float8 FROM {src}"
-        " WHERE {t} >= %s AND {t} < %s ORDER BY {t}"
-    ).format(t=layout.time, src=src)
-    with conn.cursor() as cur:
-        times, values, _ = copy_out_columns(cur, q, [lo, hi], 3)
-    return times, values
+def _pairs_and_columns(
+    conn: psycopg.Connection, layout: Layout, pairs: Sequence[str] | None
+) -> tuple[list[str], list[str]]:
+    """The pairs to build (default: every pair with bars and metrics) and their metric
+    columns, which must be the same for every pair."""
+    have = sorted(set(catalog.target_pairs(conn, layout)) & set(catalog.source_pairs(conn, layout)))
+    todo = [validate_pair(p) for p in pairs] if pairs else have
+    missing = [p for p in todo if p not in have]
+    if missing:
+        raise BqxError(
+            f"no source bars or no metrics for {', '.join(p.upper() for p in missing)}"
+            f" in schema {layout.schema} (run `bqx backfill` first)"
+        )
+    if not todo:
+        raise BqxError(f"no pair has metrics in schema {layout.schema}: run `bqx backfill`")
+    metric_cols = [c for c in metric_table_columns(conn, layout, todo[0]) if c != "rate"]
+    for pair in todo[1:]:
+        if [c for c in metric_table_columns(conn, layout, pair) if c != "rate"] != metric_cols:
+            raise BqxError(
+                f"{pair.upper()}: its metrics table has other columns than"
+                f" {todo[0].upper()}'s (built with other --windows?)"
+            )
+    return todo, metric_cols
 
 
-def _time_range(
-    conn: psycopg.Connection, layout: Layout, pair: str, lo: Any, hi: Any
-) -> tuple[Any, Any]:
-    q = sql.SQL("SELECT min(ts_utc), max(ts_utc) FROM {} WHERE ts_utc >= %s AND ts_utc < %s")
-    return conn.execute(q.format(layout.target(pair)), (lo, hi)).fetchone()
+def _cuts(
+    conn: psycopg.Connection, layout: Layout, pairs: Sequence[str], lo: Any, hi: Any,
+    fractions: tuple[float, float, float],
+) -> tuple[np.datetime64, np.datetime64]:  # fmt: skip
+    """The same cut instants for every pair: from the span they cover together."""
+    spans = [targets.time_bounds(conn, layout, p, lo, hi) for p in pairs]
+    spans = [s for s in spans if s[0] is not None]
+    if not spans:
+        raise BqxError("no metric rows in the chosen months")
+    t_min = min(to_utc_us(s[0], "time") for s in spans)
+    t_max = max(to_utc_us(s[1], "time") for s in spans)
+    return split_boundaries(t_min, t_max, fractions)
+
+
+@dataclass
+class _Build:
+    """What every pair's features are built with, and the totals they add up to."""
+
+    out: Path
+    metric_cols: list[str]
+    target: str
+    horizon: int
+    cuts: tuple[np.datetime64, np.datetime64]
+    embargo: int
+    lags: Sequence[int]
+    names: list[str] = field(default_factory=list)
+    total: int = 0
+    per_pair: dict[str, Any] = field(default_factory=dict)
+    dropped: dict[str, int] = field(
+        default_factory=lambda: {"no_target": 0, "incomplete_features": 0, "embargo": 0}
+    )
+    stats: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {s: {"start": None, "end": None, "rows": 0} for s in SPLITS}
+    )
+
+    def add(self, pair: str, pf: PairFeatures) -> None:
+        for k, v in pf.dropped.items():
+            self.dropped[k] += v
+        self.per_pair[pair] = {}
+        for code, s in enumerate(SPLITS):
+            sel = pf.labels == code
+            rows = int(sel.sum())
+            write_split(self.out / s / f"{pair}.parquet", pair, pf, sel, self.names)
+            self.per_pair[pair][s] = rows
+            self.total += rows
+            if rows:
+                st = self.stats[s]
+                first, last = pf.times[sel][0], pf.times[sel][-1]
+                st["start"] = first if st["start"] is None else min(st["start"], first)
+                st["end"] = last if st["end"] is None else max(st["end"], last)
+                st["rows"] += rows
+
+
+def _pair(conn: psycopg.Connection, layout: Layout, pair: str, lo: Any, hi: Any, b: _Build) -> None:
+    """Read one pair's metrics and bars, build its features and write its split files."""
+    table = read_metrics_conn(conn, layout, pair, lo, hi)
+    times = table.column("ts_utc").to_numpy().astype("datetime64[us]")
+    bar_times, hlv = bar_store.read_hlv(conn, layout, pair, lo, hi)
+    if not np.array_equal(times, bar_times):
+        where = _first_difference(times, bar_times)
+        raise BqxError(
+            f"{pair.upper()}: source bars and metric rows differ from {where} on"
+            " (run `bqx backfill` for those months)"
+        )
+    metrics = {c: table.column(c).to_numpy(zero_copy_only=False) for c in b.metric_cols}
+    rate = table.column("rate").to_numpy(zero_copy_only=False)
+    b.names, pf = pair_features(
+        times, rate, hlv[0], hlv[1], hlv[2], metrics, target=b.target, horizon=b.horizon,
+        boundaries=b.cuts, embargo=b.embargo, lags=b.lags,
+    )  # fmt: skip
+    b.add(pair, pf)
 
 
 def write_features(
-    settings: Settings,
+    conn: psycopg.Connection,
+    layout: Layout,
     out: Path,
     *,
     pairs: Sequence[str] | None = None,
@@ -254,7 +345,7 @@ def write_features(
     end: Month | None = None,
     target: str = DEFAULT_TARGET,
     horizon: int = DEFAULT_HORIZON,
-    split: Sequence[float] = DEFAULT_SPLIT,
+    split: str | Sequence[float] = DEFAULT_SPLIT,
     lags: Sequence[int] = LAGS,
 ) -> FeaturesSummary:
     """Features for each pair into ``out/{split}/{pair}.parquet`` and ``out/manifest.json``.
@@ -262,108 +353,57 @@ def write_features(
     Pairs are read, built and written one at a time (memory holds one pair). Needs the
     source bars (high, low, volume) and the stored metrics of ``bqx backfill``.
     """
-    if horizon < 1:
-        raise BqxError(f"invalid --horizon {horizon}: at least 1 bar")
+    if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
+        raise InvalidOption("horizon", horizon, "at least 1 bar")
     fractions = parse_split(split)
-    layout = Layout(settings.schema_name)
     out = Path(out)
     t0 = time.monotonic()
     lo = (start.start if start else datetime(1900, 1, 1, tzinfo=UTC)).replace(tzinfo=None)
     hi = (end.end if end else datetime(2999, 12, 1, tzinfo=UTC)).replace(tzinfo=None)
-    with connect(settings, autocommit=True) as conn:
-        have = sorted(set(target_pairs(conn, layout)) & set(source_pairs(conn, layout)))
-        todo = [validate_pair(p) for p in pairs] if pairs else have
-        missing = [p for p in todo if p not in have]
-        if missing:
-            raise BqxError(
-                f"no source bars or no metrics for {', '.join(p.upper() for p in missing)}"
-                f" in schema {layout.schema} (run `bqx backfill` first)"
-            )
-        if not todo:
-            raise BqxError(f"no pair has metrics in schema {layout.schema}: run `bqx backfill`")
-        metric_cols = [c for c in metric_table_columns(conn, layout, todo[0]) if c != "rate"]
-        windows = windows_of(metric_cols)
-        if not windows:
-            raise BqxError(f"{todo[0].upper()}: the metrics table has no w{{W}}_bqx_return column")
-        embargo = horizon + max(max(windows), max(lags))
-        bqx_cols = feature_names(metric_cols, lags)[: -len(lags) - len(BAR_FEATURES) + len(LAGS)]
-        if target not in bqx_cols:
-            _refuse_target(target)
-        # the same cut instants for every pair: from the span they cover together
-        spans = [_time_range(conn, layout, p, lo, hi) for p in todo]
-        spans = [s for s in spans if s[0] is not None]
-        if not spans:
-            raise BqxError("no metric rows in the chosen months")
-        t_min = min(to_utc_us(s[0], "time") for s in spans)
-        t_max = max(to_utc_us(s[1], "time") for s in spans)
-        cuts = split_boundaries(t_min, t_max, fractions)
-        for s in SPLITS:
-            (out / s).mkdir(parents=True, exist_ok=True)
-        stats = {s: {"start": None, "end": None, "rows": 0} for s in SPLITS}
-        per_pair: dict[str, Any] = {}
-        dropped_total = {"no_target": 0, "incomplete_features": 0, "embargo": 0}
-        names: list[str] = []
-        total = 0
-        for pair in todo:
-            if [c for c in metric_table_columns(conn, layout, pair) if c != "rate"] != metric_cols:
-                raise BqxError(
-                    f"{pair.upper()}: its metrics table has other columns than"
-                    f" {todo[0].upper()}'s (built with other --windows?)"
-                )
-            table = read_metrics_conn(conn, layout, pair, lo, hi)
-            times = table.column("ts_utc").to_numpy().astype("datetime64[us]")
-            bar_times, bars = _read_bars(conn, layout, pair, lo, hi)
-            if not np.array_equal(times, bar_times):
-                where = _first_difference(times, bar_times)
-                raise BqxError(
-                    f"{pair.upper()}: source bars and metric rows differ from {where} on"
-                    " (run `bqx backfill` for those months)"
-                )
-            metrics = {c: table.column(c).to_numpy(zero_copy_only=False) for c in metric_cols}
-            rate = table.column("rate").to_numpy(zero_copy_only=False)
-            names, pf = pair_features(
-                times, rate, bars[0], bars[1], bars[2], metrics, target=target,
-                horizon=horizon, boundaries=cuts, embargo=embargo, lags=lags,
-            )  # fmt: skip
-            for k, v in pf.dropped.items():
-                dropped_total[k] += v
-            per_pair[pair] = {}
-            for code, s in enumerate(SPLITS):
-                sel = pf.labels == code
-                rows = int(sel.sum())
-                write_split(out / s / f"{pair}.parquet", pair, pf, sel, names)
-                per_pair[pair][s] = rows
-                total += rows
-                if rows:
-                    st = stats[s]
-                    first, last = pf.times[sel][0], pf.times[sel][-1]
-                    st["start"] = first if st["start"] is None else min(st["start"], first)
-                    st["end"] = last if st["end"] is None else max(st["end"], last)
-                    st["rows"] += rows
-    manifest = {
-        "target": target,
-        "horizon": horizon,
-        "features": names,
+    todo, metric_cols = _pairs_and_columns(conn, layout, pairs)
+    windows = windows_of(metric_cols)
+    if not windows:
+        raise BqxError(f"{todo[0].upper()}: the metrics table has no w{{W}}_bqx_return column")
+    bqx_cols = feature_names(metric_cols, lags)[: -len(lags) - len(BAR_FEATURES) + len(LAGS)]
+    if target not in bqx_cols:
+        _refuse_target(target)
+    build = _Build(out, metric_cols, target, horizon, _cuts(conn, layout, todo, lo, hi, fractions),
+                   horizon + max(max(windows), max(lags)), lags)  # fmt: skip
+    for s in SPLITS:
+        (out / s).mkdir(parents=True, exist_ok=True)
+    for pair in todo:
+        _pair(conn, layout, pair, lo, hi, build)
+    manifest = _manifest(build, todo, fractions, windows, layout)
+    tmp = out / ".manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, out / "manifest.json")
+    return FeaturesSummary(out, manifest, build.total, time.monotonic() - t0, todo)
+
+
+def _manifest(
+    b: _Build, pairs: list[str], fractions: tuple[float, float, float], windows: tuple,
+    layout: Layout,
+) -> dict[str, Any]:  # fmt: skip
+    return {
+        "target": b.target,
+        "horizon": b.horizon,
+        "features": b.names,
         "splits": {
             s: {"start": _iso(v["start"]), "end": _iso(v["end"]), "rows": v["rows"]}
-            for s, v in stats.items()
+            for s, v in b.stats.items()
         },
-        "pairs": todo,
-        "rows_per_pair": per_pair,
+        "pairs": pairs,
+        "rows_per_pair": b.per_pair,
         "split_fractions": list(fractions),
-        "cuts": {"validation_from": _iso(cuts[0]), "test_from": _iso(cuts[1])},
-        "embargo_bars": embargo,
+        "cuts": {"validation_from": _iso(b.cuts[0]), "test_from": _iso(b.cuts[1])},
+        "embargo_bars": b.embargo,
         "windows": list(windows),
-        "lags": list(lags),
-        "rows_dropped": dropped_total,
+        "lags": list(b.lags),
+        "rows_dropped": b.dropped,
         "files": "{split}/{pair}.parquet",
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "schema": layout.schema,
     }
-    tmp = out / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out / "manifest.json")
-    return FeaturesSummary(out, manifest, total, time.monotonic() - t0, todo)
 
 
 def _first_difference(a: np.ndarray, b: np.ndarray) -> str:

@@ -24,21 +24,17 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
-from bqx.config import Settings
-from bqx.db import connect, pool, resolve_url
-from bqx.errors import BqxError
-from bqx.schema import (
-    REPORT_PAIRS,
-    Layout,
-    Month,
-    create_source_table,
-    month_range,
-    validate_pair,
-)
-from bqx.sources.load import load_bars
+from bqx.core.layout import Layout
+from bqx.core.months import Month, month_range
+from bqx.core.symbols import REPORT_PAIRS, validate_pair
+from bqx.db.connect import connect, pool
+from bqx.errors import BqxError, InvalidOption
+from bqx.store.bars import load_bars
+from bqx.store.ddl import create_source_table
 
 CURRENCIES = ("AUD", "CAD", "CHF", "EUR", "GBP", "JPY", "NZD")  # priced in USD
 # USD value of one unit, mid-2024
@@ -185,14 +181,31 @@ class GenerateSummary:
     bars: int = 0
     per_pair: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    seed: int = 0
 
     @property
     def bars_per_s(self) -> float:
         return self.bars / self.seconds if self.seconds > 0 else 0.0
 
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "bars": self.bars, "pairs": [p.upper() for p in self.pairs], "months": self.months,
+            "seed": self.seed, "seconds": self.seconds, "bars_per_s": self.bars_per_s,
+        }  # fmt: skip
+
+    def text(self) -> str:
+        from bqx.core.text import plural
+
+        span = self.months[0] + (f"..{self.months[-1]}" if len(self.months) > 1 else "")
+        return (
+            f"generated {plural(self.bars, 'bar')} for {plural(len(self.pairs), 'pair')},"
+            f" {span} (seed {self.seed}; a month's bars depend only on the seed) in"
+            f" {self.seconds:.1f}s ({self.bars_per_s:,.0f} bars/s)"
+        )
+
 
 def generate(
-    settings: Settings,
+    url: str,
     layout: Layout,
     pairs: Sequence[str] | None,
     start: Month,
@@ -216,11 +229,10 @@ def generate(
                 f"{', '.join(sorted(known))}"
             )
     if end < start:
-        raise BqxError(f"--end {end} is before --start {start}")
+        raise InvalidOption("end", str(end), f"is before start {start}")
     t0 = time.monotonic()
     months = month_range(start, end)
-    summary = GenerateSummary(pairs, [str(m) for m in months])
-    url = resolve_url(settings)  # once: starting the embedded server is not for threads
+    summary = GenerateSummary(pairs, [str(m) for m in months], seed=seed)
     with connect(url, autocommit=True) as conn:  # DDL up front: concurrent CREATEs collide
         for pair in pairs:
             create_source_table(conn, layout, pair)

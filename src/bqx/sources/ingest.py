@@ -44,13 +44,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-from psycopg import sql
 
-from bqx.config import Settings
-from bqx.db import connect, pool, resolve_url
+from bqx.core.layout import Layout
+from bqx.core.months import Month
+from bqx.core.symbols import validate_pair
+from bqx.db.connect import connect, pool
 from bqx.errors import BqxError
-from bqx.schema import Layout, Month, table_columns, validate_pair
-from bqx.sources.load import LoadResult, check_nullable, ensure_source, load_bars
+from bqx.store.bars import LoadResult, level_near, load_bars
+from bqx.store.catalog import check_nullable
+from bqx.store.ddl import ensure_source
 
 FORMATS = ("auto", "histdata", "dukascopy", "metatrader", "csv", "parquet")
 FIELDS = ("open", "high", "low", "close", "volume")
@@ -176,6 +178,17 @@ class IngestSummary:
         if self.dropped_flat:
             parts.append(f"{_n(self.dropped_flat, 'flat zero-volume bar')} dropped")
         return "; ".join(parts) + f" ({self.seconds:.1f}s)"
+
+    def text(self) -> str:
+        """The summary line, and where the rejects went."""
+        lines = [self.line()]
+        if self.rejects_file:
+            again = " (replaces the file of an earlier run)" if self.rejects_replaced else ""
+            lines.append(f"rejected rows with line and reason: {self.rejects_file}{again}")
+        if self.stale_rejects_removed:
+            lines.append(f"removed the rejects file of an earlier run: {self.stale_rejects_removed}"
+                         " (nothing rejected now)")  # fmt: skip
+        return "\n".join(lines)
 
 
 def _n(count: int, noun: str) -> str:
@@ -977,24 +990,13 @@ def _check_level(url: str, layout: Layout, pair: str, spill: _Spill, paths: Sequ
     Catches another pair's file given the wrong ``--pair`` (USDJPY near 150 into EURUSD near
     1.08) before anything is written. A pair without stored bars nearby is not checked.
     """
-    schema, table = layout.source_name(pair)
     with connect(url, autocommit=True) as conn:
-        if table_columns(conn, schema, table) is None:
-            return
         for month in spill.months():
             m = Month.parse(month)
-            row = conn.execute(
-                sql.SQL(
-                    # a level, not a statistic: a few thousand bars near the month will do,
-                    # read off the time index, so a month costs a millisecond
-                    "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY c) FROM"
-                    " (SELECT {c} AS c FROM {} WHERE {t} >= %s AND {t} < %s LIMIT 2000) s"
-                ).format(layout.source(pair), c=sql.Identifier("close"), t=layout.time),
-                (m.start - timedelta(days=31), m.end + timedelta(days=31)),
-            ).fetchone()
-            if row is None or row[0] is None or row[0] <= 0:
+            stored = level_near(conn, layout, pair, m)
+            if stored is None:
                 continue
-            stored, given = float(row[0]), spill.median_close(month)
+            given = spill.median_close(month)
             ratio = max(stored / given, given / stored) if given > 0 else float("inf")
             if ratio > MISMATCH_FACTOR:
                 what = str(paths[0]) if len(paths) == 1 else "the input"
@@ -1193,7 +1195,7 @@ class _Rejects:
 
 
 def ingest_files(
-    settings: Settings,
+    url: str,
     layout: Layout,
     files: Sequence[str | Path],
     pair: str,
@@ -1227,7 +1229,6 @@ def ingest_files(
     mapping = mapping or Mapping()
     plans = _check_inputs(paths, fmt, tz, mapping, pair, allow_mismatch)
     target = _rejects_target(Path(rejects_path) if rejects_path else None, paths)
-    url = resolve_url(settings)
     t0 = time.monotonic()
     summary = IngestSummary(pair)
     with tempfile.TemporaryDirectory(prefix="bqx-ingest-") as tmp:

@@ -1,0 +1,81 @@
+"""Data out: ``bqx export``, ``features`` and ``baseline`` (docs/ml.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bqx.cli.app import (
+    DatabaseOpt,
+    EndOpt,
+    JsonOpt,
+    PairsOpt,
+    SchemaOpt,
+    SourceTableOpt,
+    StartOpt,
+    app,
+    print_json,
+    say,
+    store_from,
+)
+
+
+@app.command()
+def export(
+    out: Annotated[Path, typer.Option("--out", help="Directory for pair=…/month=… Parquet.")],
+    pairs: PairsOpt = None,
+    start: StartOpt = None,
+    end: EndOpt = None,
+    json_out: JsonOpt = False,
+    database_url: DatabaseOpt = None,
+    schema: SchemaOpt = None,
+) -> None:
+    """The stored metrics as Parquet, Hive-partitioned by pair and month, one month at a time."""
+    summary = store_from(database_url, schema).export(out, pairs=pairs, start=start, end=end)
+    print_json(summary.as_dict()) if json_out else say(summary.text())
+
+
+@app.command()
+def features(
+    out: Annotated[Path, typer.Option("--out", help="Directory for the Parquet files.")],
+    pairs: PairsOpt = None,
+    start: StartOpt = None,
+    end: EndOpt = None,
+    target: Annotated[
+        str, typer.Option("--target", help="BQX column to predict, h bars ahead.")
+    ] = "w60_bqx_return",
+    horizon: Annotated[int, typer.Option("--horizon", help="Bars ahead (h).")] = 60,
+    split: Annotated[
+        str, typer.Option("--split", help="train,validation,test fractions (chronological).")
+    ] = "0.7,0.15,0.15",
+    source_table: SourceTableOpt = "m1_{pair}",
+    json_out: JsonOpt = False,
+    database_url: DatabaseOpt = None,
+    schema: SchemaOpt = None,
+) -> None:
+    """ML features per bar, a target h bars ahead, chronological splits with an embargo."""
+    summary = store_from(database_url, schema, source_table).features(
+        out, pairs=pairs, start=start, end=end, target=target, horizon=horizon, split=split
+    )
+    print_json(summary.manifest) if json_out else say(summary.text())
+
+
+@app.command()
+def baseline(
+    features_dir: Annotated[
+        Path, typer.Option("--features", help="A `bqx features --out` directory.")
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Write baseline.md/.json and a plot here.")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random baseline.")] = 0,
+    trees: Annotated[int, typer.Option("--trees", help="Most boosting rounds.")] = 300,
+    json_out: JsonOpt = False,
+) -> None:
+    """Ridge and LightGBM against a random and a mean baseline, with a significance test."""
+    from bqx.api import baseline as run_baseline
+
+    result = run_baseline(features_dir, out=out, seed=seed, trees=trees)
+    print_json(result.as_dict()) if json_out else say(result.text())

@@ -1,0 +1,57 @@
+"""Where metrics go: the seam between a job's computed rows and the store that keeps them.
+
+A destination takes a month of computed rows and makes the store hold exactly them
+(``replace_month``: a backfill job), or the rows from a time on (``upsert_range``: an
+update), inside the write transaction of the job's ledger row, so that the ledger never says
+"done" for rows that are not there. ``PostgresPartitions`` (the database's monthly
+partitions) is the first; a new destination implements the same protocol and is chosen in
+``bqx.api`` (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Protocol
+
+import numpy as np
+import psycopg
+
+from bqx.core.months import Month
+from bqx.core.params import Job, Params
+
+JobKey = tuple[str, Month]
+
+
+class Destination(Protocol):
+    """What the pipeline needs from a place that keeps metric rows."""
+
+    name: str
+
+    def check(self, conn: psycopg.Connection, params: Params, pair: str) -> None:
+        """Refuse, before anything is written, to write ``params``' columns for ``pair``."""
+
+    def prepare(self, conn: psycopg.Connection, params: Params, jobs: Sequence[Job]) -> None:
+        """Create what the jobs will write into (tables, partitions); idempotent."""
+
+    def month_states(
+        self, conn: psycopg.Connection, params: Params, keys: Sequence[JobKey]
+    ) -> dict[JobKey, str]:
+        """'ok', 'missing' or 'empty' per (pair, month): resume redoes what is not 'ok'."""
+
+    def replace_month(
+        self, cur: psycopg.Cursor, params: Params, pair: str, month: Month, times: np.ndarray,
+        matrix: np.ndarray,
+    ) -> int:  # fmt: skip
+        """Make the month hold exactly these rows (matrix: rate, then the metric columns, ×
+        rows); return the rows written."""
+
+    def upsert_range(
+        self, cur: psycopg.Cursor, params: Params, pair: str, month: Month, lo: datetime,
+        times: np.ndarray, matrix: np.ndarray,
+    ) -> tuple[int, int, int]:  # fmt: skip
+        """Make the month's rows at or after ``lo`` these rows (matrix as for
+        ``replace_month``); return (inserted, updated, deleted)."""
+
+    def count_month(self, cur: psycopg.Cursor, params: Params, pair: str, month: Month) -> int:
+        """Rows the month holds now."""

@@ -1,0 +1,72 @@
+"""The database's own monthly partitions: ``bqx_{pair}`` partitioned by month on ``ts_utc``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+import numpy as np
+import psycopg
+
+from bqx.core.layout import Layout
+from bqx.core.months import Month
+from bqx.core.params import Job, Params
+from bqx.store import catalog, ddl, targets
+
+JobKey = tuple[str, Month]
+
+
+class PostgresPartitions:
+    """Metric rows in ``{schema}.bqx_{pair}``, one partition per month, written in the same
+    transaction as the job's ledger row (so the write and "done" commit together)."""
+
+    name = "postgres"
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+
+    def check(self, conn: psycopg.Connection, params: Params, pair: str) -> None:
+        catalog.check_target_columns(conn, self.layout, pair, params.windows)
+
+    def prepare(self, conn: psycopg.Connection, params: Params, jobs: Sequence[Job]) -> None:
+        pairs = sorted({j.pair for j in jobs})
+        existing = catalog.target_partitions(conn, self.layout, pairs)
+        for pair in pairs:
+            if self.layout.target_name(pair) not in existing:
+                ddl.create_target_table(conn, self.layout, pair, params.windows)
+        for job in jobs:
+            if self.layout.target_partition_name(job.pair, job.month) not in existing:
+                ddl.ensure_target_partition(conn, self.layout, job.pair, job.month)
+
+    def ensure_month(
+        self, conn: psycopg.Connection, params: Params, pair: str, month: Month
+    ) -> None:
+        """The pair's table and the month's partition, each only when missing (DDL takes
+        strong locks even in its IF NOT EXISTS forms)."""
+        if not catalog.has_target(conn, self.layout, pair):
+            with conn.transaction():
+                ddl.create_target_table(conn, self.layout, pair, params.windows)
+        name = self.layout.target_partition_name(pair, month)
+        if name not in catalog.target_partitions(conn, self.layout, [pair]):
+            with conn.transaction():  # its own short transaction: it locks the parent table
+                ddl.ensure_target_partition(conn, self.layout, pair, month)
+
+    def month_states(
+        self, conn: psycopg.Connection, params: Params, keys: Sequence[JobKey]
+    ) -> dict[JobKey, str]:
+        return catalog.partition_states(conn, self.layout, keys)
+
+    def replace_month(
+        self, cur: psycopg.Cursor, params: Params, pair: str, month: Month, times: np.ndarray,
+        matrix: np.ndarray,
+    ) -> int:  # fmt: skip
+        return targets.replace_month(cur, self.layout, params, pair, month, times, matrix)
+
+    def upsert_range(
+        self, cur: psycopg.Cursor, params: Params, pair: str, month: Month, lo: datetime,
+        times: np.ndarray, matrix: np.ndarray,
+    ) -> tuple[int, int, int]:  # fmt: skip
+        return targets.upsert_range(cur, self.layout, params, pair, month, lo, times, matrix)
+
+    def count_month(self, cur: psycopg.Cursor, params: Params, pair: str, month: Month) -> int:
+        return targets.count_month(cur, self.layout, pair, month)

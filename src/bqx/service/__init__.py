@@ -1,0 +1,1 @@
+"""Long-running services: ``follow`` keeps the metrics current and serves Prometheus metrics."""

@@ -1,0 +1,124 @@
+"""Schema, source and target tables, and their monthly partitions; all idempotent.
+
+DDL in a schema is serialised by an advisory lock: ``CREATE … IF NOT EXISTS`` is not safe
+against itself (two first runs at once can both find a table missing, and one then fails on
+a duplicate catalog key).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import psycopg
+from psycopg import sql
+
+from bqx.core.layout import Layout
+from bqx.core.months import Month
+from bqx.metrics import metric_columns
+from bqx.store import names
+
+
+def lock_schema_ddl(conn: psycopg.Connection, layout: Layout) -> None:
+    """Serialise bqx's DDL in a schema until the transaction ends."""
+    conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"bqx-ddl:{layout.schema}",)
+    )
+
+
+def lock_key(conn: psycopg.Connection | psycopg.Cursor, key: str) -> None:
+    """Inside a transaction: wait for, then hold until commit, the advisory lock of ``key``."""
+    conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (key,))
+
+
+def create_schema(conn: psycopg.Connection, schema: str) -> None:
+    # only when missing: even with IF NOT EXISTS, CREATE SCHEMA needs CREATE on the database,
+    # which a least-privilege role lacks (docs/privileges.md)
+    found = "SELECT 1 FROM pg_namespace WHERE nspname = %s"
+    if conn.execute(found, (schema,)).fetchone() is None:
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+
+
+def create_source_table(conn: psycopg.Connection, layout: Layout, pair: str) -> None:
+    """``m1_{pair}``: minute bars, range-partitioned by month on the time column."""
+    create_schema(conn, layout.source_name(pair)[0])
+    conn.execute(
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {t} ("
+            " {time} timestamptz NOT NULL PRIMARY KEY,"
+            # open, high and low may be NULL: close-only sources (docs/ingest.md)
+            " open double precision, high double precision,"
+            " low double precision, close double precision NOT NULL,"
+            " volume double precision"
+            ") PARTITION BY RANGE ({time})"
+        ).format(t=names.source(layout, pair), time=names.time(layout))
+    )
+
+
+def create_target_table(
+    conn: psycopg.Connection, layout: Layout, pair: str, windows: Sequence[int]
+) -> None:
+    """``bqx_{pair}``: one row per source bar, PK ``ts_utc`` (also its only time index)."""
+    create_schema(conn, layout.schema)
+    metric_defs = sql.SQL(", ").join(
+        sql.SQL("{} double precision").format(sql.Identifier(c)) for c in metric_columns(windows)
+    )
+    conn.execute(
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {t} ("
+            " {ts} timestamptz NOT NULL,"
+            " {rate} double precision NOT NULL,"
+            " created_at timestamptz NOT NULL DEFAULT now(),"
+            " {metrics},"
+            " PRIMARY KEY ({ts})"
+            ") PARTITION BY RANGE ({ts})"
+        ).format(t=names.target(layout, pair), metrics=metric_defs, ts=names.TS, rate=names.RATE)
+    )
+
+
+def _ensure_partition(
+    conn: psycopg.Connection, parent: sql.Identifier, part: sql.Identifier, month: Month
+) -> None:
+    conn.execute(
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {part} PARTITION OF {parent}"
+            " FOR VALUES FROM ({lo}) TO ({hi})"
+        ).format(
+            part=part,
+            parent=parent,
+            lo=sql.Literal(month.start.isoformat()),
+            hi=sql.Literal(month.end.isoformat()),
+        )  # fmt: skip
+    )
+
+
+def ensure_source_partition(
+    conn: psycopg.Connection, layout: Layout, pair: str, month: Month
+) -> None:
+    _ensure_partition(
+        conn, names.source(layout, pair), names.source_partition(layout, pair, month), month
+    )
+
+
+def ensure_target_partition(
+    conn: psycopg.Connection, layout: Layout, pair: str, month: Month
+) -> None:
+    _ensure_partition(
+        conn, names.target(layout, pair), names.target_partition(layout, pair, month), month
+    )
+
+
+def ensure_source(
+    conn: psycopg.Connection, layout: Layout, pair: str, months: Sequence[Month] = ()
+) -> None:
+    """Create a pair's source table and month partitions, serialised between writers.
+
+    Concurrent ``CREATE TABLE IF NOT EXISTS`` of one table can fail on the catalog's unique
+    index, so the DDL runs under a per-table advisory lock. ``conn`` must not be in a
+    transaction.
+    """
+    schema, table = layout.source_name(pair)
+    with conn.transaction():
+        lock_key(conn, f"bqx source {schema}.{table} ddl")
+        create_source_table(conn, layout, pair)
+        for month in months:
+            ensure_source_partition(conn, layout, pair, month)

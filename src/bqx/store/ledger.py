@@ -1,0 +1,889 @@
+"""The ledger: every run, job and attempt, and the parameters each target was computed with.
+
+The only module that reads or writes ``bqx_runs``, ``bqx_jobs``, ``bqx_attempts`` and
+``bqx_targets``. Jobs are claimed with ``FOR UPDATE SKIP LOCKED``, so any number of workers,
+and of concurrent runs, never process the same job at once; a job's write transaction locks
+its ledger row, which is also what keeps an ``update`` and a backfill of one month apart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from bqx.core.layout import Layout
+from bqx.core.months import Month
+from bqx.core.params import Job, Params, RunSummary
+from bqx.db.connect import current_user, worker_id
+from bqx.store import names
+from bqx.store.ddl import create_schema, lock_schema_ddl
+
+RUNS = "bqx_runs"
+JOBS = "bqx_jobs"
+ATTEMPTS = "bqx_attempts"
+TARGETS = "bqx_targets"
+
+HEARTBEAT_INTERVAL_S = 2.0
+STALE_AFTER_S = 30.0  # a running job whose heartbeat is older than this belongs to a dead worker
+
+_DDL = """
+CREATE TABLE IF NOT EXISTS {runs} (
+    run_id      bigserial PRIMARY KEY,
+    command     text NOT NULL,
+    params      jsonb NOT NULL,
+    param_hash  text NOT NULL,
+    started_at  timestamptz NOT NULL DEFAULT now(),
+    ended_at    timestamptz,
+    status      text NOT NULL DEFAULT 'running'
+                CHECK (status IN ('running', 'done', 'failed', 'interrupted')),
+    jobs_total  integer NOT NULL DEFAULT 0,
+    jobs_done   integer NOT NULL DEFAULT 0,
+    jobs_failed integer NOT NULL DEFAULT 0,
+    jobs_skipped integer NOT NULL DEFAULT 0,
+    rows_written bigint NOT NULL DEFAULT 0,
+    workers     integer,
+    executor    text,
+    run_by      text NOT NULL,
+    host        text NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {jobs} (
+    pair         text NOT NULL,
+    month        date NOT NULL,
+    status       text NOT NULL DEFAULT 'pending'
+                 CHECK (status IN ('pending', 'running', 'done', 'failed')),
+    run_id       bigint REFERENCES {runs} (run_id),
+    param_hash   text,
+    source_bars  bigint,
+    source_sig   text,
+    rows_written bigint,
+    attempts     integer NOT NULL DEFAULT 0,
+    started_at   timestamptz,
+    finished_at  timestamptz,
+    duration_s   double precision,
+    worker       text,
+    heartbeat_at timestamptz,
+    last_error   text,
+    updated_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (pair, month)
+);
+CREATE TABLE IF NOT EXISTS {attempts} (
+    attempt_id   bigserial PRIMARY KEY,
+    run_id       bigint REFERENCES {runs} (run_id),
+    pair         text NOT NULL,
+    month        date NOT NULL,
+    attempt      integer NOT NULL,
+    status       text NOT NULL CHECK (status IN ('done', 'failed', 'retried')),
+    worker       text,
+    started_at   timestamptz NOT NULL,
+    finished_at  timestamptz NOT NULL,
+    duration_s   double precision NOT NULL,
+    source_bars  bigint,
+    rows_written bigint,
+    error        text
+);
+CREATE INDEX IF NOT EXISTS {attempts_run_idx} ON {attempts} (run_id, finished_at);
+-- the worker's database session, so a stuck job's session can be ended with its worker
+ALTER TABLE {jobs} ADD COLUMN IF NOT EXISTS backend_pid integer;
+-- the run's driver process and its liveness: a run whose driver died is marked interrupted
+ALTER TABLE {runs} ADD COLUMN IF NOT EXISTS pid integer;
+ALTER TABLE {runs} ADD COLUMN IF NOT EXISTS heartbeat_at timestamptz;
+-- the source versions a done job was computed from (resume with --source-check auto)
+ALTER TABLE {jobs} ADD COLUMN IF NOT EXISTS source_ver text;
+-- the parameters each target table's rows were computed with, so a run with other ones is
+-- refused instead of silently replacing them month by month
+CREATE TABLE IF NOT EXISTS {targets} (
+    target_table text PRIMARY KEY,
+    params       jsonb NOT NULL,
+    param_hash   text NOT NULL,
+    run_id       bigint,
+    updated_at   timestamptz NOT NULL DEFAULT now()
+);
+"""
+
+# the newest column of each ledger table: when all are there, the ledger needs no DDL
+_NEWEST = (
+    (RUNS, "heartbeat_at"), (RUNS, "pid"), (JOBS, "source_ver"), (JOBS, "backend_pid"),
+    (ATTEMPTS, "error"), (TARGETS, "params"),
+)  # fmt: skip
+
+# (status, param_hash, source_sig, source_ver, stale) of a job's ledger row
+LedgerRow = tuple[str, str | None, str | None, str | None, bool]
+JobKey = tuple[str, Month]
+Decide = Callable[[Job, LedgerRow | None], tuple[bool, str]]
+
+
+def worker_is_dead(worker: str | None) -> bool:
+    """True when ``host:pid`` (or ``host:pid#n``, a thread of it) names a process on this
+    host that no longer exists.
+
+    Lets a restart take over a dead local worker's job at once instead of waiting for its
+    heartbeat to go stale; workers on other hosts are judged by their heartbeat alone.
+    """
+    if not worker or ":" not in worker:
+        return False
+    host, pid = worker.rsplit(":", 1)
+    pid = pid.split("#", 1)[0]
+    if host != worker_id().rsplit(":", 1)[0] or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:  # a killed process nobody has reaped yet is a zombie: dead too
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _doc(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else json.loads(value)
+
+
+def _keys(keys: Sequence[tuple[str, date]]) -> tuple[list[str], list[date]]:
+    return [k[0] for k in keys], [k[1] for k in keys]
+
+
+@dataclass
+class RunRecord:
+    """A row of ``bqx_runs``, its parameters decoded."""
+
+    run_id: int
+    command: str
+    params: dict[str, Any]
+    param_hash: str
+    started_at: datetime
+    ended_at: datetime | None
+    status: str
+    jobs_total: int
+    jobs_done: int
+    jobs_failed: int
+    jobs_skipped: int
+    rows_written: int
+    workers: int | None
+    executor: str | None
+    run_by: str
+    host: str
+    elapsed_s: float
+
+    @property
+    def planned(self) -> list[tuple[str, date]]:
+        """The (pair, first day of month) jobs the run planned."""
+        return [(p, Month.parse(m).first_day) for p, m in self.params.get("jobs", [])]
+
+
+@dataclass
+class JobRecord:
+    """A row of ``bqx_jobs`` as status and verify read it."""
+
+    pair: str
+    month: date
+    status: str
+    rows_written: int | None
+    source_bars: int | None
+    worker: str | None
+    heartbeat_age_s: float | None
+    running_s: float | None
+    attempts: int
+    last_error: str | None
+
+    @property
+    def stale(self) -> bool:
+        age = self.heartbeat_age_s
+        return (age is not None and age > STALE_AFTER_S) or worker_is_dead(self.worker)
+
+
+class Ledger:
+    """SQL against the ledger tables of one schema, in one place."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self._last_beat = 0.0
+        self.runs = names.table(layout, RUNS)
+        self.jobs = names.table(layout, JOBS)
+        self.attempts = names.table(layout, ATTEMPTS)
+        self.targets = names.table(layout, TARGETS)
+
+    def _q(self, text: str) -> sql.Composed:
+        return sql.SQL(text).format(
+            runs=self.runs, jobs=self.jobs, attempts=self.attempts, targets=self.targets
+        )
+
+    # -- the tables ----------------------------------------------------------------------
+
+    def exists(self, conn: psycopg.Connection) -> bool:
+        """Whether the ledger has been created in this schema (a catalog read)."""
+        row = conn.execute(
+            "SELECT to_regclass(%s) IS NOT NULL", (names.as_text(self.runs),)
+        ).fetchone()
+        return bool(row and row[0])
+
+    def has_jobs_table(self, conn: psycopg.Connection) -> bool:
+        row = conn.execute(
+            "SELECT to_regclass(%s) IS NOT NULL", (names.as_text(self.jobs),)
+        ).fetchone()
+        return bool(row and row[0])
+
+    def is_current(self, conn: psycopg.Connection) -> bool:
+        """True when every ledger table and column exists (a catalog read, no lock taken)."""
+        row = conn.execute(
+            "SELECT count(*) FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s"
+            " AND NOT a.attisdropped AND (c.relname, a.attname) IN"
+            " (SELECT * FROM unnest(%s::text[], %s::text[]))",
+            (self.layout.schema, [t for t, _ in _NEWEST], [c for _, c in _NEWEST]),
+        ).fetchone()
+        return bool(row) and int(row[0]) == len(_NEWEST)
+
+    def create(self, conn: psycopg.Connection) -> None:
+        """The ledger tables, only when something is missing: ``ALTER TABLE … ADD COLUMN IF
+        NOT EXISTS`` takes an exclusive lock even when the column exists, which would deadlock
+        with an ``update`` or another run writing the ledger."""
+        if self.is_current(conn):
+            return
+        lock_schema_ddl(conn, self.layout)
+        create_schema(conn, self.layout.schema)
+        conn.execute(
+            sql.SQL(_DDL).format(
+                runs=self.runs,
+                jobs=self.jobs,
+                attempts=self.attempts,
+                targets=self.targets,
+                attempts_run_idx=sql.Identifier(f"{ATTEMPTS}_run_idx"),
+            )  # fmt: skip
+        )
+
+    # -- runs ----------------------------------------------------------------------------
+
+    def start_run(
+        self, conn: psycopg.Connection, command: str, params: Params, doc: dict[str, Any],
+        workers: int, executor: str, jobs_total: int = 0,
+    ) -> int:  # fmt: skip
+        row = conn.execute(
+            self._q(
+                "INSERT INTO {runs} (command, params, param_hash, workers, executor, run_by, host,"
+                " pid, heartbeat_at, jobs_total) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, now(), %s)"
+                " RETURNING run_id"
+            ),
+            (command, json.dumps(doc), params.hash, workers, executor, current_user(),
+             worker_id().rsplit(":", 1)[0], os.getpid(), jobs_total),
+        ).fetchone()  # fmt: skip
+        assert row is not None
+        return int(row[0])
+
+    def beat_run(self, conn: psycopg.Connection, run_id: int) -> None:
+        """The driver is alive (at most one write every HEARTBEAT_INTERVAL_S)."""
+        now = time.monotonic()
+        if now - self._last_beat < HEARTBEAT_INTERVAL_S:
+            return
+        conn.execute(self._q("UPDATE {runs} SET heartbeat_at = now() WHERE run_id = %s"), (run_id,))
+        self._last_beat = now
+
+    def mark_orphaned_runs(self, conn: psycopg.Connection) -> list[int]:
+        """Runs left ``running`` by a driver that died (killed, crashed, host lost) become
+        ``interrupted``: their driver process is gone on this host, or their heartbeat (or, in
+        ledgers without one, their start) is older than STALE_AFTER_S with no live job."""
+        here = worker_id().rsplit(":", 1)[0]
+        candidates = conn.execute(
+            self._q(
+                "SELECT run_id, host, pid, coalesce(heartbeat_at, started_at)"
+                " < now() - make_interval(secs => %s) AND NOT EXISTS (SELECT 1 FROM {jobs} j"
+                "  WHERE j.run_id = r.run_id AND j.status = 'running'"
+                "  AND j.heartbeat_at >= now() - make_interval(secs => %s))"
+                " FROM {runs} r WHERE status = 'running'"
+            ),
+            (STALE_AFTER_S, STALE_AFTER_S),
+        ).fetchall()
+        dead = [
+            run_id for run_id, host, pid, stale in candidates
+            if stale or (host == here and pid is not None and worker_is_dead(f"{host}:{pid}"))
+        ]  # fmt: skip
+        for run_id in dead:
+            self.end_run(conn, run_id, "interrupted")
+        return dead
+
+    def end_run(self, conn: psycopg.Connection, run_id: int, status: str) -> RunSummary:
+        """Close a run: its totals from its attempts, ``failed`` if any job failed."""
+        row = conn.execute(
+            self._q(
+                "WITH a AS (SELECT DISTINCT ON (pair, month) pair, month, status, rows_written"
+                "  FROM {attempts} WHERE run_id = %s AND status <> 'retried'"
+                "  ORDER BY pair, month, attempt_id DESC)"
+                " UPDATE {runs} r SET ended_at = now(), status = CASE WHEN %s = 'done' AND"
+                "  EXISTS (SELECT 1 FROM a WHERE a.status = 'failed') THEN 'failed' ELSE %s END,"
+                " jobs_done = (SELECT count(*) FROM a WHERE a.status = 'done'),"
+                " jobs_failed = (SELECT count(*) FROM a WHERE a.status = 'failed'),"
+                " rows_written = (SELECT coalesce(sum(rows_written), 0) FROM a"
+                "  WHERE a.status = 'done')"
+                " WHERE run_id = %s RETURNING jobs_total, jobs_done, jobs_failed, jobs_skipped,"
+                " rows_written, extract(epoch FROM ended_at - started_at), status"
+            ),
+            (run_id, status, status, run_id),
+        ).fetchone()
+        assert row is not None
+        failures = conn.execute(
+            self._q(
+                "SELECT pair, month::text, last_error FROM {jobs} WHERE run_id = %s"
+                " AND status = 'failed' ORDER BY pair, month"
+            ),
+            (run_id,),
+        ).fetchall()
+        total, done, failed, skipped, rows, dur, final = row
+        return RunSummary(
+            run_id, int(total), int(done), int(failed), int(skipped), int(rows), float(dur),
+            final, [(p, m[:7], e or "") for p, m, e in failures],
+        )  # fmt: skip
+
+    def latest_run(
+        self, conn: psycopg.Connection, run_id: int | None = None, *, include_empty: bool = False
+    ) -> RunRecord | None:
+        """``run_id``'s run, else the latest run with jobs (or any, with ``include_empty``).
+
+        A run that planned no job (a range without source bars) has nothing to show, check or
+        report, and must not hide the real latest run.
+        """
+        if not self.exists(conn):
+            return None
+        cur = conn.execute(
+            self._q(
+                "SELECT run_id, command, params, param_hash, started_at, ended_at, status,"
+                " jobs_total, jobs_done, jobs_failed, jobs_skipped, rows_written, workers,"
+                " executor, run_by, host,"
+                " extract(epoch FROM coalesce(ended_at, now()) - started_at)::float8"
+                " FROM {runs} WHERE (%s::bigint IS NULL OR run_id = %s) AND (%s::bigint IS NOT"
+                "  NULL OR %s OR jobs_total > 0"
+                "  OR coalesce(jsonb_array_length(CASE WHEN jsonb_typeof(params->'jobs') ="
+                "   'array' THEN params->'jobs' END), 0) > 0)"
+                " ORDER BY run_id DESC LIMIT 1"
+            ),
+            (run_id, run_id, run_id, include_empty),
+        )
+        row = cur.fetchone()
+        if row is None:
+            return None
+        values = list(row)
+        values[2] = _doc(values[2])
+        return RunRecord(*values)
+
+    def runs(self, conn: psycopg.Connection, limit: int = 20) -> list[RunRecord]:
+        """The latest runs, newest first."""
+        if not self.exists(conn):
+            return []
+        rows = conn.execute(
+            self._q(
+                "SELECT run_id, command, params, param_hash, started_at, ended_at, status,"
+                " jobs_total, jobs_done, jobs_failed, jobs_skipped, rows_written, workers,"
+                " executor, run_by, host,"
+                " extract(epoch FROM coalesce(ended_at, now()) - started_at)::float8"
+                " FROM {runs} ORDER BY run_id DESC LIMIT %s"
+            ),
+            (limit,),
+        ).fetchall()
+        return [RunRecord(*r[:2], _doc(r[2]), *r[3:]) for r in rows]
+
+    # -- planning ------------------------------------------------------------------------
+
+    def read_jobs(
+        self, conn: psycopg.Connection, pairs: Sequence[str], *, lock: bool = False
+    ) -> dict[JobKey, LedgerRow]:
+        """(pair, month) -> (status, param_hash, source_sig, source_ver, stale) of the pairs'
+        ledger rows; ``lock`` takes them FOR UPDATE (inside the caller's transaction). A
+        ledger made before ``source_ver`` existed is read without it (a dry run does not
+        upgrade it)."""
+        if not self.has_jobs_table(conn):
+            return {}
+        row = conn.execute(
+            "SELECT count(*) FROM pg_attribute WHERE attrelid = to_regclass(%s)"
+            " AND attname = 'source_ver' AND NOT attisdropped",
+            (names.as_text(self.jobs),),
+        ).fetchone()
+        query = sql.SQL(
+            "SELECT pair, month, status, param_hash, source_sig, {ver}, worker,"
+            " heartbeat_at < now() - make_interval(secs => %s) FROM {jobs} WHERE pair = ANY(%s)"
+            "{lock}"
+        ).format(
+            ver=sql.Identifier("source_ver") if row and row[0] else sql.NULL,
+            jobs=self.jobs, lock=sql.SQL(" FOR UPDATE" if lock else ""),
+        )  # fmt: skip
+        return {
+            (p, Month.of(m)): (status, h, sig, v, bool(stale) or worker_is_dead(worker))
+            for p, m, status, h, sig, v, worker, stale in conn.execute(
+                query, (STALE_AFTER_S, sorted(set(pairs)))
+            )
+        }
+
+    def plan(
+        self, conn: psycopg.Connection, run_id: int, params: Params, jobs: Sequence[Job],
+        decide: Decide,
+    ) -> tuple[list[Job], list[Job], dict[JobKey, str]]:  # fmt: skip
+        """Mark the jobs ``decide`` wants done as pending, in one transaction; return (to do,
+        skipped, why per job). A job running in a live worker elsewhere is left to it."""
+        pairs = sorted({j.pair for j in jobs})
+        todo, skipped, reasons = [], [], {}
+        with conn.transaction():
+            existing = self.read_jobs(conn, pairs, lock=True)
+            for job in jobs:
+                key = (job.pair, job.month)
+                do, reason = decide(job, existing.get(key))
+                reasons[key] = reason
+                if not do:
+                    skipped.append(job)
+                    continue
+                todo.append(job)
+                if reason == "running elsewhere":
+                    continue  # another live worker has it; ours wait or take it over when stale
+                self._pending(conn, run_id, params, job)
+            conn.execute(
+                self._q("UPDATE {runs} SET jobs_total = %s, jobs_skipped = %s WHERE run_id = %s"),
+                (len(jobs), len(skipped), run_id),
+            )
+            self.record_params(conn, run_id, params, pairs)
+        return todo, skipped, reasons
+
+    def _pending(self, conn: psycopg.Connection, run_id: int, params: Params, job: Job) -> None:
+        conn.execute(
+            self._q(
+                "INSERT INTO {jobs} (pair, month, status, run_id, param_hash, source_bars,"
+                " source_sig, source_ver, attempts, updated_at)"
+                " VALUES (%s, %s, 'pending', %s, %s, %s, %s, %s, 0, now())"
+                " ON CONFLICT (pair, month) DO UPDATE SET status = 'pending',"
+                " run_id = EXCLUDED.run_id, param_hash = EXCLUDED.param_hash,"
+                " source_bars = EXCLUDED.source_bars, source_sig = EXCLUDED.source_sig,"
+                " source_ver = EXCLUDED.source_ver, attempts = 0, last_error = NULL,"
+                " worker = NULL, updated_at = now()"
+            ),
+            (job.pair, job.month.first_day, run_id, params.hash, job.source_bars,
+             job.source_sig, job.source_ver),
+        )  # fmt: skip
+
+    def record_params(
+        self, conn: psycopg.Connection, run_id: int, params: Params, pairs: Sequence[str]
+    ) -> None:
+        """Remember the parameters each target table is computed with (``bqx_targets``)."""
+        for pair in pairs:
+            conn.execute(
+                self._q(
+                    "INSERT INTO {targets} AS t (target_table, params, param_hash, run_id)"
+                    " VALUES (%s, %s, %s, %s) ON CONFLICT (target_table) DO UPDATE SET"
+                    " params = EXCLUDED.params, param_hash = EXCLUDED.param_hash,"
+                    " run_id = EXCLUDED.run_id, updated_at = now()"
+                    " WHERE t.param_hash IS DISTINCT FROM EXCLUDED.param_hash"
+                ),
+                (self.layout.target_name(pair), json.dumps(params.target_doc(pair)), params.hash,
+                 run_id),
+            )  # fmt: skip
+
+    def recorded_params(
+        self, conn: psycopg.Connection, pairs: Sequence[str]
+    ) -> dict[str, dict[str, Any]]:
+        """Per pair, the parameters its target's rows were computed with (absent: unknown)."""
+        out: dict[str, dict[str, Any]] = {}
+        if not self.exists(conn):
+            return out
+        if conn.execute(
+            "SELECT to_regclass(%s) IS NOT NULL", (names.as_text(self.targets),)
+        ).fetchone()[0]:  # type: ignore[index]
+            for target, doc in conn.execute(self._q("SELECT target_table, params FROM {targets}")):
+                out[target] = _doc(doc)
+        # targets written before parameters were recorded: the run of their latest done job
+        for pair, doc in conn.execute(
+            self._q(
+                "SELECT DISTINCT ON (j.pair) j.pair, r.params FROM {jobs} j JOIN {runs} r"
+                " ON r.param_hash = j.param_hash WHERE j.status = 'done' AND j.pair = ANY(%s)"
+                " ORDER BY j.pair, j.finished_at DESC NULLS LAST, r.run_id DESC"
+            ),
+            (list(pairs),),
+        ):
+            target = self.layout.target_name(pair)
+            if target not in out:
+                out[target] = _legacy_target_doc(_doc(doc), pair, self.layout)
+        return {
+            p: out[self.layout.target_name(p)] for p in pairs if self.layout.target_name(p) in out
+        }
+
+    def pair_params(self, conn: psycopg.Connection) -> dict[str, dict[str, Any]]:
+        """Per pair, the parameters of the latest run that wrote one of its months."""
+        if not self.has_jobs_table(conn):
+            return {}
+        rows = conn.execute(
+            self._q(
+                "SELECT DISTINCT ON (j.pair) j.pair, r.params FROM {jobs} j"
+                " JOIN {runs} r ON r.run_id = j.run_id ORDER BY j.pair, j.run_id DESC"
+            )
+        ).fetchall()
+        return {p: _doc(d) for p, d in rows}
+
+    # -- a job's life --------------------------------------------------------------------
+
+    def claim(
+        self, conn: psycopg.Connection, keys: Sequence[tuple[str, date]], run_id: int, worker: str
+    ) -> tuple[str, Month, int] | None:
+        """Take one claimable job among ``keys`` (pending, or running with a stale heartbeat)."""
+        pairs, months = _keys(keys)
+        with conn.transaction():
+            row = conn.execute(
+                self._q(
+                    "UPDATE {jobs} j SET status = 'running', run_id = %s, worker = %s,"
+                    " backend_pid = pg_backend_pid(),"
+                    " started_at = now(), heartbeat_at = now(), attempts = j.attempts + 1,"
+                    " updated_at = now()"
+                    " WHERE (j.pair, j.month) = (SELECT pair, month FROM {jobs}"
+                    "  WHERE (pair, month) IN (SELECT * FROM unnest(%s::text[], %s::date[]))"
+                    "  AND (status = 'pending' OR (status = 'running'"
+                    "       AND heartbeat_at < now() - make_interval(secs => %s)))"
+                    "  ORDER BY month, pair LIMIT 1 FOR UPDATE SKIP LOCKED)"
+                    " RETURNING pair, month, attempts"
+                ),
+                (run_id, worker, pairs, months, STALE_AFTER_S),
+            ).fetchone()
+        if row is None:
+            return None
+        return row[0], Month.of(row[1]), int(row[2])
+
+    def heartbeat(self, conn: psycopg.Connection, pair: str, month: Month, worker: str) -> None:
+        conn.execute(
+            self._q(
+                "UPDATE {jobs} SET heartbeat_at = now() WHERE pair = %s AND month = %s"
+                " AND worker = %s AND status = 'running'"
+            ),
+            (pair, month.first_day, worker),
+        )
+
+    def lock_own(self, cur: psycopg.Cursor, pair: str, month: Month, worker: str) -> bool:
+        """Inside the write transaction: lock the job row; False if another worker took it over."""
+        row = cur.execute(
+            self._q("SELECT worker, status FROM {jobs} WHERE pair = %s AND month = %s FOR UPDATE"),
+            (pair, month.first_day),
+        ).fetchone()
+        return row is not None and row[0] == worker and row[1] == "running"
+
+    def finish(
+        self, cur: psycopg.Cursor, run_id: int, pair: str, month: Month, worker: str,
+        status: str, attempt: int, started: float, source_bars: int | None,
+        rows: int | None, error: str | None, params_hash: str | None = None,
+    ) -> None:  # fmt: skip
+        """Record an attempt's end: done|failed, or retried (the job stays running)."""
+        duration = time.time() - started
+        if status != "retried":
+            cur.execute(
+                self._q(
+                    "UPDATE {jobs} SET status = %s, rows_written = %s, source_bars ="
+                    " coalesce(%s, source_bars), finished_at = now(), duration_s = %s,"
+                    " last_error = %s, param_hash = coalesce(%s, param_hash), updated_at = now()"
+                    " WHERE pair = %s AND month = %s"
+                ),
+                (status, rows, source_bars, duration, error, params_hash, pair,
+                 month.first_day),
+            )  # fmt: skip
+        self._attempt(cur, run_id, pair, month, attempt, status, worker, started, source_bars,
+                      rows, error)  # fmt: skip
+
+    def _attempt(
+        self, cur: psycopg.Cursor, run_id: int, pair: str, month: Month, attempt: int,
+        status: str, worker: str, started: float, source_bars: int | None, rows: int | None,
+        error: str | None,
+    ) -> None:  # fmt: skip
+        cur.execute(
+            self._q(
+                "INSERT INTO {attempts} (run_id, pair, month, attempt, status, worker, started_at,"
+                " finished_at, duration_s, source_bars, rows_written, error)"
+                " VALUES (%s, %s, %s, %s, %s, %s, to_timestamp(%s), now(), %s, %s, %s, %s)"
+            ),
+            (run_id, pair, month.first_day, attempt, status, worker, started,
+             time.time() - started, source_bars, rows, error),
+        )  # fmt: skip
+
+    def end_sessions(self, conn: psycopg.Connection, workers: Sequence[str]) -> None:
+        """End the database sessions of running jobs held by ``workers`` (already stopped).
+
+        A session waiting on a lock does not notice that its client is gone, and would keep
+        its job row locked: releasing or abandoning the job would then wait for ever.
+        """
+        if workers:
+            conn.execute(
+                self._q(
+                    "SELECT pg_terminate_backend(backend_pid) FROM {jobs} WHERE status = 'running'"
+                    " AND worker = ANY(%s) AND backend_pid IS NOT NULL"
+                    " AND backend_pid <> pg_backend_pid()"
+                ),
+                (list(workers),),
+            )
+
+    def release(
+        self, conn: psycopg.Connection, keys: Sequence[tuple[str, date]], workers: Sequence[str],
+        status: str, error: str | None,
+    ) -> int:  # fmt: skip
+        """Set jobs that ``workers`` hold as running back to ``status`` (pending or failed)."""
+        if not workers:
+            return 0
+        pairs, months = _keys(keys)
+        cur = conn.execute(
+            self._q(
+                "UPDATE {jobs} SET status = %s, last_error = coalesce(%s, last_error),"
+                " worker = NULL, updated_at = now()"
+                " WHERE status = 'running' AND worker = ANY(%s)"
+                " AND (pair, month) IN (SELECT * FROM unnest(%s::text[], %s::date[]))"
+            ),
+            (status, error, list(workers), pairs, months),
+        )
+        return cur.rowcount
+
+    def abandon(self, conn: psycopg.Connection, worker: str, error: str, max_attempts: int) -> None:
+        """The job a dead or killed worker held goes back to pending, or fails once out of
+        tries; the attempt is recorded. Its session is ended first (see ``end_sessions``)."""
+        self.end_sessions(conn, [worker])
+        with conn.transaction():
+            conn.execute(
+                self._q(
+                    "WITH j AS (UPDATE {jobs} SET status = CASE WHEN attempts >= %s THEN"
+                    "  'failed' ELSE 'pending' END, last_error = %s, worker = NULL,"
+                    "  updated_at = now(), finished_at = now(),"
+                    "  duration_s = extract(epoch FROM now() - started_at)"
+                    "  WHERE status = 'running' AND worker = %s"
+                    "  RETURNING run_id, pair, month, attempts, status, started_at)"
+                    " INSERT INTO {attempts} (run_id, pair, month, attempt, status, worker,"
+                    " started_at, finished_at, duration_s, error)"
+                    " SELECT run_id, pair, month, attempts,"
+                    " CASE WHEN status = 'failed' THEN 'failed' ELSE 'retried' END, %s,"
+                    " started_at, now(), extract(epoch FROM now() - started_at), %s FROM j"
+                ),
+                (max_attempts, error, worker, worker, error),
+            )
+
+    def progress(
+        self, conn: psycopg.Connection, keys: Sequence[tuple[str, date]]
+    ) -> dict[str, Any]:
+        """Counts per status of ``keys``, rows written, and source bars of unfinished jobs."""
+        pairs, months = _keys(keys)
+        rows = conn.execute(
+            self._q(
+                "SELECT status, status = 'running' AND heartbeat_at < now() - make_interval("
+                " secs => %s), count(*), coalesce(sum(rows_written), 0),"
+                " coalesce(sum(source_bars), 0) FROM {jobs}"
+                " WHERE (pair, month) IN (SELECT * FROM unnest(%s::text[], %s::date[]))"
+                " GROUP BY 1, 2"
+            ),
+            (STALE_AFTER_S, pairs, months),
+        ).fetchall()
+        out: dict[str, Any] = {s: 0 for s in ("pending", "running", "done", "failed", "stale")}
+        out["rows"] = 0
+        out["bars_left"] = 0
+        for status, stale, count, rows_written, bars in rows:
+            out[status] += int(count)
+            out["stale"] += int(count) if stale else 0
+            if status == "done":
+                out["rows"] = int(rows_written)
+            elif status != "failed":
+                out["bars_left"] += int(bars)
+        return out
+
+    def late(
+        self, conn: psycopg.Connection, keys: Sequence[tuple[str, date]], timeout_s: float
+    ) -> list[tuple[str, date, str]]:
+        """(pair, month, worker) of running jobs among ``keys`` older than ``timeout_s``."""
+        pairs, months = _keys(keys)
+        rows = conn.execute(
+            self._q(
+                "SELECT pair, month, worker FROM {jobs} WHERE status = 'running'"
+                " AND started_at < now() - make_interval(secs => %s)"
+                " AND (pair, month) IN (SELECT * FROM unnest(%s::text[], %s::date[]))"
+            ),
+            (timeout_s, pairs, months),
+        ).fetchall()
+        return [(p, m, w) for p, m, w in rows]
+
+    # -- an update's month ---------------------------------------------------------------
+
+    def lock_month(
+        self, cur: psycopg.Cursor, run_id: int, pair: str, month: Month, param_hash: str
+    ) -> tuple[str, str | None, str | None, bool, bool]:
+        """Lock (creating it if needed) the month's job row: the lock a backfill write takes.
+
+        Returns (status, worker, param_hash, created, stale). The row is always touched, so
+        a concurrent repeatable-read writer of the month fails to serialize and retries.
+        """
+        row = cur.execute(
+            self._q(
+                "INSERT INTO {jobs} AS j (pair, month, status, run_id, param_hash, attempts,"
+                " updated_at) VALUES (%s, %s, 'pending', %s, %s, 0, now())"
+                " ON CONFLICT (pair, month) DO UPDATE SET updated_at = now()"
+                " RETURNING j.status, j.worker, j.param_hash, j.xmax = 0,"
+                " coalesce(j.heartbeat_at < now() - make_interval(secs => %s), true)"
+            ),
+            (pair, month.first_day, run_id, param_hash, STALE_AFTER_S),
+        ).fetchone()
+        assert row is not None
+        return row[0], row[1], row[2], bool(row[3]), bool(row[4])
+
+    def record_month(
+        self, cur: psycopg.Cursor, run_id: int, job: Job, *, done: bool, params: Params,
+        rows_total: int, rows_written: int, started: float,
+    ) -> None:  # fmt: skip
+        """After an upsert: the job row states the month's totals; the attempt, what changed."""
+        if done:  # a month not done stays as it was: its backfill still has to run
+            cur.execute(
+                self._q(
+                    "UPDATE {jobs} SET status = 'done', run_id = %s, param_hash = %s,"
+                    " source_bars = %s, source_sig = %s, source_ver = %s, rows_written = %s,"
+                    " attempts = greatest(attempts, 1), started_at = coalesce(started_at,"
+                    " to_timestamp(%s)), finished_at = now(), duration_s = %s, worker = NULL,"
+                    " backend_pid = NULL, last_error = NULL, updated_at = now()"
+                    " WHERE pair = %s AND month = %s"
+                ),
+                (run_id, params.hash, job.source_bars, job.source_sig, job.source_ver,
+                 rows_total, started, time.time() - started, job.pair, job.month.first_day),
+            )  # fmt: skip
+        self._attempt(cur, run_id, job.pair, job.month, 1, "done", worker_id(), started,
+                      job.source_bars, rows_written, None)  # fmt: skip
+
+    def forget_months(self, cur: psycopg.Cursor, pair: str, months: Sequence[Month]) -> None:
+        """Drop the job rows of months left without any bar, so nothing reports them done."""
+        if months and self.has_jobs_table(cur.connection):
+            cur.execute(
+                self._q("DELETE FROM {jobs} WHERE pair = %s AND month = ANY(%s)"),
+                (pair, [m.first_day for m in months]),
+            )
+
+    # -- what status, verify and report read ---------------------------------------------
+
+    def totals(self, conn: psycopg.Connection) -> dict[str, int]:
+        """Jobs per status over the whole ledger, and the rows of the done ones."""
+        out = {"total": 0, "done": 0, "running": 0, "failed": 0, "pending": 0, "rows": 0}
+        for st, n, rows in conn.execute(
+            self._q(
+                "SELECT status, count(*), coalesce(sum(rows_written) FILTER"
+                " (WHERE status = 'done'), 0) FROM {jobs} GROUP BY status"
+            )
+        ):
+            out[st] = int(n)
+            out["total"] += int(n)
+            out["rows"] += int(rows)
+        return out
+
+    def job_records(
+        self, conn: psycopg.Connection, keys: Sequence[tuple[str, date]] | None = None
+    ) -> list[JobRecord]:
+        """Job rows of ``keys`` (pending for those the ledger does not hold), or of every job."""
+        cols = sql.SQL(
+            "coalesce(j.status, 'pending'), j.rows_written, j.source_bars, j.worker,"
+            " extract(epoch FROM now() - j.heartbeat_at)::float8,"
+            " extract(epoch FROM now() - j.started_at)::float8, coalesce(j.attempts, 0),"
+            " j.last_error"
+        )
+        if keys is None:
+            if not self.has_jobs_table(conn):
+                return []
+            query = sql.SQL("SELECT j.pair, j.month, {cols} FROM {jobs} j ORDER BY 1, 2")
+            return [JobRecord(*r) for r in conn.execute(query.format(cols=cols, jobs=self.jobs))]
+        pairs, months = _keys(keys)
+        query = sql.SQL(
+            "SELECT k.pair, k.month, {cols} FROM unnest(%s::text[], %s::date[])"
+            " AS k(pair, month) LEFT JOIN {jobs} j ON j.pair = k.pair AND j.month = k.month"
+            " ORDER BY k.pair, k.month"
+        ).format(cols=cols, jobs=self.jobs)
+        return [JobRecord(*r) for r in conn.execute(query, (pairs, months))]
+
+    def job_keys(self, conn: psycopg.Connection) -> list[tuple[str, date]]:
+        """Every (pair, month) the ledger holds."""
+        if not self.has_jobs_table(conn):
+            return []
+        return [(p, m) for p, m in conn.execute(self._q("SELECT pair, month FROM {jobs}"))]
+
+    def job_runs(self, conn: psycopg.Connection) -> list[tuple[str, date, int | None]]:
+        """(pair, month, run that last planned or ran it) of every job the ledger holds."""
+        if not self.has_jobs_table(conn):
+            return []
+        return [
+            (p, m, r) for p, m, r in conn.execute(self._q("SELECT pair, month, run_id FROM {jobs}"))
+        ]
+
+    def statuses(self, conn: psycopg.Connection) -> dict[tuple[str, str], str]:
+        """(pair, ``YYYY-MM``) -> job status, over the whole ledger."""
+        return {
+            (p, str(Month.of(m))): s
+            for p, m, s in conn.execute(self._q("SELECT pair, month, status FROM {jobs}"))
+        }
+
+    def rows_written_by(self, conn: psycopg.Connection, run_id: int) -> int:
+        row = conn.execute(
+            self._q(
+                "SELECT coalesce(sum(rows_written), 0) FROM {attempts}"
+                " WHERE run_id = %s AND status = 'done'"
+            ),
+            (run_id,),
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def last_activity_s(
+        self, conn: psycopg.Connection, run_id: int, since: datetime
+    ) -> float | None:
+        """Seconds since any job of the run last showed life (claim, heartbeat, finish)."""
+        row = conn.execute(
+            self._q(
+                "SELECT extract(epoch FROM now() - greatest(max(started_at), max(heartbeat_at),"
+                " max(finished_at), %s::timestamptz))::float8 FROM {jobs} WHERE run_id = %s"
+            ),
+            (since, run_id),
+        ).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    def recent_errors(self, conn: psycopg.Connection, limit: int) -> list[dict[str, Any]]:
+        """The latest attempts that recorded an error, newest first."""
+        return [
+            {"pair": p.upper(), "month": str(Month.of(m)), "status": s, "error": e,
+             "at": f.isoformat(timespec="seconds")}
+            for p, m, s, e, f in conn.execute(
+                self._q(
+                    "SELECT pair, month, status, error, finished_at FROM {attempts}"
+                    " WHERE error IS NOT NULL ORDER BY finished_at DESC, attempt_id DESC LIMIT %s"
+                ),
+                (limit,),
+            )
+        ]  # fmt: skip
+
+    def attempts_of(self, conn: psycopg.Connection, run_id: int) -> list[dict[str, Any]]:
+        """Every attempt of a run, in the order they finished."""
+        cur = conn.execute(
+            self._q(
+                "SELECT pair, month, attempt, status, worker, started_at, finished_at,"
+                " duration_s, source_bars, rows_written, error FROM {attempts}"
+                " WHERE run_id = %s ORDER BY finished_at"
+            ),
+            (run_id,),
+        )
+        cols = [d.name for d in cur.description or []]
+        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+    def check_queries(self, run_id: int) -> list[tuple[str, str]]:
+        """SQL a reader can run against the ledger, with what each shows."""
+        return [
+            ("jobs by status in the ledger",
+             self._q("SELECT status, count(*), sum(rows_written) FROM {jobs}"
+                     " GROUP BY status;").as_string(None)),
+            ("attempts of this run",
+             sql.SQL("SELECT status, count(*) FROM {} WHERE run_id = {} GROUP BY status;")
+             .format(self.attempts, sql.Literal(int(run_id))).as_string(None)),
+        ]  # fmt: skip
+
+
+def _legacy_target_doc(doc: dict[str, Any], pair: str, layout: Layout) -> dict[str, Any]:
+    """A target's parameters from the run document of an older bqx, which kept no per-target
+    record."""
+    lay = Layout(doc.get("schema", layout.schema), doc.get("source_table", "m1_{pair}"),
+                 doc.get("time_column", "time"), doc.get("price_column", "close"))  # fmt: skip
+    schema, table = lay.source_name(pair)
+    return {
+        "windows": doc.get("windows"), "mode": doc.get("mode"), "max_fill": doc.get("max_fill"),
+        "source": f"{schema}.{table}", "time_column": lay.time_column,
+        "price_column": lay.price_column,
+    }  # fmt: skip
