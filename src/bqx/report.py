@@ -57,36 +57,39 @@ class ReportData:
         for key in self.planned:
             st = self.statuses.get(key, "pending")
             counts[st] = counts.get(st, 0) + 1
-        not_done = len(self.planned) - counts.get("done", 0)
-        if not self.planned:
-            status, why = "EMPTY", f"run {run['run_id']} planned no job: nothing was computed"
-        elif run["status"] != "done":
-            status = "INCOMPLETE"
-            why = (
-                f"run {run['run_id']} is still marked running (or its process died)"
-                if run["status"] == "running"
-                else f"run {run['run_id']} ended {run['status']}"
-            )
-        elif not_done:
-            detail = ", ".join(f"{n} {st}" for st, n in sorted(counts.items()) if st != "done")
-            status, why = (
-                "INCOMPLETE",
-                f"{not_done} of {plural(len(self.planned), 'job')} not done ({detail})",
-            )
-        elif v is not None and not v.ok:
-            failed = [c.name for c in v.checks if not c.ok]
-            status, why = (
-                "INCOMPLETE",
-                "verification failed: " + ", ".join(failed or ["nothing to check"]),
-            )
-        else:
-            status, why = "COMPLETE", f"{plural(len(self.planned), 'job')} done and verified"
+        status, why = self._verdict(counts)
         return {
             "status": status, "why": why, "run_id": run["run_id"], "run_status": run["status"],
             "scope": self.scope, "jobs": {"total": len(self.planned), **counts},
             "rows": self.total_rows, **run_parameters(run),
             "verified": None if v is None else v.ok,
         }  # fmt: skip
+
+    def _verdict(self, counts: dict[str, int]) -> tuple[str, str]:
+        """The status and why, from the jobs of the scope counted by state."""
+        run, v, jobs = self.run, self.verification, len(self.planned)
+        not_done = jobs - counts.get("done", 0)
+        if not jobs:
+            return "EMPTY", f"run {run['run_id']} planned no job: nothing was computed"
+        if run["status"] != "done":
+            return "INCOMPLETE", _unfinished(run)
+        if not_done:
+            detail = ", ".join(f"{n} {st}" for st, n in sorted(counts.items()) if st != "done")
+            return "INCOMPLETE", f"{not_done} of {plural(jobs, 'job')} not done ({detail})"
+        if v is not None and not v.ok:
+            return "INCOMPLETE", _failed_checks(v)
+        return "COMPLETE", f"{plural(jobs, 'job')} done and verified"
+
+
+def _unfinished(run: dict[str, Any]) -> str:
+    if run["status"] == "running":
+        return f"run {run['run_id']} is still marked running (or its process died)"
+    return f"run {run['run_id']} ended {run['status']}"
+
+
+def _failed_checks(v: Verification) -> str:
+    failed = [c.name for c in v.checks if not c.ok] or ["nothing to check"]
+    return "verification failed: " + ", ".join(failed)
 
 
 def collect(
@@ -168,10 +171,18 @@ def collect(
 # -- figures ----------------------------------------------------------------------------------
 
 
+def _attempts(d: ReportData, status: str) -> list[dict[str, Any]]:
+    return [a for a in d.attempts if a["status"] == status]
+
+
+def _share(part: float, whole: float) -> float:
+    """``part / whole``, or 0 when there is nothing to divide by."""
+    return part / whole if whole > 0 else 0.0
+
+
 def _summary(d: ReportData) -> dict[str, Any]:
     run = d.run
-    done_here = [a for a in d.attempts if a["status"] == "done"]
-    failed = [a for a in d.attempts if a["status"] == "failed"]
+    done_here, failed = _attempts(d, "done"), _attempts(d, "failed")
     written = sum(a["rows_written"] or 0 for a in done_here)
     duration = float(run["elapsed_s"])
     done_total = sum(1 for k in d.planned if d.statuses.get(k) == "done")
@@ -180,14 +191,14 @@ def _summary(d: ReportData) -> dict[str, Any]:
         "jobs_skipped": run["jobs_skipped"], "jobs_failed": len({(a["pair"], a["month"])
         for a in failed}), "rows": d.total_rows, "rows_written": written,
         "start": run["started_at"], "end": run["ended_at"], "duration_s": duration,
-        "rows_per_s": written / duration if duration > 0 else 0.0,
-        "error_rate": len(failed) / len(d.attempts) if d.attempts else 0.0,
+        "rows_per_s": _share(written, duration),
+        "error_rate": _share(len(failed), len(d.attempts)),
         "attempts": len(d.attempts),
     }  # fmt: skip
 
 
 def _durations(d: ReportData) -> list[float]:
-    return [float(a["duration_s"]) for a in d.attempts if a["status"] == "done"]
+    return [float(a["duration_s"]) for a in _attempts(d, "done")]
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -206,77 +217,35 @@ def _png(fig: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def charts(d: ReportData) -> dict[str, str]:
-    """The three charts as PNG data URIs: coverage heatmap, throughput, job durations."""
+def _pyplot() -> Any:
+    """matplotlib's pyplot, drawing off screen."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
-    out = {}
-    out["coverage"] = _coverage_chart(d, plt)
+    return plt
 
-    # throughput: each job's rows spread evenly over its own run time, summed per time bin,
-    # so the curve shows rows/s as the workers produced them (not only when jobs committed)
-    done = [a for a in d.attempts if a["status"] == "done" and a["finished_at"] is not None]
-    fig, ax = plt.subplots(figsize=(8, 3.2))
-    if done:
-        t0 = min(min(a["started_at"] for a in done), d.run["started_at"])
-        spans = [((a["started_at"] - t0).total_seconds(), (a["finished_at"] - t0).total_seconds(),
-                  a["rows_written"] or 0) for a in done]  # fmt: skip
-        end = max(e for _, e, _ in spans) or 1.0
-        edges = np.linspace(0.0, end, min(40, max(8, len(done) // 3)) + 1)
-        width = edges[1] - edges[0]
-        rate = np.zeros(len(edges) - 1)
-        for s, e, n in spans:
-            e = max(e, s + 1e-6)
-            overlap = np.clip(np.minimum(edges[1:], e) - np.maximum(edges[:-1], s), 0, None)
-            rate += n * overlap / (e - s)
-        ax.bar(edges[:-1], rate / width, width=width, align="edge", color="#4c72b0", alpha=0.8,
-               label="rows/s")  # fmt: skip
-        ax.set_ylabel("rows/s")
-        ax.yaxis.set_major_formatter(matplotlib.ticker.StrMethodFormatter("{x:,.0f}"))
-        ax.set_xlabel("seconds since the run started")
-        ax2 = ax.twinx()
-        finish = sorted((e, n) for _, e, n in spans)
-        ax2.plot([0.0] + [e for e, _ in finish], np.cumsum([0] + [n for _, n in finish]) / 1e6,
-                 color="#dd8452", drawstyle="steps-post", label="rows written (M)")  # fmt: skip
-        ax2.set_ylabel("rows written (millions)")
-        ax2.set_ylim(bottom=0)
-        lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-        ax.legend(lines, ["rows/s", "rows written (M)"], loc="upper left", fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no job ran in this run", ha="center", va="center",
-                transform=ax.transAxes)  # fmt: skip
-    ax.set_title("Throughput over time")
-    ax.grid(alpha=0.3)
-    out["throughput"] = _png(fig)
 
-    fig, ax = plt.subplots(figsize=(8, 3.2))
-    durations = _durations(d)
-    if durations:
-        ax.hist(durations, bins=min(40, max(5, len(durations) // 4)), color="#4c72b0")
-        for q, style in ((50, "-"), (90, "--")):
-            v = _pct(durations, q)
-            ax.axvline(v, color="#c44e52", linestyle=style, label=f"p{q} {v:.2f} s")
-        ax.legend(fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no job ran in this run", ha="center", va="center",
-                transform=ax.transAxes)  # fmt: skip
-    ax.set_xlabel("job duration (s)")
-    ax.set_ylabel("jobs")
-    ax.set_title(f"Job durations ({len(durations)} jobs)")
-    out["durations"] = _png(fig)
-    return out
+def _no_data(ax: Any, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
+
+
+def charts(d: ReportData) -> dict[str, str]:
+    """The three charts as PNG data URIs: coverage heatmap, throughput, job durations."""
+    plt = _pyplot()
+    return {
+        "coverage": _coverage_chart(d, plt),
+        "throughput": _throughput_chart(d, plt),
+        "durations": _durations_chart(d, plt),
+    }
 
 
 def _coverage_chart(d: ReportData, plt: Any) -> str:
     """Pair × month: colour = target rows / source bars, text = rows (or the job's state)."""
     if not d.pairs or not d.months:
         fig, ax = plt.subplots(figsize=(6, 1.6))
-        ax.text(0.5, 0.5, "no job planned: nothing to show", ha="center", va="center",
-                transform=ax.transAxes)  # fmt: skip
+        _no_data(ax, "no job planned: nothing to show")
         ax.set_axis_off()
         ax.set_title("Coverage: target rows / source bars")
         return _png(fig)
@@ -294,46 +263,137 @@ def _coverage_chart(d: ReportData, plt: Any) -> str:
     ax.grid(which="minor", color="white", linewidth=1)
     ax.tick_params(which="minor", length=0)
     if len(d.pairs) * len(d.months) <= 400:
-        size = 7 if len(d.months) <= 12 else 5
-        for i, p in enumerate(d.pairs):
-            for j, m in enumerate(d.months):
-                state = d.statuses.get((p, m), "pending")
-                text = f"{d.rows.get((p, m), 0) / 1000:.1f}k" if state == "done" else state
-                dark = not np.isnan(cover[i, j]) and not 0.15 <= cover[i, j] <= 0.85
-                # white on the dark green and dark red ends of the scale
-                ax.text(j, i, text, ha="center", va="center", fontsize=size,
-                        color="white" if dark else "black")  # fmt: skip
+        _label_cells(ax, d, cover)
     ax.set_title("Coverage: target rows / source bars (cells: rows)")
     fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
     return _png(fig)
 
 
-# -- rendering --------------------------------------------------------------------------------
+def _label_cells(ax: Any, d: ReportData, cover: np.ndarray) -> None:
+    """Each cell's rows in thousands, or the job's state when it is not done."""
+    size = 7 if len(d.months) <= 12 else 5
+    for i, p in enumerate(d.pairs):
+        for j, m in enumerate(d.months):
+            state = d.statuses.get((p, m), "pending")
+            text = f"{d.rows.get((p, m), 0) / 1000:.1f}k" if state == "done" else state
+            dark = not np.isnan(cover[i, j]) and not 0.15 <= cover[i, j] <= 0.85
+            # white on the dark green and dark red ends of the scale
+            ax.text(j, i, text, ha="center", va="center", fontsize=size,
+                    color="white" if dark else "black")  # fmt: skip
+
+
+def _throughput_chart(d: ReportData, plt: Any) -> str:
+    """Rows/s as the workers produced them, and the rows written so far."""
+    done = [a for a in _attempts(d, "done") if a["finished_at"] is not None]
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    if done:
+        t0 = min(min(a["started_at"] for a in done), d.run["started_at"])
+        spans = [((a["started_at"] - t0).total_seconds(), (a["finished_at"] - t0).total_seconds(),
+                  a["rows_written"] or 0) for a in done]  # fmt: skip
+        _plot_throughput(ax, spans, bins=min(40, max(8, len(done) // 3)))
+    else:
+        _no_data(ax, "no job ran in this run")
+    ax.set_title("Throughput over time")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def _rates(spans: list[tuple[float, float, int]], bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bin edges (seconds) and rows per bin: each job's rows spread evenly over its own run
+    time, summed per bin, so the curve shows when rows were made, not only when jobs
+    committed."""
+    end = max(e for _, e, _ in spans) or 1.0
+    edges = np.linspace(0.0, end, bins + 1)
+    rows = np.zeros(bins)
+    for s, e, n in spans:
+        e = max(e, s + 1e-6)
+        overlap = np.clip(np.minimum(edges[1:], e) - np.maximum(edges[:-1], s), 0, None)
+        rows += n * overlap / (e - s)
+    return edges, rows
+
+
+def _plot_throughput(ax: Any, spans: list[tuple[float, float, int]], bins: int) -> None:
+    """Bars of rows/s per time bin; on a second axis, the rows written as jobs finished."""
+    import matplotlib.ticker
+
+    edges, rows = _rates(spans, bins)
+    width = edges[1] - edges[0]
+    ax.bar(edges[:-1], rows / width, width=width, align="edge", color="#4c72b0", alpha=0.8,
+           label="rows/s")  # fmt: skip
+    ax.set_ylabel("rows/s")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.StrMethodFormatter("{x:,.0f}"))
+    ax.set_xlabel("seconds since the run started")
+    ax2 = ax.twinx()
+    finish = sorted((e, n) for _, e, n in spans)
+    ax2.plot([0.0] + [e for e, _ in finish], np.cumsum([0] + [n for _, n in finish]) / 1e6,
+             color="#dd8452", drawstyle="steps-post", label="rows written (M)")  # fmt: skip
+    ax2.set_ylabel("rows written (millions)")
+    ax2.set_ylim(bottom=0)
+    lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(lines, ["rows/s", "rows written (M)"], loc="upper left", fontsize=8)
+
+
+def _durations_chart(d: ReportData, plt: Any) -> str:
+    """A histogram of the done jobs' durations, with p50 and p90 marked."""
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    durations = _durations(d)
+    if durations:
+        ax.hist(durations, bins=min(40, max(5, len(durations) // 4)), color="#4c72b0")
+        for q, style in ((50, "-"), (90, "--")):
+            v = _pct(durations, q)
+            ax.axvline(v, color="#c44e52", linestyle=style, label=f"p{q} {v:.2f} s")
+        ax.legend(fontsize=8)
+    else:
+        _no_data(ax, "no job ran in this run")
+    ax.set_xlabel("job duration (s)")
+    ax.set_ylabel("jobs")
+    ax.set_title(f"Job durations ({len(durations)} jobs)")
+    return _png(fig)
+
+
+# -- Markdown ---------------------------------------------------------------------------------
 
 
 def _fmt_time(t: datetime | None) -> str:
     return t.strftime("%Y-%m-%d %H:%M:%S UTC") if t else "—"
 
 
+def _section(title: str, body: list[str]) -> list[str]:
+    """A ``##`` section: its heading, a blank line, the body and a blank line."""
+    return [f"## {title}", "", *body, ""]
+
+
 def markdown(d: ReportData) -> str:
+    """The report as Markdown: a heading block, then one section after the other."""
     s = _summary(d)
-    per_part = [d.rows.get(k, 0) for k in d.sources]
-    p = d.run["params"]
-    windows = sorted(p["windows"])
+    lines = [
+        *_md_title(d), *_md_summary(s), *_md_pairs(d, s), *_md_database(d), *_md_months(d),
+        *_md_verification(d.verification), *_md_technical(d), *_md_performance(d, s),
+        *_md_failures(d), *_md_check_sql(d),
+        f"*Written by bqx from the ledger and the catalog on {_fmt_time(datetime.now(UTC))}.*",
+    ]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _md_title(d: ReportData) -> list[str]:
     head = d.headline()
     scope = (
         f"every job in the ledger ({plural(d.partitions, 'job')}); run figures from run"
         f" {d.run['run_id']}" if d.scope == "ledger"
         else f"the jobs planned by run {d.run['run_id']} ({plural(d.partitions, 'job')})"
     )  # fmt: skip
-    lines = [
+    return [
         "# BQX Backfill Completion Report", "",
         f"**Run:** {d.run['run_id']} ({d.run['status']}) · **Status:** {head['status']}"
         f" · **Schema:** `{d.layout.schema}`", "",
         f"**Status:** {head['status']}: {head['why']}.", "",
         f"**Parameters:** {describe_parameters(run_parameters(d.run))}.", "",
         f"**Scope:** {scope}.", "",
-        "## Summary", "",
+    ]  # fmt: skip
+
+
+def _md_summary(s: dict[str, Any]) -> list[str]:
+    return _section("Summary", [
         "| Figure | Value |", "|---|---|",
         f"| Jobs | {s['jobs_done']}/{s['jobs_total']} done ({s['jobs_run']} in this run,"
         f" {s['jobs_skipped']} already done and skipped, {s['jobs_failed']} failed) |",
@@ -342,50 +402,73 @@ def markdown(d: ReportData) -> str:
         f"| Start | {_fmt_time(s['start'])} |", f"| End | {_fmt_time(s['end'])} |",
         f"| Duration | {s['duration_s']:.1f} s ({s['duration_s'] / 60:.2f} min) |",
         f"| Throughput | {s['rows_per_s']:,.0f} rows/s |",
-        f"| Error rate | {s['error_rate']:.1%} of {s['attempts']} attempts |", "",
-        "## Per-pair completion", "",
+        f"| Error rate | {s['error_rate']:.1%} of {s['attempts']} attempts |",
+    ])  # fmt: skip
+
+
+def _md_pairs(d: ReportData, s: dict[str, Any]) -> list[str]:
+    return _section("Per-pair completion", [
         "| Pair | Rows | Months | Status |", "|---|---:|---:|---|",
-    ]  # fmt: skip
-    for pair in d.pairs:
-        keys = [(pair, m) for m in d.months if (pair, m) in d.sources or (pair, m) in d.rows]
-        done = sum(1 for k in keys if d.statuses.get(k) == "done")
-        rows = sum(d.rows.get(k, 0) for k in keys)
-        state = "complete" if done == len(keys) else f"INCOMPLETE: {len(keys) - done} not done"
-        lines.append(f"| {pair.upper()} | {rows:,} | {done}/{len(keys)} | {state} |")
-    lines += [f"| **Total** | **{s['rows']:,}** | | **{len(d.pairs)} pairs** |", ""]
-    lines += [
-        "## Database verification", "",
+        *(_pair_row(d, pair) for pair in d.pairs),
+        f"| **Total** | **{s['rows']:,}** | | **{len(d.pairs)} pairs** |",
+    ])  # fmt: skip
+
+
+def _pair_row(d: ReportData, pair: str) -> str:
+    keys = [(pair, m) for m in d.months if (pair, m) in d.sources or (pair, m) in d.rows]
+    done = sum(1 for k in keys if d.statuses.get(k) == "done")
+    rows = sum(d.rows.get(k, 0) for k in keys)
+    state = "complete" if done == len(keys) else f"INCOMPLETE: {len(keys) - done} not done"
+    return f"| {pair.upper()} | {rows:,} | {done}/{len(keys)} | {state} |"
+
+
+def _md_database(d: ReportData) -> list[str]:
+    per_part = [d.rows.get(k, 0) for k in d.sources]
+    return _section("Database verification", [
         f"- Partitions planned: {d.partitions} ({len(d.pairs)} pairs × months with source bars)",
         f"- Partitions present in the catalog: {d.extras.get('partitions_present', 0)}"
         f" of {d.partitions}; empty: {sum(1 for k in d.sources if not d.rows.get(k))}",
         f"- Rows in partitions (exact): {d.total_rows:,}",
         f"- Source bars in the same months (exact): {sum(d.sources.values()):,}",
         f"- Rows per partition: min {min(per_part, default=0):,}, average"
-        f" {sum(per_part) / max(1, len(per_part)):,.0f}, max {max(per_part, default=0):,}", "",
-        "## Per-month distribution", "",
+        f" {_share(sum(per_part), len(per_part)):,.0f}, max {max(per_part, default=0):,}",
+    ])  # fmt: skip
+
+
+def _md_months(d: ReportData) -> list[str]:
+    return _section("Per-month distribution", [
         "| Month | Partitions | Rows | Average rows per partition |", "|---|---:|---:|---:|",
-    ]  # fmt: skip
-    for m in d.months:
-        counts = [d.rows.get((p_, m), 0) for p_ in d.pairs if (p_, m) in d.sources]
-        avg = sum(counts) / len(counts) if counts else 0
-        lines.append(f"| {m} | {len(counts)} | {sum(counts):,} | {avg:,.0f} |")
-    lines += ["", "## Verification (`bqx verify`)", ""]
-    if d.verification is None:
-        lines.append("Not run.")
-    elif d.verification.nothing_to_check:
-        lines.append(f"Nothing to check: {d.verification.nothing_to_check}.")
+        *(_month_row(d, m) for m in d.months),
+    ])  # fmt: skip
+
+
+def _month_row(d: ReportData, month: str) -> str:
+    counts = [d.rows.get((p, month), 0) for p in d.pairs if (p, month) in d.sources]
+    avg = _share(sum(counts), len(counts))
+    return f"| {month} | {len(counts)} | {sum(counts):,} | {avg:,.0f} |"
+
+
+def _md_verification(v: Verification | None) -> list[str]:
+    if v is None:
+        body = ["Not run."]
+    elif v.nothing_to_check:
+        body = [f"Nothing to check: {v.nothing_to_check}."]
     else:
-        lines += ["| Check | Result | Detail |", "|---|---|---|"]
-        for c in d.verification.checks:
-            lines.append(f"| {c.name} | {'PASS' if c.ok else 'FAIL'} | {c.detail} |")
-    durations = _durations(d)
+        body = ["| Check | Result | Detail |", "|---|---|---|"] + [
+            f"| {c.name} | {'PASS' if c.ok else 'FAIL'} | {c.detail} |" for c in v.checks
+        ]
+    return _section("Verification (`bqx verify`)", body)
+
+
+def _md_technical(d: ReportData) -> list[str]:
+    p = d.run["params"]
+    windows = sorted(p["windows"])
     src = p.get("source_table", "m1_{pair}")
-    lines += [
-        "", "## Technical details", "",
+    fill = f", max fill {p.get('max_fill')} min" if p.get("mode") == "clock" else ""
+    return _section("Technical details", [
         f"- Workers: {d.run['workers']} ({d.run['executor']} executor), run by"
         f" {d.run['run_by']} on {d.run['host']}",
-        f"- Windows: {', '.join(map(str, windows))} ({p.get('mode', 'bars')} mode"
-        + (f", max fill {p.get('max_fill')} min" if p.get("mode") == "clock" else "") + ")",
+        f"- Windows: {', '.join(map(str, windows))} ({p.get('mode', 'bars')} mode{fill})",
         f"- Metrics per row: {3 + len(metric_columns(windows))} fields (3 core +"
         f" {6 * len(windows)} window + 7 aggregates)",
         f"- Source tables: `{src if '.' in src else d.layout.schema + '.' + src}`"
@@ -393,57 +476,75 @@ def markdown(d: ReportData) -> str:
         f"- Target tables: `{d.layout.schema}.bqx_{{pair}}`, monthly partitions"
         " `bqx_{pair}_{YYYY}m{MM}`, primary key `ts_utc`",
         "- Writes: one transaction per (pair, month) job: TRUNCATE partition, binary COPY,"
-        " ledger update", "",
-        "## Performance", "",
+        " ledger update",
+    ])  # fmt: skip
+
+
+def _md_performance(d: ReportData, s: dict[str, Any]) -> list[str]:
+    durations = _durations(d)
+    busy = sum(durations)
+    per_worker = f", {s['rows_written'] / busy:,.0f} rows/s per busy worker" if busy > 0 else ""
+    return _section("Performance", [
         f"- Job durations (s): min {min(durations, default=0):.2f}, median"
         f" {statistics.median(durations) if durations else 0:.2f}, p90 {_pct(durations, 90):.2f},"
         f" max {max(durations, default=0):.2f} over {len(durations)} jobs",
-        f"- Throughput: {s['rows_per_s']:,.0f} rows/s over the run"
-        + (f", {s['rows_written'] / sum(durations):,.0f} rows/s per busy worker" if durations
-           and sum(durations) > 0 else ""),
-        f"- Busy time: {sum(durations):.1f} s of job work in {s['duration_s']:.1f} s of wall time"
+        f"- Throughput: {s['rows_per_s']:,.0f} rows/s over the run{per_worker}",
+        f"- Busy time: {busy:.1f} s of job work in {s['duration_s']:.1f} s of wall time"
         f" with {d.run['workers']} workers (average parallelism"
-        f" {sum(durations) / s['duration_s'] if s['duration_s'] > 0 else 0:.2f})",
-        "", "## Failures and retries", "",
-    ]  # fmt: skip
+        f" {_share(busy, s['duration_s']):.2f})",
+    ])  # fmt: skip
+
+
+def _md_failures(d: ReportData) -> list[str]:
     bad = [a for a in d.attempts if a["status"] != "done"]
     if not bad:
-        lines.append("None: every job succeeded at its first attempt.")
-    else:
-        lines += ["| Pair | Month | Attempt | Outcome | Error |", "|---|---|---:|---|---|"]
-        for a in bad:
-            err = (a["error"] or "").replace("|", "\\|")
-            lines.append(f"| {a['pair'].upper()} | {Month.of(a['month'])} | {a['attempt']} |"
-                         f" {a['status']} | {err} |")  # fmt: skip
+        return _section("Failures and retries", ["None: every job succeeded at its first attempt."])
+    return _section("Failures and retries", [
+        "| Pair | Month | Attempt | Outcome | Error |", "|---|---|---:|---|---|",
+        *(_failure_row(a) for a in bad),
+    ])  # fmt: skip
 
-    def q(text: str, *idents: sql.Composable) -> str:  # quoted by psycopg, as bqx runs them
-        return sql.SQL(text).format(*idents).as_string(None)
 
-    jobs_t, attempts_t = d.layout.table("bqx_jobs"), d.layout.table(LEDGER_ATTEMPTS)
-    lines += [
-        "", "## Check it yourself", "", "```sql",
+def _failure_row(a: dict[str, Any]) -> str:
+    err = (a["error"] or "").replace("|", "\\|")
+    return (
+        f"| {a['pair'].upper()} | {Month.of(a['month'])} | {a['attempt']} | {a['status']} | {err} |"
+    )
+
+
+def _q(text: str, *idents: sql.Composable) -> str:
+    """SQL quoted by psycopg, as bqx runs it."""
+    return sql.SQL(text).format(*idents).as_string(None)
+
+
+def _md_check_sql(d: ReportData) -> list[str]:
+    layout = d.layout
+    each_pair = sql.SQL("\n  UNION ALL ").join(
+        sql.SQL("SELECT count(*) AS n FROM {}").format(layout.target(p)) for p in d.pairs
+    )
+    return _section("Check it yourself", [
+        "```sql",
         "-- exact rows over every pair of the run (count(*), not pg_stat estimates)",
-        q("SELECT sum(n) AS total_rows FROM (\n  {}\n) t;", sql.SQL("\n  UNION ALL ").join(
-            sql.SQL("SELECT count(*) AS n FROM {}").format(d.layout.target(p_)) for p_ in d.pairs
-        )),
+        _q("SELECT sum(n) AS total_rows FROM (\n  {}\n) t;", each_pair),
         "-- exact rows per month of one pair",
-        q("SELECT date_trunc('month', ts_utc) AS month, count(*) FROM {} GROUP BY 1 ORDER BY 1;",
-          d.layout.target(d.pairs[0])) if d.pairs else "",
+        _q("SELECT date_trunc('month', ts_utc) AS month, count(*) FROM {} GROUP BY 1 ORDER BY 1;",
+           layout.target(d.pairs[0])) if d.pairs else "",
         "-- partitions in the catalog with their bounds",
-        q("SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i"
-          " JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_namespace n ON n.oid = c.relnamespace"
-          " WHERE n.nspname = {} AND c.relname LIKE 'bqx\\_%' ORDER BY 1;",
-          sql.Literal(d.layout.schema)),
+        _q("SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i"
+           " JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_namespace n ON n.oid = c.relnamespace"
+           " WHERE n.nspname = {} AND c.relname LIKE 'bqx\\_%' ORDER BY 1;",
+           sql.Literal(layout.schema)),
         "-- jobs by status in the ledger",
-        q("SELECT status, count(*), sum(rows_written) FROM {} GROUP BY status;", jobs_t),
+        _q("SELECT status, count(*), sum(rows_written) FROM {} GROUP BY status;",
+           layout.table("bqx_jobs")),
         "-- attempts of this run",
-        q("SELECT status, count(*) FROM {} WHERE run_id = {} GROUP BY status;", attempts_t,
-          sql.Literal(d.run["run_id"])),
-        "```", "",
-        f"*Written by bqx from the ledger and the catalog on {_fmt_time(datetime.now(UTC))}.*",
-    ]  # fmt: skip
-    return "\n".join(lines) + "\n"
+        _q("SELECT status, count(*) FROM {} WHERE run_id = {} GROUP BY status;",
+           layout.table(LEDGER_ATTEMPTS), sql.Literal(d.run["run_id"])),
+        "```",
+    ])  # fmt: skip
 
+
+# -- HTML -------------------------------------------------------------------------------------
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;
