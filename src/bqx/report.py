@@ -7,7 +7,7 @@ data URIs) with a pair × month coverage heatmap, throughput over time and job d
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import io
 import os
 import re
@@ -20,6 +20,9 @@ from typing import Any
 
 import numpy as np
 import psycopg
+from markdown_it import MarkdownIt
+from markdown_it.rules_core import StateCore
+from markdown_it.token import Token
 from psycopg import sql
 
 from bqx.errors import BqxError
@@ -558,73 +561,58 @@ img{max-width:100%;border:1px solid #eee;margin:.5rem 0}
 .fail{color:#b00020;font-weight:600}.pass{color:#1b7f3b;font-weight:600}
 """
 
+# the words of a verdict, coloured on the page
+_VERDICTS = {"PASS": "pass", "COMPLETE": "pass", "FAIL": "fail", "INCOMPLETE": "fail",
+             "EMPTY": "fail"}  # fmt: skip
+_VERDICT_RE = re.compile(r"\b(" + "|".join(_VERDICTS) + r")\b")
+
+
+def _numeric_cells(state: StateCore) -> None:
+    """Cells of a ``---:`` column: class ``num`` on the data cells instead of an inline style
+    (the stylesheet right-aligns them with tabular figures); headers keep the default."""
+    for token in state.tokens:
+        if token.type in ("th_open", "td_open") and token.attrs.get("style") == "text-align:right":
+            del token.attrs["style"]
+            if token.type == "td_open":
+                token.attrs["class"] = "num"
+
+
+def _verdict_spans(state: StateCore) -> None:
+    """PASS / COMPLETE as ``<span class="pass">``, FAIL / INCOMPLETE / EMPTY as ``fail``, in
+    the text of every paragraph, heading, list item and table cell (not in code)."""
+    for token in state.tokens:
+        if token.type == "inline" and token.children:
+            token.children = [t for child in token.children for t in _split_verdicts(child)]
+
+
+def _split_verdicts(token: Token) -> list[Token]:
+    if token.type != "text" or not _VERDICT_RE.search(token.content):
+        return [token]
+    out = []
+    for i, part in enumerate(_VERDICT_RE.split(token.content)):
+        if i % 2:  # a verdict word (the pattern's group)
+            out += [
+                Token("span_open", "span", 1, attrs={"class": _VERDICTS[part]}),
+                Token("text", "", 0, content=part),
+                Token("span_close", "span", -1),
+            ]
+        elif part:
+            out.append(Token("text", "", 0, content=part))
+    return out
+
+
+@functools.cache
+def _markdown_it() -> MarkdownIt:
+    """CommonMark with GFM tables; HTML in the source is escaped, since error messages in the
+    report come from the database and from files."""
+    md = MarkdownIt("commonmark", {"html": False}).enable("table")
+    md.core.ruler.push("bqx_numeric_cells", _numeric_cells)
+    md.core.ruler.push("bqx_verdict_spans", _verdict_spans)
+    return md
+
 
 def _md_to_html(md: str) -> str:
-    """A small converter for the Markdown this module writes (headings, tables, lists, code)."""
-    out, in_table, in_code, in_list = [], False, False, False
-    aligns: list[bool] = []
-
-    def inline(text: str) -> str:
-        text = html.escape(text)
-        parts = text.split("`")
-        text = "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
-        while "**" in text:
-            text = text.replace("**", "<strong>", 1).replace("**", "</strong>", 1)
-        for word, css in (("PASS", "pass"), ("FAIL", "fail"), ("INCOMPLETE", "fail"),
-                          ("COMPLETE", "pass"), ("EMPTY", "fail")):  # fmt: skip
-            text = re.sub(rf"\b{word}\b", f'<span class="{css}">{word}</span>', text)
-        return text
-
-    for line in md.splitlines():
-        if line.startswith("```"):
-            out.append("<pre>" if not in_code else "</pre>")
-            in_code = not in_code
-            continue
-        if in_code:
-            out.append(html.escape(line))
-            continue
-        if in_table and not line.startswith("|"):
-            out.append("</table>")
-            in_table = False
-        if in_list and not line.startswith("- "):
-            out.append("</ul>")
-            in_list = False
-        if line.startswith("|"):
-            inner = line.strip()[1:-1] if line.strip().endswith("|") else line.strip()[1:]
-            cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", inner)]
-            if set(line) <= set("|-: "):  # the alignment row: `---:` right-aligns a column
-                aligns = [c.endswith(":") for c in cells]
-                continue
-            tag = "th" if not in_table else "td"
-            if not in_table:
-                out.append("<table>")
-                in_table, aligns = True, []
-            opens = [
-                f'<{tag} class="num">' if tag == "td" and i < len(aligns) and aligns[i]
-                else f"<{tag}>" for i in range(len(cells))
-            ]  # fmt: skip
-            out.append(
-                "<tr>"
-                + "".join(o + inline(c) + f"</{tag}>" for o, c in zip(opens, cells, strict=True))
-                + "</tr>"
-            )
-        elif line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            out.append(f"<h{level}>{inline(line.lstrip('# '))}</h{level}>")
-        elif line.startswith("- "):
-            if not in_list:
-                out.append("<ul>")
-                in_list = True
-            out.append(f"<li>{inline(line[2:])}</li>")
-        elif line.startswith("*") and line.endswith("*") and not line.startswith("**"):
-            out.append(f"<p><em>{inline(line[1:-1])}</em></p>")
-        elif line.strip():
-            out.append(f"<p>{inline(line)}</p>")
-    if in_table:
-        out.append("</table>")
-    if in_list:
-        out.append("</ul>")
-    return "\n".join(out)
+    return _markdown_it().render(md)
 
 
 def html_page(d: ReportData, md: str) -> str:
