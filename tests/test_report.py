@@ -8,7 +8,7 @@ from html.parser import HTMLParser
 
 from psycopg import sql
 
-from bqx.ops.report import write_report
+from bqx.ops.report import _md_to_html, write_report
 from bqx.store import names
 from conftest import store_for
 
@@ -20,16 +20,35 @@ SECTIONS = [
 
 
 class Images(HTMLParser):
+    """The page's tags in order, its images by id, the text of each table cell (with its
+    class), of each coloured span (with its class) and of each code block."""
+
     def __init__(self) -> None:
         super().__init__()
         self.images: dict[str, str] = {}
         self.tags: list[str] = []
+        self.cells: list[tuple[str | None, str]] = []
+        self.spans: list[tuple[str | None, str]] = []
+        self.code_blocks: list[str] = []
+        self.open: list[tuple[str, str | None, list[str]]] = []  # tag, class, text so far
 
     def handle_starttag(self, tag, attrs):
         self.tags.append(tag)
         a = dict(attrs)
         if tag == "img":
             self.images[a.get("id", "")] = a.get("src", "")
+        if tag in ("td", "th", "span", "pre"):
+            self.open.append((tag, a.get("class"), []))
+
+    def handle_data(self, data):
+        for _, _, text in self.open:
+            text.append(data)
+
+    def handle_endtag(self, tag):
+        if self.open and self.open[-1][0] == tag:
+            _, css, text = self.open.pop()
+            found = {"td": self.cells, "th": self.cells, "span": self.spans}
+            found.get(tag, self.code_blocks).append((css, "".join(text)))
 
 
 def test_report_states_exact_totals_and_renders_charts(settings, layout, conn, make_bars, tmp_path):
@@ -80,7 +99,9 @@ def test_report_states_exact_totals_and_renders_charts(settings, layout, conn, m
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     assert "http://" not in page and "https://" not in page  # self-contained
     assert parser.tags.count("table") == 4  # summary, per pair, per month, verification
-    assert re.search(r'<td>EURUSD</td><td class="num">[\d,]+</td>', page)  # numbers right-aligned
+    assert re.search(
+        r'<td>EURUSD</td>\s*<td class="num">[\d,]+</td>', page
+    )  # numbers right-aligned
 
 
 def test_report_lists_failures_with_their_errors(settings, layout, conn, make_bars, tmp_path):
@@ -96,6 +117,67 @@ def test_report_lists_failures_with_their_errors(settings, layout, conn, make_ba
     assert "**Status:** INCOMPLETE" in md
     assert "| EURUSD | 2024-08 | 1 | failed | EURUSD 2024-08:" in md
     assert "must be finite and &gt; 0" in (tmp_path / "report.html").read_text()
+
+
+def test_report_html_keeps_tables_code_and_verdicts_and_escapes_errors(
+    settings, layout, conn, make_bars, tmp_path
+):
+    make_bars("eurusd", "2024-07-01", 40 * 1440, seed=1)
+    part = names.source_partition(layout, "eurusd", data_month("2024-08"))
+    conn.execute(
+        sql.SQL("UPDATE {} SET close = 0 WHERE time = (SELECT min(time) FROM {})").format(
+            part, part
+        )
+    )
+    store_for(settings, layout).backfill(workers=1)
+    # an error message as the database or a file could word it: markup and a pipe
+    conn.execute(
+        sql.SQL("UPDATE {} SET error = error || %s WHERE status = 'failed'").format(
+            names.table(layout, "bqx_attempts")
+        ),
+        (" <script>alert(1)</script> | <b>x</b>",),
+    )
+    md_path, html_path, _ = write_report(conn, layout, tmp_path, sample=3)
+    md, page = md_path.read_text(), html_path.read_text()
+    assert " <script>alert(1)</script> \\| <b>x</b> |" in md  # the Markdown keeps it as it is
+
+    parser = Images()
+    parser.feed(page)
+    # the error is text in its table cell, pipe included: no element came out of it
+    assert "<script>" not in page and "<b>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "script" not in parser.tags and "b" not in parser.tags
+    errors = [text for _, text in parser.cells if "<script>" in text]
+    assert len(errors) == 1 and errors[0].endswith(" <script>alert(1)</script> | <b>x</b>")
+    assert errors[0].startswith("EURUSD 2024-08:")
+    # summary, per pair, per month, verification, failures; numeric columns right-aligned
+    assert parser.tags.count("table") == 5
+    assert ("num", "1") in parser.cells  # the attempt number
+    assert (None, "Rows") in parser.cells and (None, "EURUSD") in parser.cells
+    assert parser.cells[parser.cells.index((None, "EURUSD")) + 1][0] == "num"
+    assert parser.tags.count("li") >= 11  # database verification, technical details, performance
+    assert len(parser.code_blocks) == 1
+    assert "SELECT sum(n) AS total_rows FROM (" in parser.code_blocks[0][1]
+    assert set(parser.images) == {"coverage", "throughput", "durations"}
+    assert ("fail", "INCOMPLETE") in parser.spans
+    assert ("pass", "PASS") in parser.spans
+    assert "<em>Written by bqx from the ledger and the catalog on " in page
+
+
+def test_only_whole_verdict_words_are_coloured_and_html_is_escaped():
+    page = _md_to_html(
+        "**Status:** EMPTY, not EMPTYING nor `FAIL`\n\n"
+        "| Check | Result | n |\n|---|---|---:|\n| a | PASS | 1 |\n| b | FAIL | 2 |\n\n"
+        "- COMPLETE, INCOMPLETE <i>x</i> & <script>y</script>\n"
+    )
+    assert '<span class="fail">EMPTY</span>, not EMPTYING nor <code>FAIL</code>' in page
+    assert '<td><span class="pass">PASS</span></td>' in page
+    assert '<td><span class="fail">FAIL</span></td>' in page
+    assert '<td class="num">2</td>' in page and "style=" not in page
+    assert (
+        '<li><span class="pass">COMPLETE</span>, <span class="fail">INCOMPLETE</span>'
+        " &lt;i&gt;x&lt;/i&gt; &amp; &lt;script&gt;y&lt;/script&gt;</li>"
+    ) in page
 
 
 def data_month(text: str):

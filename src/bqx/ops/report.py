@@ -7,7 +7,7 @@ data URIs) with a pair × month coverage heatmap, throughput over time and job d
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import io
 import os
 import re
@@ -20,6 +20,9 @@ from typing import Any
 
 import numpy as np
 import psycopg
+from markdown_it import MarkdownIt
+from markdown_it.rules_core import StateCore
+from markdown_it.token import Token
 
 from bqx.core.layout import Layout
 from bqx.core.months import Month
@@ -59,36 +62,56 @@ class ReportData:
         for key in self.planned:
             st = self.statuses.get(key, "pending")
             counts[st] = counts.get(st, 0) + 1
-        not_done = len(self.planned) - counts.get("done", 0)
-        if not self.planned:
-            status, why = "EMPTY", f"run {run['run_id']} planned no job: nothing was computed"
-        elif run["status"] != "done":
-            status = "INCOMPLETE"
-            why = (
-                f"run {run['run_id']} is still marked running (or its process died)"
-                if run["status"] == "running"
-                else f"run {run['run_id']} ended {run['status']}"
-            )
-        elif not_done:
-            detail = ", ".join(f"{n} {st}" for st, n in sorted(counts.items()) if st != "done")
-            status, why = (
-                "INCOMPLETE",
-                f"{not_done} of {plural(len(self.planned), 'job')} not done ({detail})",
-            )
-        elif v is not None and not v.ok:
-            failed = [c.name for c in v.checks if not c.ok]
-            status, why = (
-                "INCOMPLETE",
-                "verification failed: " + ", ".join(failed or ["nothing to check"]),
-            )
-        else:
-            status, why = "COMPLETE", f"{plural(len(self.planned), 'job')} done and verified"
+        status, why = self._verdict(counts)
         return {
             "status": status, "why": why, "run_id": run["run_id"], "run_status": run["status"],
             "scope": self.scope, "jobs": {"total": len(self.planned), **counts},
             "rows": self.total_rows, **run_parameters(run),
             "verified": None if v is None else v.ok,
         }  # fmt: skip
+
+    def _verdict(self, counts: dict[str, int]) -> tuple[str, str]:
+        """The status and why, from the jobs of the scope counted by state."""
+        run, v, jobs = self.run, self.verification, len(self.planned)
+        not_done = jobs - counts.get("done", 0)
+        if not jobs:
+            return "EMPTY", f"run {run['run_id']} planned no job: nothing was computed"
+        if run["status"] != "done":
+            return "INCOMPLETE", _unfinished(run)
+        if not_done:
+            detail = ", ".join(f"{n} {st}" for st, n in sorted(counts.items()) if st != "done")
+            return "INCOMPLETE", f"{not_done} of {plural(jobs, 'job')} not done ({detail})"
+        if v is not None and not v.ok:
+            return "INCOMPLETE", _failed_checks(v)
+        return "COMPLETE", f"{plural(jobs, 'job')} done and verified"
+
+
+def _unfinished(run: dict[str, Any]) -> str:
+    if run["status"] == "running":
+        return f"run {run['run_id']} is still marked running (or its process died)"
+    return f"run {run['run_id']} ended {run['status']}"
+
+
+def _failed_checks(v: Verification) -> str:
+    failed = [c.name for c in v.checks if not c.ok] or ["nothing to check"]
+    return "verification failed: " + ", ".join(failed)
+
+
+def _counts(
+    conn: psycopg.Connection, layout: Layout, pairs: list[str], step: StepFn
+) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], int]]:
+    """Exact target rows and source bars per (pair, month)."""
+    rows: dict[tuple[str, str], int] = {}
+    sources: dict[tuple[str, str], int] = {}
+    for i, pair in enumerate(pairs):
+        step("counting rows", i, len(pairs), pair.upper())
+        if catalog.has_source(conn, layout, pair):
+            for m, n in bars.month_counts(conn, layout, pair).items():
+                sources[(pair, str(m))] = n
+        if catalog.has_target(conn, layout, pair):  # a dropped target: its months read 0
+            for m, n in targets.month_counts(conn, layout, pair).items():
+                rows[(pair, str(m))] = n
+    return rows, sources
 
 
 def collect(
@@ -115,17 +138,7 @@ def collect(
         jobs = sorted(set(jobs) | set(ledger.job_keys(conn)))
     pairs = sorted({j[0] for j in jobs})
     months = sorted({str(Month.of(j[1])) for j in jobs})
-    rows: dict[tuple[str, str], int] = {}
-    sources: dict[tuple[str, str], int] = {}
-    for i, pair in enumerate(pairs):
-        step("counting rows", i, len(pairs), pair.upper())
-        if catalog.has_source(conn, layout, pair):
-            for m, n in bars.month_counts(conn, layout, pair).items():
-                sources[(pair, str(m))] = n
-        if not catalog.has_target(conn, layout, pair):
-            continue  # a dropped target: every month of the pair reads 0 rows
-        for m, n in targets.month_counts(conn, layout, pair).items():
-            rows[(pair, str(m))] = n
+    rows, sources = _counts(conn, layout, pairs, step)
     planned = {(p_, str(Month.of(m))) for p_, m in jobs}
     scope = "ledger" if run_id is None else "run"
     reuse = (
@@ -156,10 +169,18 @@ def collect(
 # -- figures ----------------------------------------------------------------------------------
 
 
+def _attempts(d: ReportData, status: str) -> list[dict[str, Any]]:
+    return [a for a in d.attempts if a["status"] == status]
+
+
+def _share(part: float, whole: float) -> float:
+    """``part / whole``, or 0 when there is nothing to divide by."""
+    return part / whole if whole > 0 else 0.0
+
+
 def _summary(d: ReportData) -> dict[str, Any]:
     run = d.run
-    done_here = [a for a in d.attempts if a["status"] == "done"]
-    failed = [a for a in d.attempts if a["status"] == "failed"]
+    done_here, failed = _attempts(d, "done"), _attempts(d, "failed")
     written = sum(a["rows_written"] or 0 for a in done_here)
     duration = float(run["elapsed_s"])
     done_total = sum(1 for k in d.planned if d.statuses.get(k) == "done")
@@ -168,14 +189,14 @@ def _summary(d: ReportData) -> dict[str, Any]:
         "jobs_skipped": run["jobs_skipped"], "jobs_failed": len({(a["pair"], a["month"])
         for a in failed}), "rows": d.total_rows, "rows_written": written,
         "start": run["started_at"], "end": run["ended_at"], "duration_s": duration,
-        "rows_per_s": written / duration if duration > 0 else 0.0,
-        "error_rate": len(failed) / len(d.attempts) if d.attempts else 0.0,
+        "rows_per_s": _share(written, duration),
+        "error_rate": _share(len(failed), len(d.attempts)),
         "attempts": len(d.attempts),
     }  # fmt: skip
 
 
 def _durations(d: ReportData) -> list[float]:
-    return [float(a["duration_s"]) for a in d.attempts if a["status"] == "done"]
+    return [float(a["duration_s"]) for a in _attempts(d, "done")]
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -194,77 +215,35 @@ def _png(fig: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def charts(d: ReportData) -> dict[str, str]:
-    """The three charts as PNG data URIs: coverage heatmap, throughput, job durations."""
+def _pyplot() -> Any:
+    """matplotlib's pyplot, drawing off screen."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
-    out = {}
-    out["coverage"] = _coverage_chart(d, plt)
+    return plt
 
-    # throughput: each job's rows spread evenly over its own run time, summed per time bin,
-    # so the curve shows rows/s as the workers produced them (not only when jobs committed)
-    done = [a for a in d.attempts if a["status"] == "done" and a["finished_at"] is not None]
-    fig, ax = plt.subplots(figsize=(8, 3.2))
-    if done:
-        t0 = min(min(a["started_at"] for a in done), d.run["started_at"])
-        spans = [((a["started_at"] - t0).total_seconds(), (a["finished_at"] - t0).total_seconds(),
-                  a["rows_written"] or 0) for a in done]  # fmt: skip
-        end = max(e for _, e, _ in spans) or 1.0
-        edges = np.linspace(0.0, end, min(40, max(8, len(done) // 3)) + 1)
-        width = edges[1] - edges[0]
-        rate = np.zeros(len(edges) - 1)
-        for s, e, n in spans:
-            e = max(e, s + 1e-6)
-            overlap = np.clip(np.minimum(edges[1:], e) - np.maximum(edges[:-1], s), 0, None)
-            rate += n * overlap / (e - s)
-        ax.bar(edges[:-1], rate / width, width=width, align="edge", color="#4c72b0", alpha=0.8,
-               label="rows/s")  # fmt: skip
-        ax.set_ylabel("rows/s")
-        ax.yaxis.set_major_formatter(matplotlib.ticker.StrMethodFormatter("{x:,.0f}"))
-        ax.set_xlabel("seconds since the run started")
-        ax2 = ax.twinx()
-        finish = sorted((e, n) for _, e, n in spans)
-        ax2.plot([0.0] + [e for e, _ in finish], np.cumsum([0] + [n for _, n in finish]) / 1e6,
-                 color="#dd8452", drawstyle="steps-post", label="rows written (M)")  # fmt: skip
-        ax2.set_ylabel("rows written (millions)")
-        ax2.set_ylim(bottom=0)
-        lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-        ax.legend(lines, ["rows/s", "rows written (M)"], loc="upper left", fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no job ran in this run", ha="center", va="center",
-                transform=ax.transAxes)  # fmt: skip
-    ax.set_title("Throughput over time")
-    ax.grid(alpha=0.3)
-    out["throughput"] = _png(fig)
 
-    fig, ax = plt.subplots(figsize=(8, 3.2))
-    durations = _durations(d)
-    if durations:
-        ax.hist(durations, bins=min(40, max(5, len(durations) // 4)), color="#4c72b0")
-        for q, style in ((50, "-"), (90, "--")):
-            v = _pct(durations, q)
-            ax.axvline(v, color="#c44e52", linestyle=style, label=f"p{q} {v:.2f} s")
-        ax.legend(fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no job ran in this run", ha="center", va="center",
-                transform=ax.transAxes)  # fmt: skip
-    ax.set_xlabel("job duration (s)")
-    ax.set_ylabel("jobs")
-    ax.set_title(f"Job durations ({len(durations)} jobs)")
-    out["durations"] = _png(fig)
-    return out
+def _no_data(ax: Any, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
+
+
+def charts(d: ReportData) -> dict[str, str]:
+    """The three charts as PNG data URIs: coverage heatmap, throughput, job durations."""
+    plt = _pyplot()
+    return {
+        "coverage": _coverage_chart(d, plt),
+        "throughput": _throughput_chart(d, plt),
+        "durations": _durations_chart(d, plt),
+    }
 
 
 def _coverage_chart(d: ReportData, plt: Any) -> str:
     """Pair × month: colour = target rows / source bars, text = rows (or the job's state)."""
     if not d.pairs or not d.months:
         fig, ax = plt.subplots(figsize=(6, 1.6))
-        ax.text(0.5, 0.5, "no job planned: nothing to show", ha="center", va="center",
-                transform=ax.transAxes)  # fmt: skip
+        _no_data(ax, "no job planned: nothing to show")
         ax.set_axis_off()
         ax.set_title("Coverage: target rows / source bars")
         return _png(fig)
@@ -282,46 +261,137 @@ def _coverage_chart(d: ReportData, plt: Any) -> str:
     ax.grid(which="minor", color="white", linewidth=1)
     ax.tick_params(which="minor", length=0)
     if len(d.pairs) * len(d.months) <= 400:
-        size = 7 if len(d.months) <= 12 else 5
-        for i, p in enumerate(d.pairs):
-            for j, m in enumerate(d.months):
-                state = d.statuses.get((p, m), "pending")
-                text = f"{d.rows.get((p, m), 0) / 1000:.1f}k" if state == "done" else state
-                dark = not np.isnan(cover[i, j]) and not 0.15 <= cover[i, j] <= 0.85
-                # white on the dark green and dark red ends of the scale
-                ax.text(j, i, text, ha="center", va="center", fontsize=size,
-                        color="white" if dark else "black")  # fmt: skip
+        _label_cells(ax, d, cover)
     ax.set_title("Coverage: target rows / source bars (cells: rows)")
     fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
     return _png(fig)
 
 
-# -- rendering --------------------------------------------------------------------------------
+def _label_cells(ax: Any, d: ReportData, cover: np.ndarray) -> None:
+    """Each cell's rows in thousands, or the job's state when it is not done."""
+    size = 7 if len(d.months) <= 12 else 5
+    for i, p in enumerate(d.pairs):
+        for j, m in enumerate(d.months):
+            state = d.statuses.get((p, m), "pending")
+            text = f"{d.rows.get((p, m), 0) / 1000:.1f}k" if state == "done" else state
+            dark = not np.isnan(cover[i, j]) and not 0.15 <= cover[i, j] <= 0.85
+            # white on the dark green and dark red ends of the scale
+            ax.text(j, i, text, ha="center", va="center", fontsize=size,
+                    color="white" if dark else "black")  # fmt: skip
+
+
+def _throughput_chart(d: ReportData, plt: Any) -> str:
+    """Rows/s as the workers produced them, and the rows written so far."""
+    done = [a for a in _attempts(d, "done") if a["finished_at"] is not None]
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    if done:
+        t0 = min(min(a["started_at"] for a in done), d.run["started_at"])
+        spans = [((a["started_at"] - t0).total_seconds(), (a["finished_at"] - t0).total_seconds(),
+                  a["rows_written"] or 0) for a in done]  # fmt: skip
+        _plot_throughput(ax, spans, bins=min(40, max(8, len(done) // 3)))
+    else:
+        _no_data(ax, "no job ran in this run")
+    ax.set_title("Throughput over time")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def _rates(spans: list[tuple[float, float, int]], bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bin edges (seconds) and rows per bin: each job's rows spread evenly over its own run
+    time, summed per bin, so the curve shows when rows were made, not only when jobs
+    committed."""
+    end = max(e for _, e, _ in spans) or 1.0
+    edges = np.linspace(0.0, end, bins + 1)
+    rows = np.zeros(bins)
+    for s, e, n in spans:
+        e = max(e, s + 1e-6)
+        overlap = np.clip(np.minimum(edges[1:], e) - np.maximum(edges[:-1], s), 0, None)
+        rows += n * overlap / (e - s)
+    return edges, rows
+
+
+def _plot_throughput(ax: Any, spans: list[tuple[float, float, int]], bins: int) -> None:
+    """Bars of rows/s per time bin; on a second axis, the rows written as jobs finished."""
+    import matplotlib.ticker
+
+    edges, rows = _rates(spans, bins)
+    width = edges[1] - edges[0]
+    ax.bar(edges[:-1], rows / width, width=width, align="edge", color="#4c72b0", alpha=0.8,
+           label="rows/s")  # fmt: skip
+    ax.set_ylabel("rows/s")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.StrMethodFormatter("{x:,.0f}"))
+    ax.set_xlabel("seconds since the run started")
+    ax2 = ax.twinx()
+    finish = sorted((e, n) for _, e, n in spans)
+    ax2.plot([0.0] + [e for e, _ in finish], np.cumsum([0] + [n for _, n in finish]) / 1e6,
+             color="#dd8452", drawstyle="steps-post", label="rows written (M)")  # fmt: skip
+    ax2.set_ylabel("rows written (millions)")
+    ax2.set_ylim(bottom=0)
+    lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(lines, ["rows/s", "rows written (M)"], loc="upper left", fontsize=8)
+
+
+def _durations_chart(d: ReportData, plt: Any) -> str:
+    """A histogram of the done jobs' durations, with p50 and p90 marked."""
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    durations = _durations(d)
+    if durations:
+        ax.hist(durations, bins=min(40, max(5, len(durations) // 4)), color="#4c72b0")
+        for q, style in ((50, "-"), (90, "--")):
+            v = _pct(durations, q)
+            ax.axvline(v, color="#c44e52", linestyle=style, label=f"p{q} {v:.2f} s")
+        ax.legend(fontsize=8)
+    else:
+        _no_data(ax, "no job ran in this run")
+    ax.set_xlabel("job duration (s)")
+    ax.set_ylabel("jobs")
+    ax.set_title(f"Job durations ({len(durations)} jobs)")
+    return _png(fig)
+
+
+# -- Markdown ---------------------------------------------------------------------------------
 
 
 def _fmt_time(t: datetime | None) -> str:
     return t.strftime("%Y-%m-%d %H:%M:%S UTC") if t else "—"
 
 
+def _section(title: str, body: list[str]) -> list[str]:
+    """A ``##`` section: its heading, a blank line, the body and a blank line."""
+    return [f"## {title}", "", *body, ""]
+
+
 def markdown(d: ReportData) -> str:
+    """The report as Markdown: a heading block, then one section after the other."""
     s = _summary(d)
-    per_part = [d.rows.get(k, 0) for k in d.sources]
-    p = d.run["params"]
-    windows = sorted(p["windows"])
+    lines = [
+        *_md_title(d), *_md_summary(s), *_md_pairs(d, s), *_md_database(d), *_md_months(d),
+        *_md_verification(d.verification), *_md_technical(d), *_md_performance(d, s),
+        *_md_failures(d), *_md_check_sql(d),
+        f"*Written by bqx from the ledger and the catalog on {_fmt_time(datetime.now(UTC))}.*",
+    ]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _md_title(d: ReportData) -> list[str]:
     head = d.headline()
     scope = (
         f"every job in the ledger ({plural(d.partitions, 'job')}); run figures from run"
         f" {d.run['run_id']}" if d.scope == "ledger"
         else f"the jobs planned by run {d.run['run_id']} ({plural(d.partitions, 'job')})"
     )  # fmt: skip
-    lines = [
+    return [
         "# BQX Backfill Completion Report", "",
         f"**Run:** {d.run['run_id']} ({d.run['status']}) · **Status:** {head['status']}"
         f" · **Schema:** `{d.layout.schema}`", "",
         f"**Status:** {head['status']}: {head['why']}.", "",
         f"**Parameters:** {describe_parameters(run_parameters(d.run))}.", "",
         f"**Scope:** {scope}.", "",
-        "## Summary", "",
+    ]  # fmt: skip
+
+
+def _md_summary(s: dict[str, Any]) -> list[str]:
+    return _section("Summary", [
         "| Figure | Value |", "|---|---|",
         f"| Jobs | {s['jobs_done']}/{s['jobs_total']} done ({s['jobs_run']} in this run,"
         f" {s['jobs_skipped']} already done and skipped, {s['jobs_failed']} failed) |",
@@ -330,50 +400,73 @@ def markdown(d: ReportData) -> str:
         f"| Start | {_fmt_time(s['start'])} |", f"| End | {_fmt_time(s['end'])} |",
         f"| Duration | {s['duration_s']:.1f} s ({s['duration_s'] / 60:.2f} min) |",
         f"| Throughput | {s['rows_per_s']:,.0f} rows/s |",
-        f"| Error rate | {s['error_rate']:.1%} of {s['attempts']} attempts |", "",
-        "## Per-pair completion", "",
+        f"| Error rate | {s['error_rate']:.1%} of {s['attempts']} attempts |",
+    ])  # fmt: skip
+
+
+def _md_pairs(d: ReportData, s: dict[str, Any]) -> list[str]:
+    return _section("Per-pair completion", [
         "| Pair | Rows | Months | Status |", "|---|---:|---:|---|",
-    ]  # fmt: skip
-    for pair in d.pairs:
-        keys = [(pair, m) for m in d.months if (pair, m) in d.sources or (pair, m) in d.rows]
-        done = sum(1 for k in keys if d.statuses.get(k) == "done")
-        rows = sum(d.rows.get(k, 0) for k in keys)
-        state = "complete" if done == len(keys) else f"INCOMPLETE: {len(keys) - done} not done"
-        lines.append(f"| {pair.upper()} | {rows:,} | {done}/{len(keys)} | {state} |")
-    lines += [f"| **Total** | **{s['rows']:,}** | | **{len(d.pairs)} pairs** |", ""]
-    lines += [
-        "## Database verification", "",
+        *(_pair_row(d, pair) for pair in d.pairs),
+        f"| **Total** | **{s['rows']:,}** | | **{len(d.pairs)} pairs** |",
+    ])  # fmt: skip
+
+
+def _pair_row(d: ReportData, pair: str) -> str:
+    keys = [(pair, m) for m in d.months if (pair, m) in d.sources or (pair, m) in d.rows]
+    done = sum(1 for k in keys if d.statuses.get(k) == "done")
+    rows = sum(d.rows.get(k, 0) for k in keys)
+    state = "complete" if done == len(keys) else f"INCOMPLETE: {len(keys) - done} not done"
+    return f"| {pair.upper()} | {rows:,} | {done}/{len(keys)} | {state} |"
+
+
+def _md_database(d: ReportData) -> list[str]:
+    per_part = [d.rows.get(k, 0) for k in d.sources]
+    return _section("Database verification", [
         f"- Partitions planned: {d.partitions} ({len(d.pairs)} pairs × months with source bars)",
         f"- Partitions present in the catalog: {d.extras.get('partitions_present', 0)}"
         f" of {d.partitions}; empty: {sum(1 for k in d.sources if not d.rows.get(k))}",
         f"- Rows in partitions (exact): {d.total_rows:,}",
         f"- Source bars in the same months (exact): {sum(d.sources.values()):,}",
         f"- Rows per partition: min {min(per_part, default=0):,}, average"
-        f" {sum(per_part) / max(1, len(per_part)):,.0f}, max {max(per_part, default=0):,}", "",
-        "## Per-month distribution", "",
+        f" {_share(sum(per_part), len(per_part)):,.0f}, max {max(per_part, default=0):,}",
+    ])  # fmt: skip
+
+
+def _md_months(d: ReportData) -> list[str]:
+    return _section("Per-month distribution", [
         "| Month | Partitions | Rows | Average rows per partition |", "|---|---:|---:|---:|",
-    ]  # fmt: skip
-    for m in d.months:
-        counts = [d.rows.get((p_, m), 0) for p_ in d.pairs if (p_, m) in d.sources]
-        avg = sum(counts) / len(counts) if counts else 0
-        lines.append(f"| {m} | {len(counts)} | {sum(counts):,} | {avg:,.0f} |")
-    lines += ["", "## Verification (`bqx verify`)", ""]
-    if d.verification is None:
-        lines.append("Not run.")
-    elif d.verification.nothing_to_check:
-        lines.append(f"Nothing to check: {d.verification.nothing_to_check}.")
+        *(_month_row(d, m) for m in d.months),
+    ])  # fmt: skip
+
+
+def _month_row(d: ReportData, month: str) -> str:
+    counts = [d.rows.get((p, month), 0) for p in d.pairs if (p, month) in d.sources]
+    avg = _share(sum(counts), len(counts))
+    return f"| {month} | {len(counts)} | {sum(counts):,} | {avg:,.0f} |"
+
+
+def _md_verification(v: Verification | None) -> list[str]:
+    if v is None:
+        body = ["Not run."]
+    elif v.nothing_to_check:
+        body = [f"Nothing to check: {v.nothing_to_check}."]
     else:
-        lines += ["| Check | Result | Detail |", "|---|---|---|"]
-        for c in d.verification.checks:
-            lines.append(f"| {c.name} | {'PASS' if c.ok else 'FAIL'} | {c.detail} |")
-    durations = _durations(d)
+        body = ["| Check | Result | Detail |", "|---|---|---|"] + [
+            f"| {c.name} | {'PASS' if c.ok else 'FAIL'} | {c.detail} |" for c in v.checks
+        ]
+    return _section("Verification (`bqx verify`)", body)
+
+
+def _md_technical(d: ReportData) -> list[str]:
+    p = d.run["params"]
+    windows = sorted(p["windows"])
     src = p.get("source_table", "m1_{pair}")
-    lines += [
-        "", "## Technical details", "",
+    fill = f", max fill {p.get('max_fill')} min" if p.get("mode") == "clock" else ""
+    return _section("Technical details", [
         f"- Workers: {d.run['workers']} ({d.run['executor']} executor), run by"
         f" {d.run['run_by']} on {d.run['host']}",
-        f"- Windows: {', '.join(map(str, windows))} ({p.get('mode', 'bars')} mode"
-        + (f", max fill {p.get('max_fill')} min" if p.get("mode") == "clock" else "") + ")",
+        f"- Windows: {', '.join(map(str, windows))} ({p.get('mode', 'bars')} mode{fill})",
         f"- Metrics per row: {3 + len(metric_columns(windows))} fields (3 core +"
         f" {6 * len(windows)} window + 7 aggregates)",
         f"- Source tables: `{src if '.' in src else d.layout.schema + '.' + src}`"
@@ -381,38 +474,50 @@ def markdown(d: ReportData) -> str:
         f"- Target tables: `{d.layout.schema}.bqx_{{pair}}`, monthly partitions"
         " `bqx_{pair}_{YYYY}m{MM}`, primary key `ts_utc`",
         "- Writes: one transaction per (pair, month) job: TRUNCATE partition, binary COPY,"
-        " ledger update", "",
-        "## Performance", "",
+        " ledger update",
+    ])  # fmt: skip
+
+
+def _md_performance(d: ReportData, s: dict[str, Any]) -> list[str]:
+    durations = _durations(d)
+    busy = sum(durations)
+    per_worker = f", {s['rows_written'] / busy:,.0f} rows/s per busy worker" if busy > 0 else ""
+    return _section("Performance", [
         f"- Job durations (s): min {min(durations, default=0):.2f}, median"
         f" {statistics.median(durations) if durations else 0:.2f}, p90 {_pct(durations, 90):.2f},"
         f" max {max(durations, default=0):.2f} over {len(durations)} jobs",
-        f"- Throughput: {s['rows_per_s']:,.0f} rows/s over the run"
-        + (f", {s['rows_written'] / sum(durations):,.0f} rows/s per busy worker" if durations
-           and sum(durations) > 0 else ""),
-        f"- Busy time: {sum(durations):.1f} s of job work in {s['duration_s']:.1f} s of wall time"
+        f"- Throughput: {s['rows_per_s']:,.0f} rows/s over the run{per_worker}",
+        f"- Busy time: {busy:.1f} s of job work in {s['duration_s']:.1f} s of wall time"
         f" with {d.run['workers']} workers (average parallelism"
-        f" {sum(durations) / s['duration_s'] if s['duration_s'] > 0 else 0:.2f})",
-        "", "## Failures and retries", "",
-    ]  # fmt: skip
+        f" {_share(busy, s['duration_s']):.2f})",
+    ])  # fmt: skip
+
+
+def _md_failures(d: ReportData) -> list[str]:
     bad = [a for a in d.attempts if a["status"] != "done"]
     if not bad:
-        lines.append("None: every job succeeded at its first attempt.")
-    else:
-        lines += ["| Pair | Month | Attempt | Outcome | Error |", "|---|---|---:|---|---|"]
-        for a in bad:
-            err = (a["error"] or "").replace("|", "\\|")
-            lines.append(f"| {a['pair'].upper()} | {Month.of(a['month'])} | {a['attempt']} |"
-                         f" {a['status']} | {err} |")  # fmt: skip
+        return _section("Failures and retries", ["None: every job succeeded at its first attempt."])
+    return _section("Failures and retries", [
+        "| Pair | Month | Attempt | Outcome | Error |", "|---|---|---:|---|---|",
+        *(_failure_row(a) for a in bad),
+    ])  # fmt: skip
 
-    lines += ["", "## Check it yourself", "", "```sql"]
+
+def _failure_row(a: dict[str, Any]) -> str:
+    err = (a["error"] or "").replace("|", "\\|")
+    return (
+        f"| {a['pair'].upper()} | {Month.of(a['month'])} | {a['attempt']} | {a['status']} | {err} |"
+    )
+
+
+def _md_check_sql(d: ReportData) -> list[str]:
+    lines = ["```sql"]
     for what, query in d.extras.get("check_queries", []):
         lines += [f"-- {what}", query]
-    lines += [
-        "```", "",
-        f"*Written by bqx from the ledger and the catalog on {_fmt_time(datetime.now(UTC))}.*",
-    ]  # fmt: skip
-    return "\n".join(lines) + "\n"
+    return _section("Check it yourself", [*lines, "```"])
 
+
+# -- HTML -------------------------------------------------------------------------------------
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;
@@ -426,73 +531,58 @@ img{max-width:100%;border:1px solid #eee;margin:.5rem 0}
 .fail{color:#b00020;font-weight:600}.pass{color:#1b7f3b;font-weight:600}
 """
 
+# the words of a verdict, coloured on the page
+_VERDICTS = {"PASS": "pass", "COMPLETE": "pass", "FAIL": "fail", "INCOMPLETE": "fail",
+             "EMPTY": "fail"}  # fmt: skip
+_VERDICT_RE = re.compile(r"\b(" + "|".join(_VERDICTS) + r")\b")
+
+
+def _numeric_cells(state: StateCore) -> None:
+    """Cells of a ``---:`` column: class ``num`` on the data cells instead of an inline style
+    (the stylesheet right-aligns them with tabular figures); headers keep the default."""
+    for token in state.tokens:
+        if token.type in ("th_open", "td_open") and token.attrs.get("style") == "text-align:right":
+            del token.attrs["style"]
+            if token.type == "td_open":
+                token.attrs["class"] = "num"
+
+
+def _verdict_spans(state: StateCore) -> None:
+    """PASS / COMPLETE as ``<span class="pass">``, FAIL / INCOMPLETE / EMPTY as ``fail``, in
+    the text of every paragraph, heading, list item and table cell (not in code)."""
+    for token in state.tokens:
+        if token.type == "inline" and token.children:
+            token.children = [t for child in token.children for t in _split_verdicts(child)]
+
+
+def _split_verdicts(token: Token) -> list[Token]:
+    if token.type != "text" or not _VERDICT_RE.search(token.content):
+        return [token]
+    out = []
+    for i, part in enumerate(_VERDICT_RE.split(token.content)):
+        if i % 2:  # a verdict word (the pattern's group)
+            out += [
+                Token("span_open", "span", 1, attrs={"class": _VERDICTS[part]}),
+                Token("text", "", 0, content=part),
+                Token("span_close", "span", -1),
+            ]
+        elif part:
+            out.append(Token("text", "", 0, content=part))
+    return out
+
+
+@functools.cache
+def _markdown_it() -> MarkdownIt:
+    """CommonMark with GFM tables; HTML in the source is escaped, since error messages in the
+    report come from the database and from files."""
+    md = MarkdownIt("commonmark", {"html": False}).enable("table")
+    md.core.ruler.push("bqx_numeric_cells", _numeric_cells)
+    md.core.ruler.push("bqx_verdict_spans", _verdict_spans)
+    return md
+
 
 def _md_to_html(md: str) -> str:
-    """A small converter for the Markdown this module writes (headings, tables, lists, code)."""
-    out, in_table, in_code, in_list = [], False, False, False
-    aligns: list[bool] = []
-
-    def inline(text: str) -> str:
-        text = html.escape(text)
-        parts = text.split("`")
-        text = "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
-        while "**" in text:
-            text = text.replace("**", "<strong>", 1).replace("**", "</strong>", 1)
-        for word, css in (("PASS", "pass"), ("FAIL", "fail"), ("INCOMPLETE", "fail"),
-                          ("COMPLETE", "pass"), ("EMPTY", "fail")):  # fmt: skip
-            text = re.sub(rf"\b{word}\b", f'<span class="{css}">{word}</span>', text)
-        return text
-
-    for line in md.splitlines():
-        if line.startswith("```"):
-            out.append("<pre>" if not in_code else "</pre>")
-            in_code = not in_code
-            continue
-        if in_code:
-            out.append(html.escape(line))
-            continue
-        if in_table and not line.startswith("|"):
-            out.append("</table>")
-            in_table = False
-        if in_list and not line.startswith("- "):
-            out.append("</ul>")
-            in_list = False
-        if line.startswith("|"):
-            inner = line.strip()[1:-1] if line.strip().endswith("|") else line.strip()[1:]
-            cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", inner)]
-            if set(line) <= set("|-: "):  # the alignment row: `---:` right-aligns a column
-                aligns = [c.endswith(":") for c in cells]
-                continue
-            tag = "th" if not in_table else "td"
-            if not in_table:
-                out.append("<table>")
-                in_table, aligns = True, []
-            opens = [
-                f'<{tag} class="num">' if tag == "td" and i < len(aligns) and aligns[i]
-                else f"<{tag}>" for i in range(len(cells))
-            ]  # fmt: skip
-            out.append(
-                "<tr>"
-                + "".join(o + inline(c) + f"</{tag}>" for o, c in zip(opens, cells, strict=True))
-                + "</tr>"
-            )
-        elif line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            out.append(f"<h{level}>{inline(line.lstrip('# '))}</h{level}>")
-        elif line.startswith("- "):
-            if not in_list:
-                out.append("<ul>")
-                in_list = True
-            out.append(f"<li>{inline(line[2:])}</li>")
-        elif line.startswith("*") and line.endswith("*") and not line.startswith("**"):
-            out.append(f"<p><em>{inline(line[1:-1])}</em></p>")
-        elif line.strip():
-            out.append(f"<p>{inline(line)}</p>")
-    if in_table:
-        out.append("</table>")
-    if in_list:
-        out.append("</ul>")
-    return "\n".join(out)
+    return _markdown_it().render(md)
 
 
 def html_page(d: ReportData, md: str) -> str:
