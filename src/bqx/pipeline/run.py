@@ -114,11 +114,7 @@ def _execute(
             _drive(watch, ledger, runner, url, params, run_id, keys, options, progress)
         return "done"
     except KeyboardInterrupt:
-        ids = runner.shutdown()
-        with contextlib.suppress(psycopg.Error):
-            ledger.end_sessions(watch.conn, ids)
-            ledger.release(watch.conn, keys, ids, "pending", "interrupted by the user")
-            ledger.end_run(watch.conn, run_id, "interrupted")
+        _hand_back(watch, ledger, run_id, keys, runner.shutdown())
         raise
     except _Lost as lost:
         runner.shutdown()
@@ -132,6 +128,23 @@ def _execute(
         runner.shutdown()
         if progress is not None:
             progress.close()
+
+
+def _hand_back(
+    watch: _Watch, ledger: Ledger, run_id: int, keys: list[tuple[str, date]], ids: list[str]
+) -> None:
+    """After Ctrl-C: the stopped workers' jobs go back to pending and the run is recorded as
+    interrupted. The interrupt may have cut a statement of the driver's connection short, so
+    a failure there is tried once more on a new connection."""
+    for attempt in range(2):
+        try:
+            conn = watch.conn if attempt == 0 else watch.reconnect(timeout_s=2)
+            ledger.end_sessions(conn, ids)
+            ledger.release(conn, keys, ids, "pending", "interrupted by the user")
+            ledger.end_run(conn, run_id, "interrupted")
+            return
+        except (psycopg.Error, BqxError):
+            continue
 
 
 class _Lost(BqxError):
