@@ -778,7 +778,8 @@ def ingest(
     Formats, time zones and the rejects file: docs/ingest.md. Undo with `bqx delete-bars`.
     """
     from bqx.schema import Layout
-    from bqx.sources.ingest import Mapping, ingest_files
+    from bqx.sources.formats import Mapping
+    from bqx.sources.ingest import ingest_files
 
     settings = settings_from(database_url, schema)
     say = None if json_out else (lambda text: err_console.print(text, highlight=False))
