@@ -179,32 +179,60 @@ def why(exc: BaseException) -> str:
 
 def sniff(path: Path) -> str:
     """Which format a file is in, from its name and first line."""
-    if path.name.lower().endswith(".parquet"):
+    if _is_parquet(path):
         return "parquet"
-    with open(path, "rb") as f:
-        if f.read(4) == b"PAR1":
-            return "parquet"
-    head = _head(path, 1)
+    head = _head(path, 2)
     if not head:
         raise BqxError(f"{path}: the file is empty")
-    first = head[0]
-    if _matches(first.split(";")[0], "YYYYMMDD hhmmss") and first.count(";") >= 4:
-        return "histdata"
-    if first.lower().startswith(("gmt time", "local time")):
-        return "dukascopy"
-    if first.upper().startswith("<DATE>") or (
-        _matches(first[:16], "YYYY.MM.DD,hh:mm") and first.count(",") >= 5
-    ):
-        return "metatrader"
-    second = (_head(path, 2)[1:] or [""])[0]
-    if first[:1].isalpha() and _matches(second[:16], "YYYY.MM.DD,hh:mm"):
-        return "metatrader"  # an MT4 export with a header row (Date,Time,Open,...)
-    if (first[:1].isalpha() or first[:1] in "\"'_") and any(s in first for s in ",;\t"):
-        return "csv"
+    first, second = head[0], (head[1:] or [""])[0]
+    for kind, fits in _SNIFFERS:
+        if fits(first, second):
+            return kind
     raise BqxError(
         f"{path}: unknown format (first line {first[:60]!r}); give --format "
         f"({', '.join(FORMATS[1:])})"
     )
+
+
+def _is_parquet(path: Path) -> bool:
+    if path.name.lower().endswith(".parquet"):
+        return True
+    with open(path, "rb") as f:
+        return f.read(4) == b"PAR1"
+
+
+_MT4_START = "YYYY.MM.DD,hh:mm"
+_DUKASCOPY_HEADERS = ("gmt time", "local time")
+
+
+def _histdata_like(first: str, second: str) -> bool:
+    return _matches(first.split(";")[0], "YYYYMMDD hhmmss") and first.count(";") >= 4
+
+
+def _dukascopy_like(first: str, second: str) -> bool:
+    return first.lower().startswith(_DUKASCOPY_HEADERS)
+
+
+def _metatrader_like(first: str, second: str) -> bool:
+    if first.upper().startswith("<DATE>"):
+        return True
+    if _matches(first[:16], _MT4_START) and first.count(",") >= 5:
+        return True
+    # an MT4 export with a header row (Date,Time,Open,...)
+    return first[:1].isalpha() and _matches(second[:16], _MT4_START)
+
+
+def _csv_like(first: str, second: str) -> bool:
+    return (first[:1].isalpha() or first[:1] in "\"'_") and any(s in first for s in ",;\t")
+
+
+# (format, test of the first two lines): the first format whose test passes is the file's
+_SNIFFERS: tuple[tuple[str, Callable[[str, str], bool]], ...] = (
+    ("histdata", _histdata_like),
+    ("dukascopy", _dukascopy_like),
+    ("metatrader", _metatrader_like),
+    ("csv", _csv_like),
+)
 
 
 def _matches(text: str, template: str) -> bool:
@@ -244,10 +272,7 @@ def _compile(text: str) -> _Template:
     digit_letters = "YMDhmsfHN"
     spans: dict[str, list[int]] = {}
     digits, lit_pos, lit_val, either, sign = [], [], [], [], None
-    chars: list[tuple[str, bool]] = []  # (character, escaped)
-    it = iter(text)
-    for ch in it:
-        chars.append((next(it), True) if ch == "\\" else (ch, False))
+    chars = _template_chars(text)
     for i, (ch, escaped) in enumerate(chars):
         if not escaped and ch in digit_letters:
             digits.append(i)
@@ -264,6 +289,15 @@ def _compile(text: str) -> _Template:
         np.array(lit_val, np.uint8), np.array(either, np.intp), sign,
         {k: np.array(v, np.intp) for k, v in spans.items()},
     )  # fmt: skip
+
+
+def _template_chars(text: str) -> list[tuple[str, bool]]:
+    """(character, escaped) of a template: a backslash makes the next character a literal."""
+    chars: list[tuple[str, bool]] = []
+    it = iter(text)
+    for ch in it:
+        chars.append((next(it), True) if ch == "\\" else (ch, False))
+    return chars
 
 
 def _string_buffers(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -463,51 +497,75 @@ def _validate(
 
     A field that is None is a column the source lacks: no rule involves it.
     """
-    n = len(times)
-    pending = np.ones(n, bool)
-    reasons: dict[int, str] = {}
-    latest = (datetime.now(UTC) + timedelta(days=2)).timestamp() * 1e6
-
-    def mark(mask: np.ndarray, why: Callable[[int], str]) -> None:
-        hit = mask & pending
-        if hit.any():
-            for i in np.flatnonzero(hit):
-                reasons[int(i)] = why(int(i))
-            pending[hit] = False
-
-    mark(times == _NAT, lambda i: "unparseable time")
-    mark(times == _GAP, lambda i: "local time does not exist (daylight-saving gap)")
-    mark((times < EARLIEST.timestamp() * 1e6) | (times > latest), lambda i: "time out of range")
+    found = _Reasons(len(times))
+    _check_times(found, times)
     with np.errstate(invalid="ignore"):
         for name, f in zip(FIELDS, fields, strict=True):
-            if f is None:
-                continue
-            values, unparseable, empty = f
-            mark(unparseable, lambda i, name=name: f"unparseable {name}")
-            if name != "volume":
-                mark(empty, lambda i, name=name: f"missing {name}")
-                mark(
-                    ~np.isfinite(values) | (values <= 0),
-                    lambda i, name=name, v=values: f"{name} is {v[i]}: must be finite and > 0",
-                )
-            else:  # an empty or NaN volume is NULL; a given one must be a count
-                mark(
-                    np.isinf(values) | (values < 0),
-                    lambda i, v=values: f"volume is {v[i]}: must be finite and ≥ 0",
-                )
-        o, h, lo, c = (None if f is None else f[0] for f in fields[:4])
-        if h is not None and lo is not None:
-            mark(h < lo, lambda i: f"high {h[i]} < low {lo[i]}")
-        for name, v in (("open", o), ("close", c)):
-            if v is None:
-                continue
-            out = np.zeros(n, bool)
-            if lo is not None:
-                out |= v < lo
-            if h is not None:
-                out |= v > h
-            mark(out, lambda i, name=name, v=v: f"{name} {v[i]} outside [low, high]")
-    return pending, reasons
+            if f is not None:
+                _check_field(found, name, f)
+        _check_ohlc(found, fields)
+    return found.pending, found.reasons
+
+
+class _Reasons:
+    """Each row's first reason to reject it: a rule skips rows that an earlier one rejected."""
+
+    def __init__(self, n: int) -> None:
+        self.pending = np.ones(n, bool)
+        self.reasons: dict[int, str] = {}
+
+    def mark(self, mask: np.ndarray, why: Callable[[int], str]) -> None:
+        hit = mask & self.pending
+        if hit.any():
+            for i in np.flatnonzero(hit):
+                self.reasons[int(i)] = why(int(i))
+            self.pending[hit] = False
+
+
+def _check_times(found: _Reasons, times: np.ndarray) -> None:
+    latest = (datetime.now(UTC) + timedelta(days=2)).timestamp() * 1e6
+    found.mark(times == _NAT, lambda i: "unparseable time")
+    found.mark(times == _GAP, lambda i: "local time does not exist (daylight-saving gap)")
+    found.mark(
+        (times < EARLIEST.timestamp() * 1e6) | (times > latest), lambda i: "time out of range"
+    )
+
+
+def _check_field(found: _Reasons, name: str, numbers: Numbers) -> None:
+    values, unparseable, empty = numbers
+    found.mark(unparseable, lambda i: f"unparseable {name}")
+    if name != "volume":
+        found.mark(empty, lambda i: f"missing {name}")
+        found.mark(
+            ~np.isfinite(values) | (values <= 0),
+            lambda i: f"{name} is {values[i]}: must be finite and > 0",
+        )
+    else:  # an empty or NaN volume is NULL; a given one must be a count
+        found.mark(
+            np.isinf(values) | (values < 0),
+            lambda i: f"volume is {values[i]}: must be finite and ≥ 0",
+        )
+
+
+def _check_ohlc(found: _Reasons, fields: Sequence[Numbers | None]) -> None:
+    o, h, lo, c = (None if f is None else f[0] for f in fields[:4])
+    if h is not None and lo is not None:
+        found.mark(h < lo, lambda i: f"high {h[i]} < low {lo[i]}")
+    for name, v in (("open", o), ("close", c)):
+        if v is not None:
+            found.mark(
+                _outside(v, lo, h), lambda i, name=name, v=v: f"{name} {v[i]} outside [low, high]"
+            )
+
+
+def _outside(v: np.ndarray, lo: np.ndarray | None, h: np.ndarray | None) -> np.ndarray:
+    """Where ``v`` is below the low or above the high (a missing bound bounds nothing)."""
+    out = np.zeros(len(v), bool)
+    if lo is not None:
+        out |= v < lo
+    if h is not None:
+        out |= v > h
+    return out
 
 
 @dataclass
@@ -570,46 +628,72 @@ def _text_spec(path: Path, fmt: str, mapping: Mapping, tz: str | None = None) ->
     first = head[0] if head else ""
     if fmt == "histdata":
         return TextSpec(";", 6, False, [0], ("YYYYMMDD hhmmss",), (), HISTDATA_SHIFT,
-                         [1, 2, 3, 4, 5])  # fmt: skip
+                        [1, 2, 3, 4, 5])  # fmt: skip
     if fmt == "dukascopy":
-        templates = (
-            "DD.MM.YYYY hh:mm:ss.fff", "DD.MM.YYYY hh:mm:ss", "DD.MM.YYYY hh:mm",
-            r"DD.MM.YYYY hh:mm:ss.fff G\MTSHHNN", r"DD.MM.YYYY hh:mm:ss G\MTSHHNN",
-        )  # fmt: skip
-        header = first.lower().startswith(("gmt time", "local time"))
-        second = head[1] if len(head) > 1 else ""
-        if (
-            first.lower().startswith("local time")
-            and second
-            and "GMT" not in second.split(",")[0]
-            and tz is None
-        ):
-            raise BqxError(
-                f"{path}: a Dukascopy 'Local time' export whose times carry no GMT offset:"
-                " give --tz (the zone the export was made in), or export in GMT"
-            )
-        if first.lower().startswith("gmt time") and tz not in (None, "UTC"):
-            raise BqxError(f"{path}: a Dukascopy 'Gmt time' export is in UTC already: drop --tz")
-        width = max(first.count(",") + 1, 6) if header else 6
-        return TextSpec(",", width, header, [0], templates, (), timedelta(0), [1, 2, 3, 4, 5])
+        return _dukascopy_spec(path, first, head[1] if len(head) > 1 else "", tz)
     if fmt == "metatrader":
-        mt_templates = ("YYYY.MM.DD hh:mm", "YYYY.MM.DD hh:mm:ss")
-        if first[:1].isalpha() or first.startswith("<"):
-            # a header row: MT5's <DATE>\t<TIME>\t<OPEN>... or an MT4 CSV's Date,Time,Open,...
-            sep = "\t" if "\t" in first else ","
-            names = [n.strip().strip("\"'<>").lower() for n in first.split(sep)]
-            want = ["date", "time", "open", "high", "low", "close"]
-            missing = [w for w in want if w not in names]
-            if missing:
-                raise BqxError(f"{path}: MetaTrader header lacks {', '.join(missing)}")
-            vol = next((names.index(v) for v in ("tickvol", "volume", "vol") if v in names), None)
-            return TextSpec(sep, len(names), True, [names.index("date"),
-                             names.index("time")], mt_templates, (), timedelta(0),
-                             [names.index(w) for w in want[2:]] + [vol])  # fmt: skip
-        width = first.count(",") + 1 if first else 7
-        return TextSpec(",", max(width, 7), False, [0, 1], mt_templates, (), timedelta(0),
-                         [2, 3, 4, 5, 6])  # fmt: skip
-    # generic CSV: a header line names the columns; --columns maps them
+        return _metatrader_spec(path, first)
+    return _csv_spec(path, first, mapping)
+
+
+_DUKASCOPY_TEMPLATES = (
+    "DD.MM.YYYY hh:mm:ss.fff", "DD.MM.YYYY hh:mm:ss", "DD.MM.YYYY hh:mm",
+    r"DD.MM.YYYY hh:mm:ss.fff G\MTSHHNN", r"DD.MM.YYYY hh:mm:ss G\MTSHHNN",
+)  # fmt: skip
+
+
+def _dukascopy_spec(path: Path, first: str, second: str, tz: str | None) -> TextSpec:
+    header = first.lower().startswith(_DUKASCOPY_HEADERS)
+    _check_dukascopy_zone(path, first, second, tz)
+    width = max(first.count(",") + 1, 6) if header else 6
+    return TextSpec(
+        ",", width, header, [0], _DUKASCOPY_TEMPLATES, (), timedelta(0), [1, 2, 3, 4, 5]
+    )
+
+
+def _check_dukascopy_zone(path: Path, first: str, second: str, tz: str | None) -> None:
+    """A 'Local time' export needs GMT offsets in its times or --tz; a 'Gmt time' one is UTC."""
+    if (
+        first.lower().startswith("local time")
+        and second
+        and "GMT" not in second.split(",")[0]
+        and tz is None
+    ):
+        raise BqxError(
+            f"{path}: a Dukascopy 'Local time' export whose times carry no GMT offset:"
+            " give --tz (the zone the export was made in), or export in GMT"
+        )
+    if first.lower().startswith("gmt time") and tz not in (None, "UTC"):
+        raise BqxError(f"{path}: a Dukascopy 'Gmt time' export is in UTC already: drop --tz")
+
+
+_MT_TEMPLATES = ("YYYY.MM.DD hh:mm", "YYYY.MM.DD hh:mm:ss")
+_MT_COLUMNS = ["date", "time", "open", "high", "low", "close"]  # a header must name these
+
+
+def _metatrader_spec(path: Path, first: str) -> TextSpec:
+    if first[:1].isalpha() or first.startswith("<"):
+        return _metatrader_header_spec(path, first)
+    width = first.count(",") + 1 if first else 7
+    return TextSpec(",", max(width, 7), False, [0, 1], _MT_TEMPLATES, (), timedelta(0),
+                    [2, 3, 4, 5, 6])  # fmt: skip
+
+
+def _metatrader_header_spec(path: Path, first: str) -> TextSpec:
+    """A header row: MT5's <DATE>\\t<TIME>\\t<OPEN>... or an MT4 CSV's Date,Time,Open,..."""
+    sep = "\t" if "\t" in first else ","
+    names = [n.strip().strip("\"'<>").lower() for n in first.split(sep)]
+    missing = [w for w in _MT_COLUMNS if w not in names]
+    if missing:
+        raise BqxError(f"{path}: MetaTrader header lacks {', '.join(missing)}")
+    vol = next((names.index(v) for v in ("tickvol", "volume", "vol") if v in names), None)
+    return TextSpec(sep, len(names), True, [names.index("date"), names.index("time")],
+                    _MT_TEMPLATES, (), timedelta(0),
+                    [names.index(w) for w in _MT_COLUMNS[2:]] + [vol])  # fmt: skip
+
+
+def _csv_spec(path: Path, first: str, mapping: Mapping) -> TextSpec:
+    """Generic CSV: a header line names the columns; --columns maps them."""
     sep = max(",;\t", key=first.count)
     names = [h.strip().strip("\"'") for h in first.split(sep)]
     lower = {n.lower(): i for i, n in enumerate(names)}
@@ -619,7 +703,7 @@ def _text_spec(path: Path, fmt: str, mapping: Mapping, tz: str | None = None) ->
     formats = (mapping.time_format,) if mapping.time_format else ()
     templates = () if mapping.time_format else _ISO
     return TextSpec(sep, len(names), True, [lower[time_col.lower()]], templates, formats,
-                     timedelta(0), idx, quoted=True)  # fmt: skip
+                    timedelta(0), idx, quoted=True)  # fmt: skip
 
 
 Reject = tuple[int, str, str]  # (line, reason, text)
@@ -639,28 +723,15 @@ def _chunks(f: IO[bytes], size: int, path: Path) -> Iterator[tuple[int, bytes, l
     """
     line, rest = 1, b""
     long_len, long_head = 0, b""  # inside a line too long to keep: its length so far
-    while True:
-        try:
-            data = f.read(size)
-        except _READ_ERRORS as exc:
-            raise BqxError(f"{path}: cannot read: {why(exc)}") from None
-        if not data:
-            if long_len:
-                yield line, b"", [_too_long(line, long_len, long_head)]
-            elif rest:
-                yield line, rest, []
-            return
+    for data in _reads(f, size, path):
         if long_len:
             nl = data.find(b"\n")
             if nl < 0:
                 long_len += len(data)
                 continue
-            long_len += nl
-            yield line, b"\n", [_too_long(line, long_len, long_head)]
+            yield line, b"\n", [_too_long(line, long_len + nl, long_head)]
             line += 1
             long_len, data = 0, data[nl + 1 :]
-            if not data:
-                continue
         data = rest + data if rest else data
         cut = data.rfind(b"\n") + 1
         piece, rest = data[:cut], data[cut:]
@@ -669,6 +740,22 @@ def _chunks(f: IO[bytes], size: int, path: Path) -> Iterator[tuple[int, bytes, l
         if piece:
             yield line, piece, []
             line += piece.count(b"\n")
+    if long_len:
+        yield line, b"", [_too_long(line, long_len, long_head)]
+    elif rest:
+        yield line, rest, []
+
+
+def _reads(f: IO[bytes], size: int, path: Path) -> Iterator[bytes]:
+    """The file's bytes, ``size`` at a time, up to its end."""
+    while True:
+        try:
+            data = f.read(size)
+        except _READ_ERRORS as exc:
+            raise BqxError(f"{path}: cannot read: {why(exc)}") from None
+        if not data:
+            return
+        yield data
 
 
 def _sanitize(data: bytes, first: int) -> tuple[bytes, list[Reject]]:
@@ -707,9 +794,55 @@ def _text_block(
     """Parse and validate one piece of a text file whose first line is number ``first``."""
     data, bad = _sanitize(data, first)
     pre = pre + bad
+    # every line counts, blank ones and the last one without a newline too
+    total = data.count(b"\n") + (not data.endswith(b"\n"))
     if not data.strip():
-        lines = data.count(b"\n") + (not data.endswith(b"\n"))
-        return Block(np.empty(0, np.int64), np.empty((0, 5)), pre, first + max(lines, 1) - 1)
+        return _no_bars(pre, first + max(total, 1) - 1)
+    table, invalid = _read_csv(path, spec, first, data)
+    cols = [c.combine_chunks() for c in table.columns]
+    lines = _row_lines(first, total, table.num_rows, invalid)
+    if spec.header and first == 1 and len(lines):  # the header line is not a bar
+        cols, lines = [c.slice(1) for c in cols], lines[1:]
+    bad_lines = pre + _wrong_fields(invalid, spec.header)
+    if not len(lines):
+        return _no_bars(bad_lines, first + total - 1)
+    times, fields = _text_columns(cols, spec, tz)
+    block = _block(lines, times, fields, _row_text(cols, spec.sep))
+    if bad_lines:
+        block.rejects = sorted(block.rejects + bad_lines)
+    block.last_line = first + total - 1
+    return block
+
+
+def _text_columns(
+    cols: list[pa.Array], spec: TextSpec, tz: str | None
+) -> tuple[np.ndarray, list[Numbers | None]]:
+    """(times, fields) parsed from the text columns as the spec says."""
+    tcol = cols[spec.time_cols[0]]
+    if len(spec.time_cols) > 1:
+        tcol = pc.binary_join_element_wise(*[cols[i] for i in spec.time_cols], " ")
+    times = _times(tcol, spec.templates, spec.formats, tz, spec.shift)
+    return times, [_floats(cols[i]) if i is not None else None for i in spec.field_cols]
+
+
+def _row_text(cols: list[pa.Array], sep: str) -> Callable[[list[int]], list[str]]:
+    """The text of rows by index: their fields joined by the separator again."""
+
+    def text(rows: list[int]) -> list[str]:
+        idx = pa.array(rows, pa.int64())
+        return pc.binary_join_element_wise(*[pc.take(c, idx) for c in cols], sep).to_pylist()
+
+    return text
+
+
+def _no_bars(rejects: list[Reject], last_line: int) -> Block:
+    return Block(np.empty(0, np.int64), np.empty((0, 5)), rejects, last_line)
+
+
+def _read_csv(
+    path: Path, spec: TextSpec, first: int, data: bytes
+) -> tuple[pa.Table, list[tuple[int, str]]]:
+    """Every field as text; the (line, text) of lines with the wrong number of fields apart."""
     names = [f"c{i}" for i in range(spec.width)]
     invalid: list[tuple[int, str]] = []
 
@@ -734,41 +867,27 @@ def _text_block(
         )  # fmt: skip
     except pa.ArrowInvalid as exc:
         raise BqxError(f"{path}: cannot read line {first} on: {why(exc)}") from None
-    # physical line numbers: every line is a row (blank ones too) or an invalid row
-    total = data.count(b"\n") + (not data.endswith(b"\n"))
+    return table, invalid
+
+
+def _row_lines(first: int, total: int, n: int, invalid: list[tuple[int, str]]) -> np.ndarray:
+    """The physical line number of each of the ``n`` rows: every line is a row or invalid."""
     lines = np.arange(first, first + total, dtype=np.int64)
     if invalid:
         lines = lines[~np.isin(lines, [ln for ln, _ in invalid])]
-    cols = [c.combine_chunks() for c in table.columns]
-    n = table.num_rows
     if len(lines) < n:  # lines ended by a lone CR (old Mac files): count rows instead
         lines = np.arange(first, first + n + len(invalid), dtype=np.int64)
         lines = lines[~np.isin(lines, [ln for ln, _ in invalid])]
-    lines = lines[:n]
-    if spec.header and first == 1 and n:  # the header line is not a bar
-        cols, lines, n = [c.slice(1) for c in cols], lines[1:], n - 1
-    bad_lines = pre + [
+    return lines[:n]
+
+
+def _wrong_fields(invalid: list[tuple[int, str]], header: bool) -> list[Reject]:
+    """Invalid rows as rejects, but for blank ones and a header line (not bars either)."""
+    return [
         (line, "wrong number of fields", text)
         for line, text in invalid
-        if text.strip() and not (spec.header and line == 1)
+        if text.strip() and not (header and line == 1)
     ]
-    if not n:
-        return Block(np.empty(0, np.int64), np.empty((0, 5)), bad_lines, first + total - 1)
-    tcol = cols[spec.time_cols[0]]
-    if len(spec.time_cols) > 1:
-        tcol = pc.binary_join_element_wise(*[cols[i] for i in spec.time_cols], " ")
-    times = _times(tcol, spec.templates, spec.formats, tz, spec.shift)
-    fields = [_floats(cols[i]) if i is not None else None for i in spec.field_cols]
-
-    def text(rows: list[int]) -> list[str]:
-        idx = pa.array(rows, pa.int64())
-        return pc.binary_join_element_wise(*[pc.take(c, idx) for c in cols], spec.sep).to_pylist()
-
-    block = _block(lines, times, fields, text)
-    if bad_lines:
-        block.rejects = sorted(block.rejects + bad_lines)
-    block.last_line = first + total - 1
-    return block
 
 
 def _text_blocks(path: Path, spec: TextSpec, tz: str | None) -> Iterator[Block]:
@@ -821,21 +940,7 @@ def _parquet_blocks(path: Path, tz: str | None, mapping: Mapping) -> Iterator[Bl
         n = batch.num_rows
         lines = np.arange(row, row + n, dtype=np.int64)
         row += n
-        raw = batch.column(time_col)
-        if pa.types.is_timestamp(raw.type):
-            if raw.type.tz is None and tz not in (None, "UTC"):
-                early = pc.assume_timezone(raw, tz, ambiguous="earliest", nonexistent="earliest")
-                late = pc.assume_timezone(raw, tz, ambiguous="earliest", nonexistent="latest")
-                gap = pc.fill_null(pc.not_equal(early, late), False).to_numpy(zero_copy_only=False)
-                raw = early
-            else:
-                gap = np.zeros(n, bool)
-            us = pc.fill_null(raw.cast(pa.timestamp("us")).cast(pa.int64()), _NAT)
-            times = us.to_numpy(zero_copy_only=False).copy()
-            times[gap] = _GAP
-        else:
-            formats = (mapping.time_format,) if mapping.time_format else ()
-            times = _times(raw.cast(pa.string()), () if formats else _ISO, formats, tz)
+        times = _parquet_times(batch.column(time_col), tz, mapping)
         fields = [None if cols[f] is None else _floats(batch.column(cols[f])) for f in FIELDS]
 
         def text(rows: list[int], batch: pa.RecordBatch = batch) -> list[str]:
@@ -844,6 +949,24 @@ def _parquet_blocks(path: Path, tz: str | None, mapping: Mapping) -> Iterator[Bl
             return [",".join(f"{k}={'' if v is None else v}" for k, v in r.items()) for r in sub]
 
         yield _block(lines, times, fields, text)
+
+
+def _parquet_times(raw: pa.Array, tz: str | None, mapping: Mapping) -> np.ndarray:
+    """int64 µs UTC of a time column: timestamps (naive ones local in ``tz``) or text."""
+    if not pa.types.is_timestamp(raw.type):
+        formats = (mapping.time_format,) if mapping.time_format else ()
+        return _times(raw.cast(pa.string()), () if formats else _ISO, formats, tz)
+    if raw.type.tz is None and tz not in (None, "UTC"):
+        early = pc.assume_timezone(raw, tz, ambiguous="earliest", nonexistent="earliest")
+        late = pc.assume_timezone(raw, tz, ambiguous="earliest", nonexistent="latest")
+        gap = pc.fill_null(pc.not_equal(early, late), False).to_numpy(zero_copy_only=False)
+        raw = early
+    else:
+        gap = np.zeros(len(raw), bool)
+    us = pc.fill_null(raw.cast(pa.timestamp("us")).cast(pa.int64()), _NAT)
+    times = us.to_numpy(zero_copy_only=False).copy()
+    times[gap] = _GAP
+    return times
 
 
 # -- one file -----------------------------------------------------------------------------------
