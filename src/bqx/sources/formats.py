@@ -890,7 +890,7 @@ def _wrong_fields(invalid: list[tuple[int, str]], header: bool) -> list[Reject]:
     ]
 
 
-def _text_blocks(path: Path, spec: TextSpec, tz: str | None) -> Iterator[Block]:
+def _text_blocks(path: Path, spec: TextSpec, tz: str | None) -> Generator[Block, None, None]:
     """A text file's blocks in order, parsed two at a time (pyarrow and numpy drop the GIL)."""
     with open_input(path) as f:
         yield from _ordered(
@@ -929,7 +929,7 @@ def _parquet_open(path: Path, mapping: Mapping) -> Any:
     return pf
 
 
-def _parquet_blocks(path: Path, tz: str | None, mapping: Mapping) -> Iterator[Block]:
+def _parquet_blocks(path: Path, tz: str | None, mapping: Mapping) -> Generator[Block, None, None]:
     """Row groups in batches; a reject's line is the 1-based row number."""
     pf = _parquet_open(path, mapping)
     names = pf.schema_arrow.names

@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -38,6 +38,7 @@ from bqx.sources.formats import (
     FIELDS,
     FORMATS,
     US_PER_MIN,
+    Block,
     Mapping,
     TextSpec,
     pairs_in_name,
@@ -246,6 +247,19 @@ def _check_inputs(
     paths: list[Path], fmt: str, tz: str | None, mapping: Mapping, pair: str, allow_mismatch: bool
 ) -> list[tuple[str, TextSpec | None]]:
     """Every input readable and in a known format, the time zone known: before any write."""
+    _check_tz(tz)
+    plans: list[tuple[str, TextSpec | None]] = []
+    for p in paths:
+        _check_readable(p)
+        _check_name(p, pair, allow_mismatch)
+        kind = sniff(p) if fmt == "auto" else fmt
+        _check_zone(p, kind, tz)
+        plans.append((kind, reading_plan(p, kind, mapping, tz)))
+    return plans
+
+
+def _check_tz(tz: str | None) -> None:
+    """A zone both Python and Arrow know (Arrow converts the times, Python names them)."""
     if tz is not None:
         try:
             from zoneinfo import ZoneInfo
@@ -256,39 +270,45 @@ def _check_inputs(
             raise BqxError(
                 f"unknown time zone --tz {tz!r} (e.g. UTC, EET, Europe/Athens, Etc/GMT-2)"
             ) from None
-    plans: list[tuple[str, TextSpec | None]] = []
-    for p in paths:
-        if p.is_dir():
-            raise BqxError(f"{p}: is a directory, not a file")
-        if not p.is_file():
-            raise BqxError(f"{p}: no such file")
-        try:
-            with open(p, "rb") as f:
-                f.read(1)
-        except OSError as exc:
-            raise BqxError(f"{p}: cannot read: {why(exc)}") from None
-        named = pairs_in_name(p)
-        if named and pair not in named and not allow_mismatch:
-            other = "/".join(sorted(n.upper() for n in named))
-            raise BqxError(
-                f"{p}: the file name says {other}, not {pair.upper()}: give --pair {other}, or"
-                " --allow-mismatch if the file really holds"
-                f" {pair.upper()} bars"
-            )
-        kind = sniff(p) if fmt == "auto" else fmt
-        if kind == "histdata" and tz not in (None, "UTC"):
-            # the times would be shifted twice: from EST, then again from --tz
-            raise BqxError(
-                f"{p}: HistData.com times are fixed EST (UTC-5) all year and converted to UTC"
-                " by bqx: drop --tz"
-            )
-        if kind == "metatrader" and tz is None:
-            raise BqxError(
-                f"{p}: MetaTrader times are in the broker's server time: give --tz"
-                " (e.g. --tz Etc/GMT-2, or --tz UTC)"
-            )
-        plans.append((kind, reading_plan(p, kind, mapping, tz)))
-    return plans
+
+
+def _check_readable(p: Path) -> None:
+    if p.is_dir():
+        raise BqxError(f"{p}: is a directory, not a file")
+    if not p.is_file():
+        raise BqxError(f"{p}: no such file")
+    try:
+        with open(p, "rb") as f:
+            f.read(1)
+    except OSError as exc:
+        raise BqxError(f"{p}: cannot read: {why(exc)}") from None
+
+
+def _check_name(p: Path, pair: str, allow_mismatch: bool) -> None:
+    """A file whose name spells other pairs only is refused, unless mismatches are allowed."""
+    named = pairs_in_name(p)
+    if named and pair not in named and not allow_mismatch:
+        other = "/".join(sorted(n.upper() for n in named))
+        raise BqxError(
+            f"{p}: the file name says {other}, not {pair.upper()}: give --pair {other}, or"
+            " --allow-mismatch if the file really holds"
+            f" {pair.upper()} bars"
+        )
+
+
+def _check_zone(p: Path, kind: str, tz: str | None) -> None:
+    """--tz is refused where the format fixes the zone, and needed where it does not."""
+    if kind == "histdata" and tz not in (None, "UTC"):
+        # the times would be shifted twice: from EST, then again from --tz
+        raise BqxError(
+            f"{p}: HistData.com times are fixed EST (UTC-5) all year and converted to UTC"
+            " by bqx: drop --tz"
+        )
+    if kind == "metatrader" and tz is None:
+        raise BqxError(
+            f"{p}: MetaTrader times are in the broker's server time: give --tz"
+            " (e.g. --tz Etc/GMT-2, or --tz UTC)"
+        )
 
 
 def _is_rejects_file(path: Path) -> bool:
@@ -312,16 +332,30 @@ def _rejects_target(given: Path | None, paths: Sequence[Path]) -> Path:
     directory if that one is read-only.
     """
     if given is None:
-        default = paths[0].name + ".rejects.csv"
-        target = paths[0].with_name(default)
-        if not _writable_dir(target.parent):
-            target = Path.cwd() / default
-        option = "the rejects file"
+        target, option = _default_rejects(paths[0]), "the rejects file"
     else:
         target, option = given, "--rejects"
+    _check_not_input(target, option, paths)
+    _check_rejects_writable(target, option)
+    return target
+
+
+def _default_rejects(first: Path) -> Path:
+    default = first.name + ".rejects.csv"
+    target = first.with_name(default)
+    if not _writable_dir(target.parent):
+        target = Path.cwd() / default
+    return target
+
+
+def _check_not_input(target: Path, option: str, paths: Sequence[Path]) -> None:
     for p in paths:
         if target.exists() and p.exists() and os.path.samefile(target, p):
             raise BqxError(f"{option} {target} is an input file: give another --rejects path")
+
+
+def _check_rejects_writable(target: Path, option: str) -> None:
+    """A file path, writable, and not a file of something else (it will be overwritten)."""
     if target.is_dir():
         raise BqxError(f"{option} {target} is a directory: give a file path")
     if target.exists():
@@ -336,7 +370,6 @@ def _rejects_target(given: Path | None, paths: Sequence[Path]) -> Path:
         raise BqxError(f"cannot write rejects file {target}: no such directory {target.parent}")
     elif not _writable_dir(target.parent):
         raise BqxError(f"cannot write rejects file {target}: permission denied")
-    return target
 
 
 class _Rejects:
@@ -404,10 +437,7 @@ def ingest_files(
     ingest fails after writing the rejects file.
     """
     pair = validate_pair(pair)
-    if fmt not in FORMATS:
-        raise BqxError(f"unknown --format {fmt!r}: one of {', '.join(FORMATS)}")
-    if not files:
-        raise BqxError("no input file given")
+    _check_args(fmt, files)
     paths = [Path(f) for f in files]
     mapping = mapping or Mapping()
     plans = _check_inputs(paths, fmt, tz, mapping, pair, allow_mismatch)
@@ -424,36 +454,63 @@ def ingest_files(
                 summary.files.append(fs)
                 if progress:
                     progress(f"{path}: {kind}" + (" (detected)" if fmt == "auto" else ""))
-                before = rejects.count
-
                 blocks = read_blocks(path, spec, tz, mapping)
-                with closing(blocks):  # on an error, parsing threads stop here, not later
-                    for block in blocks:
-                        for line, reason, text in block.rejects:
-                            rejects.add(path, line, reason, text)
-                        times, ohlcv = block.times, block.ohlcv
-                        if drop_flat and len(times):
-                            o, h, lo, c, v = ohlcv.T
-                            flat = (o == h) & (h == lo) & (lo == c) & (v == 0)
-                            if flat.any():
-                                summary.dropped_flat += int(flat.sum())
-                                times, ohlcv = times[~flat], ohlcv[~flat]
-                        spill.add(times, ohlcv)
-                        fs.accepted += len(times)
-                        fs.lines = max(fs.lines, block.last_line)
-                fs.rejected = rejects.count - before
+                _read_file(path, blocks, fs, spill, rejects, summary, drop_flat=drop_flat)
             rejects.close()
             summary.rejected = rejects.count
             if not allow_mismatch:
                 _check_level(url, layout, pair, spill, paths)
             rejects.publish(summary)
-            if summary.rejected and not spill.seq and not summary.dropped_flat:
-                raise BqxError(
-                    f"every bar was rejected ({_n(summary.rejected, 'line')}), nothing stored:"
-                    f" reasons in {summary.rejects_file}"
-                )
+            _check_some_accepted(summary, spill)
             _store(url, layout, pair, spill, summary, progress)
         finally:
             rejects.close()
     summary.seconds = time.monotonic() - t0
     return summary
+
+
+def _check_args(fmt: str, files: Sequence[str | Path]) -> None:
+    if fmt not in FORMATS:
+        raise BqxError(f"unknown --format {fmt!r}: one of {', '.join(FORMATS)}")
+    if not files:
+        raise BqxError("no input file given")
+
+
+def _read_file(
+    path: Path, blocks: Generator[Block, None, None], fs: FileSummary, spill: _Spill,
+    rejects: _Rejects, summary: IngestSummary, *, drop_flat: bool,
+) -> None:  # fmt: skip
+    """Spill a file's valid bars and write its rejected rows, counted in ``fs``."""
+    before = rejects.count
+    with closing(blocks):  # on an error, parsing threads stop here, not later
+        for block in blocks:
+            for line, reason, text in block.rejects:
+                rejects.add(path, line, reason, text)
+            times, ohlcv = block.times, block.ohlcv
+            if drop_flat:
+                times, ohlcv, dropped = _without_flat(times, ohlcv)
+                summary.dropped_flat += dropped
+            spill.add(times, ohlcv)
+            fs.accepted += len(times)
+            fs.lines = max(fs.lines, block.last_line)
+    fs.rejected = rejects.count - before
+
+
+def _without_flat(times: np.ndarray, ohlcv: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """The bars but flat zero-volume ones (open = high = low = close, volume 0); how many."""
+    if not len(times):
+        return times, ohlcv, 0
+    o, h, lo, c, v = ohlcv.T
+    flat = (o == h) & (h == lo) & (lo == c) & (v == 0)
+    if not flat.any():
+        return times, ohlcv, 0
+    return times[~flat], ohlcv[~flat], int(flat.sum())
+
+
+def _check_some_accepted(summary: IngestSummary, spill: _Spill) -> None:
+    """Rows rejected and no bar read (dropped ones aside) is a failure, not an empty ingest."""
+    if summary.rejected and not spill.seq and not summary.dropped_flat:
+        raise BqxError(
+            f"every bar was rejected ({_n(summary.rejected, 'line')}), nothing stored:"
+            f" reasons in {summary.rejects_file}"
+        )
