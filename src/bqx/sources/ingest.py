@@ -34,18 +34,15 @@ from bqx.config import Settings
 from bqx.db import connect, pool, resolve_url
 from bqx.errors import BqxError
 from bqx.schema import Layout, Month, table_columns, validate_pair
+from bqx.sources.columns import FIELDS, US_PER_MIN, Block, why
 from bqx.sources.formats import (
-    FIELDS,
     FORMATS,
-    US_PER_MIN,
-    Block,
     Mapping,
     TextSpec,
     pairs_in_name,
     read_blocks,
     reading_plan,
     sniff,
-    why,
 )
 from bqx.sources.load import LoadResult, check_nullable, ensure_source, load_bars
 
