@@ -34,17 +34,10 @@ from bqx.config import Settings
 from bqx.db import connect, pool, resolve_url
 from bqx.errors import BqxError
 from bqx.schema import Layout, Month, table_columns, validate_pair
-from bqx.sources.columns import FIELDS, US_PER_MIN, Block, why
-from bqx.sources.formats import (
-    FORMATS,
-    Mapping,
-    TextSpec,
-    pairs_in_name,
-    read_blocks,
-    reading_plan,
-    sniff,
-)
 from bqx.sources.load import LoadResult, check_nullable, ensure_source, load_bars
+
+from .columns import FIELDS, US_PER_MIN, Block, why
+from .formats import FORMATS, Mapping, TextSpec, pairs_in_name, read_blocks, reading_plan, sniff
 
 MISMATCH_FACTOR = 1.5  # input median close vs the stored level: beyond this, another pair?
 REJECTS_HEADER = ["file", "line", "reason", "text"]
