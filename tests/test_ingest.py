@@ -22,8 +22,10 @@ from psycopg import sql
 from bqx.core.months import Month
 from bqx.db import resolve_url
 from bqx.errors import BqxError
+from bqx.sources import formats
 from bqx.sources import ingest as ingest_mod
-from bqx.sources.ingest import Mapping, ingest_files, pairs_in_name, sniff
+from bqx.sources.formats import Mapping, pairs_in_name, sniff
+from bqx.sources.ingest import ingest_files
 from bqx.store import names
 from bqx.store.bars import lock_source_month, source_month_key
 
@@ -129,7 +131,7 @@ def test_big_unsorted_file_across_blocks_gives_exact_bars_lines_and_duplicates(
 ):
     """Many small blocks (so block edges fall everywhere), shuffled lines over a month edge,
     duplicates inside the file and in a second file, and every kind of bad line."""
-    monkeypatch.setattr(ingest_mod, "BLOCK_BYTES", 700)
+    monkeypatch.setattr(formats, "BLOCK_BYTES", 700)
     rng = random.Random(5)
     start = datetime(2024, 7, 31, 17, 0)  # EST: 22:00 UTC, two hours before August
     good = []

@@ -333,7 +333,8 @@ class Store:
     ) -> IngestSummary:  # fmt: skip
         """Real minute-bar files into ``m1_{pair}``; bad rows go to a rejects file
         (docs/ingest.md)."""
-        from bqx.sources.ingest import Mapping, ingest_files
+        from bqx.sources.formats import Mapping
+        from bqx.sources.ingest import ingest_files
 
         return ingest_files(
             self.url(), self.layout, files, pair, fmt=fmt, tz=tz,

@@ -1,131 +1,54 @@
 """``bqx ingest``: the minute-bar files people actually have, into ``m1_{pair}``.
 
-Formats:
-
-- HistData.com generic ASCII M1: ``YYYYMMDD HHMMSS;o;h;l;c;v``, fixed EST = UTC−5 all year;
-- Dukascopy CSV exports: ``Gmt time,Open,High,Low,Close,Volume`` with ``dd.mm.yyyy
-  HH:MM:SS.fff`` (also ``Local time`` exports whose times end in ``GMT+0200``);
-- MetaTrader history exports: MT4 ``YYYY.MM.DD,HH:MM,o,h,l,c,v`` and MT5 tab-separated
-  ``<DATE> <TIME> <OPEN> …`` files, in the broker's server time given by ``--tz``;
-- generic CSV or Parquet with a column mapping (ISO 8601 times or ``--time-format``).
-
-``.gz`` and ``.zip`` inputs are read directly. Files are streamed in blocks with pyarrow's CSV
-reader (every field read as text, then parsed and validated column-wise with numpy, no Python
-per row), so memory stays bounded whatever the file's size. Valid bars are spilled per month to
-a temporary directory; once every file is read, each month is merged into its partition in one
-transaction (``bqx.sources.load``): an interrupted ingest leaves earlier months stored and the
-interrupted one as it was, and re-ingesting a file changes nothing. Bad rows are not loaded:
-they go to a rejects file with file, physical line number, reason and the row's text. Among
-rows with the same time, the last one read (last file, last line) is kept; the others are
-counted as duplicates. (A quoted CSV field may not span lines: files are cut at newlines.)
+The files are read by ``bqx.sources.formats`` (HistData, Dukascopy, MetaTrader, generic CSV or
+Parquet, also in ``.gz`` and ``.zip``) in blocks, so memory stays bounded whatever the file's
+size. Valid bars are spilled per month to a temporary directory; once every file is read, each
+month is merged into its partition in one transaction (``bqx.store.bars``): an interrupted
+ingest leaves earlier months stored and the interrupted one as it was, and re-ingesting a file
+changes nothing. Bad rows are not loaded: they go to a rejects file with file, physical line
+number, reason and the row's text. Among rows with the same time, the last one read (last
+file, last line) is kept; the others are counted as duplicates.
 """
 
 from __future__ import annotations
 
 import csv
-import gzip
 import os
-import re
 import shutil
 import tempfile
 import time
-import zipfile
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import closing, contextmanager
+from contextlib import closing
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from functools import lru_cache
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 
 from bqx.core.layout import Layout
 from bqx.core.months import Month
 from bqx.core.symbols import validate_pair
 from bqx.db.connect import connect, pool
 from bqx.errors import BqxError
+from bqx.sources.columns import FIELDS, US_PER_MIN, Block, why
+from bqx.sources.formats import (
+    FORMATS,
+    Mapping,
+    TextSpec,
+    pairs_in_name,
+    read_blocks,
+    reading_plan,
+    sniff,
+)
 from bqx.store.bars import LoadResult, level_near, load_bars
 from bqx.store.catalog import check_nullable
 from bqx.store.ddl import ensure_source
 
-FORMATS = ("auto", "histdata", "dukascopy", "metatrader", "csv", "parquet")
-FIELDS = ("open", "high", "low", "close", "volume")
-BLOCK_BYTES = 2 << 20  # text parsed per block: a block takes ~25x its size while parsed
-EARLIEST = datetime(1971, 1, 1, tzinfo=UTC)  # no FX minute bars before this
-HISTDATA_SHIFT = timedelta(hours=5)  # HistData times are EST (UTC−5) all year
-_US_PER_MIN = 60_000_000
-_NAT = np.iinfo(np.int64).min  # unparseable time
-_GAP = _NAT + 1  # a local time that does not exist (the spring-forward hour)
-_READ_ERRORS = (OSError, EOFError, zipfile.BadZipFile, pa.ArrowInvalid)
-MAX_LINE = 64 << 10  # a bar is under 200 bytes: a longer line is rejected, not parsed
-OPTIONAL = ("open", "high", "low", "volume")  # a csv/parquet source may lack these columns
 MISMATCH_FACTOR = 1.5  # input median close vs the stored level: beyond this, another pair?
 REJECTS_HEADER = ["file", "line", "reason", "text"]
-# ISO 4217 codes (and metals, crypto) that a pair in a file name is built from
-CURRENCY_CODES = frozenset(
-    "AED ARS AUD BGN BRL BTC CAD CHF CLP CNH CNY COP CZK DKK ETH EUR GBP HKD HUF IDR ILS INR"
-    " ISK JPY KRW KWD MXN MYR NOK NZD PHP PLN RON RUB SAR SEK SGD THB TRY TWD USD XAG XAU"
-    " XPD XPT ZAR".split()
-)
-_NAME_PAIR = re.compile(r"(?<![A-Z])([A-Z]{3})[-_/ ]?([A-Z]{3})(?![A-Z])")
-
-
-@dataclass
-class Mapping:
-    """Column names of a generic CSV/Parquet file (case-insensitive)."""
-
-    time: str = "time"
-    open: str = "open"
-    high: str = "high"
-    low: str = "low"
-    close: str = "close"
-    volume: str | None = "volume"
-    time_format: str | None = None  # strptime format; default ISO 8601
-    explicit: frozenset[str] = frozenset()  # fields the user mapped: they must exist
-
-    @classmethod
-    def parse(cls, text: str | None, time_format: str | None = None) -> Mapping:
-        """``time=Date,close=Last,volume=``.
-
-        Open, high, low and volume are optional: an empty name (``volume=``) says the file
-        has no such column, and a default name that the file lacks is taken as absent too.
-        """
-        m = cls(time_format=time_format)
-        explicit = set()
-        for item in (text or "").split(","):
-            if not item.strip():
-                continue
-            key, _, value = item.partition("=")
-            key = key.strip().lower()
-            if key not in ("time", *FIELDS):
-                raise BqxError(f"--columns: unknown field {key!r} (time, {', '.join(FIELDS)})")
-            if key not in OPTIONAL and not value.strip():
-                raise BqxError(f"--columns: {key} needs a column name ({key}=NAME)")
-            setattr(m, key, value.strip() or None)
-            explicit.add(key)
-        m.explicit = frozenset(explicit)
-        return m
-
-    def column(self, key: str, present: Sequence[str], path: Path) -> str | None:
-        """The file's column for ``key`` (matched case-insensitively), None when absent."""
-        want = getattr(self, key)
-        if want is None:
-            return None
-        lower = {n.lower(): n for n in present}
-        if want.lower() in lower:
-            return lower[want.lower()]
-        if key in OPTIONAL and key not in self.explicit:
-            return None
-        raise BqxError(
-            f"{path}: no column {want!r} for {key} (columns: {', '.join(present)};"
-            " map them with --columns time=...,close=...)"
-        )
 
 
 @dataclass
@@ -195,742 +118,6 @@ def _n(count: int, noun: str) -> str:
     return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
-# -- opening and sniffing ------------------------------------------------------------------
-
-
-@contextmanager
-def open_input(path: Path) -> Iterator[IO[bytes]]:
-    """A binary stream of the file's text, through gzip or the zip's data member.
-
-    HistData zips hold the bars as ``.csv`` next to a ``.txt`` status report: a ``.csv``
-    member is preferred.
-    """
-    name = path.name.lower()
-    if name.endswith(".gz"):
-        with gzip.open(path, "rb") as f:
-            yield f
-    elif name.endswith(".zip"):
-        with zipfile.ZipFile(path) as z:
-            with z.open(_zip_member(path, z)) as f:
-                yield f
-    else:
-        with open(path, "rb") as f:
-            yield f
-
-
-def _zip_member(path: Path, z: zipfile.ZipFile) -> str:
-    members = [m for m in z.namelist() if m.lower().endswith((".csv", ".txt"))]
-    data = [m for m in members if m.lower().endswith(".csv")] or members
-    if not data:
-        raise BqxError(f"{path}: the zip holds no .csv or .txt file")
-    return data[0]
-
-
-def pairs_in_name(path: Path) -> set[str]:
-    """Pairs that a file's name (and a zip's data member's name) spells, e.g. ``USDJPY``."""
-    names = [path.name]
-    if path.name.lower().endswith(".zip"):
-        try:
-            with zipfile.ZipFile(path) as z:
-                names.append(Path(_zip_member(path, z)).name)
-        except (OSError, zipfile.BadZipFile, BqxError):
-            pass  # reading it later says what is wrong
-    found = set()
-    for name in names:
-        for m in _NAME_PAIR.finditer(name.upper()):
-            if (
-                m.group(1) in CURRENCY_CODES
-                and m.group(2) in CURRENCY_CODES
-                and m.group(1) != m.group(2)
-            ):
-                found.add((m.group(1) + m.group(2)).lower())
-    return found
-
-
-def _head(path: Path, lines: int = 5) -> list[str]:
-    """The first non-blank lines (BOM and surrounding white space removed)."""
-    try:
-        with open_input(path) as f:
-            text = f.read(64 << 10).decode("utf-8", errors="replace")
-    except _READ_ERRORS as exc:
-        raise BqxError(f"{path}: cannot read: {_why(exc)}") from None
-    return [ln.strip().lstrip("\ufeff") for ln in text.splitlines() if ln.strip()][:lines]
-
-
-def _why(exc: BaseException) -> str:
-    text = (str(exc).strip().splitlines() or [""])[0]
-    return getattr(exc, "strerror", None) or text or type(exc).__name__
-
-
-def sniff(path: Path) -> str:
-    """Which format a file is in, from its name and first line."""
-    if path.name.lower().endswith(".parquet"):
-        return "parquet"
-    with open(path, "rb") as f:
-        if f.read(4) == b"PAR1":
-            return "parquet"
-    head = _head(path, 1)
-    if not head:
-        raise BqxError(f"{path}: the file is empty")
-    first = head[0]
-    if _matches(first.split(";")[0], "YYYYMMDD hhmmss") and first.count(";") >= 4:
-        return "histdata"
-    if first.lower().startswith(("gmt time", "local time")):
-        return "dukascopy"
-    if first.upper().startswith("<DATE>") or (
-        _matches(first[:16], "YYYY.MM.DD,hh:mm") and first.count(",") >= 5
-    ):
-        return "metatrader"
-    second = (_head(path, 2)[1:] or [""])[0]
-    if first[:1].isalpha() and _matches(second[:16], "YYYY.MM.DD,hh:mm"):
-        return "metatrader"  # an MT4 export with a header row (Date,Time,Open,...)
-    if (first[:1].isalpha() or first[:1] in "\"'_") and any(s in first for s in ",;\t"):
-        return "csv"
-    raise BqxError(
-        f"{path}: unknown format (first line {first[:60]!r}); give --format "
-        f"({', '.join(FORMATS[1:])})"
-    )
-
-
-def _matches(text: str, template: str) -> bool:
-    tpl = _compile(template)
-    col = pa.array([text], pa.string())
-    return bool(_fixed_times(col, tpl)[1][0])
-
-
-# -- times ----------------------------------------------------------------------------------
-#
-# The formats' times are fixed-width digits. They are parsed straight from the Arrow string
-# buffer with numpy (about 10x strptime): a template names each character, Y M D h m s for the
-# date and time, f for fractions of a second, S H N for a ±HHMM offset, ? for 'T' or ' ', and
-# anything else (or a letter after a backslash) must be that character. Rows no template fits
-# go to strptime if a format is given, else they are unparseable.
-
-
-@dataclass(frozen=True)
-class _Template:
-    text: str
-    width: int
-    digits: np.ndarray  # positions of digit characters
-    literal_pos: np.ndarray
-    literal_val: np.ndarray
-    either: np.ndarray  # positions of '?': 'T', 't' or ' '
-    sign: int | None
-    spans: dict[str, np.ndarray]  # letter -> its positions
-
-    @property
-    def aware(self) -> bool:
-        """An instant, not a local time: an offset, or a literal Z (UTC)."""
-        return self.sign is not None or ord("Z") in self.literal_val
-
-
-@lru_cache(maxsize=64)
-def _compile(text: str) -> _Template:
-    digit_letters = "YMDhmsfHN"
-    spans: dict[str, list[int]] = {}
-    digits, lit_pos, lit_val, either, sign = [], [], [], [], None
-    chars: list[tuple[str, bool]] = []  # (character, escaped)
-    it = iter(text)
-    for ch in it:
-        chars.append((next(it), True) if ch == "\\" else (ch, False))
-    for i, (ch, escaped) in enumerate(chars):
-        if not escaped and ch in digit_letters:
-            digits.append(i)
-            spans.setdefault(ch, []).append(i)
-        elif not escaped and ch == "?":
-            either.append(i)
-        elif not escaped and ch == "S":
-            sign = i
-        else:
-            lit_pos.append(i)
-            lit_val.append(ord(ch))
-    return _Template(
-        text, len(chars), np.array(digits, np.intp), np.array(lit_pos, np.intp),
-        np.array(lit_val, np.uint8), np.array(either, np.intp), sign,
-        {k: np.array(v, np.intp) for k, v in spans.items()},
-    )  # fmt: skip
-
-
-def _string_buffers(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets, bytes) of a string array, without copying."""
-    if col.type != pa.string():
-        col = col.cast(pa.string())
-    _, off, data = col.buffers()
-    offsets = np.frombuffer(off, dtype=np.int32, count=len(col) + 1, offset=col.offset * 4)
-    chars = np.frombuffer(data, dtype=np.uint8) if data is not None else np.empty(0, np.uint8)
-    return offsets, chars
-
-
-def _days_from_civil(y: np.ndarray, m: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm)."""
-    y = y - (m <= 2)
-    era = np.floor_divide(y, 400)
-    yoe = y - era * 400
-    doy = (153 * ((m + 9) % 12) + 2) // 5 + d - 1
-    return era * 146097 + yoe * 365 + yoe // 4 - yoe // 100 + doy - 719468
-
-
-_MONTH_DAYS = np.array([31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31], np.int64)
-
-
-def _fixed_times(col: pa.Array, tpl: _Template) -> tuple[np.ndarray, np.ndarray]:
-    """(µs since epoch, matched) of each string that fits the template exactly.
-
-    Times are naive unless the template has an offset, then UTC. Impossible dates (31.06,
-    24:00, 29.02 of a common year) do not match.
-    """
-    n = len(col)
-    us = np.full(n, _NAT, np.int64)
-    matched = np.zeros(n, bool)
-    offsets, data = _string_buffers(col)
-    rows = np.flatnonzero(np.diff(offsets) == tpl.width)
-    if col.null_count and len(rows):
-        rows = rows[col.is_valid().to_numpy(zero_copy_only=False)[rows]]
-    if not len(rows):
-        return us, matched
-    chars = data[offsets[rows][:, None] + np.arange(tpl.width)]
-    v = chars.astype(np.int64) - 48
-    good = (v[:, tpl.digits] >= 0).all(1) & (v[:, tpl.digits] <= 9).all(1)
-    if len(tpl.literal_pos):
-        good &= (chars[:, tpl.literal_pos] == tpl.literal_val).all(1)
-    for i in tpl.either:
-        good &= np.isin(chars[:, i], (ord("T"), ord("t"), ord(" ")))
-    if tpl.sign is not None:
-        good &= np.isin(chars[:, tpl.sign], (ord("+"), ord("-")))
-
-    def num(letter: str) -> np.ndarray:
-        pos = tpl.spans.get(letter)
-        if pos is None:
-            return np.zeros(len(rows), np.int64)
-        return v[:, pos] @ (10 ** np.arange(len(pos) - 1, -1, -1, dtype=np.int64))
-
-    year, month, day = num("Y"), num("M"), num("D")
-    hour, minute, sec = num("h"), num("m"), num("s")
-    good &= (month >= 1) & (month <= 12) & (day >= 1) & (hour < 24) & (minute < 60) & (sec < 60)
-    mi = np.clip(month, 1, 12) - 1
-    leap = (year % 4 == 0) & ((year % 100 != 0) | (year % 400 == 0))
-    good &= day <= _MONTH_DAYS[mi] + ((mi == 1) & leap)
-    days = _days_from_civil(year, np.clip(month, 1, 12), day)
-    t = ((days * 24 + hour) * 60 + minute) * 60 + sec
-    t = t * 1_000_000
-    if "f" in tpl.spans:
-        k = len(tpl.spans["f"])
-        frac = num("f")
-        t += frac * 10 ** (6 - k) if k <= 6 else frac // 10 ** (k - 6)
-    if tpl.sign is not None:
-        off_h, off_m = num("H"), num("N")
-        good &= (off_h < 24) & (off_m < 60)
-        sign = np.where(chars[:, tpl.sign] == ord("-"), -1, 1)
-        t -= sign * (off_h * 60 + off_m) * _US_PER_MIN
-    us[rows[good]] = t[good]
-    matched[rows[good]] = True
-    return us, matched
-
-
-def _strptime_us(col: pa.Array, fmt: str) -> np.ndarray:
-    """µs since epoch (naive) of text in a strptime format; ``_NAT`` where it does not parse."""
-    col = pc.utf8_trim_whitespace(col.cast(pa.string()))
-    try:
-        ts = pc.strptime(col, format=fmt, unit="us", error_is_null=True)
-    except pa.ArrowInvalid as exc:
-        raise BqxError(f"invalid --time-format {fmt!r}: {_why(exc)}") from None
-    if ts.type.tz is not None:  # %z: already an instant
-        ts = ts.cast(pa.timestamp("us"))
-    # strptime rolls impossible dates over (31.06 -> 01.07, 24:00 -> 00:00): such a time does
-    # not print back as read. Only the first days of a month and midnights can be rolled over,
-    # so only those are printed back.
-    suspect = pc.fill_null(
-        pc.or_(pc.less_equal(pc.day(ts), 3), pc.equal(pc.hour(ts), 0)), False
-    ).to_numpy(zero_copy_only=False)
-    us = pc.fill_null(ts.cast(pa.int64()), _NAT).to_numpy(zero_copy_only=False).copy()
-    if suspect.any() and "%z" not in fmt and "%f" not in fmt:
-        idx = np.flatnonzero(suspect)
-        sub = pc.cast(pc.take(ts, pa.array(idx)), pa.timestamp("s"), safe=False)
-        same = pc.fill_null(pc.equal(pc.strftime(sub, format=fmt), pc.take(col, idx)), False)
-        us[idx[~same.to_numpy(zero_copy_only=False)]] = _NAT
-    return us
-
-
-def _times(
-    col: pa.Array,
-    templates: Sequence[str],
-    formats: Sequence[str],
-    tz: str | None,
-    shift: timedelta = timedelta(0),
-) -> np.ndarray:
-    """int64 µs UTC: templates first, then strptime formats; naive times are local in ``tz``.
-
-    Unparseable times become ``_NAT``; local times in a daylight-saving gap ``_GAP``; in the
-    repeated autumn hour the earlier instant is taken.
-    """
-    n = len(col)
-    us = np.full(n, _NAT, np.int64)
-    aware = np.zeros(n, bool)
-    todo = np.ones(n, bool)
-    for text in templates:
-        tpl = _compile(text)
-        got, ok = _fixed_times(col, tpl)
-        ok &= todo
-        us[ok] = got[ok]
-        aware |= ok & tpl.aware
-        todo &= ~ok
-        if not todo.any():
-            break
-    for fmt in formats:
-        idx = np.flatnonzero(todo)
-        if not len(idx):
-            break
-        got = _strptime_us(pc.take(col, pa.array(idx)), fmt)
-        ok = got != _NAT
-        us[idx[ok]] = got[ok]
-        todo[idx[ok]] = False
-    naive = ~todo & ~aware
-    if shift:
-        us[naive] += int(shift / timedelta(microseconds=1))
-    if tz not in (None, "UTC") and naive.any():
-        idx = np.flatnonzero(naive)
-        local = pa.array(us[idx], pa.timestamp("us"))
-        early = pc.assume_timezone(local, tz, ambiguous="earliest", nonexistent="earliest")
-        late = pc.assume_timezone(local, tz, ambiguous="earliest", nonexistent="latest")
-        gap = pc.not_equal(early, late).to_numpy(zero_copy_only=False)
-        us[idx] = early.cast(pa.int64()).to_numpy(zero_copy_only=False)
-        us[idx[gap]] = _GAP
-    return us
-
-
-# -- numbers and validation -----------------------------------------------------------------
-
-
-def _floats(col: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(values, NaN where not a number; mask of unparseable fields; mask of empty fields)."""
-    n = len(col)
-    if pa.types.is_floating(col.type) or pa.types.is_integer(col.type):
-        vals = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
-        return vals, np.zeros(n, bool), col.is_null().to_numpy(zero_copy_only=False)
-    col = col.cast(pa.string())
-    try:  # the common case: every field a number, parsed in one call
-        vals = pc.cast(col, pa.float64())
-        return (vals.to_numpy(zero_copy_only=False).astype(np.float64), np.zeros(n, bool),
-                col.is_null().to_numpy(zero_copy_only=False))  # fmt: skip
-    except pa.ArrowInvalid:
-        pass
-    col = pc.utf8_trim_whitespace(col)
-    empty = pc.fill_null(pc.equal(col, ""), True)
-    col = pc.if_else(empty, pa.scalar(None, pa.string()), col)
-    empty_np = empty.to_numpy(zero_copy_only=False)
-    try:  # blanks and padding only
-        vals = pc.cast(col, pa.float64())
-        return vals.to_numpy(zero_copy_only=False).astype(np.float64), np.zeros(n, bool), empty_np
-    except pa.ArrowInvalid:
-        pass
-    # some field is not a number: this block goes field by field (rare, so Python is fine)
-    out = np.full(n, np.nan)
-    bad = np.zeros(n, bool)
-    for i, s in enumerate(col.to_pylist()):
-        if s is None:
-            continue
-        try:
-            if "_" in s:  # float() takes 1_000, a CSV field should not
-                raise ValueError(s)
-            out[i] = float(s)
-        except ValueError:
-            bad[i] = True
-    return out, bad, empty_np
-
-
-Numbers = tuple[np.ndarray, np.ndarray, np.ndarray]
-
-
-def _validate(
-    times: np.ndarray, fields: Sequence[Numbers | None]
-) -> tuple[np.ndarray, dict[int, str]]:
-    """(ok mask, row -> reason). The first reason that applies: time, numbers, OHLC.
-
-    A field that is None is a column the source lacks: no rule involves it.
-    """
-    n = len(times)
-    pending = np.ones(n, bool)
-    reasons: dict[int, str] = {}
-    latest = (datetime.now(UTC) + timedelta(days=2)).timestamp() * 1e6
-
-    def mark(mask: np.ndarray, why: Callable[[int], str]) -> None:
-        hit = mask & pending
-        if hit.any():
-            for i in np.flatnonzero(hit):
-                reasons[int(i)] = why(int(i))
-            pending[hit] = False
-
-    mark(times == _NAT, lambda i: "unparseable time")
-    mark(times == _GAP, lambda i: "local time does not exist (daylight-saving gap)")
-    mark((times < EARLIEST.timestamp() * 1e6) | (times > latest), lambda i: "time out of range")
-    with np.errstate(invalid="ignore"):
-        for name, f in zip(FIELDS, fields, strict=True):
-            if f is None:
-                continue
-            values, unparseable, empty = f
-            mark(unparseable, lambda i, name=name: f"unparseable {name}")
-            if name != "volume":
-                mark(empty, lambda i, name=name: f"missing {name}")
-                mark(
-                    ~np.isfinite(values) | (values <= 0),
-                    lambda i, name=name, v=values: f"{name} is {v[i]}: must be finite and > 0",
-                )
-            else:  # an empty or NaN volume is NULL; a given one must be a count
-                mark(
-                    np.isinf(values) | (values < 0),
-                    lambda i, v=values: f"volume is {v[i]}: must be finite and ≥ 0",
-                )
-        o, h, lo, c = (None if f is None else f[0] for f in fields[:4])
-        if h is not None and lo is not None:
-            mark(h < lo, lambda i: f"high {h[i]} < low {lo[i]}")
-        for name, v in (("open", o), ("close", c)):
-            if v is None:
-                continue
-            out = np.zeros(n, bool)
-            if lo is not None:
-                out |= v < lo
-            if h is not None:
-                out |= v > h
-            mark(out, lambda i, name=name, v=v: f"{name} {v[i]} outside [low, high]")
-    return pending, reasons
-
-
-@dataclass
-class Block:
-    """One block of rows read: the valid bars, and the rejected rows with reasons."""
-
-    times: np.ndarray  # int64 µs UTC of the valid rows
-    ohlcv: np.ndarray  # (n, 5) of the valid rows, NaN volume = NULL
-    rejects: list[tuple[int, str, str]]  # (line, reason, text)
-    last_line: int
-
-
-def _block(
-    lines: np.ndarray,
-    times: np.ndarray,
-    fields: list[Numbers | None],
-    text: Callable[[list[int]], list[str]],
-) -> Block:
-    ok, reasons = _validate(times, fields)
-    n = len(times)
-    ohlcv = np.column_stack([np.full(n, np.nan) if f is None else f[0] for f in fields])[ok]
-    bad = sorted(reasons)
-    texts = text(bad) if bad else []
-    rejects = [
-        (int(lines[i]), reasons[i], t)
-        for i, t in zip(bad, texts, strict=True)
-        if t.strip(" ,;\t")  # an empty line or one of separators only is not a bar: skipped
-    ]
-    return Block(times[ok], ohlcv, rejects, int(lines[-1]) if len(lines) else 0)
-
-
-# -- text formats ----------------------------------------------------------------------------
-
-
-@dataclass
-class _TextSpec:
-    """How to read one text file: separator, header, columns for time and each field."""
-
-    sep: str
-    width: int  # fields per line
-    header: bool
-    time_cols: list[int]  # joined with a space (MetaTrader date + time)
-    templates: tuple[str, ...]
-    formats: tuple[str, ...]
-    shift: timedelta
-    field_cols: list[int | None]  # per FIELDS entry; None: the file has no such column
-    quoted: bool = False
-
-
-_ISO = tuple(
-    f"YYYY-MM-DD?hh:mm{sec}{zone}"
-    for sec in ("", ":ss", ":ss.fff", ":ss.ffffff")
-    for zone in ("", "Z", "SHH:NN", "SHHNN", "SHH")
-)
-
-
-def _text_spec(path: Path, fmt: str, mapping: Mapping, tz: str | None = None) -> _TextSpec:
-    """The reading plan of a text file, checked against its first lines before anything runs."""
-    head = _head(path, 2)
-    first = head[0] if head else ""
-    if fmt == "histdata":
-        return _TextSpec(";", 6, False, [0], ("YYYYMMDD hhmmss",), (), HISTDATA_SHIFT,
-                         [1, 2, 3, 4, 5])  # fmt: skip
-    if fmt == "dukascopy":
-        templates = (
-            "DD.MM.YYYY hh:mm:ss.fff", "DD.MM.YYYY hh:mm:ss", "DD.MM.YYYY hh:mm",
-            r"DD.MM.YYYY hh:mm:ss.fff G\MTSHHNN", r"DD.MM.YYYY hh:mm:ss G\MTSHHNN",
-        )  # fmt: skip
-        header = first.lower().startswith(("gmt time", "local time"))
-        second = head[1] if len(head) > 1 else ""
-        if (
-            first.lower().startswith("local time")
-            and second
-            and "GMT" not in second.split(",")[0]
-            and tz is None
-        ):
-            raise BqxError(
-                f"{path}: a Dukascopy 'Local time' export whose times carry no GMT offset:"
-                " give --tz (the zone the export was made in), or export in GMT"
-            )
-        if first.lower().startswith("gmt time") and tz not in (None, "UTC"):
-            raise BqxError(f"{path}: a Dukascopy 'Gmt time' export is in UTC already: drop --tz")
-        width = max(first.count(",") + 1, 6) if header else 6
-        return _TextSpec(",", width, header, [0], templates, (), timedelta(0), [1, 2, 3, 4, 5])
-    if fmt == "metatrader":
-        mt_templates = ("YYYY.MM.DD hh:mm", "YYYY.MM.DD hh:mm:ss")
-        if first[:1].isalpha() or first.startswith("<"):
-            # a header row: MT5's <DATE>\t<TIME>\t<OPEN>... or an MT4 CSV's Date,Time,Open,...
-            sep = "\t" if "\t" in first else ","
-            names = [n.strip().strip("\"'<>").lower() for n in first.split(sep)]
-            want = ["date", "time", "open", "high", "low", "close"]
-            missing = [w for w in want if w not in names]
-            if missing:
-                raise BqxError(f"{path}: MetaTrader header lacks {', '.join(missing)}")
-            vol = next((names.index(v) for v in ("tickvol", "volume", "vol") if v in names), None)
-            return _TextSpec(sep, len(names), True, [names.index("date"),
-                             names.index("time")], mt_templates, (), timedelta(0),
-                             [names.index(w) for w in want[2:]] + [vol])  # fmt: skip
-        width = first.count(",") + 1 if first else 7
-        return _TextSpec(",", max(width, 7), False, [0, 1], mt_templates, (), timedelta(0),
-                         [2, 3, 4, 5, 6])  # fmt: skip
-    # generic CSV: a header line names the columns; --columns maps them
-    sep = max(",;\t", key=first.count)
-    names = [h.strip().strip("\"'") for h in first.split(sep)]
-    lower = {n.lower(): i for i, n in enumerate(names)}
-    time_col = mapping.column("time", names, path)
-    cols = [mapping.column(f, names, path) for f in FIELDS]
-    idx = [None if c is None else lower[c.lower()] for c in cols]
-    formats = (mapping.time_format,) if mapping.time_format else ()
-    templates = () if mapping.time_format else _ISO
-    return _TextSpec(sep, len(names), True, [lower[time_col.lower()]], templates, formats,
-                     timedelta(0), idx, quoted=True)  # fmt: skip
-
-
-Reject = tuple[int, str, str]  # (line, reason, text)
-
-
-def _too_long(line: int, length: int, head: bytes) -> Reject:
-    text = head[:80].decode("utf-8", errors="replace") + "…"
-    return line, f"line too long ({length:,} bytes; a bar is under {MAX_LINE:,})", text
-
-
-def _chunks(f: IO[bytes], size: int, path: Path) -> Iterator[tuple[int, bytes, list[Reject]]]:
-    """(number of its first line, text, rejected lines) of consecutive pieces of ``size``.
-
-    Pieces end after a newline, so no line is split. The file is read here, in pieces, rather
-    than by pyarrow's streaming reader, whose read-ahead would hold dozens of blocks. A line
-    longer than ``MAX_LINE`` is not kept in memory: it is skipped to its end and rejected.
-    """
-    line, rest = 1, b""
-    long_len, long_head = 0, b""  # inside a line too long to keep: its length so far
-    while True:
-        try:
-            data = f.read(size)
-        except _READ_ERRORS as exc:
-            raise BqxError(f"{path}: cannot read: {_why(exc)}") from None
-        if not data:
-            if long_len:
-                yield line, b"", [_too_long(line, long_len, long_head)]
-            elif rest:
-                yield line, rest, []
-            return
-        if long_len:
-            nl = data.find(b"\n")
-            if nl < 0:
-                long_len += len(data)
-                continue
-            long_len += nl
-            yield line, b"\n", [_too_long(line, long_len, long_head)]
-            line += 1
-            long_len, data = 0, data[nl + 1 :]
-            if not data:
-                continue
-        data = rest + data if rest else data
-        cut = data.rfind(b"\n") + 1
-        piece, rest = data[:cut], data[cut:]
-        if len(rest) > MAX_LINE:  # the last line goes on and on: skip it
-            long_len, long_head, rest = len(rest), rest[:80], b""
-        if piece:
-            yield line, piece, []
-            line += piece.count(b"\n")
-
-
-def _sanitize(data: bytes, first: int) -> tuple[bytes, list[Reject]]:
-    """Blank out (keeping line numbers) lines that are too long or not UTF-8, rejecting them."""
-    u8 = np.frombuffer(data, np.uint8)
-    ends = np.flatnonzero(u8 == 10)
-    starts = np.concatenate(([0], ends + 1))
-    ends = np.concatenate((ends, [len(data)]))
-    too_long = (ends - starts) > MAX_LINE
-    try:
-        data.decode("utf-8")
-        bad_utf8 = False
-    except UnicodeDecodeError:
-        bad_utf8 = True
-    if not too_long.any() and not bad_utf8:
-        return data, []
-    lines = data.split(b"\n")  # rare: line by line in Python
-    rejects: list[Reject] = []
-    for i, text in enumerate(lines):
-        if too_long[i]:
-            rejects.append(_too_long(first + i, len(text), text))
-            lines[i] = b""
-        elif bad_utf8:
-            try:
-                text.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                reason = f"not UTF-8 (byte 0x{text[exc.start]:02x} at column {exc.start + 1})"
-                rejects.append((first + i, reason, text.decode("utf-8", errors="replace")))
-                lines[i] = b""
-    return b"\n".join(lines), rejects
-
-
-def _text_block(
-    path: Path, spec: _TextSpec, tz: str | None, first: int, data: bytes, pre: list[Reject]
-) -> Block:
-    """Parse and validate one piece of a text file whose first line is number ``first``."""
-    data, bad = _sanitize(data, first)
-    pre = pre + bad
-    if not data.strip():
-        lines = data.count(b"\n") + (not data.endswith(b"\n"))
-        return Block(np.empty(0, np.int64), np.empty((0, 5)), pre, first + max(lines, 1) - 1)
-    names = [f"c{i}" for i in range(spec.width)]
-    invalid: list[tuple[int, str]] = []
-
-    def handler(row: pacsv.InvalidRow) -> str:
-        invalid.append((first - 1 + (row.number or 0), row.text))
-        return "skip"
-
-    try:
-        table = pacsv.read_csv(
-            pa.py_buffer(data),
-            read_options=pacsv.ReadOptions(
-                column_names=names, use_threads=False, block_size=len(data) + 1
-            ),
-            parse_options=pacsv.ParseOptions(
-                delimiter=spec.sep, quote_char='"' if spec.quoted else False,
-                ignore_empty_lines=False, invalid_row_handler=handler,
-            ),
-            convert_options=pacsv.ConvertOptions(
-                column_types={n: pa.string() for n in names}, strings_can_be_null=False,
-                quoted_strings_can_be_null=False,
-            ),
-        )  # fmt: skip
-    except pa.ArrowInvalid as exc:
-        raise BqxError(f"{path}: cannot read line {first} on: {_why(exc)}") from None
-    # physical line numbers: every line is a row (blank ones too) or an invalid row
-    total = data.count(b"\n") + (not data.endswith(b"\n"))
-    lines = np.arange(first, first + total, dtype=np.int64)
-    if invalid:
-        lines = lines[~np.isin(lines, [ln for ln, _ in invalid])]
-    cols = [c.combine_chunks() for c in table.columns]
-    n = table.num_rows
-    if len(lines) < n:  # lines ended by a lone CR (old Mac files): count rows instead
-        lines = np.arange(first, first + n + len(invalid), dtype=np.int64)
-        lines = lines[~np.isin(lines, [ln for ln, _ in invalid])]
-    lines = lines[:n]
-    if spec.header and first == 1 and n:  # the header line is not a bar
-        cols, lines, n = [c.slice(1) for c in cols], lines[1:], n - 1
-    bad_lines = pre + [
-        (line, "wrong number of fields", text)
-        for line, text in invalid
-        if text.strip() and not (spec.header and line == 1)
-    ]
-    if not n:
-        return Block(np.empty(0, np.int64), np.empty((0, 5)), bad_lines, first + total - 1)
-    tcol = cols[spec.time_cols[0]]
-    if len(spec.time_cols) > 1:
-        tcol = pc.binary_join_element_wise(*[cols[i] for i in spec.time_cols], " ")
-    times = _times(tcol, spec.templates, spec.formats, tz, spec.shift)
-    fields = [_floats(cols[i]) if i is not None else None for i in spec.field_cols]
-
-    def text(rows: list[int]) -> list[str]:
-        idx = pa.array(rows, pa.int64())
-        return pc.binary_join_element_wise(*[pc.take(c, idx) for c in cols], spec.sep).to_pylist()
-
-    block = _block(lines, times, fields, text)
-    if bad_lines:
-        block.rejects = sorted(block.rejects + bad_lines)
-    block.last_line = first + total - 1
-    return block
-
-
-def _text_blocks(path: Path, spec: _TextSpec, tz: str | None) -> Iterator[Block]:
-    """A text file's blocks in order, parsed two at a time (pyarrow and numpy drop the GIL)."""
-    with open_input(path) as f:
-        yield from _ordered(
-            lambda piece: _text_block(path, spec, tz, *piece), _chunks(f, BLOCK_BYTES, path)
-        )
-
-
-def _ordered(fn: Callable[[Any], Block], items: Iterator[Any], workers: int = 2) -> Iterator[Block]:
-    """``map(fn, items)`` on threads, in order, with at most ``workers + 1`` items in flight."""
-    with ThreadPoolExecutor(max_workers=workers) as ex:
-        pending: deque[Future[Block]] = deque()
-        try:
-            for item in items:
-                pending.append(ex.submit(fn, item))
-                if len(pending) > workers:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for fut in pending:
-                fut.cancel()
-
-
-# -- parquet -----------------------------------------------------------------------------------
-
-
-def _parquet_open(path: Path, mapping: Mapping) -> Any:
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except _READ_ERRORS as exc:
-        raise BqxError(f"{path}: cannot read as parquet: {_why(exc)}") from None
-    for key in ("time", *FIELDS):
-        mapping.column(key, pf.schema_arrow.names, path)  # a mapped column that is missing
-    return pf
-
-
-def _parquet_blocks(path: Path, tz: str | None, mapping: Mapping) -> Iterator[Block]:
-    """Row groups in batches; a reject's line is the 1-based row number."""
-    pf = _parquet_open(path, mapping)
-    names = pf.schema_arrow.names
-    time_col = mapping.column("time", names, path)
-    cols = {f: mapping.column(f, names, path) for f in FIELDS}
-    row = 1
-    for batch in pf.iter_batches(batch_size=250_000):
-        n = batch.num_rows
-        lines = np.arange(row, row + n, dtype=np.int64)
-        row += n
-        raw = batch.column(time_col)
-        if pa.types.is_timestamp(raw.type):
-            if raw.type.tz is None and tz not in (None, "UTC"):
-                early = pc.assume_timezone(raw, tz, ambiguous="earliest", nonexistent="earliest")
-                late = pc.assume_timezone(raw, tz, ambiguous="earliest", nonexistent="latest")
-                gap = pc.fill_null(pc.not_equal(early, late), False).to_numpy(zero_copy_only=False)
-                raw = early
-            else:
-                gap = np.zeros(n, bool)
-            us = pc.fill_null(raw.cast(pa.timestamp("us")).cast(pa.int64()), _NAT)
-            times = us.to_numpy(zero_copy_only=False).copy()
-            times[gap] = _GAP
-        else:
-            formats = (mapping.time_format,) if mapping.time_format else ()
-            times = _times(raw.cast(pa.string()), () if formats else _ISO, formats, tz)
-        fields = [None if cols[f] is None else _floats(batch.column(cols[f])) for f in FIELDS]
-
-        def text(rows: list[int], batch: pa.RecordBatch = batch) -> list[str]:
-            """The row's values by column name: ``ts=2024-07-01 00:00:00,last=1.1``."""
-            sub = batch.take(pa.array(rows, pa.int64())).to_pylist()
-            return [",".join(f"{k}={'' if v is None else v}" for k, v in r.items()) for r in sub]
-
-        yield _block(lines, times, fields, text)
-
-
 # -- spill and store ----------------------------------------------------------------------------
 
 
@@ -952,7 +139,7 @@ class _Spill:
         rec["t"], rec["v"] = times, ohlcv
         rec["seq"] = np.arange(self.seq, self.seq + len(times))
         self.seq += len(times)
-        months = (times // _US_PER_MIN).astype("datetime64[m]").astype("datetime64[M]")
+        months = (times // US_PER_MIN).astype("datetime64[m]").astype("datetime64[M]")
         if months[0] == months[-1] and (months == months[0]).all():
             groups = [(months[0], rec)]
         else:
@@ -1056,8 +243,21 @@ def _store(
 
 def _check_inputs(
     paths: list[Path], fmt: str, tz: str | None, mapping: Mapping, pair: str, allow_mismatch: bool
-) -> list[tuple[str, _TextSpec | None]]:
+) -> list[tuple[str, TextSpec | None]]:
     """Every input readable and in a known format, the time zone known: before any write."""
+    _check_tz(tz)
+    plans: list[tuple[str, TextSpec | None]] = []
+    for p in paths:
+        _check_readable(p)
+        _check_name(p, pair, allow_mismatch)
+        kind = sniff(p) if fmt == "auto" else fmt
+        _check_zone(p, kind, tz)
+        plans.append((kind, reading_plan(p, kind, mapping, tz)))
+    return plans
+
+
+def _check_tz(tz: str | None) -> None:
+    """A zone both Python and Arrow know (Arrow converts the times, Python names them)."""
     if tz is not None:
         try:
             from zoneinfo import ZoneInfo
@@ -1068,44 +268,45 @@ def _check_inputs(
             raise BqxError(
                 f"unknown time zone --tz {tz!r} (e.g. UTC, EET, Europe/Athens, Etc/GMT-2)"
             ) from None
-    plans: list[tuple[str, _TextSpec | None]] = []
-    for p in paths:
-        if p.is_dir():
-            raise BqxError(f"{p}: is a directory, not a file")
-        if not p.is_file():
-            raise BqxError(f"{p}: no such file")
-        try:
-            with open(p, "rb") as f:
-                f.read(1)
-        except OSError as exc:
-            raise BqxError(f"{p}: cannot read: {_why(exc)}") from None
-        named = pairs_in_name(p)
-        if named and pair not in named and not allow_mismatch:
-            other = "/".join(sorted(n.upper() for n in named))
-            raise BqxError(
-                f"{p}: the file name says {other}, not {pair.upper()}: give --pair {other}, or"
-                " --allow-mismatch if the file really holds"
-                f" {pair.upper()} bars"
-            )
-        kind = sniff(p) if fmt == "auto" else fmt
-        if kind == "histdata" and tz not in (None, "UTC"):
-            # the times would be shifted twice: from EST, then again from --tz
-            raise BqxError(
-                f"{p}: HistData.com times are fixed EST (UTC-5) all year and converted to UTC"
-                " by bqx: drop --tz"
-            )
-        if kind == "metatrader" and tz is None:
-            raise BqxError(
-                f"{p}: MetaTrader times are in the broker's server time: give --tz"
-                " (e.g. --tz Etc/GMT-2, or --tz UTC)"
-            )
-        if kind == "parquet":
-            _parquet_open(p, mapping)
-            plans.append((kind, None))
-        else:
-            _head(p, 1)  # a broken .gz or .zip fails here
-            plans.append((kind, _text_spec(p, kind, mapping, tz)))
-    return plans
+
+
+def _check_readable(p: Path) -> None:
+    if p.is_dir():
+        raise BqxError(f"{p}: is a directory, not a file")
+    if not p.is_file():
+        raise BqxError(f"{p}: no such file")
+    try:
+        with open(p, "rb") as f:
+            f.read(1)
+    except OSError as exc:
+        raise BqxError(f"{p}: cannot read: {why(exc)}") from None
+
+
+def _check_name(p: Path, pair: str, allow_mismatch: bool) -> None:
+    """A file whose name spells other pairs only is refused, unless mismatches are allowed."""
+    named = pairs_in_name(p)
+    if named and pair not in named and not allow_mismatch:
+        other = "/".join(sorted(n.upper() for n in named))
+        raise BqxError(
+            f"{p}: the file name says {other}, not {pair.upper()}: give --pair {other}, or"
+            " --allow-mismatch if the file really holds"
+            f" {pair.upper()} bars"
+        )
+
+
+def _check_zone(p: Path, kind: str, tz: str | None) -> None:
+    """--tz is refused where the format fixes the zone, and needed where it does not."""
+    if kind == "histdata" and tz not in (None, "UTC"):
+        # the times would be shifted twice: from EST, then again from --tz
+        raise BqxError(
+            f"{p}: HistData.com times are fixed EST (UTC-5) all year and converted to UTC"
+            " by bqx: drop --tz"
+        )
+    if kind == "metatrader" and tz is None:
+        raise BqxError(
+            f"{p}: MetaTrader times are in the broker's server time: give --tz"
+            " (e.g. --tz Etc/GMT-2, or --tz UTC)"
+        )
 
 
 def _is_rejects_file(path: Path) -> bool:
@@ -1129,16 +330,30 @@ def _rejects_target(given: Path | None, paths: Sequence[Path]) -> Path:
     directory if that one is read-only.
     """
     if given is None:
-        default = paths[0].name + ".rejects.csv"
-        target = paths[0].with_name(default)
-        if not _writable_dir(target.parent):
-            target = Path.cwd() / default
-        option = "the rejects file"
+        target, option = _default_rejects(paths[0]), "the rejects file"
     else:
         target, option = given, "--rejects"
+    _check_not_input(target, option, paths)
+    _check_rejects_writable(target, option)
+    return target
+
+
+def _default_rejects(first: Path) -> Path:
+    default = first.name + ".rejects.csv"
+    target = first.with_name(default)
+    if not _writable_dir(target.parent):
+        target = Path.cwd() / default
+    return target
+
+
+def _check_not_input(target: Path, option: str, paths: Sequence[Path]) -> None:
     for p in paths:
         if target.exists() and p.exists() and os.path.samefile(target, p):
             raise BqxError(f"{option} {target} is an input file: give another --rejects path")
+
+
+def _check_rejects_writable(target: Path, option: str) -> None:
+    """A file path, writable, and not a file of something else (it will be overwritten)."""
     if target.is_dir():
         raise BqxError(f"{option} {target} is a directory: give a file path")
     if target.exists():
@@ -1153,7 +368,6 @@ def _rejects_target(given: Path | None, paths: Sequence[Path]) -> Path:
         raise BqxError(f"cannot write rejects file {target}: no such directory {target.parent}")
     elif not _writable_dir(target.parent):
         raise BqxError(f"cannot write rejects file {target}: permission denied")
-    return target
 
 
 class _Rejects:
@@ -1191,7 +405,7 @@ class _Rejects:
                 self.path.unlink()
                 summary.stale_rejects_removed = str(self.path)
         except OSError as exc:
-            raise BqxError(f"cannot write rejects file {self.path}: {_why(exc)}") from None
+            raise BqxError(f"cannot write rejects file {self.path}: {why(exc)}") from None
 
 
 def ingest_files(
@@ -1221,10 +435,7 @@ def ingest_files(
     ingest fails after writing the rejects file.
     """
     pair = validate_pair(pair)
-    if fmt not in FORMATS:
-        raise BqxError(f"unknown --format {fmt!r}: one of {', '.join(FORMATS)}")
-    if not files:
-        raise BqxError("no input file given")
+    _check_args(fmt, files)
     paths = [Path(f) for f in files]
     mapping = mapping or Mapping()
     plans = _check_inputs(paths, fmt, tz, mapping, pair, allow_mismatch)
@@ -1240,37 +451,63 @@ def ingest_files(
                 summary.files.append(fs)
                 if progress:
                     progress(f"{path}: {kind}" + (" (detected)" if fmt == "auto" else ""))
-                before = rejects.count
-
-                blocks = (_parquet_blocks(path, tz, mapping) if spec is None else
-                          _text_blocks(path, spec, tz))  # fmt: skip
-                with closing(blocks):  # on an error, parsing threads stop here, not later
-                    for block in blocks:
-                        for line, reason, text in block.rejects:
-                            rejects.add(path, line, reason, text)
-                        times, ohlcv = block.times, block.ohlcv
-                        if drop_flat and len(times):
-                            o, h, lo, c, v = ohlcv.T
-                            flat = (o == h) & (h == lo) & (lo == c) & (v == 0)
-                            if flat.any():
-                                summary.dropped_flat += int(flat.sum())
-                                times, ohlcv = times[~flat], ohlcv[~flat]
-                        spill.add(times, ohlcv)
-                        fs.accepted += len(times)
-                        fs.lines = max(fs.lines, block.last_line)
-                fs.rejected = rejects.count - before
+                blocks = read_blocks(path, spec, tz, mapping)
+                _read_file(path, blocks, fs, spill, rejects, summary, drop_flat=drop_flat)
             rejects.close()
             summary.rejected = rejects.count
             if not allow_mismatch:
                 _check_level(url, layout, pair, spill, paths)
             rejects.publish(summary)
-            if summary.rejected and not spill.seq and not summary.dropped_flat:
-                raise BqxError(
-                    f"every bar was rejected ({_n(summary.rejected, 'line')}), nothing stored:"
-                    f" reasons in {summary.rejects_file}"
-                )
+            _check_some_accepted(summary, spill)
             _store(url, layout, pair, spill, summary, progress)
         finally:
             rejects.close()
     summary.seconds = time.monotonic() - t0
     return summary
+
+
+def _check_args(fmt: str, files: Sequence[str | Path]) -> None:
+    if fmt not in FORMATS:
+        raise BqxError(f"unknown --format {fmt!r}: one of {', '.join(FORMATS)}")
+    if not files:
+        raise BqxError("no input file given")
+
+
+def _read_file(
+    path: Path, blocks: Generator[Block, None, None], fs: FileSummary, spill: _Spill,
+    rejects: _Rejects, summary: IngestSummary, *, drop_flat: bool,
+) -> None:  # fmt: skip
+    """Spill a file's valid bars and write its rejected rows, counted in ``fs``."""
+    before = rejects.count
+    with closing(blocks):  # on an error, parsing threads stop here, not later
+        for block in blocks:
+            for line, reason, text in block.rejects:
+                rejects.add(path, line, reason, text)
+            times, ohlcv = block.times, block.ohlcv
+            if drop_flat:
+                times, ohlcv, dropped = _without_flat(times, ohlcv)
+                summary.dropped_flat += dropped
+            spill.add(times, ohlcv)
+            fs.accepted += len(times)
+            fs.lines = max(fs.lines, block.last_line)
+    fs.rejected = rejects.count - before
+
+
+def _without_flat(times: np.ndarray, ohlcv: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """The bars but flat zero-volume ones (open = high = low = close, volume 0); how many."""
+    if not len(times):
+        return times, ohlcv, 0
+    o, h, lo, c, v = ohlcv.T
+    flat = (o == h) & (h == lo) & (lo == c) & (v == 0)
+    if not flat.any():
+        return times, ohlcv, 0
+    return times[~flat], ohlcv[~flat], int(flat.sum())
+
+
+def _check_some_accepted(summary: IngestSummary, spill: _Spill) -> None:
+    """Rows rejected and no bar read (dropped ones aside) is a failure, not an empty ingest."""
+    if summary.rejected and not spill.seq and not summary.dropped_flat:
+        raise BqxError(
+            f"every bar was rejected ({_n(summary.rejected, 'line')}), nothing stored:"
+            f" reasons in {summary.rejects_file}"
+        )
