@@ -40,6 +40,7 @@ from bqx.backfill.plan import Params, _check_source, _pair_jobs
 from bqx.config import Settings
 from bqx.db import connect, copy_in, copy_out_series, current_user, resolve_url, worker_id
 from bqx.errors import BqxError
+from bqx.extras import require
 from bqx.schema import (
     LEDGER_JOBS,
     Layout,
@@ -715,7 +716,9 @@ class _Metrics:
     """Prometheus metrics on http://127.0.0.1:PORT/metrics (prometheus_client)."""
 
     def __init__(self, port: int) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+        prom = require("service", "prometheus_client", "--metrics-port (Prometheus metrics)")
+        CollectorRegistry, Counter, Gauge = prom.CollectorRegistry, prom.Counter, prom.Gauge
+        start_http_server = prom.start_http_server
 
         self.registry = CollectorRegistry()
         self.lag = Gauge("bqx_target_lag_seconds", "Newest source bar time minus newest metric"

@@ -27,6 +27,7 @@ from typing import Any
 from bqx.backfill.plan import Params
 from bqx.db import connect, mask_url, worker_id
 from bqx.errors import BqxError
+from bqx.extras import require
 from bqx.schema import Layout
 
 FINISH_GRACE_S = 5.0  # at a normal end, how long the last tasks get to return
@@ -36,6 +37,7 @@ CONNECT_TIMEOUT_S = 15.0
 # threshold: every array of a job (tens of MB) is then fresh mmap'd pages, and jobs ran 2-3x
 # slower than in a plain process (docs/scaling.md). None unsets it for the workers bqx starts.
 NO_MALLOC_TRIM = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+FEATURE = "the Dask executor (--executor dask)"  # what needs the "dask" extra
 
 
 # -- what runs on the workers -------------------------------------------------------------
@@ -134,7 +136,7 @@ def check_workers(
             raise BqxError(
                 f"Dask worker {addr} cannot run bqx: {type(res).__name__}: "
                 f"{str(res).strip().splitlines()[0] if str(res).strip() else ''} "
-                f"(install bqx {version} on every worker, see docs/scaling.md)"
+                f"(install bqx-metrics[dask]=={version} on every worker, see docs/scaling.md)"
             )
         if res["version"] != version:
             raise BqxError(
@@ -192,8 +194,9 @@ class DaskExecutor:
     # -- cluster --------------------------------------------------------------------------
 
     def _connect(self) -> None:
-        import dask
-        from distributed import Client, LocalCluster
+        dask = require("dask", "dask", FEATURE)
+        distributed = require("dask", "distributed", FEATURE)
+        Client, LocalCluster = distributed.Client, distributed.LocalCluster
 
         if self.scheduler is None:
             with dask.config.set(NO_MALLOC_TRIM):
@@ -343,7 +346,7 @@ class DaskExecutor:
 
     def shutdown(self) -> list[str]:
         """Stop every task (killing the processes that run one), close what we started."""
-        import distributed
+        distributed = require("dask", "distributed", FEATURE)
 
         if self.closed:
             return []
@@ -422,7 +425,7 @@ class DaskExecutor:
 
 def _kill_children(pids: list[int]) -> None:
     """SIGKILL those of ``pids`` that are still children of this process (never another's)."""
-    import psutil
+    psutil = require("dask", "psutil", FEATURE)
 
     for pid in pids:
         with contextlib.suppress(psutil.Error):
