@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-more clean
+.PHONY: demo test lint wheel-check bench bench-more clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
+
+# the built wheel, installed without extras into a fresh venv outside the checkout (needs no .venv)
+wheel-check:
+	PYTHON=$(PYTHON) tools/wheel_check.sh
 
 bench: $(STAMP)
 	$(BIN)/python bench/kernel.py

@@ -1,5 +1,5 @@
 """Entry point of a local worker process: ``python -m bqx._worker`` with its arguments pickled
-on stdin by ``bqx.backfill.executors.local.LocalExecutor``.
+on stdin by ``bqx.pipeline.executors.local.LocalExecutor``.
 
 Signals are set up before anything heavy is imported: Ctrl-C is the parent's to handle (a
 worker still importing numpy must not print a ``KeyboardInterrupt`` traceback), and the

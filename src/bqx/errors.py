@@ -43,5 +43,11 @@ class DatabaseLost(BqxError):
     """The database went away during the work and did not come back in time."""
 
 
-class MissingExtra(BqxError, ImportError):
-    """A feature needs an optional extra that is not installed."""
+class MissingExtra(BqxError):
+    """An optional feature whose packages are not installed. The message, one line, names the
+    extra and the pip command that installs it (raised by :func:`bqx.extras.require`)."""
+
+    def __init__(self, message: str, extra: str = "", module: str = "") -> None:
+        super().__init__(message)
+        self.extra = extra
+        self.module = module

@@ -26,7 +26,10 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from bqx.errors import BqxError
+from bqx.extras import require
 from bqx.ml.features import SPLITS
+
+FEATURE = "bqx baseline"  # what needs the "ml" extra
 
 RIDGE_ALPHAS: tuple[float, ...] = (0.1, 10.0, 1000.0)
 GBM_LEAVES: tuple[int, ...] = (7, 31)
@@ -129,9 +132,9 @@ def block_bootstrap_gain(
 
 
 def _fit_ridge(x_tr, y_tr, x_va, y_va) -> tuple[Any, dict[str, Any], float]:
-    from sklearn.linear_model import Ridge
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    Ridge = require("ml", "sklearn.linear_model", FEATURE).Ridge
+    make_pipeline = require("ml", "sklearn.pipeline", FEATURE).make_pipeline
+    StandardScaler = require("ml", "sklearn.preprocessing", FEATURE).StandardScaler
 
     best = None
     for alpha in RIDGE_ALPHAS:
@@ -144,7 +147,7 @@ def _fit_ridge(x_tr, y_tr, x_va, y_va) -> tuple[Any, dict[str, Any], float]:
 
 
 def _fit_gbm(x_tr, y_tr, x_va, y_va, *, trees: int, seed: int, n_jobs: int):
-    import lightgbm as lgb
+    lgb = require("ml", "lightgbm", FEATURE)
 
     best = None
     for leaves in GBM_LEAVES:

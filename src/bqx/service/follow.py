@@ -24,6 +24,7 @@ from bqx.core.layout import Layout
 from bqx.core.symbols import validate_pair
 from bqx.db.connect import connect, is_transient
 from bqx.errors import BqxError, InvalidOption
+from bqx.extras import require
 from bqx.pipeline.update import DEFAULT_RECHECK_S, Updater, UpdateResult
 from bqx.store.bars import CHANNEL
 
@@ -36,7 +37,9 @@ class _Metrics:
     """Prometheus metrics on http://127.0.0.1:PORT/metrics (prometheus_client)."""
 
     def __init__(self, port: int) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+        prom = require("service", "prometheus_client", "--metrics-port (Prometheus metrics)")
+        CollectorRegistry, Counter, Gauge = prom.CollectorRegistry, prom.Counter, prom.Gauge
+        start_http_server = prom.start_http_server
 
         self.registry = CollectorRegistry()
         self.lag = Gauge("bqx_target_lag_seconds", "Newest source bar time minus newest metric"

@@ -42,11 +42,17 @@ class Executor(Protocol):
 
 
 def check_executor(name: str, scheduler: str | None = None) -> None:
-    """Refuse an unknown executor, or a scheduler without Dask, before anything is done."""
+    """Refuse an unknown executor, a scheduler without Dask, or Dask without the "dask"
+    extra, before anything is done."""
     if name not in EXECUTORS:
         raise InvalidOption("executor", name, f"expected one of {', '.join(EXECUTORS)}")
     if scheduler is not None and name != "dask":
         raise InvalidOption("scheduler", scheduler, 'a scheduler goes with executor "dask"')
+    if name == "dask":  # without the "dask" extra: one line now, not after the run is recorded
+        from bqx.extras import require
+        from bqx.pipeline.executors.dask import FEATURE
+
+        require("dask", "distributed", FEATURE)
 
 
 def make_executor(name: str, workers: int, scheduler: str | None = None) -> Executor:

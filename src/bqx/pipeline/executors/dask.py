@@ -29,6 +29,7 @@ from bqx.core.params import Params
 from bqx.db.connect import connect, worker_id
 from bqx.db.urls import mask_url
 from bqx.errors import BqxError
+from bqx.extras import require
 
 FINISH_GRACE_S = 5.0  # at a normal end, how long the last tasks get to return
 NO_WORKER_TIMEOUT_S = 60.0  # a cluster without any usable worker for this long is an error
@@ -37,6 +38,7 @@ CONNECT_TIMEOUT_S = 15.0
 # threshold: every array of a job (tens of MB) is then fresh mmap'd pages, and jobs ran 2-3x
 # slower than in a plain process (docs/scaling.md). None unsets it for the workers bqx starts.
 NO_MALLOC_TRIM = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+FEATURE = "the Dask executor (--executor dask)"  # what needs the "dask" extra
 
 
 # -- what runs on the workers -------------------------------------------------------------
@@ -131,7 +133,7 @@ def check_workers(
             raise BqxError(
                 f"Dask worker {addr} cannot run bqx: {type(res).__name__}: "
                 f"{str(res).strip().splitlines()[0] if str(res).strip() else ''} "
-                f"(install bqx {version} on every worker, see docs/scaling.md)"
+                f"(install bqx-metrics[dask]=={version} on every worker, see docs/scaling.md)"
             )
         if res["version"] != version:
             raise BqxError(
@@ -189,8 +191,9 @@ class DaskExecutor:
     # -- cluster --------------------------------------------------------------------------
 
     def _connect(self) -> None:
-        import dask
-        from distributed import Client, LocalCluster
+        dask = require("dask", "dask", FEATURE)
+        distributed = require("dask", "distributed", FEATURE)
+        Client, LocalCluster = distributed.Client, distributed.LocalCluster
 
         if self.scheduler is None:
             with dask.config.set(NO_MALLOC_TRIM):
@@ -340,7 +343,7 @@ class DaskExecutor:
 
     def shutdown(self) -> list[str]:
         """Stop every task (killing the processes that run one), close what we started."""
-        import distributed
+        distributed = require("dask", "distributed", FEATURE)
 
         if self.closed:
             return []
@@ -413,7 +416,7 @@ class DaskExecutor:
 
 def _kill_children(pids: list[int]) -> None:
     """SIGKILL those of ``pids`` that are still children of this process (never another's)."""
-    import psutil
+    psutil = require("dask", "psutil", FEATURE)
 
     for pid in pids:
         with contextlib.suppress(psutil.Error):
