@@ -48,6 +48,7 @@ def home() -> Iterator[Path]:
 # -- read-only commands never start a stopped server --------------------------------------
 
 
+@pytest.mark.db  # starts a server of its own
 def test_read_only_commands_do_not_restart_a_stopped_server(home: Path) -> None:
     """After `bqx db stop`, status (--watch too), verify, report and db url say the server is
     stopped and how to start it, exit 1, and leave it stopped; a writing command starts it."""
@@ -76,6 +77,7 @@ def test_read_only_commands_do_not_restart_a_stopped_server(home: Path) -> None:
         server.start()
 
 
+@pytest.mark.db  # starts a server of its own
 def test_status_never_creates_a_server(tmp_path: Path) -> None:
     """On a fresh BQX_HOME, status says there is no database yet, and creates nothing."""
     res = _bqx(["status"], _clean_env(BQX_HOME=str(tmp_path / "fresh")))
@@ -84,6 +86,7 @@ def test_status_never_creates_a_server(tmp_path: Path) -> None:
     assert not (tmp_path / "fresh").exists()
 
 
+@pytest.mark.db  # starts a server of its own
 def test_db_status_and_url_of_the_embedded_server(home: Path) -> None:
     env = _clean_env(BQX_HOME=str(home))
     res = _bqx(["db", "status", "--json"], env)

@@ -111,6 +111,7 @@ def test_killed_driver_leaves_no_worker_and_next_run_marks_its_run_interrupted(
     assert _count(conn, "SELECT count(*) FROM {}", names.target(layout, "eurusd")) == len(eurusd[0])
 
 
+@pytest.mark.db  # starts a server of its own
 def test_database_gone_mid_run_gives_one_line_and_the_next_run_resumes(tmp_path: Path):
     """A server of its own, stopped under a running backfill, then started again."""
     server = EmbeddedServer(tmp_path / "home")

@@ -113,6 +113,7 @@ def test_password_is_required_even_where_the_socket_is_reachable(pg_url: str) ->
     assert "passfile=" in pg_url and server._read_secret() not in pg_url
 
 
+@pytest.mark.db  # starts a server of its own
 def test_home_with_apostrophe_is_quoted(own_server: EmbeddedServer) -> None:
     """A BQX_HOME with an apostrophe and a space starts a real server: the socket directory
     reaches postgresql.conf quoted, exactly."""
@@ -130,6 +131,7 @@ def test_conf_string_cannot_be_escaped() -> None:
     assert conf_string("a\nlisten_addresses = '*'") == "'a\\012listen_addresses = ''*'''"
 
 
+@pytest.mark.db  # starts a server of its own
 def test_old_trust_cluster_is_upgraded(own_server: EmbeddedServer) -> None:
     """A cluster from an older bqx (trust, no passfile, socket line unquoted in
     postgresql.conf, open socket directory) gets a password on the next start, keeps its data."""
@@ -157,6 +159,7 @@ def test_old_trust_cluster_is_upgraded(own_server: EmbeddedServer) -> None:
         assert conn.execute("SELECT x FROM keep_me").fetchall() == [(42,)]
 
 
+@pytest.mark.db  # starts a server of its own
 def test_lost_passfile_gets_a_new_password(own_server: EmbeddedServer) -> None:
     """A deleted passfile is not a lock-out: the next start sets a new password."""
     old = own_server._read_secret()
@@ -170,6 +173,7 @@ def test_lost_passfile_gets_a_new_password(own_server: EmbeddedServer) -> None:
         psycopg.connect(own_server._url("bqx", old)).close()
 
 
+@pytest.mark.db  # starts a server of its own
 def test_long_home_gets_a_short_private_socket_dir() -> None:
     """A BQX_HOME too long for a Unix socket path (107 bytes), or with a comma, gets its socket
     in a private directory under /tmp, named from a hash of BQX_HOME, mode 0700."""
@@ -190,6 +194,7 @@ def test_long_home_gets_a_short_private_socket_dir() -> None:
         assert not server.socket_dir.exists()
 
 
+@pytest.mark.db  # starts a server of its own
 @pytest.mark.skipif(not AS_ROOT, reason="making a directory of another user needs root")
 def test_squatted_short_socket_dir_is_refused(tmp_path: Path) -> None:
     """Another user's directory at the /tmp socket path is refused, not used."""
@@ -233,6 +238,7 @@ def test_file_as_home_gives_one_line(tmp_path: Path) -> None:
     assert home.read_text() == "not a directory"
 
 
+@pytest.mark.db  # starts a server of its own
 def test_shell_characters_in_home_are_refused(tmp_path: Path) -> None:
     """pg_ctl passes paths through /bin/sh: a home with $( ) is refused, nothing runs; a
     newline too (one line, the path shown escaped)."""
@@ -341,6 +347,7 @@ def _system_python() -> str | None:
 @pytest.mark.skipif(
     not AS_ROOT or _system_python() is None, reason="needs root and /usr/bin/python"
 )
+@pytest.mark.db  # starts a server of its own
 def test_works_unchanged_as_an_ordinary_user() -> None:
     """Run as uid `nobody`, the same code creates, starts, stops and restarts a private server
     of its own (no bqx_postgres, no chown), and connects with the generated password."""

@@ -341,6 +341,7 @@ def _wait_for(predicate, timeout: float = 30.0) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.db  # starts a server of its own
 def test_follow_catches_up_across_a_database_restart_and_stops_on_sigterm(tmp_path, schema_name):
     server = EmbeddedServer(tmp_path / "own")  # its own server: this test restarts it
     url = server.start()
