@@ -5,7 +5,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint wheel-check bench bench-more clean
+.PHONY: demo test test-fast lint wheel-check bench bench-more clean
+
+# the tests that need no database server: seconds
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m 'not db' -q
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,11 +23,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# ruff (lint and format) and the type checker (mypy, configured in pyproject.toml)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy
 
 # the built wheel, installed without extras into a fresh venv outside the checkout (needs no .venv)
 wheel-check:
@@ -43,4 +50,4 @@ bench-more: $(STAMP)
 	$(BIN)/python bench/scaling.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build src/*.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build src/*.egg-info

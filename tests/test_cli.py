@@ -119,7 +119,7 @@ def test_report_out_naming_a_file_is_one_line_and_writes_nothing(cli_env, tmp_pa
     target = tmp_path / "notes.txt"
     target.write_text("mine")
     res = run("report", "--out", str(target), env=cli_env)
-    assert res.returncode == 1
+    assert res.returncode == 2  # a bad option value: a usage error
     assert res.stderr.count("\n") == 1 and "is a file" in res.stderr and str(target) in res.stderr
     assert "Traceback" not in res.stderr
     assert target.read_text() == "mine" and sorted(tmp_path.iterdir()) == [target]

@@ -224,7 +224,7 @@ def test_absurd_run_options_give_one_line_and_create_nothing(
         [sys.executable, "-m", "bqx.cli", "backfill", "--pairs", "EURUSD", *args],
         env=cli_env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert res.returncode != 0
+    assert res.returncode == 2  # a bad option value: a usage error
     assert "Traceback" not in res.stderr
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and culprit in lines[0], res.stderr

@@ -170,6 +170,6 @@ def test_bad_options_give_one_line(cli_env, tmp_path, make_bars, settings, layou
          "--split", "0.7,0.2"],
         env=cli_env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # a bad option value: a usage error
     assert "--split" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -193,6 +193,28 @@ def test_readme_examples_run_as_written(pg_url, cli_env, tmp_path):
     assert ran
 
 
+def python_examples(text: str) -> list[tuple[int, str]]:
+    """The ```python blocks: (README line of the block, its code)."""
+    found = re.finditer(r"^```python\n(.*?)^```", text, re.M | re.S)
+    return [(text[: m.start()].count("\n") + 1, m.group(1)) for m in found]
+
+
+def test_readme_python_examples_run_as_written(pg_url, cli_env, tmp_path):
+    blocks = python_examples((ROOT / "README.md").read_text())
+    assert len(blocks) >= 2 and "Store()" in blocks[0][1]  # the parser found the examples
+    env = {**cli_env, "BQX_SCHEMA": f"t_{uuid.uuid4().hex[:10]}"}
+    try:
+        for line, code in blocks:
+            res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                                 capture_output=True, text=True, timeout=900)  # fmt: skip
+            assert res.returncode == 0, f"README.md:{line}\n{res.stderr[-2000:]}"
+        assert (tmp_path / "bqx-report" / "report.html").exists()
+    finally:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
+                sql.Identifier(env["BQX_SCHEMA"])))  # fmt: skip
+
+
 def test_the_parser_reads_blocks_lines_and_continuations():
     text = "\n".join([
         "```", "make demo", "```", "```sh", "# a comment", "bqx status   # note", "",

@@ -485,7 +485,7 @@ class Store:
         from bqx.db.connect import connect
         from bqx.ops.status import status
 
-        conn = connect(self.settings, autocommit=True, start=False)  # a bad setup fails now
+        conn: Any = connect(self.settings, autocommit=True, start=False)  # a bad setup fails now
         try:
             while True:
                 try:
@@ -510,7 +510,7 @@ class Store:
         from bqx.store.ledger import Ledger
 
         with self.connect(start=False) as conn:
-            records = Ledger(self.layout).runs(conn, limit)
+            records = Ledger(self.layout).recent_runs(conn, limit)
         return RunList([
             {"run_id": r.run_id, "command": r.command, "status": r.status,
              "started_at": r.started_at.isoformat(timespec="seconds"),
@@ -737,7 +737,8 @@ def _given(settings: Settings) -> dict[str, Any]:
     return {"database_url": url, "schema_name": settings.schema_name, "home": settings.home}
 
 
-def _closed(conn: Any) -> None:
+def _closed(conn: Any) -> Any:
+    """Close ``conn`` if open (a broken one may fail to close); None, to assign."""
     if conn is not None:
         try:
             conn.close()

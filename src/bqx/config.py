@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -36,13 +37,13 @@ class Settings(BaseSettings):
         return self.database_url is None and not self.uses_libpq_env()
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings(**overrides: Any) -> Settings:
     """Settings from the environment, with explicit (non-None) overrides from the command line."""
     from pydantic import ValidationError
 
     from bqx.errors import BqxError
 
-    values = {k: v for k, v in overrides.items() if v is not None}
+    values: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
     if isinstance(values.get("database_url"), str):
         values["database_url"] = SecretStr(values["database_url"])
     try:

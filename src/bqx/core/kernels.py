@@ -8,6 +8,8 @@ nothing to do, status, reports) does not import numba, which takes a fifth of a 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numba
 import numpy as np
 from llvmlite import ir
@@ -170,7 +172,7 @@ def _stream_line(typingctx, dst, i, src, j):  # pragma: no cover - compiled
     (``dst[i]`` must be 64-byte aligned): LLVM's ``!nontemporal`` store, ``vmovntpd`` on x86."""
     sig = types.void(dst, i, src, j)
 
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+    def codegen(context, builder, signature, args):
         vec = ir.VectorType(ir.DoubleType(), _NT_LANES)
         d = context.make_array(signature.args[0])(context, builder, value=args[0])
         s = context.make_array(signature.args[2])(context, builder, value=args[2])
@@ -187,7 +189,7 @@ def _stream_line(typingctx, dst, i, src, j):  # pragma: no cover - compiled
 def _store_fence(typingctx):  # pragma: no cover - compiled
     """A full fence: streaming stores are weakly ordered, this makes them visible in order."""
 
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+    def codegen(context, builder, signature, args):
         builder.fence("seq_cst")
         return context.get_dummy_value()
 
@@ -204,7 +206,7 @@ def _stream_copy(dst, src):  # pragma: no cover - compiled
         dst[i] = src[i]
     i = head
     while i + _NT_LANES <= n:
-        _stream_line(dst, i, src, i)
+        _stream_line(dst, i, src, i)  # type: ignore[call-arg]  # typingctx: numba's
         i += _NT_LANES
     for k in range(i, n):
         dst[k] = src[k]
@@ -397,7 +399,7 @@ def _grid_kernel(values, wins, out, qmax, stream):  # pragma: no cover - compile
             for c in range(out.shape[0]):
                 _stream_copy(out[c, a : r0 + m], scratch[c, : c0 + m])
     if stream:
-        _store_fence()
+        _store_fence()  # type: ignore[call-arg]  # typingctx: numba's
 
 
 @numba.njit(cache=True, nogil=True)
@@ -423,14 +425,14 @@ def _minute_grid(minutes, prices, max_fill):  # pragma: no cover - compiled
 # -- the COPY binary codec of bqx.db ----------------------------------------------------------
 
 
-def _big_endian_store(bits: int) -> object:
+def _big_endian_store(bits: int) -> Any:
     """A numba intrinsic ``store(buffer, at, value)``: the low ``bits`` of an int64 written
     big-endian at any byte offset of a uint8 array, as one byte swap and one unaligned store
     (byte-at-a-time stores made encoding the slowest step of a job's client side)."""
 
     @intrinsic
-    def store(typingctx, buf, at, value):  # type: ignore[no-untyped-def]
-        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+    def store(typingctx, buf, at, value):
+        def codegen(context, builder, signature, args):
             array, offset, v = args
             data = context.make_array(signature.args[0])(context, builder, array).data
             t = ir.IntType(bits)

@@ -132,3 +132,8 @@ def is_transient(exc: BaseException) -> bool:
 def is_database_error(exc: BaseException) -> bool:
     """Whether ``exc`` came from the database driver (the server refused or went away)."""
     return isinstance(exc, psycopg.Error)
+
+
+def ping(conn: psycopg.Connection) -> None:
+    """A round trip to the server: raises when it does not answer."""
+    conn.execute("SELECT 1")

@@ -51,7 +51,7 @@ def _encode_into(times_us: np.ndarray, columns: np.ndarray, out: np.ndarray, fir
     if last:
         out[pos : pos + 2] = 0xFF
         pos += 2
-    return memoryview(out)[:pos]
+    return memoryview(out.data)[:pos]
 
 
 def _copy_bound(n: int, k: int) -> int:
@@ -167,7 +167,8 @@ def select_series(
         "SELECT count(*), string_agg(timestamptz_send(s.t) || float8send(s.p), ''::bytea)"
         " FROM ({}) s(t, p)"
     ).format(query)
-    count, packed = cur.execute(stmt, params, binary=True).fetchone()
+    row = cur.execute(stmt, params, binary=True).fetchone()
+    count, packed = row if row is not None else (0, b"")
     packed = packed or b""
     if len(packed) != 16 * count:  # string_agg skips a row whose time or price is NULL
         raise BqxError("unexpected NULL time or price in the source bars")

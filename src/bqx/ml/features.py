@@ -143,12 +143,10 @@ def parse_split(text: str | Sequence[float]) -> tuple[float, float, float]:
     try:
         parts = [float(x) for x in (text.split(",") if isinstance(text, str) else text)]
     except ValueError:
-        raise BqxError(
-            f"invalid --split {text!r}: expected three fractions, e.g. 0.7,0.15,0.15"
-        ) from None
+        raise InvalidOption("split", text, "expected three fractions, e.g. 0.7,0.15,0.15") from None
     if len(parts) != 3 or min(parts) <= 0 or not math.isclose(sum(parts), 1.0, abs_tol=1e-6):
-        raise BqxError(
-            f"invalid --split {text!r}: three positive fractions summing to 1, e.g. 0.7,0.15,0.15"
+        raise InvalidOption(
+            "split", text, "three positive fractions summing to 1, e.g. 0.7,0.15,0.15"
         )
     return parts[0], parts[1], parts[2]
 
@@ -201,10 +199,11 @@ def pair_features(
 
 
 def _refuse_target(target: str) -> None:
-    raise BqxError(
-        f"invalid --target {target!r}: choose a BQX column such as {DEFAULT_TARGET}"
-        " (or the _rel form of a price-unit column, e.g. w60_bqx_avg_rel)"
-    )
+    raise InvalidOption(
+        "target", target,
+        f"choose a BQX column such as {DEFAULT_TARGET} (or the _rel form of a price-unit"
+        " column, e.g. w60_bqx_avg_rel)",
+    )  # fmt: skip
 
 
 # -- the command ---------------------------------------------------------------------------
@@ -234,7 +233,7 @@ class FeaturesSummary:
 def _iso(t: np.datetime64 | None) -> str | None:
     if t is None:
         return None
-    return str(np.datetime64(t, "s")) + "Z"
+    return str(np.asarray(t).astype("datetime64[s]")) + "Z"
 
 
 def _pairs_and_columns(

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import psycopg
@@ -33,6 +33,8 @@ TimeLike = str | date | datetime | np.datetime64 | Any
 def to_utc_us(value: TimeLike, what: str) -> np.datetime64:
     """An instant as naive-UTC datetime64[us]: ISO text (``2024-07``, ``2024-07-01T12:00``),
     date, datetime (aware ones converted to UTC, naive ones read as UTC), numpy or pandas."""
+    given = value
+    value = cast(Any, value)  # a str, date, datetime, numpy or pandas value: checked below
     try:
         if isinstance(value, datetime) and value.tzinfo is not None:
             value = value.astimezone(UTC).replace(tzinfo=None)
@@ -42,7 +44,7 @@ def to_utc_us(value: TimeLike, what: str) -> np.datetime64:
             value = value.strip().removesuffix("Z").removesuffix("+00:00")
         out = np.datetime64(value, "us")
     except (TypeError, ValueError) as exc:
-        raise BqxError(f"invalid {what} {value!r}: {exc}") from None
+        raise BqxError(f"invalid {what} {given!r}: {exc}") from None
     if np.isnat(out):
         raise BqxError(f"invalid {what} {value!r}: not a time")
     return out

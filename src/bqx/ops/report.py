@@ -27,7 +27,7 @@ from markdown_it.token import Token
 from bqx.core.layout import Layout
 from bqx.core.months import Month
 from bqx.core.text import plural
-from bqx.errors import BqxError
+from bqx.errors import BqxError, InvalidOption
 from bqx.metrics import metric_columns
 from bqx.ops.status import describe_parameters, run_parameters
 from bqx.ops.verify import Verification, no_run_message, verify
@@ -608,16 +608,16 @@ def check_out_dir(out_dir: Path) -> None:
     """Refuse, before any work, an output directory that cannot be one or cannot be written."""
     path = Path(out_dir)
     if path.exists() and not path.is_dir():
-        raise BqxError(
-            f"--out {str(out_dir)!r} is a file: give a directory for report.md and report.html"
+        raise InvalidOption(
+            "out", str(out_dir), "is a file: give a directory for report.md and report.html"
         )
     parent = path
     while not parent.exists():  # the nearest existing ancestor must be a writable directory
         parent = parent.parent
     if not parent.is_dir():
-        raise BqxError(f"--out {str(out_dir)!r}: {str(parent)!r} is a file, not a directory")
+        raise InvalidOption("out", str(out_dir), f"{str(parent)!r} is a file, not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise BqxError(f"--out {str(out_dir)!r}: {str(parent)!r} is not writable")
+        raise InvalidOption("out", str(out_dir), f"{str(parent)!r} is not writable")
 
 
 def write_report(

@@ -318,7 +318,11 @@ def _null_faults(ctx: _Context, pair: str) -> list[Fault]:
         for i, w in enumerate(windows):
             label = f"{pair.upper()} {Month.of(month)} w{w}"
             unexpected, missing = counts[2 * i], counts[2 * i + 1]
-            where = {"pair": pair, "month": Month.of(month), "column": f"w{w}_bqx_*"}
+            where: dict[str, Any] = {
+                "pair": pair,
+                "month": Month.of(month),
+                "column": f"w{w}_bqx_*",
+            }
             if unexpected:
                 problem = f"{label}: {plural(unexpected, 'unexpected NULL row')}"
                 faults.append(_fault(problem, **where, expected=0, got=unexpected))
@@ -431,7 +435,7 @@ def check_ledger(ctx: _Context) -> Check:
     for key in ctx.scope.jobs:
         record = records.get(key)
         label = f"{key[0].upper()} {Month.of(key[1])}"
-        where = {"pair": key[0], "month": Month.of(key[1])}
+        where: dict[str, Any] = {"pair": key[0], "month": Month.of(key[1])}
         rows = ctx.target_counts.get(key)
         if record is None:
             faults.append(_fault(f"{label}: job is missing", **where, column="status",

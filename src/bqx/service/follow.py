@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import psycopg
 import tenacity
-from psycopg import sql
 
 from bqx import metrics
 from bqx.core.layout import Layout
@@ -26,7 +25,7 @@ from bqx.db.connect import connect, is_transient
 from bqx.errors import BqxError, InvalidOption
 from bqx.extras import require
 from bqx.pipeline.update import DEFAULT_RECHECK_S, Updater, UpdateResult
-from bqx.store.bars import CHANNEL
+from bqx.store.bars import listen_for_bars
 
 log = logging.getLogger("bqx.update")
 
@@ -55,7 +54,7 @@ class _Metrics:
                 port, addr="127.0.0.1", registry=self.registry
             )
         except OSError as exc:
-            raise BqxError(f"--metrics-port {port}: cannot listen on 127.0.0.1: {exc}") from None
+            raise BqxError(f"metrics port {port}: cannot listen on 127.0.0.1: {exc}") from None
 
     def observe(self, result: UpdateResult) -> None:
         for p in result.pairs:
@@ -121,7 +120,7 @@ class Follower:
                 retry=tenacity.retry_if_exception(_transient),
                 wait=tenacity.wait_exponential(multiplier=0.5, max=15),
                 stop=tenacity.stop_when_event_set(self.stop),
-                sleep=self.stop.wait,
+                sleep=self._sleep,
                 before_sleep=self._note_error,
                 reraise=True,
             ):
@@ -136,6 +135,10 @@ class Follower:
                 return None
             raise
         return None  # pragma: no cover - tenacity returns or raises
+
+    def _sleep(self, seconds: float) -> None:
+        """Wait before the next try, waking at once when told to stop."""
+        self.stop.wait(seconds)
 
     def _note_error(self, rs: tenacity.RetryCallState) -> None:
         exc = rs.outcome.exception() if rs.outcome else None
@@ -201,7 +204,7 @@ def warm_up() -> None:
 
 def _listen(url: str) -> psycopg.Connection:
     conn = connect(url, autocommit=True)
-    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
+    listen_for_bars(conn)
     return conn
 
 

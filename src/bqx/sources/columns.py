@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from bqx.errors import BqxError
+from bqx.errors import InvalidOption
 
 FIELDS = ("open", "high", "low", "close", "volume")
 EARLIEST = datetime(1971, 1, 1, tzinfo=UTC)  # no FX minute bars before this
@@ -179,7 +179,7 @@ def _strptime_us(col: pa.Array, fmt: str) -> np.ndarray:
     try:
         ts = pc.strptime(col, format=fmt, unit="us", error_is_null=True)
     except pa.ArrowInvalid as exc:
-        raise BqxError(f"invalid --time-format {fmt!r}: {why(exc)}") from None
+        raise InvalidOption("time_format", fmt, why(exc)) from None
     if ts.type.tz is not None:  # %z: already an instant
         ts = ts.cast(pa.timestamp("us"))
     # strptime rolls impossible dates over (31.06 -> 01.07, 24:00 -> 00:00): such a time does
@@ -368,9 +368,11 @@ def _check_ohlc(found: _Reasons, fields: Sequence[Numbers | None]) -> None:
         found.mark(h < lo, lambda i: f"high {h[i]} < low {lo[i]}")
     for name, v in (("open", o), ("close", c)):
         if v is not None:
-            found.mark(
-                _outside(v, lo, h), lambda i, name=name, v=v: f"{name} {v[i]} outside [low, high]"
-            )
+            found.mark(_outside(v, lo, h), _outside_reason(name, v))
+
+
+def _outside_reason(name: str, v: np.ndarray) -> Callable[[int], str]:
+    return lambda i: f"{name} {v[i]} outside [low, high]"
 
 
 def _outside(v: np.ndarray, lo: np.ndarray | None, h: np.ndarray | None) -> np.ndarray:

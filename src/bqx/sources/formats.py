@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from bqx.errors import BqxError
+from bqx.errors import BqxError, InvalidOption
 from bqx.sources.columns import (
     FIELDS,
     Block,
@@ -91,9 +91,11 @@ class Mapping:
             key, _, value = item.partition("=")
             key = key.strip().lower()
             if key not in ("time", *FIELDS):
-                raise BqxError(f"--columns: unknown field {key!r} (time, {', '.join(FIELDS)})")
+                raise InvalidOption(
+                    "columns", text, f"unknown field {key!r} (time, {', '.join(FIELDS)})"
+                )
             if key not in OPTIONAL and not value.strip():
-                raise BqxError(f"--columns: {key} needs a column name ({key}=NAME)")
+                raise InvalidOption("columns", text, f"{key} needs a column name ({key}=NAME)")
             setattr(m, key, value.strip() or None)
             explicit.add(key)
         m.explicit = frozenset(explicit)
@@ -127,8 +129,8 @@ def open_input(path: Path) -> Iterator[IO[bytes]]:
     """
     name = path.name.lower()
     if name.endswith(".gz"):
-        with gzip.open(path, "rb") as f:
-            yield f
+        with gzip.open(path, "rb") as gz:
+            yield gz  # type: ignore[misc]  # a GzipFile reads bytes like any IO[bytes]
     elif name.endswith(".zip"):
         with zipfile.ZipFile(path) as z:
             with z.open(_zip_member(path, z)) as f:
@@ -325,9 +327,9 @@ def _metatrader_header_spec(path: Path, first: str) -> TextSpec:
     if missing:
         raise BqxError(f"{path}: MetaTrader header lacks {', '.join(missing)}")
     vol = next((names.index(v) for v in ("tickvol", "volume", "vol") if v in names), None)
+    fields: list[int | None] = [names.index(w) for w in _MT_COLUMNS[2:]]
     return TextSpec(sep, len(names), True, [names.index("date"), names.index("time")],
-                    _MT_TEMPLATES, (), timedelta(0),
-                    [names.index(w) for w in _MT_COLUMNS[2:]] + [vol])  # fmt: skip
+                    _MT_TEMPLATES, (), timedelta(0), [*fields, vol])  # fmt: skip
 
 
 def _csv_spec(path: Path, first: str, mapping: Mapping) -> TextSpec:
@@ -336,6 +338,7 @@ def _csv_spec(path: Path, first: str, mapping: Mapping) -> TextSpec:
     names = [h.strip().strip("\"'") for h in first.split(sep)]
     lower = {n.lower(): i for i, n in enumerate(names)}
     time_col = mapping.column("time", names, path)
+    assert time_col is not None  # a time column is never optional: column() raised
     cols = [mapping.column(f, names, path) for f in FIELDS]
     idx = [None if c is None else lower[c.lower()] for c in cols]
     formats = (mapping.time_format,) if mapping.time_format else ()

@@ -32,7 +32,7 @@ from bqx.core.layout import Layout
 from bqx.core.months import Month
 from bqx.core.symbols import validate_pair
 from bqx.db.connect import connect, pool
-from bqx.errors import BqxError
+from bqx.errors import BqxError, InvalidOption
 from bqx.sources.columns import FIELDS, US_PER_MIN, Block, why
 from bqx.sources.formats import (
     FORMATS,
@@ -265,8 +265,8 @@ def _check_tz(tz: str | None) -> None:
             ZoneInfo(tz)
             pc.assume_timezone(pa.array([0], pa.timestamp("us")), tz)
         except Exception:
-            raise BqxError(
-                f"unknown time zone --tz {tz!r} (e.g. UTC, EET, Europe/Athens, Etc/GMT-2)"
+            raise InvalidOption(
+                "tz", tz, "unknown time zone (e.g. UTC, EET, Europe/Athens, Etc/GMT-2)"
             ) from None
 
 
@@ -468,7 +468,7 @@ def ingest_files(
 
 def _check_args(fmt: str, files: Sequence[str | Path]) -> None:
     if fmt not in FORMATS:
-        raise BqxError(f"unknown --format {fmt!r}: one of {', '.join(FORMATS)}")
+        raise InvalidOption("format", fmt, f"unknown format: one of {', '.join(FORMATS)}")
     if not files:
         raise BqxError("no input file given")
 

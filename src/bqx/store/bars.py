@@ -114,6 +114,11 @@ def load_bars(
     return result
 
 
+def listen_for_bars(conn: psycopg.Connection) -> None:
+    """Be woken (``conn.notifies()``) when bqx commits bars; the payload is the pair."""
+    conn.execute(sql.SQL("LISTEN {}").format(names.bare(CHANNEL)))
+
+
 def _has_rows(cur: psycopg.Cursor, table: sql.Composable) -> bool:
     row = cur.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(table)).fetchone()
     return bool(row and row[0])

@@ -49,7 +49,7 @@ def null_counts(
             sql.SQL("SELECT {t} FROM {s} ORDER BY {t} LIMIT %s").format(t=tc, s=src),
             (windows[-1] + 1,),
         )]  # fmt: skip
-        source = sql.SQL("")
+        source: sql.Composable = sql.SQL("")
     else:
         source = sql.SQL(
             " LEFT JOIN (SELECT t, min(t) OVER () AS first, max(CASE WHEN gap > %s"
@@ -58,14 +58,16 @@ def null_counts(
             " FROM {s}) g) h ON h.t = x.{ts}"
         ).format(t=tc, s=src, ts=names.TS)
     for w, cols in _groups(windows).items():
-        any_null = sql.SQL(" OR ").join(sql.SQL("{} IS NULL").format(sql.Identifier(c))
+        any_null = sql.SQL(" OR ").join(sql.SQL("{} IS NULL").format(names.column(c))
                                         for c in cols)  # fmt: skip
-        all_null = sql.SQL(" AND ").join(sql.SQL("{} IS NULL").format(sql.Identifier(c))
+        all_null = sql.SQL(" AND ").join(sql.SQL("{} IS NULL").format(names.column(c))
                                          for c in cols)  # fmt: skip
         if bars_mode:
             # full exactly from the pair's (w+1)-th bar of history on
             cut = firsts[w] if len(firsts) > w else None
-            full = sql.SQL("x.{} >= %s").format(names.TS) if cut is not None else sql.SQL("false")
+            full: sql.Composable = (
+                sql.SQL("x.{} >= %s").format(names.TS) if cut is not None else sql.SQL("false")
+            )
             args += [cut] * 2 if cut is not None else []
         else:
             full = sql.SQL(

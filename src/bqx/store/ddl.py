@@ -35,7 +35,7 @@ def create_schema(conn: psycopg.Connection, schema: str) -> None:
     # which a least-privilege role lacks (docs/privileges.md)
     found = "SELECT 1 FROM pg_namespace WHERE nspname = %s"
     if conn.execute(found, (schema,)).fetchone() is None:
-        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(names.bare(schema)))
 
 
 def create_source_table(conn: psycopg.Connection, layout: Layout, pair: str) -> None:
@@ -60,7 +60,7 @@ def create_target_table(
     """``bqx_{pair}``: one row per source bar, PK ``ts_utc`` (also its only time index)."""
     create_schema(conn, layout.schema)
     metric_defs = sql.SQL(", ").join(
-        sql.SQL("{} double precision").format(sql.Identifier(c)) for c in metric_columns(windows)
+        sql.SQL("{} double precision").format(names.column(c)) for c in metric_columns(windows)
     )
     conn.execute(
         sql.SQL(

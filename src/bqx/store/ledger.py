@@ -221,18 +221,17 @@ class Ledger:
 
     # -- the tables ----------------------------------------------------------------------
 
-    def exists(self, conn: psycopg.Connection) -> bool:
-        """Whether the ledger has been created in this schema (a catalog read)."""
-        row = conn.execute(
-            "SELECT to_regclass(%s) IS NOT NULL", (names.as_text(self.runs),)
-        ).fetchone()
+    @staticmethod
+    def _table_exists(conn: psycopg.Connection, table: sql.Identifier) -> bool:
+        row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (names.as_text(table),)).fetchone()
         return bool(row and row[0])
 
+    def exists(self, conn: psycopg.Connection) -> bool:
+        """Whether the ledger has been created in this schema (a catalog read)."""
+        return self._table_exists(conn, self.runs)
+
     def has_jobs_table(self, conn: psycopg.Connection) -> bool:
-        row = conn.execute(
-            "SELECT to_regclass(%s) IS NOT NULL", (names.as_text(self.jobs),)
-        ).fetchone()
-        return bool(row and row[0])
+        return self._table_exists(conn, self.jobs)
 
     def is_current(self, conn: psycopg.Connection) -> bool:
         """True when every ledger table and column exists (a catalog read, no lock taken)."""
@@ -243,7 +242,7 @@ class Ledger:
             " (SELECT * FROM unnest(%s::text[], %s::text[]))",
             (self.layout.schema, [t for t, _ in _NEWEST], [c for _, c in _NEWEST]),
         ).fetchone()
-        return bool(row) and int(row[0]) == len(_NEWEST)
+        return row is not None and int(row[0]) == len(_NEWEST)
 
     def create(self, conn: psycopg.Connection) -> None:
         """The ledger tables, only when something is missing: ``ALTER TABLE … ADD COLUMN IF
@@ -259,7 +258,7 @@ class Ledger:
                 jobs=self.jobs,
                 attempts=self.attempts,
                 targets=self.targets,
-                attempts_run_idx=sql.Identifier(f"{ATTEMPTS}_run_idx"),
+                attempts_run_idx=names.bare(f"{ATTEMPTS}_run_idx"),
             )  # fmt: skip
         )
 
@@ -371,11 +370,9 @@ class Ledger:
         row = cur.fetchone()
         if row is None:
             return None
-        values = list(row)
-        values[2] = _doc(values[2])
-        return RunRecord(*values)
+        return _run_record(row)
 
-    def runs(self, conn: psycopg.Connection, limit: int = 20) -> list[RunRecord]:
+    def recent_runs(self, conn: psycopg.Connection, limit: int = 20) -> list[RunRecord]:
         """The latest runs, newest first."""
         if not self.exists(conn):
             return []
@@ -389,7 +386,7 @@ class Ledger:
             ),
             (limit,),
         ).fetchall()
-        return [RunRecord(*r[:2], _doc(r[2]), *r[3:]) for r in rows]
+        return [_run_record(r) for r in rows]
 
     # -- planning ------------------------------------------------------------------------
 
@@ -412,7 +409,7 @@ class Ledger:
             " heartbeat_at < now() - make_interval(secs => %s) FROM {jobs} WHERE pair = ANY(%s)"
             "{lock}"
         ).format(
-            ver=sql.Identifier("source_ver") if row and row[0] else sql.NULL,
+            ver=names.column("source_ver") if row and row[0] else sql.NULL,
             jobs=self.jobs, lock=sql.SQL(" FOR UPDATE" if lock else ""),
         )  # fmt: skip
         return {
@@ -490,9 +487,7 @@ class Ledger:
         out: dict[str, dict[str, Any]] = {}
         if not self.exists(conn):
             return out
-        if conn.execute(
-            "SELECT to_regclass(%s) IS NOT NULL", (names.as_text(self.targets),)
-        ).fetchone()[0]:  # type: ignore[index]
+        if self._table_exists(conn, self.targets):
             for target, doc in conn.execute(self._q("SELECT target_table, params FROM {targets}")):
                 out[target] = _doc(doc)
         # targets written before parameters were recorded: the run of their latest done job
@@ -783,8 +778,8 @@ class Ledger:
         if keys is None:
             if not self.has_jobs_table(conn):
                 return []
-            query = sql.SQL("SELECT j.pair, j.month, {cols} FROM {jobs} j ORDER BY 1, 2")
-            return [JobRecord(*r) for r in conn.execute(query.format(cols=cols, jobs=self.jobs))]
+            every = sql.SQL("SELECT j.pair, j.month, {cols} FROM {jobs} j ORDER BY 1, 2")
+            return [JobRecord(*r) for r in conn.execute(every.format(cols=cols, jobs=self.jobs))]
         pairs, months = _keys(keys)
         query = sql.SQL(
             "SELECT k.pair, k.month, {cols} FROM unnest(%s::text[], %s::date[])"
@@ -874,6 +869,13 @@ class Ledger:
              sql.SQL("SELECT status, count(*) FROM {} WHERE run_id = {} GROUP BY status;")
              .format(self.attempts, sql.Literal(int(run_id))).as_string(None)),
         ]  # fmt: skip
+
+
+def _run_record(row: Any) -> RunRecord:
+    """A RunRecord from the runs query's row (its columns in the dataclass's order)."""
+    values = list(row)
+    values[2] = _doc(values[2])
+    return RunRecord(**dict(zip(RunRecord.__dataclass_fields__, values, strict=True)))
 
 
 def _legacy_target_doc(doc: dict[str, Any], pair: str, layout: Layout) -> dict[str, Any]:

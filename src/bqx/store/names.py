@@ -50,6 +50,12 @@ def price(layout: Layout) -> sql.Identifier:
 
 
 def column(name: str) -> sql.Identifier:
+    """A column, by its (validated) name."""
+    return sql.Identifier(name)
+
+
+def bare(name: str) -> sql.Identifier:
+    """An unqualified object of bqx's own making: a schema, a trigger, an index, a temp table."""
     return sql.Identifier(name)
 
 

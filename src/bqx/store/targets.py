@@ -173,7 +173,7 @@ def read_columns(
     # naive datetimes are sent as timestamp; ts_utc is timestamptz and the session is in UTC
     query = sql.SQL("SELECT {ts}{cols} FROM {t}{where} ORDER BY {ts}").format(
         ts=names.TS,
-        cols=sql.SQL("").join(sql.SQL(", {}::float8").format(sql.Identifier(c)) for c in columns),
+        cols=sql.SQL("").join(sql.SQL(", {}::float8").format(names.column(c)) for c in columns),
         t=names.target(layout, pair),
         where=sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where) if where else sql.SQL(""),
     )

@@ -13,6 +13,7 @@ import psycopg
 from psycopg import sql
 
 from bqx.db.copy import copy_in
+from bqx.store import names
 
 
 def stage_table(
@@ -21,13 +22,13 @@ def stage_table(
 ) -> sql.Identifier:  # fmt: skip
     """A session temp table emptied at commit: shaped like ``like``, or ``columns[0]``
     timestamptz and the rest float8."""
-    ident = sql.Identifier(name)
+    ident = names.bare(name)
     if like is not None:
         body = sql.SQL("(LIKE {} INCLUDING DEFAULTS)").format(like)
     else:
         assert columns is not None
-        defs = [sql.SQL("{} timestamptz NOT NULL").format(sql.Identifier(columns[0]))]
-        defs += [sql.SQL("{} float8").format(sql.Identifier(c)) for c in columns[1:]]
+        defs = [sql.SQL("{} timestamptz NOT NULL").format(names.column(columns[0]))]
+        defs += [sql.SQL("{} float8").format(names.column(c)) for c in columns[1:]]
         body = sql.SQL("({})").format(sql.SQL(", ").join(defs))
     cur.execute(
         sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} {} ON COMMIT DELETE ROWS").format(ident, body)
@@ -43,11 +44,11 @@ def upsert(
     whose other values differ is updated (``touch``, a timestamp column, is set to now()).
     Returns (inserted, updated)."""
     copy_in(cur, stage, cols, times, values)
-    idents = [sql.Identifier(c) for c in cols]
+    idents = [names.column(c) for c in cols]
     others = idents[1:]
     sets = [sql.SQL("{c} = EXCLUDED.{c}").format(c=c) for c in others]
     if touch is not None:
-        sets.append(sql.SQL("{} = now()").format(sql.Identifier(touch)))
+        sets.append(sql.SQL("{} = now()").format(names.column(touch)))
     cur.execute(
         sql.SQL(
             "WITH up AS (INSERT INTO {table} AS d ({cols}) SELECT {cols} FROM {stage}"

@@ -122,6 +122,7 @@ def record_source_version(cur: psycopg.Cursor, layout: Layout, pair: str, month:
         (versions.as_string(cur), bump.as_string(cur), parent.as_string(cur),
          part.as_string(cur)),
     ).fetchone()  # fmt: skip
+    assert have is not None  # an aggregate: always one row
     if not have[0] or have[1] < 1 + len(PARENT_TRIGGERS):
         # concurrent first loads (generate's threads) would race on CREATE … IF NOT EXISTS
         lock_key(cur, names.as_text(versions))
@@ -132,7 +133,7 @@ def record_source_version(cur: psycopg.Cursor, layout: Layout, pair: str, month:
             cur.execute(
                 sql.SQL("CREATE OR REPLACE TRIGGER {name} " + when + " FOR EACH STATEMENT"
                         " EXECUTE FUNCTION {func}({args})").format(
-                    name=sql.Identifier(f"{SOURCE_TRIGGER}_{suffix}"), t=parent, func=func,
+                    name=names.bare(f"{SOURCE_TRIGGER}_{suffix}"), t=parent, func=func,
                     args=sql.SQL(", ").join(args),
                 )
             )  # fmt: skip
@@ -141,7 +142,7 @@ def record_source_version(cur: psycopg.Cursor, layout: Layout, pair: str, month:
                 "CREATE OR REPLACE TRIGGER {name} AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE"
                 " ON {t} FOR EACH STATEMENT EXECUTE FUNCTION {func}({args})"
             ).format(
-                name=sql.Identifier(SOURCE_TRIGGER), t=part, func=func,
+                name=names.bare(SOURCE_TRIGGER), t=part, func=func,
                 args=sql.SQL(", ").join([*args, sql.Literal(str(month.first_day))]),
             )
         )  # fmt: skip
@@ -245,10 +246,11 @@ def _source_versions(
     """
     schema, table = layout.source_name(pair)
     versions = names.in_schema(schema, SOURCE_VERSIONS).as_string(conn)
-    readable = conn.execute(
+    row = conn.execute(
         "SELECT to_regclass(%s) IS NOT NULL AND has_table_privilege(to_regclass(%s), 'SELECT')",
         (versions, versions),
-    ).fetchone()[0]
+    ).fetchone()
+    readable = bool(row and row[0])
     if not readable:  # not written by bqx, or a role that may not read it: hash the bars
         return None
     parts = conn.execute(

@@ -26,7 +26,7 @@ from typing import Any
 
 from bqx.core.layout import Layout
 from bqx.core.params import Params
-from bqx.db.connect import connect, worker_id
+from bqx.db.connect import connect, ping, worker_id
 from bqx.db.urls import mask_url
 from bqx.errors import BqxError
 from bqx.extras import require
@@ -98,7 +98,7 @@ def probe(url: Secret) -> dict[str, Any]:
     }  # fmt: skip
     try:
         with connect(url.reveal()) as conn:
-            conn.execute("SELECT 1")
+            ping(conn)
     except BqxError as exc:
         out["error"] = str(exc)
     return out
@@ -209,7 +209,7 @@ class DaskExecutor:
         except (OSError, TimeoutError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise BqxError(
-                f"cannot reach the Dask scheduler at --scheduler {self.scheduler}: {first}"
+                f"cannot reach the Dask scheduler at {self.scheduler}: {first}"
             ) from None
         try:
             self.client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
