@@ -151,7 +151,7 @@ def test_bad_options_give_one_line(cli_env, tmp_path, make_bars, settings, layou
     make_bars("eurusd", "2024-07-29", 600, seed=1)
     store_for(settings, layout).backfill(workers=1)
     for kwargs, culprit in (
-        ({"target": "nope"}, "--target"),
+        ({"target": "nope"}, "invalid target 'nope'"),
         ({"pairs": ["GBPUSD"]}, "GBPUSD"),
         ({"horizon": 0}, "invalid horizon 0"),
     ):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import getpass
 import os
 import socket
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -98,19 +97,6 @@ def current_user() -> str:
         return getpass.getuser()
     except Exception:  # no passwd entry in some containers
         return str(os.getuid())
-
-
-def wait_for_server(url: str, timeout_s: float = 30.0) -> None:
-    """Poll until a connection succeeds (used after a restart)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with psycopg.connect(url, connect_timeout=2):
-                return
-        except psycopg.OperationalError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 # Errors that a retry can fix: the connection went away, the server restarted, a transaction

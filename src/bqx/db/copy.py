@@ -129,28 +129,6 @@ def copy_in(
     return copy_in_columns(cur, table, columns, times, values.T, chunk_rows=chunk_rows)
 
 
-def copy_out_series(
-    cur: psycopg.Cursor, query: sql.Composable, params: Sequence[object] | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Run ``query`` selecting (timestamp, float8 NOT NULL) and return (datetime64[us], float64).
-
-    Rows are decoded with a numpy structured view of the COPY binary stream.
-    """
-    stmt = sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(query)
-    buf = bytearray()
-    with cur.copy(stmt, params) as copy:
-        for block in copy:
-            buf += block
-    body = memoryview(buf)[len(_COPY_HEADER) : len(buf) - len(_COPY_TRAILER)]
-    row = np.dtype([("nf", ">i2"), ("l1", ">i4"), ("t", ">i8"), ("l2", ">i4"), ("p", ">f8")])
-    if len(body) % row.itemsize:
-        raise BqxError("unexpected COPY stream: a NULL time or price in the source?")
-    rows = np.frombuffer(body, dtype=row)
-    if len(rows) and (np.any(rows["l1"] != 8) or np.any(rows["l2"] != 8)):
-        raise BqxError("unexpected COPY stream: a NULL time or price in the source?")
-    return from_pg_us(rows["t"].astype(np.int64)), rows["p"].astype(np.float64)
-
-
 def select_series(
     cur: psycopg.Cursor, query: sql.Composable, params: Sequence[object] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -57,13 +57,6 @@ def compute_rows(
     return times[first:], out[:, first:]
 
 
-def compute_month(
-    params: Params, month: Month, times: np.ndarray, prices: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Metrics for the rows inside ``month`` (see ``compute_rows``)."""
-    return compute_rows(params, month.start, times, prices)
-
-
 def bad_bar_message(pair: str, times: np.ndarray, exc: ValueError) -> str:
     """Name the bar the formulas refused: its time, its value and the month it is in.
 

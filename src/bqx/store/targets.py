@@ -72,10 +72,6 @@ def _stage_name(cols: Sequence[str]) -> str:
     return "bqx_stage_" + hashlib.sha256(",".join(cols).encode()).hexdigest()[:12]
 
 
-def truncate_month(cur: psycopg.Cursor, layout: Layout, pair: str, month: Month) -> None:
-    cur.execute(sql.SQL("TRUNCATE {}").format(names.target_partition(layout, pair, month)))
-
-
 def count_month(cur: psycopg.Cursor, layout: Layout, pair: str, month: Month) -> int:
     row = cur.execute(
         sql.SQL("SELECT count(*) FROM {}").format(names.target_partition(layout, pair, month))
