@@ -55,3 +55,9 @@ class Destination(Protocol):
 
     def count_month(self, cur: psycopg.Cursor, params: Params, pair: str, month: Month) -> int:
         """Rows the month holds now."""
+
+    def read_month(
+        self, conn: psycopg.Connection, params: Params, pair: str, month: Month
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The month's rows as stored: (times datetime64[us], values, nulls), values and nulls
+        (1 + metric columns) × rows (the rate, then the metric columns), NaN where NULL."""

@@ -8,7 +8,7 @@ from datetime import datetime
 import numpy as np
 import psycopg
 
-from bqx.core.layout import Layout
+from bqx.core.layout import TARGET_RATE, Layout
 from bqx.core.months import Month
 from bqx.core.params import Job, Params
 from bqx.store import catalog, ddl, targets
@@ -70,3 +70,9 @@ class PostgresPartitions:
 
     def count_month(self, cur: psycopg.Cursor, params: Params, pair: str, month: Month) -> int:
         return targets.count_month(cur, self.layout, pair, month)
+
+    def read_month(
+        self, conn: psycopg.Connection, params: Params, pair: str, month: Month
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        cols = [TARGET_RATE, *params.columns]
+        return targets.read_columns(conn, self.layout, pair, cols, month.start, month.end)
