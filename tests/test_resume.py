@@ -166,15 +166,20 @@ def test_auto_check_agrees_with_exact_and_sees_every_bqx_write(settings, layout,
     assert (dec.jobs_done, dec.jobs_skipped) == (1, 2)
 
 
+def _count(conn, table) -> int:
+    return conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table)).fetchone()[0]
+
+
 def test_auto_check_uses_versions_and_sees_plain_sql_writes(settings, layout, conn, bars):
     store_for(settings, layout).backfill(workers=1)
     jobs = names.table(layout, "bqx_jobs")
-    sigs = conn.execute(
-        sql.SQL("SELECT bool_and(source_sig IS NULL AND source_ver IS NOT NULL) FROM {}").format(
-            jobs
-        )
+    recorded = conn.execute(
+        sql.SQL(
+            "SELECT bool_and(source_ver IS NOT NULL AND source_sig IS NOT NULL"
+            " AND source_stats IS NOT NULL AND target_ver IS NOT NULL) FROM {}"
+        ).format(jobs)
     ).fetchone()[0]
-    assert sigs  # planned from versions: no month was hashed in full
+    assert recorded  # planned from versions; each job recorded what it read and wrote
 
     def changed() -> set[Month]:
         plan = plan_backfill(conn, Params.build(layout, (15, 30, 45, 60, 75), "bars", 5))
@@ -202,11 +207,23 @@ def test_auto_check_uses_versions_and_sees_plain_sql_writes(settings, layout, co
     assert changed() == {OCT}
     conn.execute(sql.SQL("TRUNCATE {}").format(names.source_partition(layout, "eurusd", NOV)))
     plan = plan_backfill(conn, Params.build(layout, (15, 30, 45, 60, 75), "bars", 5))
-    assert [(j.month, j.reason) for j in plan.jobs] == [(OCT, "source changed")]
-    # with a trigger disabled, that month is hashed exactly instead: still redone
-    assert store_for(settings, layout).backfill(workers=1).jobs_done == 1
+    # a month left without bars is planned too: its stored metrics must go
+    assert [(j.month, j.reason) for j in plan.jobs] == [
+        (OCT, "source changed"),
+        (NOV, "source changed"),
+    ]
+    assert store_for(settings, layout).backfill(workers=1).jobs_done == 2
+    assert _count(conn, names.target_partition(layout, "eurusd", NOV)) == 0
+    # with a trigger disabled, that month is hashed exactly instead: unchanged, skipped; a
+    # write made meanwhile is seen by the hash
     conn.execute(
         sql.SQL("ALTER TABLE {} DISABLE TRIGGER bqx_version").format(
+            names.source_partition(layout, "eurusd", OCT)
+        )
+    )
+    assert changed() == set()
+    conn.execute(
+        sql.SQL("UPDATE {} SET close = close * 1.001 WHERE time = '2024-10-30 13:00+00'").format(
             names.source_partition(layout, "eurusd", OCT)
         )
     )

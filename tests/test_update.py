@@ -182,7 +182,7 @@ def test_nothing_new_writes_nothing(settings, layout, conn):
 # -- late and corrected bars --------------------------------------------------------------
 
 
-def test_late_and_corrected_bars_inside_the_recheck_horizon(settings, layout, conn):
+def test_late_and_corrected_bars_of_any_age_are_brought_up_to_date(settings, layout, conn):
     times, ohlcv = _bars("2024-07-01", 3 * 1440)
     late = len(times) - 300  # a bar that arrives after the ones around it
     keep = np.ones(len(times), bool)
@@ -193,7 +193,7 @@ def test_late_and_corrected_bars_inside_the_recheck_horizon(settings, layout, co
 
     fixed = ohlcv.copy()
     fixed[late - 500, 3] += 0.0005  # a corrected close, inside the last day
-    old = 100  # and one outside the one-day horizon: left to `backfill`
+    old = 100  # and one far older than --recheck: the source's versions say it changed too
     fixed[old, 3] += 0.0005
     load_bars(conn, layout, "eurusd", times, fixed)
 
@@ -202,21 +202,20 @@ def test_late_and_corrected_bars_inside_the_recheck_horizon(settings, layout, co
     (pu,) = result.pairs
     assert pu.new_rows == 1
     after = _target(conn, layout, "eurusd")
-    # outside the horizon: the old row still has the old price (docs/update.md)
-    assert after["rate"][old] == ohlcv[old, 3]
-    # inside: the corrected row, the late row and every row whose windows hold them changed;
-    # rows further on are recomputed to the same values and not rewritten
+    assert after["rate"][old] == fixed[old, 3]
+    # from the first corrected bar on, rows are recomputed; those whose values did not change
+    # are not rewritten: only the corrected bars, the late one and the windows holding them
     idx = {t: i for i, t in enumerate(after["ts"])}
     fix_at = idx[times[late - 500]]
     assert after["rate"][fix_at] == fixed[late - 500, 3]
-    assert pu.changed_rows == 1 + 75 + 75  # the corrected bar, 75 after it, 75 after the late one
+    assert pu.changed_rows == 2 * (1 + 75) + 75  # two corrected bars, the late one's 75 after
     assert after["xmin"][fix_at + 76] == before["xmin"][fix_at + 76]
-    # everything after the old correction equals the whole series computed from the source
+    assert after["xmin"][old - 1] == before["xmin"][old - 1]  # before it: untouched
+    # every row equals the whole series computed from the source
     times_now, prices_now = _source(conn, layout, "eurusd")
     want = metrics.compute(times_now, prices_now)
-    tail = slice(old + 76, None)
     for c in COLS:
-        np.testing.assert_array_equal(after[c][tail], want[c][tail], err_msg=c)
+        np.testing.assert_array_equal(after[c], want[c], err_msg=c)
 
 
 def test_update_equals_a_forced_recompute(settings, layout, conn):

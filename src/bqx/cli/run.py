@@ -22,6 +22,7 @@ from bqx.cli.app import (
     WorkersOpt,
     app,
     err_console,
+    error,
     info,
     print_json,
     say,
@@ -154,8 +155,16 @@ def update(
     if follow is None:
         if metrics_port is not None:
             raise InvalidOption("metrics_port", metrics_port, "goes with --follow SECONDS")
-        result = store.update(pairs, recheck=recheck, windows=wins, mode=mode,
-                              max_fill=max_fill)  # fmt: skip
+        from bqx.pipeline.update import UpdateFailed
+
+        try:
+            result = store.update(pairs, recheck=recheck, windows=wins, mode=mode,
+                                  max_fill=max_fill)  # fmt: skip
+        except UpdateFailed as failed:  # the other pairs were updated: say both, exit 1
+            print_json(failed.result.as_dict()) if json_out else say(failed.result.text())
+            for line in failed.result.errors:
+                error(line)
+            raise typer.Exit(1) from None
         print_json(result.as_dict()) if json_out else say(result.text())
         return
     if json_out:

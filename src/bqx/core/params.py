@@ -148,6 +148,7 @@ class Job:
     source_bars: int
     source_sig: str | None
     source_ver: str | None = None
+    source_stats: str | None = None  # the source partition's write counters, as planned
 
 
 JobKey = tuple[str, Month]

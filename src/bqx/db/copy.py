@@ -8,6 +8,7 @@ prices float8, NULL where a float is NaN.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import psycopg
@@ -139,14 +140,25 @@ def select_series(
     binary wire encodings) that arrives as one binary value: COPY TO STDOUT would send one
     message per row, each costing a Python iteration in the client (60 ms a month of bars).
     """
+    times, prices, _ = select_series_with(cur, query, params)
+    return times, prices
+
+
+def select_series_with(
+    cur: psycopg.Cursor, query: sql.Composable, params: Sequence[object] | None = None,
+    extra: sql.Composable | None = None,
+) -> tuple[np.ndarray, np.ndarray, tuple[Any, ...]]:  # fmt: skip
+    """``select_series``, and the values of ``extra`` (aggregates over ``s.t``, ``s.p``)
+    computed in the same scan."""
     # no ORDER BY in the aggregate: rows come in index order almost always, and sorting them
     # here only when they do not costs the client far less than a sort on the server
     stmt = sql.SQL(
-        "SELECT count(*), string_agg(timestamptz_send(s.t) || float8send(s.p), ''::bytea)"
-        " FROM ({}) s(t, p)"
-    ).format(query)
+        "SELECT count(*), string_agg(timestamptz_send(s.t) || float8send(s.p), ''::bytea){extra}"
+        " FROM ({query}) s(t, p)"
+    ).format(query=query, extra=sql.SQL(", ") + extra if extra is not None else sql.SQL(""))
     row = cur.execute(stmt, params, binary=True).fetchone()
-    count, packed = row if row is not None else (0, b"")
+    count, packed = row[:2] if row is not None else (0, b"")
+    rest = tuple(row[2:]) if row is not None else ()
     packed = packed or b""
     if len(packed) != 16 * count:  # string_agg skips a row whose time or price is NULL
         raise BqxError("unexpected NULL time or price in the source bars")
@@ -155,7 +167,7 @@ def select_series(
     if len(us) > 1 and not (us[1:] >= us[:-1]).all():
         order = np.argsort(us, kind="stable")
         us, prices = us[order], prices[order]
-    return from_pg_us(us), prices
+    return from_pg_us(us), prices, rest
 
 
 def copy_out_columns(

@@ -39,6 +39,17 @@ class Destination(Protocol):
     ) -> dict[JobKey, str]:
         """'ok', 'missing' or 'empty' per (pair, month): resume redoes what is not 'ok'."""
 
+    def month_versions(
+        self, conn: psycopg.Connection, params: Params, pairs: Sequence[str]
+    ) -> dict[JobKey, int]:
+        """The version of each month's stored metrics (a new one for every write, bqx's or
+        anyone's), for the months that have one."""
+
+    def month_version(
+        self, cur: psycopg.Cursor, params: Params, pair: str, month: Month
+    ) -> int | None:
+        """The month's version as this transaction sees it (after its own write)."""
+
     def replace_month(
         self, cur: psycopg.Cursor, params: Params, pair: str, month: Month, times: np.ndarray,
         matrix: np.ndarray,

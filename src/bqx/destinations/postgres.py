@@ -11,7 +11,7 @@ import psycopg
 from bqx.core.layout import TARGET_RATE, Layout
 from bqx.core.months import Month
 from bqx.core.params import Job, Params
-from bqx.store import catalog, ddl, targets
+from bqx.store import catalog, ddl, targets, versions
 
 JobKey = tuple[str, Month]
 
@@ -29,6 +29,8 @@ class PostgresPartitions:
         catalog.check_target_columns(conn, self.layout, pair, params.windows)
 
     def prepare(self, conn: psycopg.Connection, params: Params, jobs: Sequence[Job]) -> None:
+        """The targets and partitions the jobs write into, each with the triggers that version
+        its months, all only where missing."""
         pairs = sorted({j.pair for j in jobs})
         existing = catalog.target_partitions(conn, self.layout, pairs)
         for pair in pairs:
@@ -37,6 +39,10 @@ class PostgresPartitions:
         for job in jobs:
             if self.layout.target_partition_name(job.pair, job.month) not in existing:
                 ddl.ensure_target_partition(conn, self.layout, job.pair, job.month)
+        unguarded = versions.unguarded_targets(conn, self.layout, [(j.pair, j.month) for j in jobs])
+        with conn.cursor() as cur:
+            for pair, month in unguarded:
+                versions.install_target(cur, self.layout, pair, month)
 
     def ensure_month(
         self, conn: psycopg.Connection, params: Params, pair: str, month: Month
@@ -50,11 +56,24 @@ class PostgresPartitions:
         if name not in catalog.target_partitions(conn, self.layout, [pair]):
             with conn.transaction():  # its own short transaction: it locks the parent table
                 ddl.ensure_target_partition(conn, self.layout, pair, month)
+        if versions.unguarded_targets(conn, self.layout, [(pair, month)]):
+            with conn.transaction(), conn.cursor() as cur:
+                versions.install_target(cur, self.layout, pair, month)
 
     def month_states(
         self, conn: psycopg.Connection, params: Params, keys: Sequence[JobKey]
     ) -> dict[JobKey, str]:
         return catalog.partition_states(conn, self.layout, keys)
+
+    def month_versions(
+        self, conn: psycopg.Connection, params: Params, pairs: Sequence[str]
+    ) -> dict[JobKey, int]:
+        return versions.target_versions(conn, self.layout, pairs)
+
+    def month_version(
+        self, cur: psycopg.Cursor, params: Params, pair: str, month: Month
+    ) -> int | None:
+        return versions.target_version(cur, self.layout, pair, month)
 
     def replace_month(
         self, cur: psycopg.Cursor, params: Params, pair: str, month: Month, times: np.ndarray,

@@ -29,9 +29,9 @@ from bqx.core.params import Job, Params
 from bqx.db.connect import connect, is_transient, worker_id
 from bqx.destinations import Destination
 from bqx.errors import BqxError
-from bqx.store import bars
-from bqx.store.ledger import HEARTBEAT_INTERVAL_S, Ledger, worker_is_dead
-from bqx.store.versions import source_jobs
+from bqx.store import bars, versions
+from bqx.store.ledger import HEARTBEAT_INTERVAL_S, Ledger, Written, worker_is_dead
+from bqx.store.versions import check_exactly
 
 MAX_TRANSIENT_RETRIES = 5
 
@@ -74,21 +74,35 @@ class PermanentError(Exception):
     """A job error that retrying will not fix."""
 
 
+@dataclass
+class Computed:
+    """A job's rows, computed from the bars it read, and what it read."""
+
+    times: np.ndarray
+    matrix: np.ndarray  # (1 + metric columns) × rows: the rate, then the metric columns
+    source_sig: str  # the exact signature of every bar read (its lookback included)
+    source_stats: str | None  # the source partition's write counters before the read
+
+
 def read_and_compute(
     cur: psycopg.Cursor, params: Params, pair: str, since: datetime, until: datetime
-) -> tuple[np.ndarray, np.ndarray]:
-    """Bars of [since, until) with their lookback, computed: (times, matrix) of the rows at or
-    after ``since``. A bad bar (NULL, non-finite, out of order) is a ``PermanentError``
-    naming it."""
+) -> Computed:
+    """Bars of [since, until) with their lookback, computed: the rows at or after ``since``.
+
+    The source month's write counters are read first, so that a write slipping past the
+    triggers after this read shows later as moved counters. A bad bar (NULL, non-finite, out
+    of order) is a ``PermanentError`` naming it."""
+    stats = versions.partition_stats(cur, params.layout, pair, Month.of(since))
     try:
-        times, prices = bars.read_series(cur, params, pair, since, until)
+        times, prices, sig = bars.read_series(cur, params, pair, since, until)
     except BqxError:  # a NULL time or price: name the bar, not the stream
         cur.connection.rollback()
         raise PermanentError(bars.null_bar_message(cur, params, pair, until)) from None
     try:
-        return compute_rows(params, since, times, prices)
+        out_times, matrix = compute_rows(params, since, times, prices)
     except ValueError as exc:
         raise PermanentError(bad_bar_message(pair, times, exc)) from None
+    return Computed(out_times, matrix, sig, stats)
 
 
 def describe(exc: BaseException | None, pair: str, month: Month) -> str:
@@ -196,15 +210,20 @@ class JobRunner:
     def _attempt(self, pair: str, month: Month, attempt: int, started: float) -> int:
         conn = self._connection()
         with conn.cursor() as cur:
-            out_times, matrix = read_and_compute(cur, self.params, pair, month.start, month.end)
+            done = read_and_compute(cur, self.params, pair, month.start, month.end)
         conn.commit()
         with conn.transaction(), conn.cursor() as cur:
             if not self.ledger.lock_own(cur, pair, month, self.worker):
                 raise PermanentError("job was taken over by another worker")
-            rows = self.dest.replace_month(cur, self.params, pair, month, out_times, matrix)
+            rows = self.dest.replace_month(cur, self.params, pair, month, done.times, done.matrix)
+            written = Written(
+                done.source_sig,
+                done.source_stats,
+                self.dest.month_version(cur, self.params, pair, month),
+            )
             self.ledger.finish(
                 cur, self.run_id, pair, month, self.worker, "done", attempt, started,
-                len(out_times), rows, None, self.params.hash,
+                len(done.times), rows, None, self.params.hash, written,
             )  # fmt: skip
         return rows
 
@@ -240,10 +259,6 @@ class Busy(Exception):
     """The month's job is running in a live backfill worker: leave it to that worker."""
 
 
-class Unchanged(Exception):
-    """Recomputing the month changed no row: roll back, record nothing."""
-
-
 @dataclass
 class UpsertCounts:
     inserted: int = 0
@@ -257,43 +272,37 @@ class UpsertCounts:
 
 def upsert_month(
     conn: psycopg.Connection, ledger: Ledger, dest: Destination, params: Params, run_id: int,
-    pair: str, month: Month, since: datetime,
+    job: Job, since: datetime,
 ) -> UpsertCounts:  # fmt: skip
-    """Recompute the month's rows from ``since`` on and upsert them, in one repeatable-read
-    transaction that holds the month's ledger row.
+    """Bring a month to exactly what a forced recompute would write, by upsert: its rows from
+    ``since`` on are recomputed and upserted (unchanged rows are not rewritten; rows whose bar
+    is gone are deleted), in one repeatable-read transaction that holds the month's ledger row
+    (the lock a backfill's write takes). The caller picks ``since``: the month's start, or its
+    first row whose bar differs when nothing before that row can have changed.
 
-    Raises ``Busy`` when a live backfill worker holds the month, ``Unchanged`` when no row
-    changed. The job row is marked done only when it was done before, or new, with the
-    month's source signature as a backfill's resume computes it (in the same snapshot), so a
-    later backfill skips the month instead of redoing it.
+    The job is recorded done with what it read, from the same snapshot, so a later resume
+    compares with exactly that. Raises ``Busy`` when a live backfill worker holds the month.
     """
     started = time.time()
+    pair, month = job.pair, job.month
     lo = max(since, month.start)
     with conn.transaction(), conn.cursor() as cur:
-        # one snapshot for the bars read, the rows written and the counts recorded
+        # one snapshot for the bars read, the rows written and what is recorded
         cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        status, worker, phash, created, stale = ledger.lock_month(
-            cur, run_id, pair, month, params.hash
-        )
+        status, worker, stale = ledger.lock_month(cur, run_id, pair, month, params.hash)
         if status == "running" and not (stale or worker_is_dead(worker)):
             raise Busy()
-        if status == "done" and not created and phash != params.hash:
-            raise BqxError(
-                f"{pair.upper()} {month} was computed with other parameters than the pair's"
-                f" latest run: run `bqx backfill --pairs {pair.upper()} --force`"
-            )
         try:
-            times, matrix = read_and_compute(cur, params, pair, lo, month.end)
+            done = read_and_compute(cur, params, pair, lo, month.end)
         except PermanentError as exc:
             raise BqxError(f"{pair.upper()} {month}: {exc}") from None
-        counts = UpsertCounts(*dest.upsert_range(cur, params, pair, month, lo, times, matrix))
-        if counts.written == 0 and not created:
-            raise Unchanged()
-        jobs = source_jobs(conn, params, pair, month, month, "auto")
-        job = jobs[0] if jobs else Job(pair, month, 0, None, None)
+        counts = UpsertCounts(
+            *dest.upsert_range(cur, params, pair, month, lo, done.times, done.matrix)
+        )
+        sig = done.source_sig if lo == month.start else check_exactly(conn, params, job).source_sig
+        written = Written(sig, done.source_stats, dest.month_version(cur, params, pair, month))
         ledger.record_month(
-            cur, run_id, job, done=created or status == "done", params=params,
-            rows_total=dest.count_month(cur, params, pair, month), rows_written=counts.written,
-            started=started,
+            cur, run_id, job, params=params, rows_total=dest.count_month(cur, params, pair, month),
+            rows_written=counts.written, started=started, written=written,
         )  # fmt: skip
     return counts

@@ -10,13 +10,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 from psycopg import errors as pgerrors
 
 from bqx.core.layout import Layout
-from bqx.core.months import Month
+from bqx.core.months import Month, in_range
 from bqx.core.params import SOURCE_CHECKS, BackfillPlan, Job, Params, PlannedJob
 from bqx.core.symbols import validate_pair
 from bqx.db.connect import pool
@@ -24,7 +25,7 @@ from bqx.destinations import Destination
 from bqx.errors import BqxError, InvalidOption, NothingToDo
 from bqx.store import catalog, ddl, names
 from bqx.store.ledger import Ledger, LedgerRow
-from bqx.store.versions import source_jobs
+from bqx.store.versions import check_exactly, source_jobs
 
 PLAN_LOCK_TIMEOUT_S = 10.0  # planning waits this long for a lock, then says who holds it
 
@@ -32,6 +33,11 @@ SKIP_REASON = "done, unchanged"
 RUNNING_ELSEWHERE = "running elsewhere"
 # parameters whose change is refused without --force (a new formula version just recomputes)
 _REFUSED_CHANGES = ("windows", "mode", "max_fill", "source", "time_column", "price_column")
+
+
+def empty_month_job(conn: psycopg.Connection, params: Params, pair: str, month: Month) -> Job:
+    """The job of a month without bars: its exact signature is its lookback's alone."""
+    return check_exactly(conn, params, Job(pair, month, 0, None))
 
 
 def default_destination(params: Params) -> Destination:
@@ -43,36 +49,114 @@ def default_destination(params: Params) -> Destination:
 
 # -- the resume rule ----------------------------------------------------------------------
 
+CHECK_BARS = "check bar by bar"  # counters moved without a version: decided by an exact hash
 
-def _same_source(job: Job, sig: str | None, ver: str | None) -> bool:
-    """The exact signature decides when the plan computed one; else the version signature."""
-    if job.source_sig is not None:
-        return sig == job.source_sig
-    return job.source_ver is not None and ver == job.source_ver
+
+@dataclass(frozen=True)
+class MonthState:
+    """A target month as the destination holds it: 'ok' (rows), 'missing' or 'empty', and
+    the version its triggers gave it (None: unknown)."""
+
+    state: str = "ok"
+    version: int | None = None
+
+
+OK = MonthState()
+
+
+def _source_reason(job: Job, row: LedgerRow) -> str | None:
+    """Why the job's source differs from what its done job read; None when it does not."""
+    if job.source_sig is not None:  # the exact signature decides when the plan computed one
+        return None if row.source_sig == job.source_sig else "source changed"
+    if job.source_ver is None or row.source_ver != job.source_ver:
+        return "source changed"
+    if row.source_stats is not None and job.source_stats not in (None, row.source_stats):
+        return CHECK_BARS  # written past the triggers, or statistics reset: hash it
+    return None
+
+
+def target_reason(job: Job, row: LedgerRow, target: MonthState) -> str | None:
+    """Why the month's stored metrics differ from what its done job wrote; None if not."""
+    if target.state == "missing" and job.source_bars:
+        return "partition missing"
+    if target.state == "empty" and job.source_bars:
+        return "partition empty"
+    if target.state == "ok" and not job.source_bars:
+        return "metrics without bars"
+    if None not in (row.target_ver, target.version) and row.target_ver != target.version:
+        return "metrics written by another writer"
+    return None
 
 
 def decide(
-    job: Job, row: LedgerRow | None, param_hash: str, partition: str = "ok", force: bool = False
-) -> tuple[bool, str]:
-    """(to do?, why) for a planned job given its ledger row and its target month's state."""
+    job: Job, row: LedgerRow | None, param_hash: str, target: MonthState = OK,
+    force: bool = False,
+) -> tuple[bool, str]:  # fmt: skip
+    """(to do?, why) for a planned job given its ledger row and its target month.
+
+    A done job is skipped only when its parameters, the bars it reads (its lookback
+    included) and its stored metrics are all as it left them (docs/guarantees.md).
+    """
     if row is None:
         return True, "new"
-    status, h, sig, ver, stale = row
-    if status == "running" and not stale:
+    if row.status == "running" and not row.stale:
         return True, RUNNING_ELSEWHERE
     if force:
         return True, "forced"
-    if status == "failed":
+    if row.status == "failed":
         return True, "failed before"
-    if status != "done":
+    if row.status != "done":
         return True, "not finished before"
-    if h != param_hash:
+    if row.param_hash != param_hash:
         return True, "parameters changed"
-    if not _same_source(job, sig, ver):
-        return True, "source changed"
-    if partition != "ok":
-        return True, f"partition {partition}"
-    return False, SKIP_REASON
+    why = _source_reason(job, row) or target_reason(job, row, target)
+    return (True, why) if why else (False, SKIP_REASON)
+
+
+@dataclass
+class Decision:
+    """A job, as the plan will hand it on (with its exact signature when one was needed), and
+    whether and why it is done."""
+
+    job: Job
+    do: bool
+    reason: str
+    target: MonthState = OK
+
+
+def resolve(
+    conn: psycopg.Connection, params: Params, dest: Destination, jobs: Sequence[Job],
+    rows: dict[tuple[str, Month], LedgerRow], force: bool,
+) -> tuple[list[Decision], list[tuple[str, Month, str | None, int | None]]]:  # fmt: skip
+    """Decide every job; a month whose counters moved without a new version is hashed bar by
+    bar first. Also returns what to record of the done jobs found unchanged (their current
+    counters and metric version), so later resumes compare with them."""
+    keys = [(j.pair, j.month) for j in jobs]
+    versions = dest.month_versions(conn, params, sorted({j.pair for j in jobs}))
+    maybe_skip = [
+        (j.pair, j.month) for j in jobs
+        if not force and decide(j, rows.get((j.pair, j.month)), params.hash)[1] in
+        (SKIP_REASON, CHECK_BARS)
+    ]  # fmt: skip
+    states = dest.month_states(conn, params, maybe_skip)
+    out, seen = [], []
+    for job, key in zip(jobs, keys, strict=True):
+        row, target = rows.get(key), MonthState(states.get(key, "ok"), versions.get(key))
+        do, why = decide(job, row, params.hash, target, force)
+        if why == CHECK_BARS:
+            job = check_exactly(conn, params, job)
+            do, why = decide(job, row, params.hash, target, force)
+        if (
+            not do
+            and row is not None
+            and (
+                row.source_stats != job.source_stats
+                or (row.target_ver is None and target.version is not None)
+            )
+        ):
+            seen.append((job.pair, job.month, job.source_stats, target.version))
+        out.append(Decision(job, do, why, target))
+    return out, seen
 
 
 # -- parameters recorded per target -------------------------------------------------------
@@ -215,13 +299,37 @@ def check_source_check(source_check: str) -> None:
         )
 
 
+@dataclass
+class Plan:
+    """The checked plan of a run: its pairs, its jobs, and their ledger rows."""
+
+    pairs: list[str]
+    jobs: list[Job]
+    rows: dict[tuple[str, Month], LedgerRow]
+
+
+def with_orphans(
+    conn: psycopg.Connection, params: Params, jobs: list[Job],
+    rows: dict[tuple[str, Month], LedgerRow], ranges: dict[str, tuple[Month | None, Month | None]],
+) -> list[Job]:  # fmt: skip
+    """The jobs, and a job for every month the ledger holds that has no bar left (emptied by
+    TRUNCATE or DELETE, its partition dropped): its stored metrics must go. A month without
+    bars that was never computed is no job."""
+    planned = {(j.pair, j.month) for j in jobs}
+    kept = [j for j in jobs if j.source_bars or (j.pair, j.month) in rows]
+    for (pair, month), _row in sorted(rows.items()):
+        if pair in ranges and (pair, month) not in planned and in_range(month, *ranges[pair]):
+            kept.append(empty_month_job(conn, params, pair, month))
+    return sorted(kept, key=lambda j: (j.pair, j.month))
+
+
 def checked_plan(
     conn: psycopg.Connection, params: Params, dest: Destination, pairs: Sequence[str] | None,
     start: Month | None, end: Month | None, url: str | None, force: bool, source_check: str,
     lock_timeout: float,
-) -> tuple[list[str], list[Job]]:  # fmt: skip
+) -> Plan:  # fmt: skip
     """Read-only: every check, then the jobs. Raises ``NothingToDo`` when no (pair, month)
-    has source bars in the range."""
+    has source bars (or stored metrics without bars) in the range."""
     check_source_check(source_check)
     check_range(start, end)
     pairs = resolve_pairs(conn, params.layout, pairs)
@@ -233,9 +341,12 @@ def checked_plan(
     jobs = plan_jobs(conn, params, same, start, end, url, source_check, lock_timeout)
     # new parameters for a pair (with --force): every month of it, so the table is consistent
     jobs += plan_jobs(conn, params, sorted(changed), None, None, url, source_check, lock_timeout)
+    rows = Ledger(params.layout).read_jobs(conn, pairs)
+    ranges = {p: (None, None) if p in changed else (start, end) for p in pairs}
+    jobs = with_orphans(conn, params, jobs, rows, ranges)
     if not jobs:
         raise NothingToDo(_nothing_message(pairs, start, end))
-    return pairs, jobs
+    return Plan(pairs, jobs, rows)
 
 
 def preflight(
@@ -250,18 +361,18 @@ def preflight(
     """
     layout = params.layout
     dest = dest or default_destination(params)
-    _, jobs = checked_plan(conn, params, dest, pairs, start, end, url, force, source_check,
-                           lock_timeout)  # fmt: skip
+    plan = checked_plan(conn, params, dest, pairs, start, end, url, force, source_check,
+                        lock_timeout)  # fmt: skip
     try:
         with catalog.lock_timeout(conn, lock_timeout), conn.transaction():
             Ledger(layout).create(conn)
-            dest.prepare(conn, params, jobs)
+            dest.prepare(conn, params, plan.jobs)
     except pgerrors.LockNotAvailable as exc:
         raise BqxError(
             f"a ledger or target table in schema {layout.schema} is locked by another session;"
             f" waited {lock_timeout:g}s ({str(exc).strip().splitlines()[0]})"
         ) from None
-    return jobs
+    return plan.jobs
 
 
 def plan_backfill(
@@ -273,16 +384,14 @@ def plan_backfill(
     (no run row, no table, no partition)."""
     dest = dest or default_destination(params)
     with catalog.lock_timeout(conn, lock_timeout):
-        pairs, jobs = checked_plan(conn, params, dest, pairs, start, end, None, force,
-                                   source_check, lock_timeout)  # fmt: skip
-        rows = Ledger(params.layout).read_jobs(conn, pairs)
-        parts = dest.month_states(conn, params, [(j.pair, j.month) for j in jobs])
-    planned = []
-    for job in jobs:
-        key = (job.pair, job.month)
-        do, reason = decide(job, rows.get(key), params.hash, parts[key], force)
-        planned.append(PlannedJob(job.pair, job.month, "do" if do else "skip", reason,
-                                  job.source_bars))  # fmt: skip
+        plan = checked_plan(conn, params, dest, pairs, start, end, None, force, source_check,
+                            lock_timeout)  # fmt: skip
+        decisions, _seen = resolve(conn, params, dest, plan.jobs, plan.rows, force)
+    planned = [
+        PlannedJob(d.job.pair, d.job.month, "do" if d.do else "skip", d.reason,
+                   d.job.source_bars)
+        for d in decisions
+    ]  # fmt: skip
     doc = {"windows": list(params.windows), "mode": params.mode, "max_fill": params.max_fill,
            "source_table": params.source_table, "schema": params.schema}  # fmt: skip
     return BackfillPlan(planned, doc, source_check)
@@ -294,20 +403,22 @@ def mark_jobs(
 ) -> tuple[list[Job], list[Job], dict[tuple[str, Month], str]]:  # fmt: skip
     """Mark the jobs to do as pending in the ledger; return (to do, skipped, why per job).
 
-    Target months are probed only for jobs the ledger would skip, and outside the ledger's
-    transaction (each probe's lock is released at once).
+    Decided first outside the ledger's transaction (target months are probed, and months whose
+    counters moved are hashed, with each probe's lock released at once); then again inside it
+    on the locked rows, in case another run moved on meanwhile.
     """
     before = ledger.read_jobs(conn, sorted({j.pair for j in jobs}))
-    maybe_skip = [
-        (j.pair, j.month) for j in jobs
-        if not force and decide(j, before.get((j.pair, j.month)), params.hash)[1] == SKIP_REASON
-    ]  # fmt: skip
-    parts = dest.month_states(conn, params, maybe_skip)
-    return ledger.plan(
-        conn, run_id, params, jobs,
-        lambda job, row: decide(job, row, params.hash, parts.get((job.pair, job.month), "ok"),
-                                force),
-    )  # fmt: skip
+    decisions, seen = resolve(conn, params, dest, jobs, before, force)
+    resolved = {(d.job.pair, d.job.month): d for d in decisions}
+
+    def again(job: Job, row: LedgerRow | None) -> tuple[bool, str]:
+        d = resolved[(job.pair, job.month)]
+        do, why = decide(d.job, row, params.hash, d.target, force)
+        return (True, why) if why == CHECK_BARS else (do, why)
+
+    result = ledger.plan(conn, run_id, params, [d.job for d in decisions], again)
+    ledger.observe(conn, seen)
+    return result
 
 
 def init_tables(

@@ -25,15 +25,17 @@ import tenacity
 
 from bqx import metrics
 from bqx.core.layout import Layout
-from bqx.core.months import Month, month_range
-from bqx.core.params import Params
+from bqx.core.months import Month
+from bqx.core.params import Job, Params
 from bqx.core.symbols import validate_pair
 from bqx.db.connect import connect, is_transient
 from bqx.destinations.postgres import PostgresPartitions
 from bqx.errors import BqxError, InvalidOption
-from bqx.pipeline.job import Busy, Unchanged, upsert_month
+from bqx.pipeline.job import Busy, upsert_month
+from bqx.pipeline.plan import Decision, resolve, target_reason, with_orphans
 from bqx.store import bars, catalog, targets
 from bqx.store.ledger import Ledger
+from bqx.store.versions import source_jobs, versioned
 
 DEFAULT_RECHECK_S = 86_400.0
 MONTH_RETRIES = 8  # serialization failures when another writer held the month: retry at once
@@ -58,6 +60,7 @@ class PairUpdate:
     newest_metric: datetime | None = None
     months: list[str] = field(default_factory=list)  # months written
     busy: list[str] = field(default_factory=list)  # months left to a running backfill
+    error: str | None = None  # why the pair could not be brought up to date (the others were)
 
     @property
     def written(self) -> int:
@@ -75,7 +78,7 @@ class PairUpdate:
             "pair": self.pair, "new_rows": self.new_rows, "changed_rows": self.changed_rows,
             "deleted_rows": self.deleted_rows, "newest_bar": _iso(self.newest_bar),
             "newest_metric": _iso(self.newest_metric), "lag_s": self.lag_s,
-            "months": self.months, "busy": self.busy,
+            "months": self.months, "busy": self.busy, "error": self.error,
         }  # fmt: skip
 
 
@@ -90,6 +93,11 @@ class UpdateResult:
     @property
     def rows(self) -> int:
         return sum(p.written for p in self.pairs)
+
+    @property
+    def errors(self) -> list[str]:
+        """One line per pair that could not be brought up to date."""
+        return [f"{p.pair.upper()}: {p.error}" for p in self.pairs if p.error]
 
     @property
     def lag_max_s(self) -> float:
@@ -126,18 +134,6 @@ class UpdateResult:
 
 
 # -- planning -----------------------------------------------------------------------------
-
-
-@dataclass
-class _Todo:
-    pair: str
-    params: Params
-    since: datetime
-    last: Month
-
-
-def _month_of(t: datetime) -> Month:
-    return Month.of(t.astimezone(UTC))
 
 
 def _show(value: object) -> str:
@@ -195,6 +191,7 @@ class Updater:
         self.targets: set[str] = set()  # pairs whose target table exists
         self.partitions: set[tuple[str, Month]] = set()  # target partitions known to exist
         self.ledger_ready = False  # the ledger tables exist
+        self.failure_run: int | None = None  # the run a pair's failure is recorded in
 
     # connections
     def connection(self) -> psycopg.Connection:
@@ -223,27 +220,23 @@ class Updater:
             )
         return pairs
 
-    def _pair_params(self, conn: psycopg.Connection, only: Iterable[str] | None) -> dict:
-        recorded = self.ledger.pair_params(conn)
-        out: dict[str, Params] = {}
-        for pair in self._pairs(conn, only, recorded):
-            doc = recorded.get(pair)
-            params = self.default if doc is None else Params.recorded(doc, self.layout,
-                                                                      self.default)  # fmt: skip
-            self._check_explicit(pair, params)
-            if (pair, params.hash) not in self.checked:
-                catalog.check_source(conn, params.layout, pair)
-                catalog.check_target_columns(conn, params.layout, pair, params.windows)
-                self.checked.add((pair, params.hash))
-            out[pair] = params
-        return out
+    def _params_of(self, conn: psycopg.Connection, pair: str, recorded: dict) -> Params:
+        """The parameters the pair was computed with, checked against its tables once."""
+        doc = recorded.get(pair)
+        params = self.default if doc is None else Params.recorded(doc, self.layout, self.default)
+        self._check_explicit(pair, params)
+        if (pair, params.hash) not in self.checked:
+            catalog.check_source(conn, params.layout, pair)
+            catalog.check_target_columns(conn, params.layout, pair, params.windows)
+            self.checked.add((pair, params.hash))
+        return params
 
     def _check_explicit(self, pair: str, params: Params) -> None:
         for key, want in self.explicit.items():
             have = getattr(params, key)
             if have != want:
                 raise BqxError(
-                    f"{pair.upper()} was computed with {key.replace('_', '-')} "
+                    f"{pair.upper()} was computed with {key.replace('_', ' ')} "
                     f"{_show(have)}, not {_show(want)}: run `bqx backfill --pairs "
                     f"{pair.upper()} --force` with the new value (docs/update.md)"
                 )
@@ -258,32 +251,78 @@ class Updater:
     def poll(
         self, only: Iterable[str] | None = None, stop: threading.Event | None = None
     ) -> UpdateResult:
-        """One pass over the pairs (or ``only`` these): find what changed, write it."""
+        """One pass over the pairs (or ``only`` these): bring every month whose bars changed
+        up to date. A pair that fails (its table gone, a bad bar) is reported in its
+        ``PairUpdate.error`` and the others go on; a lost database is raised, for a retry."""
         started = time.monotonic()
         conn = self.connection()
-        while self.unfinished:
-            self.ledger.end_run(conn, self.unfinished[0], "interrupted")
-            self.unfinished.pop(0)
+        self._close_unfinished(conn)
         if only is not None and self.pairs is not None:
             only = [p for p in only if p in self.pairs]
         result = UpdateResult()
-        todo: list[_Todo] = []
-        for pair, params in self._pair_params(conn, only).items():
-            bar, metric = self._newest(conn, params, pair)
-            result.pairs.append(PairUpdate(pair, newest_bar=bar, newest_metric=metric))
-            if bar is None and metric is None:
+        recorded = self.ledger.pair_params(conn)
+        todo: list[_PairPlan] = []
+        for pair in self._pairs(conn, only, recorded):
+            pu = PairUpdate(pair)
+            result.pairs.append(pu)
+            plan = self._isolated(conn, pu, lambda c, p=pair: self._plan_pair(c, p, recorded))
+            if plan is None:
                 continue
-            if metric is None:
-                since = bars.bar_bounds(conn, params.layout, pair)[0]
-            else:
-                since = targets.first_difference(conn, params, pair, metric - self.recheck)
-            if since is not None:
-                last = max(t for t in (bar, metric) if t is not None)
-                todo.append(_Todo(pair, params, since, _month_of(last)))
+            pu.newest_bar, pu.newest_metric = plan.newest_bar, plan.newest_metric
+            if plan.changed:
+                todo.append(plan)
         if todo:
             self._write(conn, todo, result, stop)
         result.seconds = time.monotonic() - started
         return result
+
+    def _isolated(self, conn: psycopg.Connection, pu: PairUpdate, work: Any) -> Any:
+        """``work(conn)`` for one pair; its failure is the pair's, recorded, not the poll's."""
+        try:
+            return work(conn)
+        except Exception as exc:
+            if is_transient(exc) or not isinstance(exc, BqxError | psycopg.Error):
+                raise
+            pu.error = _one_line(exc)
+            self._record_failure(conn, pu)
+            return None
+
+    def _record_failure(self, conn: psycopg.Connection, pu: PairUpdate) -> None:
+        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            conn.rollback()
+        if self.failure_run is not None and self.ledger.has_jobs_table(conn):
+            month = Month.of(datetime.now(UTC))
+            self.ledger.record_failure(conn, self.failure_run, pu.pair, month, time.time(),
+                                       f"{pu.pair.upper()}: {pu.error}")  # fmt: skip
+
+    def _plan_pair(self, conn: psycopg.Connection, pair: str, recorded: dict) -> _PairPlan:
+        """The pair's months whose bars (or stored metrics) changed, decided by the same rule
+        as a backfill's resume."""
+        params = self._params_of(conn, pair, recorded)
+        bar, metric = self._newest(conn, params, pair)
+        plan = _PairPlan(pair, params, bar, metric)
+        if bar is None and metric is None:
+            return plan
+        start = None if versioned(conn, params.layout, pair) else self._horizon(metric)
+        jobs = source_jobs(conn, params, pair, start, None, "auto")
+        rows = self.ledger.read_jobs(conn, [pair])
+        jobs = with_orphans(conn, params, jobs, rows, {pair: (start, None)})
+        decisions, seen = resolve(conn, params, self.dest, jobs, rows, force=False)
+        if seen:
+            self.ledger.observe(conn, seen)
+        for d in decisions:
+            if d.do and d.reason == "parameters changed":
+                raise BqxError(
+                    f"{pair.upper()} {d.job.month} was computed with other parameters than the"
+                    f" pair's latest run: run `bqx backfill --pairs {pair.upper()} --force`"
+                )
+        plan.changed = [d for d in decisions if d.do]
+        plan.rows = rows
+        return plan
+
+    def _horizon(self, metric: datetime | None) -> Month | None:
+        """For a source bqx does not version: how far back changes are looked for."""
+        return None if metric is None else Month.of(metric - self.recheck)
 
     # writing
     def _ensure_ledger(self, conn: psycopg.Connection) -> None:
@@ -293,44 +332,76 @@ class Updater:
                 self.ledger.create(conn)
         self.ledger_ready = True
 
+    def _close_unfinished(self, conn: psycopg.Connection) -> None:
+        while self.unfinished:
+            self.ledger.end_run(conn, self.unfinished[0], "interrupted")
+            self.unfinished.pop(0)
+        if self.ledger.exists(conn):  # a follower killed mid-poll left its run running
+            self.ledger.mark_orphaned_runs(conn)
+
     def _write(
-        self, conn: psycopg.Connection, todo: list[_Todo], result: UpdateResult,
+        self, conn: psycopg.Connection, todo: list[_PairPlan], result: UpdateResult,
         stop: threading.Event | None,
     ) -> None:  # fmt: skip
         by_pair = {p.pair: p for p in result.pairs}
-        groups: dict[str, list[_Todo]] = {}
+        groups: dict[str, list[_PairPlan]] = {}
         for item in todo:
             groups.setdefault(item.params.hash, []).append(item)
         self._ensure_ledger(conn)
         for items in groups.values():
             params = items[0].params
-            plan = [(t.pair, m) for t in items for m in month_range(_month_of(t.since), t.last)]
+            plan = [(t.pair, d.job.month) for t in items for d in t.changed]
             run_id = self.ledger.start_run(conn, "update", params, _run_doc(params, plan), 1,
                                            "update", len(plan))  # fmt: skip
             result.run_ids.append(run_id)
+            self.failure_run = run_id
             status = "interrupted"
             try:
                 for t in items:
                     pu = by_pair[t.pair]
-                    for month in month_range(_month_of(t.since), t.last):
-                        if stop is not None and stop.is_set():
-                            return
-                        self._write_month(conn, run_id, params, t.pair, month, t.since, pu)
-                    pu.newest_bar, pu.newest_metric = self._newest(conn, params, t.pair)
+                    if stop is not None and stop.is_set():
+                        return
+                    self._isolated(conn, pu, lambda c, t=t, pu=pu, r=run_id: self._write_pair(
+                        c, r, t, pu, stop))  # fmt: skip
                 status = "done"
             except Exception:
                 status = "failed"
                 raise
             finally:
+                self.failure_run = None
                 try:
                     self.ledger.end_run(conn, run_id, status)
                 except psycopg.Error:
                     self.unfinished.append(run_id)  # closed once the database is back
 
-    def _write_month(
-        self, conn: psycopg.Connection, run_id: int, params: Params, pair: str, month: Month,
-        since: datetime, pu: PairUpdate,
+    def _write_pair(
+        self, conn: psycopg.Connection, run_id: int, plan: _PairPlan, pu: PairUpdate,
+        stop: threading.Event | None,
     ) -> None:  # fmt: skip
+        for i, d in enumerate(plan.changed):
+            if stop is not None and stop.is_set():
+                return
+            since = self._since(conn, plan, d, first=i == 0)
+            self._write_month(conn, run_id, plan.params, d.job, since, pu)
+        pu.newest_bar, pu.newest_metric = self._newest(conn, plan.params, plan.pair)
+
+    def _since(self, conn: psycopg.Connection, plan: _PairPlan, d: Decision, first: bool) -> Any:
+        """Where a changed month's recompute starts: its first row whose bar differs, when it
+        is the pair's earliest changed month, was done, and its metrics are as that job left
+        them (so nothing before that row can have changed); else the month's start."""
+        month, row = d.job.month, plan.rows.get((d.job.pair, d.job.month))
+        if not first or d.reason != "source changed" or row is None or row.status != "done":
+            return month.start
+        if target_reason(d.job, row, d.target) is not None:
+            return month.start
+        diff = targets.first_difference(conn, plan.params, plan.pair, month.start, month.end)
+        return month.end if diff is None else diff
+
+    def _write_month(
+        self, conn: psycopg.Connection, run_id: int, params: Params, job: Job, since: datetime,
+        pu: PairUpdate,
+    ) -> None:  # fmt: skip
+        pair, month = job.pair, job.month
         if (pair, month) not in self.partitions:
             self.dest.ensure_month(conn, params, pair, month)
             self.targets.add(pair)
@@ -344,17 +415,30 @@ class Updater:
         try:
             for attempt in retrying:
                 with attempt:
-                    counts = upsert_month(conn, self.ledger, self.dest, params, run_id, pair,
-                                          month, since)  # fmt: skip
+                    counts = upsert_month(conn, self.ledger, self.dest, params, run_id, job,
+                                          since)  # fmt: skip
         except Busy:
             pu.busy.append(str(month))
-            return
-        except Unchanged:
             return
         pu.new_rows += counts.inserted
         pu.changed_rows += counts.updated
         pu.deleted_rows += counts.deleted
         pu.months.append(str(month))
+
+
+@dataclass
+class _PairPlan:
+    pair: str
+    params: Params
+    newest_bar: datetime | None
+    newest_metric: datetime | None
+    changed: list[Decision] = field(default_factory=list)
+    rows: dict = field(default_factory=dict)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _run_doc(params: Params, plan: list[tuple[str, Month]]) -> dict[str, Any]:
@@ -366,8 +450,26 @@ def _run_doc(params: Params, plan: list[tuple[str, Month]]) -> dict[str, Any]:
     }  # fmt: skip
 
 
+class UpdateFailed(BqxError):
+    """Some pairs could not be brought up to date (the others were): ``result`` says which."""
+
+    def __init__(self, result: UpdateResult) -> None:
+        failed = [p for p in result.pairs if p.error]
+        more = f" (and {len(failed) - 1} more pair(s) failed)" if len(failed) > 1 else ""
+        super().__init__(f"{failed[0].pair.upper()}: {failed[0].error}{more}")
+        self.result = result
+
+
 def update_once(updater: Updater) -> UpdateResult:
-    """One pass; transient database errors are retried with backoff."""
+    """One pass; transient database errors are retried with backoff. Raises ``UpdateFailed``
+    (holding the result) when a pair failed; the other pairs are brought up to date."""
+    result = _retried_poll(updater)
+    if any(p.error for p in result.pairs):
+        raise UpdateFailed(result)
+    return result
+
+
+def _retried_poll(updater: Updater) -> UpdateResult:
     try:
         for attempt in tenacity.Retrying(
             retry=tenacity.retry_if_exception(is_transient),

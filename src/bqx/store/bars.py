@@ -19,12 +19,12 @@ from psycopg import sql
 from bqx.core.layout import SOURCE_COLUMNS, Layout
 from bqx.core.months import Month
 from bqx.core.params import Params
-from bqx.db.copy import copy_in, copy_out_columns, select_series
+from bqx.db.copy import copy_in, copy_out_columns, select_series_with
 from bqx.store import names
 from bqx.store.catalog import has_source, has_target
 from bqx.store.ddl import ensure_source, ensure_source_partition, lock_key
 from bqx.store.upsert import stage_table, upsert
-from bqx.store.versions import record_source_version
+from bqx.store.versions import bar_hash, exact_signature, record_source_version
 
 CHANNEL = "bqx_bars"  # bqx's own loads NOTIFY here (payload: the pair) when they commit bars
 
@@ -129,10 +129,11 @@ def _has_rows(cur: psycopg.Cursor, table: sql.Composable) -> bool:
 
 def read_series(
     cur: psycopg.Cursor, params: Params, pair: str, since: datetime, until: datetime
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, str]:
     """Bars in [since, until) plus the lookback the first of them needs, crossing month
     boundaries, in one statement: in bars mode the first bar read is found by a subquery (the
-    W_max-th bar before ``since``, however long ago; all of them if fewer)."""
+    W_max-th bar before ``since``, however long ago; all of them if fewer). Also the exact
+    signature of every bar read (``versions.exact_signature``), from the same scan."""
     layout = params.layout
     src, t, p = names.source(layout, pair), names.time(layout), names.price(layout)
     if params.mode == "bars":
@@ -146,7 +147,13 @@ def read_series(
         lo = since - timedelta(minutes=params.lookback_minutes)
         q = sql.SQL("SELECT {t}::timestamptz, {p}::float8 FROM {src} WHERE {t} >= %s AND {t} < %s")
         args = [lo, until]
-    return select_series(cur, q.format(t=t, p=p, src=src), args)
+    h, at = bar_hash(sql.SQL("s.t"), sql.SQL("s.p")), sql.Literal(since)
+    extra = sql.SQL(
+        "count(*) FILTER (WHERE s.t >= {at}), (sum({h}) FILTER (WHERE s.t >= {at}))::text,"
+        " count(*) FILTER (WHERE s.t < {at}), (sum({h}) FILTER (WHERE s.t < {at}))::text"
+    ).format(h=h, at=at)
+    times, prices, parts = select_series_with(cur, q.format(t=t, p=p, src=src), args, extra)
+    return times, prices, exact_signature(*parts)
 
 
 def null_bar_message(cur: psycopg.Cursor, params: Params, pair: str, until: datetime) -> str:

@@ -30,6 +30,7 @@ RUNS = "bqx_runs"
 JOBS = "bqx_jobs"
 ATTEMPTS = "bqx_attempts"
 TARGETS = "bqx_targets"
+VERIFICATIONS = "bqx_verifications"
 
 HEARTBEAT_INTERVAL_S = 2.0
 STALE_AFTER_S = 30.0  # a running job whose heartbeat is older than this belongs to a dead worker
@@ -106,16 +107,57 @@ CREATE TABLE IF NOT EXISTS {targets} (
     run_id       bigint,
     updated_at   timestamptz NOT NULL DEFAULT now()
 );
+-- what a done job read and wrote: its source partition's write counters before it read, and
+-- the version its write gave the month's metrics (so a write by anyone else shows)
+ALTER TABLE {jobs} ADD COLUMN IF NOT EXISTS source_stats text;
+ALTER TABLE {jobs} ADD COLUMN IF NOT EXISTS target_ver bigint;
+-- each month's last verification: what it saw (versions of its bars and metrics) and found
+CREATE TABLE IF NOT EXISTS {verifications} (
+    pair         text NOT NULL,
+    month        date NOT NULL,
+    verified_at  timestamptz NOT NULL DEFAULT now(),
+    ok           boolean NOT NULL,
+    source_ver   text,
+    source_sig   text,
+    target_ver   bigint,
+    param_hash   text,
+    rows         bigint,
+    bars         bigint,
+    faults       jsonb,
+    PRIMARY KEY (pair, month)
+);
 """
 
 # the newest column of each ledger table: when all are there, the ledger needs no DDL
 _NEWEST = (
     (RUNS, "heartbeat_at"), (RUNS, "pid"), (JOBS, "source_ver"), (JOBS, "backend_pid"),
-    (ATTEMPTS, "error"), (TARGETS, "params"),
+    (JOBS, "source_stats"), (JOBS, "target_ver"), (ATTEMPTS, "error"), (TARGETS, "params"),
+    (VERIFICATIONS, "faults"),
 )  # fmt: skip
 
-# (status, param_hash, source_sig, source_ver, stale) of a job's ledger row
-LedgerRow = tuple[str, str | None, str | None, str | None, bool]
+
+@dataclass(frozen=True)
+class LedgerRow:
+    """What the resume rule needs of a job's ledger row."""
+
+    status: str
+    param_hash: str | None = None
+    source_sig: str | None = None  # the exact signature of the bars it read
+    source_ver: str | None = None  # the version signature it was planned with
+    stale: bool = False  # running, but its worker is gone
+    source_stats: str | None = None  # its source partition's write counters before it read
+    target_ver: int | None = None  # the version its write gave the month's metrics
+
+
+@dataclass(frozen=True)
+class Written:
+    """What a done job read and wrote, as the ledger keeps it for later resumes."""
+
+    source_sig: str | None = None  # the exact signature of the bars it read
+    source_stats: str | None = None  # its source partition's write counters before it read
+    target_ver: int | None = None  # the version its write gave the month's metrics
+
+
 JobKey = tuple[str, Month]
 Decide = Callable[[Job, LedgerRow | None], tuple[bool, str]]
 
@@ -213,11 +255,13 @@ class Ledger:
         self.jobs = names.table(layout, JOBS)
         self.attempts = names.table(layout, ATTEMPTS)
         self.targets = names.table(layout, TARGETS)
+        self.verifications = names.table(layout, VERIFICATIONS)
 
     def _q(self, text: str) -> sql.Composed:
         return sql.SQL(text).format(
-            runs=self.runs, jobs=self.jobs, attempts=self.attempts, targets=self.targets
-        )
+            runs=self.runs, jobs=self.jobs, attempts=self.attempts, targets=self.targets,
+            verifications=self.verifications,
+        )  # fmt: skip
 
     # -- the tables ----------------------------------------------------------------------
 
@@ -258,6 +302,7 @@ class Ledger:
                 jobs=self.jobs,
                 attempts=self.attempts,
                 targets=self.targets,
+                verifications=self.verifications,
                 attempts_run_idx=names.bare(f"{ATTEMPTS}_run_idx"),
             )  # fmt: skip
         )
@@ -393,31 +438,53 @@ class Ledger:
     def read_jobs(
         self, conn: psycopg.Connection, pairs: Sequence[str], *, lock: bool = False
     ) -> dict[JobKey, LedgerRow]:
-        """(pair, month) -> (status, param_hash, source_sig, source_ver, stale) of the pairs'
-        ledger rows; ``lock`` takes them FOR UPDATE (inside the caller's transaction). A
-        ledger made before ``source_ver`` existed is read without it (a dry run does not
-        upgrade it)."""
+        """(pair, month) -> ledger row of the pairs' jobs; ``lock`` takes them FOR UPDATE
+        (inside the caller's transaction). Columns that a ledger made by an older bqx lacks
+        read as NULL (a dry run does not upgrade it)."""
         if not self.has_jobs_table(conn):
             return {}
-        row = conn.execute(
-            "SELECT count(*) FROM pg_attribute WHERE attrelid = to_regclass(%s)"
-            " AND attname = 'source_ver' AND NOT attisdropped",
-            (names.as_text(self.jobs),),
-        ).fetchone()
+        optional = ("source_ver", "source_stats", "target_ver")
+        have = {
+            name for (name,) in conn.execute(
+                "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s)"
+                " AND attname = ANY(%s) AND NOT attisdropped",
+                (names.as_text(self.jobs), list(optional)),
+            )
+        }  # fmt: skip
+        cols = [names.column(c) if c in have else sql.NULL for c in optional]
         query = sql.SQL(
-            "SELECT pair, month, status, param_hash, source_sig, {ver}, worker,"
+            "SELECT pair, month, status, param_hash, source_sig, {cols}, worker,"
             " heartbeat_at < now() - make_interval(secs => %s) FROM {jobs} WHERE pair = ANY(%s)"
             "{lock}"
         ).format(
-            ver=names.column("source_ver") if row and row[0] else sql.NULL,
-            jobs=self.jobs, lock=sql.SQL(" FOR UPDATE" if lock else ""),
+            cols=sql.SQL(", ").join(cols), jobs=self.jobs,
+            lock=sql.SQL(" FOR UPDATE" if lock else ""),
         )  # fmt: skip
         return {
-            (p, Month.of(m)): (status, h, sig, v, bool(stale) or worker_is_dead(worker))
-            for p, m, status, h, sig, v, worker, stale in conn.execute(
+            (p, Month.of(m)): LedgerRow(
+                status, h, sig, ver, bool(stale) or worker_is_dead(worker), stats,
+                None if tver is None else int(tver),
+            )
+            for p, m, status, h, sig, ver, stats, tver, worker, stale in conn.execute(
                 query, (STALE_AFTER_S, sorted(set(pairs)))
             )
-        }
+        }  # fmt: skip
+
+    def observe(
+        self, conn: psycopg.Connection, seen: Sequence[tuple[str, Month, str | None, int | None]]
+    ) -> None:
+        """Record, for done jobs found unchanged, their source's write counters and their
+        metrics' version as they are now (a no-op resume after a bar-by-bar check, or the first
+        one after an upgrade): later resumes compare with these."""
+        for pair, month, stats, tver in seen:
+            conn.execute(
+                self._q(
+                    "UPDATE {jobs} SET source_stats = coalesce(%s, source_stats),"
+                    " target_ver = coalesce(%s, target_ver) WHERE pair = %s AND month = %s"
+                    " AND status = 'done'"
+                ),
+                (stats, tver, pair, month.first_day),
+            )
 
     def plan(
         self, conn: psycopg.Connection, run_id: int, params: Params, jobs: Sequence[Job],
@@ -566,19 +633,23 @@ class Ledger:
         self, cur: psycopg.Cursor, run_id: int, pair: str, month: Month, worker: str,
         status: str, attempt: int, started: float, source_bars: int | None,
         rows: int | None, error: str | None, params_hash: str | None = None,
+        written: Written | None = None,
     ) -> None:  # fmt: skip
-        """Record an attempt's end: done|failed, or retried (the job stays running)."""
+        """Record an attempt's end: done|failed, or retried (the job stays running); a done
+        job also records what it read and wrote (``written``)."""
         duration = time.time() - started
+        w = written or Written()
         if status != "retried":
             cur.execute(
                 self._q(
                     "UPDATE {jobs} SET status = %s, rows_written = %s, source_bars ="
                     " coalesce(%s, source_bars), finished_at = now(), duration_s = %s,"
-                    " last_error = %s, param_hash = coalesce(%s, param_hash), updated_at = now()"
-                    " WHERE pair = %s AND month = %s"
+                    " last_error = %s, param_hash = coalesce(%s, param_hash),"
+                    " source_sig = coalesce(%s, source_sig), source_stats = %s,"
+                    " target_ver = %s, updated_at = now() WHERE pair = %s AND month = %s"
                 ),
-                (status, rows, source_bars, duration, error, params_hash, pair,
-                 month.first_day),
+                (status, rows, source_bars, duration, error, params_hash, w.source_sig,
+                 w.source_stats, w.target_ver, pair, month.first_day),
             )  # fmt: skip
         self._attempt(cur, run_id, pair, month, attempt, status, worker, started, source_bars,
                       rows, error)  # fmt: skip
@@ -701,45 +772,56 @@ class Ledger:
 
     def lock_month(
         self, cur: psycopg.Cursor, run_id: int, pair: str, month: Month, param_hash: str
-    ) -> tuple[str, str | None, str | None, bool, bool]:
+    ) -> tuple[str, str | None, bool]:
         """Lock (creating it if needed) the month's job row: the lock a backfill write takes.
 
-        Returns (status, worker, param_hash, created, stale). The row is always touched, so
-        a concurrent repeatable-read writer of the month fails to serialize and retries.
+        Returns (status, worker, stale). The row is always touched, so a concurrent
+        repeatable-read writer of the month fails to serialize and retries.
         """
         row = cur.execute(
             self._q(
                 "INSERT INTO {jobs} AS j (pair, month, status, run_id, param_hash, attempts,"
                 " updated_at) VALUES (%s, %s, 'pending', %s, %s, 0, now())"
                 " ON CONFLICT (pair, month) DO UPDATE SET updated_at = now()"
-                " RETURNING j.status, j.worker, j.param_hash, j.xmax = 0,"
+                " RETURNING j.status, j.worker,"
                 " coalesce(j.heartbeat_at < now() - make_interval(secs => %s), true)"
             ),
             (pair, month.first_day, run_id, param_hash, STALE_AFTER_S),
         ).fetchone()
         assert row is not None
-        return row[0], row[1], row[2], bool(row[3]), bool(row[4])
+        return row[0], row[1], bool(row[2])
 
     def record_month(
-        self, cur: psycopg.Cursor, run_id: int, job: Job, *, done: bool, params: Params,
-        rows_total: int, rows_written: int, started: float,
+        self, cur: psycopg.Cursor, run_id: int, job: Job, *, params: Params, rows_total: int,
+        rows_written: int, started: float, written: Written,
     ) -> None:  # fmt: skip
-        """After an upsert: the job row states the month's totals; the attempt, what changed."""
-        if done:  # a month not done stays as it was: its backfill still has to run
-            cur.execute(
-                self._q(
-                    "UPDATE {jobs} SET status = 'done', run_id = %s, param_hash = %s,"
-                    " source_bars = %s, source_sig = %s, source_ver = %s, rows_written = %s,"
-                    " attempts = greatest(attempts, 1), started_at = coalesce(started_at,"
-                    " to_timestamp(%s)), finished_at = now(), duration_s = %s, worker = NULL,"
-                    " backend_pid = NULL, last_error = NULL, updated_at = now()"
-                    " WHERE pair = %s AND month = %s"
-                ),
-                (run_id, params.hash, job.source_bars, job.source_sig, job.source_ver,
-                 rows_total, started, time.time() - started, job.pair, job.month.first_day),
-            )  # fmt: skip
+        """After an update brought a month up to date: the job row says done, with what was
+        read and written; the attempt, how many rows changed."""
+        cur.execute(
+            self._q(
+                "UPDATE {jobs} SET status = 'done', run_id = %s, param_hash = %s,"
+                " source_bars = %s, source_sig = %s, source_ver = %s, source_stats = %s,"
+                " target_ver = %s, rows_written = %s, attempts = greatest(attempts, 1),"
+                " started_at = coalesce(started_at, to_timestamp(%s)), finished_at = now(),"
+                " duration_s = %s, worker = NULL, backend_pid = NULL, last_error = NULL,"
+                " updated_at = now() WHERE pair = %s AND month = %s"
+            ),
+            (run_id, params.hash, job.source_bars, written.source_sig, job.source_ver,
+             written.source_stats, written.target_ver, rows_total, started,
+             time.time() - started, job.pair, job.month.first_day),
+        )  # fmt: skip
         self._attempt(cur, run_id, job.pair, job.month, 1, "done", worker_id(), started,
                       job.source_bars, rows_written, None)  # fmt: skip
+
+    def record_failure(
+        self, conn: psycopg.Connection, run_id: int, pair: str, month: Month, started: float,
+        error: str,
+    ) -> None:  # fmt: skip
+        """A failed attempt (an update's month, or a pair it could not plan: then the month it
+        failed in), so that status shows the error; the job row, if any, stays as it was."""
+        with conn.transaction(), conn.cursor() as cur:
+            self._attempt(cur, run_id, pair, month, 1, "failed", worker_id(), started, None,
+                          None, error)  # fmt: skip
 
     def forget_months(self, cur: psycopg.Cursor, pair: str, months: Sequence[Month]) -> None:
         """Drop the job rows of months left without any bar, so nothing reports them done."""

@@ -88,16 +88,20 @@ def newest(conn: psycopg.Connection, layout: Layout, pair: str) -> datetime | No
 
 
 def first_difference(
-    conn: psycopg.Connection, params: Params, pair: str, since: datetime
-) -> datetime | None:
-    """The earliest time ≥ ``since`` where source and target disagree: a bar without a row
-    (new or late), a row without a bar (removed), or a price different from the row's rate."""
+    conn: psycopg.Connection, params: Params, pair: str, since: datetime,
+    until: datetime | None = None,
+) -> datetime | None:  # fmt: skip
+    """The earliest time in [since, until) where source and target disagree: a bar without a
+    row (new or late), a row without a bar (removed), or a price different from the row's
+    rate."""
     layout = params.layout
     row = conn.execute(
         sql.SQL(
             "SELECT min(coalesce(s.t, d.{ts})) FROM"
-            " (SELECT {t}::timestamptz AS t, {p}::float8 AS p FROM {src} WHERE {t} >= %s) s"
-            " FULL JOIN (SELECT {ts}, {rate} FROM {tgt} WHERE {ts} >= %s) d ON d.{ts} = s.t"
+            " (SELECT {t}::timestamptz AS t, {p}::float8 AS p FROM {src} WHERE {t} >= %s"
+            "  AND (%s::timestamptz IS NULL OR {t} < %s)) s"
+            " FULL JOIN (SELECT {ts}, {rate} FROM {tgt} WHERE {ts} >= %s"
+            "  AND (%s::timestamptz IS NULL OR {ts} < %s)) d ON d.{ts} = s.t"
             " WHERE s.t IS NULL OR d.{ts} IS NULL OR s.p IS DISTINCT FROM d.{rate}"
         ).format(
             t=names.time(layout),
@@ -107,7 +111,7 @@ def first_difference(
             ts=names.TS,
             rate=names.RATE,
         ),  # fmt: skip
-        (since, since),
+        (since, until, until, since, until, until),
     ).fetchone()
     return row[0] if row else None
 
