@@ -356,6 +356,7 @@ class Store:
         redoes the months whose bars changed."""
         from bqx.store import bars
         from bqx.store.ledger import Ledger
+        from bqx.store.versions import publish_counters
 
         pair, lo, hi = self._bounds(pair, start, end)
         with self.connect() as conn:
@@ -366,6 +367,7 @@ class Store:
                 Ledger(self.layout).forget_months(
                     cur, pair, [Month.parse(m) for m in result.emptied]
                 )
+            publish_counters(conn)
         return result
 
     def _bounds(

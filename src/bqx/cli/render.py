@@ -61,14 +61,26 @@ def _head(doc: Status) -> Table:
 def _pairs(doc: Status) -> Table:
     pairs = Table(title="per pair", show_edge=False)
     for col in ("pair", "months", "rows", "running", "failed", "newest bar", "newest metric",
-                "lag s"):  # fmt: skip
-        pairs.add_column(col, justify="left" if col == "pair" else "right")
+                "lag s", "current"):  # fmt: skip
+        pairs.add_column(col, justify="left" if col in ("pair", "current") else "right")
     for p in doc.pairs:
         when = [(t or "")[:16].replace("T", " ") for t in (p.newest_bar, p.newest_metric)]
         lag = "" if p.lag_s is None else f"{p.lag_s:,.0f}"
+        current = {True: "[green]yes[/]", False: "[yellow]no[/]", None: "?"}[p.current]
         pairs.add_row(p.pair.upper(), f"{p.months_done}/{p.months_planned}", f"{p.rows:,}",
-                      str(p.running), str(p.failed), *when, lag)  # fmt: skip
+                      str(p.running), str(p.failed), *when, lag, current)  # fmt: skip
     return pairs
+
+
+def _notes(doc: Status) -> list[str]:
+    """One line per pair whose metrics are not its bars' now, saying what to run; one line
+    for all the pairs whose sources bqx cannot check cheaply."""
+    lines = [f"[yellow]{p.pair}[/]: {p.note}" for p in doc.pairs if p.current is False and p.note]
+    unknown = [p for p in doc.pairs if p.current is None and p.note]
+    if unknown:
+        shown = ", ".join(p.pair for p in unknown[:5]) + (" …" if len(unknown) > 5 else "")
+        lines.append(f"{shown}: {unknown[0].note}")
+    return lines
 
 
 def _running(doc: Status) -> Table:
@@ -96,7 +108,7 @@ def status_view(doc: Status) -> Any:
     """The whole status: the run, per pair, running jobs, the last errors."""
     if doc.run is None:
         return _head(doc)
-    parts: list[Any] = [_head(doc), _pairs(doc)]
+    parts: list[Any] = [_head(doc), _pairs(doc), *_notes(doc)]
     if doc.running:
         parts.append(_running(doc))
     if doc.errors:

@@ -16,6 +16,7 @@ from bqx.core.layout import Layout
 from bqx.core.months import Month
 from bqx.core.params import Params
 from bqx.core.text import format_eta, plural
+from bqx.pipeline.plan import default_destination, outstanding
 from bqx.store import bars, catalog, targets
 from bqx.store.ledger import STALE_AFTER_S, JobRecord, Ledger, RunRecord
 
@@ -49,6 +50,11 @@ class PairStatus:
     newest_bar: str | None = None
     newest_metric: str | None = None
     lag_s: float | None = None
+    # months a plain backfill would do now (None: the source is not versioned by bqx, so
+    # only reading every bar could tell); current when none and the metrics reach the bars
+    outstanding: int | None = None
+    current: bool | None = None
+    note: str | None = None
 
 
 @dataclass
@@ -117,17 +123,22 @@ def _iso(t: datetime | None) -> str | None:
     return None if t is None else t.astimezone(UTC).isoformat()
 
 
+def pair_params(conn: psycopg.Connection, layout: Layout, pairs: list[str]) -> dict[str, Params]:
+    """The parameters each pair's metrics were last computed with (defaults when none)."""
+    default = Params.build(layout, Params().windows, "bars", 5)
+    recorded = Ledger(layout).pair_params(conn)
+    return {
+        pair: default if pair not in recorded else Params.recorded(recorded[pair], layout, default)
+        for pair in pairs
+    }
+
+
 def freshness(
     conn: psycopg.Connection, layout: Layout, pairs: list[str]
 ) -> dict[str, tuple[str | None, str | None, float | None]]:
     """Per pair: newest source bar, newest metric row and the lag between them."""
-    ledger = Ledger(layout)
-    recorded = ledger.pair_params(conn)
-    default = Params.build(layout, Params().windows, "bars", 5)
     out = {}
-    for pair in pairs:
-        doc = recorded.get(pair)
-        params = default if doc is None else Params.recorded(doc, layout, default)
+    for pair, params in pair_params(conn, layout, pairs).items():
         if not catalog.has_source(conn, params.layout, pair):
             continue
         bar = bars.bar_bounds(conn, params.layout, pair)[1]
@@ -138,24 +149,59 @@ def freshness(
     return out
 
 
-def _jobs(doc: Status, records: list[JobRecord]) -> tuple[dict[str, PairStatus], int]:
-    """Count the planned jobs per status and pair; the source bars still to compute."""
+def _currency(conn: psycopg.Connection, p: PairStatus, params: Params) -> None:
+    """Whether the pair's metrics are exactly its bars' now, as a plain backfill would see."""
+    todo = (
+        outstanding(conn, params, default_destination(params), p.pair.lower())
+        if catalog.has_source(conn, params.layout, p.pair.lower()) else None
+    )  # fmt: skip
+    if todo is None:
+        p.note = (
+            "source not versioned by bqx: `bqx backfill --dry-run --source-check exact`"
+            " compares it bar by bar"
+        )
+        return
+    p.outstanding = len(todo)
+    beyond = p.newest_metric is not None and (p.newest_bar or "") < p.newest_metric
+    p.current = not todo and not beyond
+    bare = [str(d.job.month) for d in todo if not d.job.source_bars and d.target.state == "ok"]
+    if beyond:
+        p.note = "metrics without bars beyond the newest bar: run `bqx backfill`"
+    elif bare:
+        p.note = f"metrics without bars in {', '.join(bare)}: run `bqx backfill`"
+    elif todo:
+        reasons = sorted({d.reason for d in todo})
+        p.note = f"{plural(len(todo), 'month')} to do ({', '.join(reasons)}): run `bqx backfill`"
+
+
+def _pairs(conn: psycopg.Connection, layout: Layout, records: list[JobRecord]) -> list[PairStatus]:
+    """Every pair the ledger holds (the whole store, not only the latest run's pairs)."""
     pairs: dict[str, PairStatus] = {}
+    for r in records:
+        p = pairs.setdefault(r.pair, PairStatus(r.pair.upper()))
+        p.months_planned += 1
+        p.months_done += r.status == "done"
+        p.rows += int(r.rows_written or 0) if r.status == "done" else 0
+        p.failed += r.status == "failed"
+        p.running += r.status == "running"
+    fresh = freshness(conn, layout, list(pairs))
+    for pair, params in pair_params(conn, layout, list(pairs)).items():
+        p = pairs[pair]
+        p.newest_bar, p.newest_metric, p.lag_s = fresh.get(pair, (None, None, None))
+        _currency(conn, p, params)
+    return list(pairs.values())
+
+
+def _jobs(doc: Status, records: list[JobRecord]) -> int:
+    """Count the latest run's jobs per status; the source bars still to compute."""
     bars_left = 0
     for r in records:
         doc.jobs[r.status] += 1
-        p = pairs.setdefault(r.pair, PairStatus(r.pair.upper()))
-        p.months_planned += 1
         if r.status == "done":
-            p.months_done += 1
-            p.rows += int(r.rows_written or 0)
             doc.rows += int(r.rows_written or 0)
-        elif r.status == "failed":
-            p.failed += 1
-        else:
+        elif r.status != "failed":
             bars_left += int(r.source_bars or 0)
         if r.status == "running":
-            p.running += 1
             doc.running.append(
                 RunningJob(
                     r.pair.upper(),
@@ -168,7 +214,7 @@ def _jobs(doc: Status, records: list[JobRecord]) -> tuple[dict[str, PairStatus],
                 )  # fmt: skip
             )
     doc.jobs["total"] = len(records)
-    return pairs, bars_left
+    return bars_left
 
 
 def status(conn: psycopg.Connection, layout: Layout, *, errors: int = 10) -> Status:
@@ -180,11 +226,8 @@ def status(conn: psycopg.Connection, layout: Layout, *, errors: int = 10) -> Sta
         return doc
     # every job the ledger holds, whichever run planned it (the latest run may cover a subset)
     doc.ledger = ledger.totals(conn)
-    pairs, bars_left = _jobs(doc, ledger.job_records(conn, run.planned))
-    fresh = freshness(conn, layout, list(pairs))
-    for pair, p in pairs.items():
-        p.newest_bar, p.newest_metric, p.lag_s = fresh.get(pair, (None, None, None))
-    doc.pairs = list(pairs.values())
+    bars_left = _jobs(doc, ledger.job_records(conn, run.planned))
+    doc.pairs = _pairs(conn, layout, ledger.job_records(conn))
     # the run's own rate: rows it wrote over the time it has been going
     doc.rows_per_s = round(ledger.rows_written_by(conn, run.run_id) / max(run.elapsed_s, 1e-9), 1)
     unfinished = doc.jobs["pending"] + doc.jobs["running"]

@@ -25,7 +25,7 @@ from bqx.destinations import Destination
 from bqx.errors import BqxError, InvalidOption, NothingToDo
 from bqx.store import catalog, ddl, names
 from bqx.store.ledger import Ledger, LedgerRow
-from bqx.store.versions import check_exactly, source_jobs
+from bqx.store.versions import check_exactly, source_jobs, versioned
 
 PLAN_LOCK_TIMEOUT_S = 10.0  # planning waits this long for a lock, then says who holds it
 
@@ -124,6 +124,20 @@ class Decision:
     target: MonthState = OK
 
 
+def _decided_by_target(
+    jobs: Sequence[Job], rows: dict[tuple[str, Month], LedgerRow], params: Params
+) -> list[tuple[str, Month]]:
+    """The jobs whose decision rests on their stored metrics: done with these parameters,
+    from the same bars (or bars still to hash). Only their target months are probed."""
+    out = []
+    for j in jobs:
+        row = rows.get((j.pair, j.month))
+        if row is not None and row.status == "done" and row.param_hash == params.hash and \
+                _source_reason(j, row) in (None, CHECK_BARS):  # fmt: skip
+            out.append((j.pair, j.month))
+    return out
+
+
 def resolve(
     conn: psycopg.Connection, params: Params, dest: Destination, jobs: Sequence[Job],
     rows: dict[tuple[str, Month], LedgerRow], force: bool,
@@ -133,12 +147,9 @@ def resolve(
     counters and metric version), so later resumes compare with them."""
     keys = [(j.pair, j.month) for j in jobs]
     versions = dest.month_versions(conn, params, sorted({j.pair for j in jobs}))
-    maybe_skip = [
-        (j.pair, j.month) for j in jobs
-        if not force and decide(j, rows.get((j.pair, j.month)), params.hash)[1] in
-        (SKIP_REASON, CHECK_BARS)
-    ]  # fmt: skip
-    states = dest.month_states(conn, params, maybe_skip)
+    states = dest.month_states(
+        conn, params, [] if force else _decided_by_target(jobs, rows, params)
+    )
     out, seen = [], []
     for job, key in zip(jobs, keys, strict=True):
         row, target = rows.get(key), MonthState(states.get(key, "ok"), versions.get(key))
@@ -439,3 +450,27 @@ def init_tables(
                 ddl.ensure_source_partition(conn, layout, pair, month)
                 ddl.ensure_target_partition(conn, layout, pair, month)
     return len(pairs) * len(months)
+
+
+def outstanding(
+    conn: psycopg.Connection, params: Params, dest: Destination, pair: str
+) -> list[Decision] | None:
+    """Read-only and cheap: the pair's months a plain backfill would do now, with the reason,
+    from the source's versions (no bar is read in full: a month whose counters moved without a
+    version counts as to do, ``check bar by bar``). None when the source is not versioned by
+    bqx, so only hashing every bar could tell."""
+    if not versioned(conn, params.layout, pair):
+        return None
+    jobs = source_jobs(conn, params, pair, None, None, "auto")
+    rows = Ledger(params.layout).read_jobs(conn, [pair])
+    jobs = with_orphans(conn, params, jobs, rows, {pair: (None, None)})
+    versions = dest.month_versions(conn, params, [pair])
+    states = dest.month_states(conn, params, [(j.pair, j.month) for j in jobs])
+    out = []
+    for job in jobs:
+        key = (job.pair, job.month)
+        target = MonthState(states.get(key, "ok"), versions.get(key))
+        do, why = decide(job, rows.get(key), params.hash, target)
+        if do or why == CHECK_BARS:
+            out.append(Decision(job, True, why, target))
+    return out

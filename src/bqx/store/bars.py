@@ -24,7 +24,7 @@ from bqx.store import names
 from bqx.store.catalog import has_source, has_target
 from bqx.store.ddl import ensure_source, ensure_source_partition, lock_key
 from bqx.store.upsert import stage_table, upsert
-from bqx.store.versions import bar_hash, exact_signature, record_source_version
+from bqx.store.versions import bar_hash, exact_signature, publish_counters, record_source_version
 
 CHANNEL = "bqx_bars"  # bqx's own loads NOTIFY here (payload: the pair) when they commit bars
 
@@ -111,6 +111,7 @@ def load_bars(
             cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, pair))  # wakes `update --follow`
             record_source_version(cur, layout, pair, month)  # same transaction as the bars
         result.months[str(month)] = n
+    publish_counters(conn)
     return result
 
 

@@ -111,19 +111,20 @@ CREATE TABLE IF NOT EXISTS {targets} (
 -- the version its write gave the month's metrics (so a write by anyone else shows)
 ALTER TABLE {jobs} ADD COLUMN IF NOT EXISTS source_stats text;
 ALTER TABLE {jobs} ADD COLUMN IF NOT EXISTS target_ver bigint;
--- each month's last verification: what it saw (versions of its bars and metrics) and found
+-- each month's last verification: what it saw of its bars and metrics, and what it found
 CREATE TABLE IF NOT EXISTS {verifications} (
-    pair         text NOT NULL,
-    month        date NOT NULL,
-    verified_at  timestamptz NOT NULL DEFAULT now(),
-    ok           boolean NOT NULL,
-    source_ver   text,
-    source_sig   text,
-    target_ver   bigint,
-    param_hash   text,
-    rows         bigint,
-    bars         bigint,
-    faults       jsonb,
+    pair          text NOT NULL,
+    month         date NOT NULL,
+    verified_at   timestamptz NOT NULL DEFAULT now(),
+    ok            boolean NOT NULL,
+    param_hash    text,
+    source_sig    text,
+    source_stats  text,
+    target_ver    bigint,
+    target_stats  text,
+    rows          bigint,
+    bars          bigint,
+    faults        jsonb,
     PRIMARY KEY (pair, month)
 );
 """
@@ -132,7 +133,7 @@ CREATE TABLE IF NOT EXISTS {verifications} (
 _NEWEST = (
     (RUNS, "heartbeat_at"), (RUNS, "pid"), (JOBS, "source_ver"), (JOBS, "backend_pid"),
     (JOBS, "source_stats"), (JOBS, "target_ver"), (ATTEMPTS, "error"), (TARGETS, "params"),
-    (VERIFICATIONS, "faults"),
+    (VERIFICATIONS, "target_stats"),
 )  # fmt: skip
 
 
@@ -147,6 +148,34 @@ class LedgerRow:
     stale: bool = False  # running, but its worker is gone
     source_stats: str | None = None  # its source partition's write counters before it read
     target_ver: int | None = None  # the version its write gave the month's metrics
+
+
+@dataclass(frozen=True)
+class MonthSeen:
+    """What a verification saw of a month before reading it: the parameters, the version (or
+    exact signature) and write counters of its bars, and the version and write counters of its
+    metrics. A month whose state is the same as at its last passed verification, with nothing
+    unknown, is unchanged since."""
+
+    param_hash: str | None
+    source_sig: str | None
+    source_stats: str | None
+    target_ver: int | None
+    target_stats: str | None
+
+    @property
+    def known(self) -> bool:
+        return None not in (self.param_hash, self.source_sig, self.target_ver, self.target_stats)
+
+
+@dataclass(frozen=True)
+class Verified:
+    """A month's last verification."""
+
+    ok: bool
+    seen: MonthSeen
+    rows: int | None
+    verified_at: datetime
 
 
 @dataclass(frozen=True)
@@ -913,6 +942,60 @@ class Ledger:
             (since, run_id),
         ).fetchone()
         return None if row is None or row[0] is None else float(row[0])
+
+    # -- verifications -------------------------------------------------------------------
+
+    def verified(self, conn: psycopg.Connection, pairs: Sequence[str]) -> dict[JobKey, Verified]:
+        """(pair, month) -> its last verification, for the pairs' months."""
+        if not self._table_exists(conn, self.verifications):
+            return {}
+        return {
+            (p, Month.of(m)): Verified(ok, MonthSeen(h, sig, st, tv, ts), rows, at)
+            for p, m, ok, h, sig, st, tv, ts, rows, at in conn.execute(
+                self._q(
+                    "SELECT pair, month, ok, param_hash, source_sig, source_stats, target_ver,"
+                    " target_stats, rows, verified_at FROM {verifications} WHERE pair = ANY(%s)"
+                ),
+                (sorted(set(pairs)),),
+            )
+        }
+
+    def record_verifications(
+        self, conn: psycopg.Connection,
+        checked: Sequence[tuple[str, Month, bool, MonthSeen, int, int, list[str]]],
+    ) -> None:  # fmt: skip
+        """Record months just verified: (pair, month, ok, what was seen, rows, bars, faults)."""
+        if not checked:
+            return
+        with conn.transaction(), conn.cursor() as cur:
+            cur.executemany(
+                self._q(
+                    "INSERT INTO {verifications} (pair, month, ok, param_hash, source_sig,"
+                    " source_stats, target_ver, target_stats, rows, bars, faults)"
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                    " ON CONFLICT (pair, month) DO UPDATE SET verified_at = now(),"
+                    " ok = excluded.ok, param_hash = excluded.param_hash,"
+                    " source_sig = excluded.source_sig, source_stats = excluded.source_stats,"
+                    " target_ver = excluded.target_ver, target_stats = excluded.target_stats,"
+                    " rows = excluded.rows, bars = excluded.bars, faults = excluded.faults"
+                ),
+                [
+                    (p, m.first_day, ok, s.param_hash, s.source_sig, s.source_stats,
+                     s.target_ver, s.target_stats, rows, n, json.dumps(faults))
+                    for p, m, ok, s, rows, n, faults in checked
+                ],  # fmt: skip
+            )
+
+    def verification_times(self, conn: psycopg.Connection) -> dict[tuple[str, str], tuple[str, bool]]:
+        """(pair, ``YYYY-MM``) -> (when it was last verified, ISO, and whether it passed)."""
+        if not self._table_exists(conn, self.verifications):
+            return {}
+        return {
+            (p, str(Month.of(m))): (at.isoformat(timespec="seconds"), bool(ok))
+            for p, m, at, ok in conn.execute(
+                self._q("SELECT pair, month, verified_at, ok FROM {verifications}")
+            )
+        }
 
     def recent_errors(self, conn: psycopg.Connection, limit: int) -> list[dict[str, Any]]:
         """The latest attempts that recorded an error, newest first."""

@@ -23,6 +23,8 @@ few dozen bars), so a no-op resume reads no month in full. See docs/guarantees.m
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -312,6 +314,14 @@ _STATS = sql.SQL(
 )
 
 
+def publish_counters(conn: psycopg.Connection) -> None:
+    """Have the server publish this session's write counters as soon as it is idle (they are
+    otherwise held up to 10 s), so bqx's own writes never look like writes past the triggers
+    to a plan that follows at once. Outside any transaction; PostgreSQL 15 and later."""
+    if conn.info.server_version >= 150000:
+        conn.execute("SELECT pg_stat_force_next_flush()")
+
+
 def partition_stats(cur: psycopg.Cursor, layout: Layout, pair: str, month: Month) -> str | None:
     """The source month partition's write counters now (None when there is no partition).
 
@@ -323,6 +333,31 @@ def partition_stats(cur: psycopg.Cursor, layout: Layout, pair: str, month: Month
         sql.SQL("SELECT {} FROM pg_class c WHERE c.oid = to_regclass(%s)").format(_STATS), (part,)
     ).fetchone()
     return None if row is None else str(row[0])
+
+
+def target_counters(
+    conn: psycopg.Connection, layout: Layout, pairs: Sequence[str]
+) -> dict[tuple[str, Month], str]:
+    """(pair, month) -> write counters of each attached metric partition of the pairs (one
+    catalog query): a write past the target's triggers still moves them."""
+    if not pairs:
+        return {}
+    by_table = {layout.target_name(p): p for p in pairs}
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT p.relname, c.relname, {} FROM pg_inherits i"
+            " JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class p ON p.oid = i.inhparent"
+            " JOIN pg_namespace n ON n.oid = p.relnamespace"
+            " WHERE n.nspname = %s AND p.relname = ANY(%s)"
+        ).format(_STATS),
+        (layout.schema, list(by_table)),
+    ).fetchall()
+    out = {}
+    for parent, name, stats in rows:
+        with contextlib.suppress(BqxError):  # a partition not named by bqx: not a month
+            out[(by_table[parent], Month.parse(name[len(parent) + 1 :]))] = str(stats)
+    return out
 
 
 # -- signatures ---------------------------------------------------------------------------
