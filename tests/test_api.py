@@ -29,7 +29,7 @@ def test_every_command_from_python_returns_a_typed_result(pg_url, schema_name, t
 
     checked = store.verify(sample=5)
     assert type(checked).__name__ == "Verification" and checked.ok
-    assert [c.name for c in checked.checks][:2] == ["partitions", "row_counts"]
+    assert [c.name for c in checked.checks][:3] == ["partitions", "keys", "values"]
 
     status = store.status()
     assert type(status).__name__ == "Status"

@@ -184,8 +184,7 @@ def test_verify_and_report_show_progress_when_piped(cli_env, backfilled, tmp_pat
     res = cli("verify", "--sample", "3", env=cli_env)
     assert res.exit_code == 0, res.stderr
     stages = [line.split(":")[1].split("(")[0].strip() for line in res.stderr.splitlines()]
-    assert stages == ["partitions", "row_counts", "keys_and_bounds", "nulls",
-                      "recompute_sample", "ledger", "done"]  # fmt: skip
+    assert stages == ["partitions", "keys", "values", "recompute_sample", "ledger", "done"]
     assert all(re.fullmatch(r"verify: \w+ \([\d.]+ s\)", x) for x in res.stderr.splitlines())
     assert len(res.stdout.splitlines()) == 6 and "FAIL" not in res.stdout
     res = cli("report", "--out", str(tmp_path / "r"), "--sample", "3", env=cli_env)

@@ -525,16 +525,26 @@ class Store:
         ])  # fmt: skip
 
     def verify(
-        self, *, sample: int = 50, seed: int = 0, run: int | None = None,
-        progress: StepFn | None = None,
+        self, *, full: bool = False, sample: int = 50, seed: int = 0, run: int | None = None,
+        workers: int | None = None, progress: StepFn | None = None,
     ) -> Verification:  # fmt: skip
-        """The checks of docs/guarantees.md; ``ok`` is True only when every check passes."""
+        """Every stored value recomputed and compared bit for bit, with the structure and the
+        ledger (docs/guarantees.md); ``ok`` is True only when every check passes.
+
+        Only the months written or changed since they last passed are read again, unless
+        ``full``; they are checked ``workers`` at a time (default: the CPU count)."""
+        import os
+
+        from bqx.core.params import check_positive
         from bqx.ops.verify import verify
 
         _check_count("sample", sample)
+        if workers is not None:
+            check_positive("workers", workers, integer=True)
         with self.connect(start=False) as conn:
             return verify(conn, self.layout, sample=sample, seed=seed, run_id=run,
-                          progress=progress)  # fmt: skip
+                          progress=progress, full=full, url=self.url(start=False),
+                          workers=workers or os.cpu_count() or 1)  # fmt: skip
 
     def report(
         self, out: str | Path = "bqx-report", *, run: int | None = None, sample: int = 20,

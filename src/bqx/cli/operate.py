@@ -13,10 +13,10 @@ import typer
 from rich.text import Text
 
 from bqx.cli.app import (
-    VERBOSITY,
     DatabaseOpt,
     JsonOpt,
     SchemaOpt,
+    WorkersOpt,
     app,
     console,
     err_console,
@@ -26,7 +26,6 @@ from bqx.cli.app import (
     say,
     store_from,
 )
-from bqx.core.text import plural
 from bqx.errors import BqxError
 
 
@@ -128,16 +127,24 @@ RunOpt = Annotated[int | None, typer.Option("--run", min=1, help=SCOPE_HELP)]
 
 @app.command()
 def verify(
+    full: Annotated[
+        bool, typer.Option("--full", help="Check every month, not only those changed since.")
+    ] = False,
     sample: SampleOpt = 50,
     run: RunOpt = None,
+    workers: WorkersOpt = None,
     json_out: JsonOpt = False,
     database_url: DatabaseOpt = None,
     schema: SchemaOpt = None,
 ) -> None:
-    """Exact checks: partitions, row counts, keys, NULLs, recomputed samples, ledger.
+    """Recompute every stored value from the bars and compare it bit for bit; check
+    partitions, keys and the ledger; check the kernel against plain formulas on a sample.
 
-    Scope: every job in the ledger, unless --run names one run (the same rule as `bqx
-    report`). Exit 0 only when every check passes; nothing to check is not a pass (exit 1).
+    Only months written or changed since they last passed are read again (--full: every
+    month). Scope: every job in the ledger and every stored month of its pairs, unless --run
+    names one run (the same rule as `bqx report`). Exit 0 only when every check passes;
+    nothing to check is not a pass (exit 1). A failure names pair, month, time and column,
+    and the command that repairs it.
     """
     from bqx.progress import StepProgress
 
@@ -145,7 +152,8 @@ def verify(
     steps = StepProgress("verify")
     t0 = time.monotonic()
     try:
-        result = store.verify(sample=sample, run=run, progress=steps)
+        result = store.verify(full=full, sample=sample, run=run, workers=workers,
+                              progress=steps)  # fmt: skip
     finally:
         steps.close()
     if json_out:
@@ -158,8 +166,12 @@ def verify(
             text = Text.assemble((mark, "green" if ok else "bold red"), f" {rest}")
             # --quiet keeps the failures (on stderr), drops the passes
             (console if not console.quiet or ok else err_console).print(text, highlight=False)
-        if VERBOSITY["level"] > 0:
-            info(f"verified {plural(result.jobs, 'job')} in {time.monotonic() - t0:.1f} s")
+        say(f"{result.summary()} in {time.monotonic() - t0:.1f} s")
+        if result.repair:
+            err_console.print(Text.assemble(("to repair:", "bold"), " ", result.repair),
+                              highlight=False, soft_wrap=True)  # fmt: skip
+        if result.note:
+            info(result.note)
     if not result.ok:
         raise typer.Exit(1)
 

@@ -45,6 +45,13 @@ class Destination(Protocol):
         """The version of each month's stored metrics (a new one for every write, bqx's or
         anyone's), for the months that have one."""
 
+    def month_stamps(
+        self, conn: psycopg.Connection, params: Params, pairs: Sequence[str]
+    ) -> dict[JobKey, str]:
+        """A stamp per stored month that moves with any write to it, even one that bypasses
+        the versions (write counters, a table version): what ``verify`` compares to know a
+        month is unchanged since it was last verified."""
+
     def month_version(
         self, cur: psycopg.Cursor, params: Params, pair: str, month: Month
     ) -> int | None:

@@ -70,6 +70,11 @@ class PostgresPartitions:
     ) -> dict[JobKey, int]:
         return versions.target_versions(conn, self.layout, pairs)
 
+    def month_stamps(
+        self, conn: psycopg.Connection, params: Params, pairs: Sequence[str]
+    ) -> dict[JobKey, str]:
+        return versions.target_counters(conn, self.layout, pairs)
+
     def month_version(
         self, cur: psycopg.Cursor, params: Params, pair: str, month: Month
     ) -> int | None:

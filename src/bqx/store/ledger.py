@@ -980,13 +980,26 @@ class Ledger:
                     " rows = excluded.rows, bars = excluded.bars, faults = excluded.faults"
                 ),
                 [
-                    (p, m.first_day, ok, s.param_hash, s.source_sig, s.source_stats,
-                     s.target_ver, s.target_stats, rows, n, json.dumps(faults))
+                    (
+                        p,
+                        m.first_day,
+                        ok,
+                        s.param_hash,
+                        s.source_sig,
+                        s.source_stats,
+                        s.target_ver,
+                        s.target_stats,
+                        rows,
+                        n,
+                        json.dumps(faults),
+                    )
                     for p, m, ok, s, rows, n, faults in checked
                 ],  # fmt: skip
             )
 
-    def verification_times(self, conn: psycopg.Connection) -> dict[tuple[str, str], tuple[str, bool]]:
+    def verification_times(
+        self, conn: psycopg.Connection
+    ) -> dict[tuple[str, str], tuple[str, bool]]:
         """(pair, ``YYYY-MM``) -> (when it was last verified, ISO, and whether it passed)."""
         if not self._table_exists(conn, self.verifications):
             return {}

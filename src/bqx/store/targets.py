@@ -124,17 +124,6 @@ def month_counts(conn: psycopg.Connection, layout: Layout, pair: str) -> dict[Mo
     return {Month.of(m): int(n) for m, n in conn.execute(q)}
 
 
-def rows_outside(conn: psycopg.Connection, layout: Layout, pair: str, month: Month) -> int:
-    """Rows of the month's partition whose time lies outside the month."""
-    row = conn.execute(
-        sql.SQL("SELECT count(*) FROM {} WHERE {ts} < %s OR {ts} >= %s").format(
-            names.target_partition(layout, pair, month), ts=names.TS
-        ),
-        (month.start, month.end),
-    ).fetchone()
-    return int(row[0]) if row else 0
-
-
 def time_bounds(
     conn: psycopg.Connection, layout: Layout, pair: str, lo: Any = None, hi: Any = None
 ) -> tuple[datetime | None, datetime | None]:

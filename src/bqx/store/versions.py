@@ -24,7 +24,6 @@ few dozen bars), so a no-op resume reads no month in full. See docs/guarantees.m
 from __future__ import annotations
 
 import contextlib
-
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
