@@ -16,6 +16,7 @@ from psycopg import sql
 from bqx.core.layout import Layout
 from bqx.store import names
 
+
 def rows_at(
     conn: psycopg.Connection, layout: Layout, pair: str, cols: Sequence[str],
     times: Sequence[datetime],
