@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import gzip
 import json
-import os
 import random
 import subprocess
 import sys
@@ -443,32 +442,6 @@ def test_cli_json_and_human_summaries_agree(tmp_path, cli_env):
 
 
 # -- issue 8 and 13: wrong pair, time zones, concurrency, rejects, broken files, formats, undo ---
-
-
-@pytest.fixture
-def bqx(cli_env, monkeypatch, capsys):
-    """Run the CLI in this process (its ``main``, as the ``bqx`` script does): fast."""
-    from bqx.cli import main
-
-    for key in list(os.environ):
-        if key.startswith(("PG", "BQX_")):
-            monkeypatch.delenv(key)
-    for key, value in cli_env.items():
-        if key.startswith("BQX_"):
-            monkeypatch.setenv(key, value)
-
-    def run(args: list[str], env: object = None) -> subprocess.CompletedProcess:
-        capsys.readouterr()
-        monkeypatch.setattr(sys, "argv", ["bqx", *args])
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out, err)
-
-    return run
 
 
 def schema_exists(conn, layout) -> bool:
