@@ -329,16 +329,22 @@ class Store:
         self, files: Sequence[str | Path], pair: str, *, fmt: str = "auto",
         tz: str | None = None, columns: str | None = None, time_format: str | None = None,
         rejects: str | Path | None = None, allow_mismatch: bool = False,
-        drop_flat: bool = False, progress: Callable[[str], None] | None = None,
+        drop_flat: bool = False, ticks: bool = False, tick_price: str = "auto",
+        progress: Callable[[str], None] | None = None,
     ) -> IngestSummary:  # fmt: skip
         """Real minute-bar files into ``m1_{pair}``; bad rows go to a rejects file
-        (docs/ingest.md)."""
+        (docs/ingest.md). ``ticks``: the files hold ticks, aggregated into minute bars, each
+        tick priced by ``tick_price`` (``auto``: the mid of bid and ask, else the last
+        price; ``mid``, ``bid``, ``ask``, ``last``)."""
         from bqx.sources.formats import Mapping
         from bqx.sources.ingest import ingest_files
 
+        if tick_price != "auto" and not ticks:
+            raise InvalidOption("tick_price", tick_price, "prices ticks: ask for ticks too")
+        mapping = Mapping.parse(columns, time_format, ticks=tick_price if ticks else None)
         return ingest_files(
-            self.url(), self.layout, files, pair, fmt=fmt, tz=tz,
-            mapping=Mapping.parse(columns, time_format), rejects_path=rejects,
+            self.url(), self.layout, files, pair, fmt=fmt, tz=tz, mapping=mapping,
+            rejects_path=rejects,
             allow_mismatch=allow_mismatch, drop_flat=drop_flat, progress=progress,
         )  # fmt: skip
 
