@@ -312,10 +312,12 @@ class Store:
     def generate(
         self, pairs: PairsLike = None, start: MonthLike = "2024-07",
         end: MonthLike | None = None, *, seed: int = 0, workers: int = 1,
-        progress: Callable[[str, int], None] | None = None,
+        replace: bool = False, progress: Callable[[str, int], None] | None = None,
     ) -> GenerateSummary:  # fmt: skip
         """Synthetic minute bars for the report's 28 crosses (or ``pairs``) into ``m1_{pair}``;
-        a month's bars depend only on the seed."""
+        a month's bars depend only on the seed. A month holding bars bqx did not generate is
+        refused (``NeedsOption``, nothing written) unless ``replace``; a month that already
+        holds these bars is left as it is."""
         from bqx.core.params import check_positive
         from bqx.sources.generate import generate
 
@@ -323,7 +325,8 @@ class Store:
         assert first is not None and last is not None
         check_positive("workers", workers, integer=True)
         return generate(self.url(), self.layout, parse_pairs(pairs) or list(REPORT_PAIRS),
-                        first, last, seed=seed, workers=workers, progress=progress)  # fmt: skip
+                        first, last, seed=seed, workers=workers, replace=replace,
+                        progress=progress)  # fmt: skip
 
     def ingest(
         self, files: Sequence[str | Path], pair: str, *, fmt: str = "auto",

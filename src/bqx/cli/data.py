@@ -56,14 +56,28 @@ def generate(
     workers: Annotated[
         int | None, typer.Option("--workers", help="Loading threads [default: 1].")
     ] = None,
+    replace: Annotated[
+        bool,
+        typer.Option(
+            "--replace",
+            help="Overwrite months that hold bars bqx did not generate (ingested, or changed"
+            " since). Without it such a month stops the command before anything is written.",
+        ),
+    ] = False,
     database_url: DatabaseOpt = None,
     schema: SchemaOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Synthetic minute bars for 28 crosses of 8 correlated currencies into m1_{pair}."""
+    """Synthetic minute bars for 28 crosses of 8 correlated currencies into m1_{pair}.
+
+    A month that holds bars bqx did not generate (ingested ones) is refused, naming the months
+    and their bars, unless --replace; a month that already holds the same bars is left as it
+    is. See docs/ingest.md.
+    """
     summary = store_from(database_url, schema).generate(
-        pairs, start, end or start, seed=seed, workers=1 if workers is None else workers
-    )
+        pairs, start, end or start, seed=seed, workers=1 if workers is None else workers,
+        replace=replace,
+    )  # fmt: skip
     print_json(summary.as_dict()) if json_out else say(summary.text())
 
 

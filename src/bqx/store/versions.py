@@ -339,3 +339,10 @@ def source_jobs(
         elif vers[month][0] < 0:  # a month bqx did not write, or whose guard is off: hash it
             jobs.extend(_source_months(conn, params, pair, month, month, vers))
     return jobs
+
+
+def month_versions(conn: psycopg.Connection, layout: Layout, pair: str) -> dict[Month, int]:
+    """Each month's current source version, -1 where it cannot be trusted (its triggers are
+    missing or disabled): for a writer that must know whether a month changed since it wrote
+    it (``bqx generate``). Empty when the source has no recorded versions."""
+    return {m: v[0] for m, v in (_source_versions(conn, layout, pair) or {}).items()}
