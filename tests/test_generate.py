@@ -217,6 +217,9 @@ def test_generate_refuses_months_holding_bars_it_did_not_generate(
                                           r" overwrites them\)"):  # fmt: skip
         store.generate(["audusd"], Month(2024, 7), Month(2024, 8))
     assert "--replace" in " ".join(bqx(["generate", "--help"]).stdout.split())
+    res = bqx(["demo", "--months", "1", "--pairs", "AUDUSD", "--out", str(tmp_path / "r")])
+    assert res.returncode == 1 and "AUDUSD 2024-07 (200 bars)" in res.stderr
+    assert "(--replace overwrites them)" in res.stderr and not (tmp_path / "r").exists()
     res = bqx([*args, "--replace"])
     assert res.returncode == 0, res.stderr
     assert "replaced bars bqx had not generated: AUDUSD 2024-07, AUDUSD 2024-08" in res.stdout

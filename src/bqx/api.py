@@ -615,11 +615,13 @@ class Store:
     def demo(
         self, months: int = 3, *, pairs: PairsLike = None, workers: int | None = None,
         out: str | Path = "bqx-report", seed: int = 0, say: Callable[[str], None] = print,
-        progress: bool = True, bqx: str = "bqx",
+        progress: bool = True, bqx: str = "bqx", replace: bool = False,
     ) -> DemoResult:  # fmt: skip
-        """The tour: synthetic bars, backfill, verify, report (docs in README.md)."""
+        """The tour: synthetic bars, backfill, verify, report (docs in README.md). Months
+        holding bars bqx did not generate are refused unless ``replace`` (as ``generate``)."""
         return run_demo(self, months=months, pairs=parse_pairs(pairs), workers=workers,
-                        out=Path(out), seed=seed, say=say, progress=progress, bqx=bqx)  # fmt: skip
+                        out=Path(out), seed=seed, say=say, progress=progress, bqx=bqx,
+                        replace=replace)  # fmt: skip
 
 
 @dataclass
@@ -695,6 +697,7 @@ def run_demo(
     say: Callable[[str], None] = print,
     progress: bool = True,
     bqx: str = "bqx",
+    replace: bool = False,
 ) -> DemoResult:
     """Generate ``months`` months from 2024-07 for ``pairs`` (default the report's 28), backfill,
     verify and write the report into ``out``. ``bqx`` is how the user runs bqx (the next steps
@@ -708,7 +711,7 @@ def run_demo(
         f" ({DEMO_START}..{end})"
     )
     t0 = time.monotonic()
-    gen = store.generate(pairs, DEMO_START, end, seed=seed, workers=workers or 2)
+    gen = store.generate(pairs, DEMO_START, end, seed=seed, workers=workers or 2, replace=replace)
     gen_s = time.monotonic() - t0
     say(f"    {plural(gen.bars, 'bar')} in {gen_s:.1f}s")
     say("2/4 backfilling BQX metrics")
