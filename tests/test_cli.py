@@ -16,9 +16,11 @@ from psycopg import sql
 from typer.testing import CliRunner
 
 import bqx
+import bqx.api as bqx_api
 from bqx.cli import app, invocation
+from bqx.core.layout import Layout
 from bqx.core.text import plural
-from bqx.errors import BqxError
+from bqx.errors import BqxError, InvalidOption
 from bqx.store import names
 from bqx.store.ledger import Ledger
 from conftest import store_for
@@ -412,3 +414,48 @@ def test_invocation_is_what_the_user_can_type(tmp_path):
     assert invocation("/x/src/bqx/cli.py", "/my env/python", tmp_path, nowhere) == (
         shlex.quote("/my env/python") + " -m bqx.cli"
     )
+
+
+SCHEMA_COMMANDS = [
+    ["init", "--start", "2024-07", "--end", "2024-07"],
+    ["generate", "--pairs", "EURUSD"],
+    ["ingest", "{file}", "--pair", "EURUSD"],
+    ["delete-bars", "--pair", "EURUSD", "--start", "2024-07", "--end", "2024-07", "--yes"],
+    ["backfill"], ["update"], ["status"], ["runs"], ["verify"],
+    ["report", "--out", "{out}"], ["export", "--out", "{out}"], ["features", "--out", "{out}"],
+    ["demo", "--months", "1", "--out", "{out}"],
+]  # fmt: skip
+
+
+def test_a_system_schema_is_refused_by_every_command_before_anything_is_created(
+    bqx, conn, tmp_path, monkeypatch
+):
+    """pg_dump leaves information_schema and pg_* out of every backup: bars, metrics and
+    ledger there would be lost without a word, so no command takes such a schema."""
+    bars = tmp_path / "bars.csv"
+    bars.write_text("20240701 000000;1.1;1.2;1.0;1.15;0\n")
+    out = tmp_path / "out"
+    why = "a PostgreSQL system schema, which pg_dump leaves out of every backup: choose another"
+    for schema in ("information_schema", "pg_bqx"):
+        for args in SCHEMA_COMMANDS:
+            args = [a.format(file=bars, out=out) for a in args]
+            res = bqx([*args, "--schema", schema])
+            assert res.returncode == 2, (args, res.stderr)
+            assert res.stderr == f"error: invalid --schema {schema!r}: {why}\n", args
+    res = bqx(["backfill", "--source-table", "information_schema.m1_{pair}"])
+    assert res.returncode == 2 and res.stderr == (
+        "error: invalid --source-table 'information_schema.m1_{pair}': information_schema is a"
+        " PostgreSQL system schema, which pg_dump leaves out of every backup\n"
+    )
+    made = conn.execute(
+        "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE"
+        " (n.nspname = 'information_schema' OR n.nspname LIKE 'pg\\_%%')"
+        " AND (c.relname LIKE 'm1\\_%%' OR c.relname LIKE 'bqx\\_%%')"
+    ).fetchone()[0]
+    assert made == 0 and not out.exists() and not list(tmp_path.glob("*.rejects.csv"))
+    monkeypatch.setenv("BQX_SCHEMA", "pg_catalog")  # the environment's schema too
+    res = bqx(["generate", "--pairs", "EURUSD"])
+    assert res.returncode == 2 and "invalid --schema 'pg_catalog'" in res.stderr
+    with pytest.raises(InvalidOption, match="invalid schema 'pg_toast': a PostgreSQL system"):
+        bqx_api.Store(schema="pg_toast")
+    assert Layout("public").schema == "public"  # public is dumped like any schema: taken

@@ -8,6 +8,7 @@ from psycopg import sql
 
 from bqx.core.months import Month
 from bqx.core.symbols import REPORT_PAIRS
+from bqx.db import resolve_url
 from bqx.sources.generate import pip_digits, synth_bars
 from bqx.store import names
 from conftest import store_for
@@ -174,3 +175,78 @@ def test_an_unknown_currency_is_refused_before_anything_is_created(settings, lay
         "SELECT count(*) FROM pg_namespace WHERE nspname = %s", (layout.schema,)
     ).fetchone()[0]
     assert found == 0
+
+
+def source_versions(conn, layout) -> list[tuple]:
+    q = sql.SQL("SELECT source_table, month, version FROM {} ORDER BY 1, 2").format(
+        sql.Identifier(layout.schema, "bqx_source_versions")
+    )
+    return conn.execute(q).fetchall()
+
+
+def test_generate_refuses_months_holding_bars_it_did_not_generate(
+    settings, layout, conn, tmp_path, bqx
+):
+    """Real bars are never overwritten by synthetic ones without being asked: the months are
+    named with their bars, nothing is written; --replace overwrites them."""
+    from bqx.errors import NeedsOption
+    from bqx.sources.ingest import ingest_files
+    from test_ingest import stored
+
+    real = tmp_path / "DAT_ASCII_AUDUSD_M1_202407.csv"
+    real.write_text("".join(f"20240702 {h:02d}{m:02d}00;0.6601;0.6602;0.6600;0.6601;0\n"
+                            for h in range(10, 14) for m in range(50)))  # fmt: skip
+    assert ingest_files(resolve_url(settings), layout, [real], "AUDUSD").inserted == 200
+    store = store_for(settings, layout)
+    store.generate(["audusd"], Month(2024, 8), Month(2024, 8))  # generate's own month
+    before = stored(conn, layout, "audusd")
+    args = ["generate", "--pairs", "AUDUSD", "--start", "2024-06", "--end", "2024-08"]
+    res = bqx(args)
+    assert res.returncode == 1 and res.stdout == ""
+    assert res.stderr == (
+        "error: not generating over bars bqx did not generate (ingested, or changed since):"
+        " AUDUSD 2024-07 (200 bars); nothing was written (--replace overwrites them)\n"
+    )
+    assert stored(conn, layout, "audusd") == before  # June not written either
+    # a month generate wrote, then changed by an ingest, is no longer its own
+    extra = tmp_path / "DAT_ASCII_AUDUSD_M1_202408.csv"
+    extra.write_text("20240801 120000;0.66;0.67;0.65;0.66;0\n")
+    ingest_files(resolve_url(settings), layout, [extra], "AUDUSD", allow_mismatch=True)
+    with pytest.raises(NeedsOption, match=r"AUDUSD 2024-07 \(200 bars\), AUDUSD 2024-08 \("
+                                          r"[\d,]+ bars\); nothing was written \(replace=True"
+                                          r" overwrites them\)"):  # fmt: skip
+        store.generate(["audusd"], Month(2024, 7), Month(2024, 8))
+    assert "--replace" in " ".join(bqx(["generate", "--help"]).stdout.split())
+    res = bqx(["demo", "--months", "1", "--pairs", "AUDUSD", "--out", str(tmp_path / "r")])
+    assert res.returncode == 1 and "AUDUSD 2024-07 (200 bars)" in res.stderr
+    assert "(--replace overwrites them)" in res.stderr and not (tmp_path / "r").exists()
+    res = bqx([*args, "--replace"])
+    assert res.returncode == 0, res.stderr
+    assert "replaced bars bqx had not generated: AUDUSD 2024-07, AUDUSD 2024-08" in res.stdout
+    _, times, ohlcv = next(synth_bars(["audusd"], Month(2024, 6), Month(2024, 8)))
+    rows = stored(conn, layout, "audusd")
+    assert [np.datetime64(r[0].replace(tzinfo=None), "us") for r in rows] == list(times)
+    assert [list(r[1:]) for r in rows] == ohlcv.tolist()
+    again = store.generate(["audusd"], Month(2024, 6), Month(2024, 8))  # its own now
+    assert (again.unchanged, again.replaced) == (3, [])
+
+
+def test_a_rerun_of_generate_changes_nothing_and_backfill_redoes_nothing(settings, layout, conn):
+    store = store_for(settings, layout)
+    first = store.generate(["eurusd", "usdjpy"], JULY, Month(2024, 8), seed=2, workers=2)
+    assert store.backfill(workers=1).jobs_done == 4
+    versions = source_versions(conn, layout)
+    xmins = conn.execute(sql.SQL("SELECT xmin::text FROM {} ORDER BY time").format(
+        names.source(layout, "eurusd"))).fetchall()  # fmt: skip
+    again = store.generate(["eurusd", "usdjpy"], JULY, Month(2024, 8), seed=2, workers=2)
+    assert source_versions(conn, layout) == versions
+    assert conn.execute(sql.SQL("SELECT xmin::text FROM {} ORDER BY time").format(
+        names.source(layout, "eurusd"))).fetchall() == xmins  # fmt: skip
+    redo = store.backfill(workers=1)
+    assert (redo.jobs_done, redo.jobs_skipped) == (0, 4)
+    assert (again.unchanged, again.bars) == (4, first.bars)
+    assert "4 pair-months already held these bars: left as they were" in again.text()
+    # another seed gives other bars: those months change, and backfill redoes them
+    other = store.generate(["eurusd"], Month(2024, 8), Month(2024, 8), seed=3)
+    assert source_versions(conn, layout) != versions and other.unchanged == 0
+    assert store.backfill(workers=1).jobs_done == 1

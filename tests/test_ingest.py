@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import gzip
 import json
-import os
 import random
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from bqx.db import resolve_url
 from bqx.errors import BqxError
 from bqx.sources import formats
 from bqx.sources import ingest as ingest_mod
+from bqx.sources.columns import FOLD_GIVEN_ONCE, FOLD_OUT_OF_ORDER
 from bqx.sources.formats import Mapping, pairs_in_name, sniff
 from bqx.sources.ingest import ingest_files
 from bqx.store import names
@@ -260,7 +260,7 @@ def test_metatrader_zip_with_server_time_zone_across_dst(settings, layout, conn,
             "2024.03.31,02:59,1.26,1.27,1.25,1.26,10\n"  # EET, UTC+2
             "2024.03.31,03:30,1.26,1.27,1.25,1.26,10\n"  # does not exist: clocks jump 03:00 -> 04:00
             "2024.03.31,04:00,1.26,1.27,1.25,1.26,10\n"  # EEST, UTC+3
-            "2024.10.27,03:30,1.26,1.27,1.25,1.26,10\n"  # happens twice: the earlier (EEST) is taken
+            "2024.10.27,03:30,1.26,1.27,1.25,1.26,10\n"  # happens twice, given once: which?
             "2024.10.27,04:30,1.26,1.27,1.25,1.26,10\n",  # EET again
         )
     assert sniff(f) == "metatrader"
@@ -268,10 +268,12 @@ def test_metatrader_zip_with_server_time_zone_across_dst(settings, layout, conn,
     assert [r[0] for r in stored(conn, layout, "gbpusd")] == [
         utc(2024, 3, 31, 0, 59),
         utc(2024, 3, 31, 1, 0),
-        utc(2024, 10, 27, 0, 30),
         utc(2024, 10, 27, 2, 30),
     ]
-    assert rejects_of(s.rejects_file) == [(2, "local time does not exist (daylight-saving gap)")]
+    assert rejects_of(s.rejects_file) == [
+        (2, "local time does not exist (daylight-saving gap)"),
+        (4, FOLD_GIVEN_ONCE),
+    ]
 
 
 def test_metatrader5_tab_export_in_a_fixed_offset_zone(settings, layout, conn, tmp_path):
@@ -353,7 +355,7 @@ def test_interrupted_ingest_keeps_earlier_months_and_the_interrupted_one(
     # the server failing in the middle of a month's transaction (a NULL close planted in the
     # last row, after the month's other rows were sent) leaves that month as it was
     monkeypatch.setattr(ingest_mod, "load_bars", real)
-    read = ingest_mod._Spill.read
+    read = ingest_mod.Spill.read
 
     def poisoned(self, month):
         times, ohlcv, dups = read(self, month)
@@ -362,7 +364,7 @@ def test_interrupted_ingest_keeps_earlier_months_and_the_interrupted_one(
             ohlcv[-1, 3] = float("nan")  # NaN goes to PostgreSQL as NULL
         return times, ohlcv, dups
 
-    monkeypatch.setattr(ingest_mod._Spill, "read", poisoned)
+    monkeypatch.setattr(ingest_mod.Spill, "read", poisoned)
     newer = tmp_path / "newer.csv"
     newer.write_text("20240801 000000;4.1;4.2;4.0;4.15;0\n20240801 000100;4.1;4.2;4.0;4.15;0\n")
     with pytest.raises(Exception, match="null value"):
@@ -443,32 +445,6 @@ def test_cli_json_and_human_summaries_agree(tmp_path, cli_env):
 
 
 # -- issue 8 and 13: wrong pair, time zones, concurrency, rejects, broken files, formats, undo ---
-
-
-@pytest.fixture
-def bqx(cli_env, monkeypatch, capsys):
-    """Run the CLI in this process (its ``main``, as the ``bqx`` script does): fast."""
-    from bqx.cli import main
-
-    for key in list(os.environ):
-        if key.startswith(("PG", "BQX_")):
-            monkeypatch.delenv(key)
-    for key, value in cli_env.items():
-        if key.startswith("BQX_"):
-            monkeypatch.setenv(key, value)
-
-    def run(args: list[str], env: object = None) -> subprocess.CompletedProcess:
-        capsys.readouterr()
-        monkeypatch.setattr(sys, "argv", ["bqx", *args])
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out, err)
-
-    return run
 
 
 def schema_exists(conn, layout) -> bool:
@@ -784,15 +760,18 @@ def test_close_only_sources_store_null_and_validate_present_columns(
     assert stored(conn, layout, "nzdusd") == []
 
 
+# a Dukascopy export: a bar that traded, then the flat zero-volume filler of a closed market
+FILLER = (
+    "Gmt time,Open,High,Low,Close,Volume\n"
+    "05.07.2024 21:59:00.000,1.08,1.09,1.07,1.08,12.5\n"
+    "06.07.2024 00:00:00.000,1.08,1.08,1.08,1.08,0\n"
+    "06.07.2024 00:01:00.000,1.08,1.08,1.08,1.08,0\n"
+)
+
+
 def test_drop_flat_zero_volume_bars(settings, layout, conn, tmp_path):
     f = tmp_path / "EURUSD_Candlestick_1_M_BID.csv"
-    f.write_text(
-        "Gmt time,Open,High,Low,Close,Volume\n"
-        "05.07.2024 21:59:00.000,1.08,1.09,1.07,1.08,12.5\n"
-        "06.07.2024 00:00:00.000,1.08,1.08,1.08,1.08,0\n"
-        "06.07.2024 00:01:00.000,1.08,1.08,1.08,1.08,0\n"
-        "06.07.2024 00:02:00.000,1.08,1.08,1.08,1.08,3\n"  # flat but traded: kept
-    )
+    f.write_text(FILLER + "06.07.2024 00:02:00.000,1.08,1.08,1.08,1.08,3\n")  # flat but traded
     s = ingest_files(resolve_url(settings), layout, [f], "EURUSD", drop_flat=True)
     assert (s.accepted, s.dropped_flat) == (2, 2)
     assert [r[0] for r in stored(conn, layout, "eurusd")] == [
@@ -849,3 +828,212 @@ def test_delete_bars_says_what_asks_and_the_backfill_redoes(
     assert (again.jobs_done, again.jobs_skipped) == (1, 0)  # July's source changed: redone
     rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(names.target(layout, "eurusd")))
     assert rows.fetchone()[0] == n_july - in_july
+
+
+# -- ticks, the repeated autumn hour, --drop-flat again ------------------------------------
+
+
+def dukascopy_bars(times: list[datetime], price: float = 1.08) -> str:
+    """A Dukascopy candle export (``Gmt time,Open,High,Low,Close,Volume``) of these times."""
+    rows = [f"{t:%d.%m.%Y %H:%M:%S}.{t.microsecond // 1000:03d},{price},{price + 0.001},"
+            f"{price - 0.001},{price},1" for t in times]  # fmt: skip
+    return "Gmt time,Open,High,Low,Close,Volume\n" + "\n".join(rows) + "\n"
+
+
+def minute_bars_of(ticks: list[tuple[datetime, int, float]]) -> list[tuple]:
+    """The minute bars of (time, line, price) ticks, computed plainly: first and last by time,
+    then by line; volume the number of ticks."""
+    minutes: dict[datetime, list[tuple[datetime, int, float]]] = {}
+    for t, line, p in ticks:
+        minutes.setdefault(t.replace(second=0, microsecond=0), []).append((t, line, p))
+    bars = []
+    for m, group in sorted(minutes.items()):
+        group.sort()
+        prices = [p for _, _, p in group]
+        bars.append((m, group[0][2], max(prices), min(prices), group[-1][2], float(len(group))))
+    return bars
+
+
+def test_ticks_are_rejected_as_bars_and_aggregated_into_minute_bars_when_asked(
+    settings, layout, conn, tmp_path, cli_env, bqx, monkeypatch
+):
+    url = resolve_url(settings)
+    # 400 lines a quarter of a minute apart, given as minute bars: only the whole minutes are bars
+    quarter = [datetime(2024, 7, 1, 9, 0) + timedelta(seconds=15 * i) for i in range(400)]
+    f = tmp_path / "EURUSD_Candlestick_1_M_BID.csv"
+    f.write_text(dukascopy_bars(quarter))
+    s = ingest_files(url, layout, [f], "EURUSD")
+    assert (s.accepted, s.inserted, s.rejected) == (100, 100, 300)
+    assert rejects_of(s.rejects_file)[:3] == [
+        (3, "not a minute bar: the time is 15 s past the minute (a tick?)"),
+        (4, "not a minute bar: the time is 30 s past the minute (a tick?)"),
+        (5, "not a minute bar: the time is 45 s past the minute (a tick?)"),
+    ]
+    assert "300 lines rejected for a time off the minute, as a tick file's" in s.text()
+    # nothing but ticks: refused, and the command line says how to aggregate them
+    off = tmp_path / "GBPUSD_ticks_as_bars.csv"
+    off.write_text(dukascopy_bars([t for t in quarter if t.second][:30], 1.27))
+    res = bqx(["ingest", str(off), "--pair", "GBPUSD"])
+    one_line_error(res, "30 lines with a time off the minute, as a tick file's"
+                        " (--ticks aggregates ticks into minute bars)")  # fmt: skip
+    assert "gbpusd" not in " ".join(r[0] for r in conn.execute(
+        "SELECT tablename FROM pg_tables WHERE schemaname = %s", (layout.schema,)))  # fmt: skip
+
+    # a Dukascopy tick export: refused as bars (one line), aggregated when asked
+    monkeypatch.setattr(formats, "BLOCK_BYTES", 600)  # ticks of one minute in several blocks
+    rng = random.Random(7)
+    ticks = []  # (time, bid, ask, the line's text)
+    t = datetime(2024, 7, 31, 23, 57, 10, 5000)
+    for _ in range(300):
+        t += timedelta(milliseconds=rng.choice([0, 7, 150, 900, 2500]))  # some at the same ms
+        bid = round(1.08 + rng.randint(-40, 40) * 1e-5, 5)
+        ask = round(bid + rng.randint(0, 3) * 1e-5, 5)
+        stamp = f"{t:%d.%m.%Y %H:%M:%S}.{t.microsecond // 1000:03d}"
+        ticks.append((t.replace(microsecond=t.microsecond // 1000 * 1000), bid, ask,
+                      f"{stamp},{ask},{bid},1.5,2.25"))  # fmt: skip
+    for i, (ask, bid) in ((99, (1.0799, 1.0801)), (199, (-1.0, 1.08))):  # crossed; no price
+        tt, _, _, text = ticks[i]
+        ticks[i] = (tt, bid, ask, f"{text.split(',')[0]},{ask},{bid},1,1")
+    ticks[150:150] = [ticks.pop(160)]  # a line out of order: first/last go by time, not line
+    lines = ["Gmt time,Ask,Bid,AskVolume,BidVolume", *(text for *_, text in ticks)]
+    tick_file = tmp_path / "EURUSD_Ticks_31.07.2024-01.08.2024.csv"
+    tick_file.write_text("\n".join(lines) + "\n")
+    res = bqx(["ingest", str(tick_file), "--pair", "EURUSD"])
+    one_line_error(res, "EURUSD_Ticks_31.07.2024-01.08.2024.csv: its columns (Gmt time, Ask, Bid,"
+                        " AskVolume, BidVolume) are a tick file's, not minute bars' (--ticks"
+                        " aggregates ticks into minute bars)")  # fmt: skip
+    before = stored(conn, layout, "eurusd")
+    s = ingest_files(url, layout, [tick_file], "EURUSD", mapping=Mapping.parse(None, ticks="auto"))
+    good = [(tt, n, (b + a) / 2) for n, (tt, b, a, _) in enumerate(ticks, 2) if n not in (101, 201)]
+    want = minute_bars_of(good)
+    assert [(r[0].replace(tzinfo=None), *r[1:]) for r in stored(conn, layout, "eurusd")
+            if r[0] not in {b[0] for b in before}] == want  # fmt: skip
+    assert (s.ticks, s.accepted, s.inserted, s.duplicates) == (298, len(want), len(want), 0)
+    assert set(s.months) == {"2024-07", "2024-08"}
+    assert rejects_of(s.rejects_file) == [
+        (101, "bid 1.0801 > ask 1.0799"),
+        (201, "ask is -1.0: must be finite and > 0"),
+    ]
+    assert s.line().startswith(f"EURUSD: {len(want)} bars read (from 298 ticks): {len(want)} new")
+    again = ingest_files(
+        url, layout, [tick_file], "EURUSD", mapping=Mapping.parse(None, ticks="auto")
+    )
+    assert (again.inserted, again.updated, again.unchanged) == (0, 0, len(want))
+
+    # time,price,size (trades) through the command line: the last price, mapped columns
+    trades = tmp_path / "trades.csv"
+    trades.write_text(
+        "ts,last,size\n"
+        "2024-07-02T10:00:59.900Z,1.2702,3\n"
+        "2024-07-02T10:00:00.250Z,1.2700,1\n"
+        "2024-07-02T10:00:30Z,1.2710,5\n"
+        "2024-07-02T10:01:00Z,1.2690,2\n"
+    )
+    res = bqx(["ingest", str(trades), "--pair", "GBPUSD", "--ticks", "--columns",
+               "time=ts,price=last", "--json"])  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert (doc["ticks"], doc["accepted"], doc["inserted"]) == (4, 2, 2)
+    assert stored(conn, layout, "gbpusd") == [
+        (utc(2024, 7, 2, 10, 0), 1.27, 1.271, 1.27, 1.2702, 3.0),
+        (utc(2024, 7, 2, 10, 1), 1.269, 1.269, 1.269, 1.269, 1.0),
+    ]
+    # bid and ask in Parquet, priced by the bid; a price the file lacks is one line
+    quotes = tmp_path / "quotes.parquet"
+    pq.write_table(pa.table({
+        "time": pa.array([datetime(2024, 7, 3, 0, 0, 1), datetime(2024, 7, 3, 0, 0, 2)],
+                         pa.timestamp("ms")),
+        "bid": [1.1, 1.2], "ask": [1.3, 1.4],
+    }), quotes)  # fmt: skip
+    ingest_files(url, layout, [quotes], "AUDUSD", mapping=Mapping.parse(None, ticks="bid"),
+                 allow_mismatch=True)  # fmt: skip
+    assert stored(conn, layout, "audusd") == [(utc(2024, 7, 3), 1.1, 1.2, 1.1, 1.2, 2.0)]
+    with pytest.raises(BqxError, match=r"quotes.parquet: no price column for ticks priced by last"):
+        ingest_files(url, layout, [quotes], "AUDUSD", mapping=Mapping.parse(None, ticks="last"))
+    res = bqx(["ingest", str(trades), "--pair", "GBPUSD", "--tick-price", "bid"])
+    assert res.returncode == 2 and "invalid --tick-price 'bid'" in res.stderr
+
+
+def test_hourly_bars_given_as_minute_bars_get_a_warning(settings, layout, tmp_path):
+    hourly = tmp_path / "EURUSD_Candlestick_1_H_BID.csv"
+    hourly.write_text(
+        dukascopy_bars([datetime(2024, 7, 1) + timedelta(hours=h) for h in range(48)])
+    )
+    s = ingest_files(resolve_url(settings), layout, [hourly], "EURUSD")
+    assert s.accepted == 48 and s.warnings == [
+        f"{hourly}: its bars are 1 hour apart (median spacing), not a minute apart: bqx stores"
+        " each as a minute bar, and the metrics' windows count bars"
+    ]
+    assert f"warning: {hourly}: its bars are 1 hour apart" in s.text()
+    minutes = tmp_path / "minutes.csv"  # minute bars with gaps: no warning
+    minutes.write_text(dukascopy_bars([datetime(2024, 7, 2) + timedelta(minutes=m)
+                                       for m in range(0, 300) if m % 3]))  # fmt: skip
+    assert ingest_files(resolve_url(settings), layout, [minutes], "EURUSD").warnings == []
+
+
+def mt4_hours(day: str, hours: list[tuple[int, float]]) -> str:
+    """MT4 lines, a bar a minute, for each (local hour, price) in the order given."""
+    return "".join(f"{day},{h:02d}:{m:02d},{p},{p + 0.001},{p - 0.001},{p},1\n"
+                   for h, p in hours for m in range(60))  # fmt: skip
+
+
+def test_a_repeated_local_hour_maps_to_both_instants_in_file_order(
+    settings, layout, conn, tmp_path
+):
+    """Europe/Athens goes from EEST (UTC+3) back to EET (UTC+2) at 04:00 on 27 October 2024:
+    03:00-03:59 happens twice. In a file in time order the first 03:xx hour is 00:xx UTC and
+    the second 01:xx UTC; nothing is a duplicate, no hour is lost."""
+    url = resolve_url(settings)
+    f = tmp_path / "GBPUSD1.csv"
+    f.write_text(mt4_hours("2024.10.27", [(2, 1.1), (3, 1.2), (3, 1.3), (4, 1.4)]))
+    s = ingest_files(url, layout, [f], "GBPUSD", tz="Europe/Athens")
+    assert (s.accepted, s.inserted, s.duplicates, s.rejected) == (240, 240, 0, 0)
+    rows = stored(conn, layout, "gbpusd")
+    first = {utc(2024, 10, 26, 23, 0): 1.1, utc(2024, 10, 27, 0, 0): 1.2,
+             utc(2024, 10, 27, 1, 0): 1.3, utc(2024, 10, 27, 2, 0): 1.4}  # fmt: skip
+    assert [r[0] for r in rows] == [t + timedelta(minutes=m) for t in first for m in range(60)]
+    assert all(r[4] == first[r[0].replace(minute=0)] for r in rows)
+    # the same as naive Parquet timestamps, minutes missing in both hours
+    local = [datetime(2024, 10, 27, h, m) for h in (3, 3) for m in range(0, 60, 7)]
+    pq.write_table(pa.table({"time": local, "close": [2.0] * 9 + [2.5] * 9}),
+                   tmp_path / "naive.parquet")  # fmt: skip
+    ingest_files(url, layout, [tmp_path / "naive.parquet"], "EURGBP", tz="Europe/Athens")
+    assert [(r[0], r[4]) for r in stored(conn, layout, "eurgbp")] == [
+        (utc(2024, 10, 27, h, m), c) for h, c in ((0, 2.0), (1, 2.5)) for m in range(0, 60, 7)
+    ]
+    # out of order, the file cannot tell which hour a 03:xx line is: those lines are rejected
+    lines = f.read_text().splitlines(keepends=True)
+    shuffled = tmp_path / "shuffled.csv"
+    shuffled.write_text("".join(lines[60:] + lines[:60]))  # the 02:xx hour moved to the end
+    s = ingest_files(url, layout, [shuffled], "USDCHF", tz="Europe/Athens")
+    assert (s.accepted, s.rejected, s.duplicates) == (120, 120, 0)
+    assert set(rejects_of(s.rejects_file)) == {(n, FOLD_OUT_OF_ORDER) for n in range(1, 121)}
+    assert [r[0] for r in stored(conn, layout, "usdchf")] == [
+        t + timedelta(minutes=m)
+        for t in (utc(2024, 10, 26, 23), utc(2024, 10, 27, 2))
+        for m in range(60)
+    ]
+
+
+def test_a_reingest_with_drop_flat_removes_the_filler_an_earlier_ingest_stored(
+    settings, layout, conn, tmp_path
+):
+    url = resolve_url(settings)
+    f = tmp_path / "EURUSD_Candlestick_1_M_BID.csv"
+    f.write_text(FILLER + "01.08.2024 00:00:00.000,1.08,1.08,1.08,1.08,0\n")  # filler only
+    assert ingest_files(url, layout, [f], "EURUSD").inserted == 4  # filler stored
+    conn.execute(  # a real bar where the file has filler: not the file's to remove
+        sql.SQL("UPDATE {} SET volume = 3 WHERE time = %s").format(names.source(layout, "eurusd")),
+        (utc(2024, 7, 6, 0, 1),),
+    )
+    s = ingest_files(url, layout, [f], "EURUSD", drop_flat=True)
+    assert (s.accepted, s.dropped_flat, s.removed_flat, s.unchanged) == (1, 3, 2, 1)
+    assert [(r[0], r[5]) for r in stored(conn, layout, "eurusd")] == [
+        (utc(2024, 7, 5, 21, 59), 12.5),
+        (utc(2024, 7, 6, 0, 1), 3.0),
+    ]
+    assert "3 flat zero-volume bars dropped, 2 of them removed from the stored bars too" in s.line()
+    assert s.as_dict()["removed_flat"] == 2
+    again = ingest_files(url, layout, [f], "EURUSD", drop_flat=True)
+    assert (again.dropped_flat, again.removed_flat) == (3, 0)
+    assert "; 3 flat zero-volume bars dropped (" in again.line() and "removed" not in again.line()

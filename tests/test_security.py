@@ -253,6 +253,31 @@ def test_shell_characters_in_home_are_refused(tmp_path: Path) -> None:
     assert "'\\n'" in res.stderr and not (tmp_path / "a\nb").exists()
 
 
+@pytest.mark.db  # starts a server of its own
+def test_home_made_under_umask_000_is_private() -> None:
+    """BQX_HOME and the directories bqx makes for it are 0700 whatever the umask (as root the
+    server's user may traverse them: o+x only); nothing under it is writable by others."""
+    with _outside_pytest_tmp() as tmp:
+        home = tmp / "made" / "by" / "bqx"
+        env = _clean_env(BQX_HOME=str(home))
+        try:
+            for args in (["db", "start"], ["db", "stop"]):
+                res = subprocess.run([sys.executable, "-m", "bqx.cli", *args], env=env,
+                                     capture_output=True, text=True, timeout=120, umask=0)  # fmt: skip
+                assert res.returncode == 0, res.stderr
+            above = 0o701 if AS_ROOT else 0o700  # as root the server's user traverses them
+            for d in (tmp / "made", tmp / "made" / "by", home):
+                assert stat.S_IMODE(d.stat().st_mode) == above, d
+            assert stat.S_IMODE((home / "pg").stat().st_mode) == 0o700
+            shared = [
+                str(p) for p in home.rglob("*")
+                if not p.is_symlink() and p.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+            ]  # fmt: skip
+            assert shared == []
+        finally:
+            EmbeddedServer(home).destroy()
+
+
 # -- no password on screen ----------------------------------------------------------------
 
 BAD_URLS = [

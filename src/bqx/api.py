@@ -312,10 +312,12 @@ class Store:
     def generate(
         self, pairs: PairsLike = None, start: MonthLike = "2024-07",
         end: MonthLike | None = None, *, seed: int = 0, workers: int = 1,
-        progress: Callable[[str, int], None] | None = None,
+        replace: bool = False, progress: Callable[[str, int], None] | None = None,
     ) -> GenerateSummary:  # fmt: skip
         """Synthetic minute bars for the report's 28 crosses (or ``pairs``) into ``m1_{pair}``;
-        a month's bars depend only on the seed."""
+        a month's bars depend only on the seed. A month holding bars bqx did not generate is
+        refused (``NeedsOption``, nothing written) unless ``replace``; a month that already
+        holds these bars is left as it is."""
         from bqx.core.params import check_positive
         from bqx.sources.generate import generate
 
@@ -323,22 +325,29 @@ class Store:
         assert first is not None and last is not None
         check_positive("workers", workers, integer=True)
         return generate(self.url(), self.layout, parse_pairs(pairs) or list(REPORT_PAIRS),
-                        first, last, seed=seed, workers=workers, progress=progress)  # fmt: skip
+                        first, last, seed=seed, workers=workers, replace=replace,
+                        progress=progress)  # fmt: skip
 
     def ingest(
         self, files: Sequence[str | Path], pair: str, *, fmt: str = "auto",
         tz: str | None = None, columns: str | None = None, time_format: str | None = None,
         rejects: str | Path | None = None, allow_mismatch: bool = False,
-        drop_flat: bool = False, progress: Callable[[str], None] | None = None,
+        drop_flat: bool = False, ticks: bool = False, tick_price: str = "auto",
+        progress: Callable[[str], None] | None = None,
     ) -> IngestSummary:  # fmt: skip
         """Real minute-bar files into ``m1_{pair}``; bad rows go to a rejects file
-        (docs/ingest.md)."""
+        (docs/ingest.md). ``ticks``: the files hold ticks, aggregated into minute bars, each
+        tick priced by ``tick_price`` (``auto``: the mid of bid and ask, else the last
+        price; ``mid``, ``bid``, ``ask``, ``last``)."""
         from bqx.sources.formats import Mapping
         from bqx.sources.ingest import ingest_files
 
+        if tick_price != "auto" and not ticks:
+            raise InvalidOption("tick_price", tick_price, "prices ticks: ask for ticks too")
+        mapping = Mapping.parse(columns, time_format, ticks=tick_price if ticks else None)
         return ingest_files(
-            self.url(), self.layout, files, pair, fmt=fmt, tz=tz,
-            mapping=Mapping.parse(columns, time_format), rejects_path=rejects,
+            self.url(), self.layout, files, pair, fmt=fmt, tz=tz, mapping=mapping,
+            rejects_path=rejects,
             allow_mismatch=allow_mismatch, drop_flat=drop_flat, progress=progress,
         )  # fmt: skip
 
@@ -618,11 +627,13 @@ class Store:
     def demo(
         self, months: int = 3, *, pairs: PairsLike = None, workers: int | None = None,
         out: str | Path = "bqx-report", seed: int = 0, say: Callable[[str], None] = print,
-        progress: bool = True, bqx: str = "bqx",
+        progress: bool = True, bqx: str = "bqx", replace: bool = False,
     ) -> DemoResult:  # fmt: skip
-        """The tour: synthetic bars, backfill, verify, report (docs in README.md)."""
+        """The tour: synthetic bars, backfill, verify, report (docs in README.md). Months
+        holding bars bqx did not generate are refused unless ``replace`` (as ``generate``)."""
         return run_demo(self, months=months, pairs=parse_pairs(pairs), workers=workers,
-                        out=Path(out), seed=seed, say=say, progress=progress, bqx=bqx)  # fmt: skip
+                        out=Path(out), seed=seed, say=say, progress=progress, bqx=bqx,
+                        replace=replace)  # fmt: skip
 
 
 @dataclass
@@ -698,6 +709,7 @@ def run_demo(
     say: Callable[[str], None] = print,
     progress: bool = True,
     bqx: str = "bqx",
+    replace: bool = False,
 ) -> DemoResult:
     """Generate ``months`` months from 2024-07 for ``pairs`` (default the report's 28), backfill,
     verify and write the report into ``out``. ``bqx`` is how the user runs bqx (the next steps
@@ -711,7 +723,7 @@ def run_demo(
         f" ({DEMO_START}..{end})"
     )
     t0 = time.monotonic()
-    gen = store.generate(pairs, DEMO_START, end, seed=seed, workers=workers or 2)
+    gen = store.generate(pairs, DEMO_START, end, seed=seed, workers=workers or 2, replace=replace)
     gen_s = time.monotonic() - t0
     say(f"    {plural(gen.bars, 'bar')} in {gen_s:.1f}s")
     say("2/4 backfilling BQX metrics")

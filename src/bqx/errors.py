@@ -35,6 +35,24 @@ def _show(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
+class NeedsOption(BqxError):
+    """Refused unless the caller asks for it: ``param`` is the parameter that does
+    (``replace``), ``does`` what it does. The message ends with how to ask, in the caller's
+    words: ``(replace=True overwrites them)`` from Python, ``(--replace overwrites them)`` on
+    the command line."""
+
+    def __init__(self, message: str, param: str, does: str) -> None:
+        self.message, self.param, self.does = message, param, does
+        super().__init__(f"{message} ({param}=True {does})")
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.param.replace("_", "-")
+
+    def for_command_line(self) -> str:
+        return f"{self.message} ({self.flag} {self.does})"
+
+
 class NothingToDo(BqxError):
     """The command found nothing to work on (no source bars in the range, say)."""
 

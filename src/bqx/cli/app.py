@@ -5,6 +5,7 @@ result. Errors, exit codes and signals are handled here, in one place:
 
 - ``InvalidOption`` (a bad value) and click's usage errors: one line, exit 2;
 - ``NothingToDo``: one line, exit 3;
+- ``NeedsOption`` (refused unless an option asks for it): one line naming that flag, exit 1;
 - any other ``BqxError`` or database error: one line, exit 1 (``BQX_DEBUG=1`` shows the
   traceback of a database error);
 - Ctrl-C and SIGTERM: the work in flight is handed back, exit 130.
@@ -23,7 +24,7 @@ from rich.console import Console
 from typer._click.exceptions import ClickException, UsageError  # typer vendors click
 from typer.core import TyperGroup
 
-from bqx.errors import BqxError, InvalidOption, NothingToDo
+from bqx.errors import BqxError, InvalidOption, NeedsOption, NothingToDo
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOTHING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_CODES = (
@@ -231,10 +232,11 @@ def _given_urls() -> list[str]:
     return [u for u in urls if u]
 
 
-def _error_line(exc: BaseException) -> str:
+def _error_line(exc: BaseException | str) -> str:
     from bqx.db.urls import mask_text
 
-    return mask_text(str(exc).strip() or type(exc).__name__, *_given_urls())
+    text = exc if isinstance(exc, str) else str(exc).strip() or type(exc).__name__
+    return mask_text(text, *_given_urls())
 
 
 def _option_line(exc: InvalidOption) -> str:
@@ -274,6 +276,9 @@ def main() -> None:
     except NothingToDo as exc:
         error(_error_line(exc))
         sys.exit(EXIT_NOTHING)
+    except NeedsOption as exc:  # refused unless asked for: say how, as a flag
+        error(_error_line(exc.for_command_line()))
+        sys.exit(EXIT_FAILED)
     except BqxError as exc:
         error(_error_line(exc))
         sys.exit(EXIT_FAILED)

@@ -56,14 +56,28 @@ def generate(
     workers: Annotated[
         int | None, typer.Option("--workers", help="Loading threads [default: 1].")
     ] = None,
+    replace: Annotated[
+        bool,
+        typer.Option(
+            "--replace",
+            help="Overwrite months that hold bars bqx did not generate (ingested, or changed"
+            " since). Without it such a month stops the command before anything is written.",
+        ),
+    ] = False,
     database_url: DatabaseOpt = None,
     schema: SchemaOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Synthetic minute bars for 28 crosses of 8 correlated currencies into m1_{pair}."""
+    """Synthetic minute bars for 28 crosses of 8 correlated currencies into m1_{pair}.
+
+    A month that holds bars bqx did not generate (ingested ones) is refused, naming the months
+    and their bars, unless --replace; a month that already holds the same bars is left as it
+    is. See docs/ingest.md.
+    """
     summary = store_from(database_url, schema).generate(
-        pairs, start, end or start, seed=seed, workers=1 if workers is None else workers
-    )
+        pairs, start, end or start, seed=seed, workers=1 if workers is None else workers,
+        replace=replace,
+    )  # fmt: skip
     print_json(summary.as_dict()) if json_out else say(summary.text())
 
 
@@ -108,18 +122,37 @@ def ingest(
             help="Leave out flat zero-volume bars (Dukascopy's filler when the market is shut).",
         ),
     ] = False,
+    ticks: Annotated[
+        bool,
+        typer.Option(
+            "--ticks",
+            help="The files hold ticks (Dukascopy tick exports, CSV or Parquet with"
+            " time,price or time,bid,ask): aggregate them into minute bars (open, high, low,"
+            " close; volume = number of ticks). Without it a time off the minute is rejected.",
+        ),
+    ] = False,
+    tick_price: Annotated[
+        str,
+        typer.Option(
+            "--tick-price",
+            help="With --ticks, a tick's price: mid ((bid+ask)/2), bid, ask, last (the price"
+            " column), or auto (mid when the file has bid and ask, else last).",
+        ),
+    ] = "auto",
     json_out: JsonOpt = False,
     database_url: DatabaseOpt = None,
     schema: SchemaOpt = None,
 ) -> None:
     """Load minute-bar files into m1_{pair}; bad rows go to a rejects file with line and reason.
 
-    Formats, time zones and the rejects file: docs/ingest.md. Undo with `bqx delete-bars`.
+    Formats, ticks, time zones and the rejects file: docs/ingest.md. Undo with `bqx
+    delete-bars`.
     """
     progress = None if json_out else (lambda text: err_console.print(text, highlight=False))
     summary = store_from(database_url, schema).ingest(
         files, pair, fmt=fmt, tz=tz, columns=columns, time_format=time_format, rejects=rejects,
-        allow_mismatch=allow_mismatch, drop_flat=drop_flat, progress=progress,
+        allow_mismatch=allow_mismatch, drop_flat=drop_flat, ticks=ticks, tick_price=tick_price,
+        progress=progress,
     )  # fmt: skip
     print_json(summary.as_dict()) if json_out else say(summary.text())
 

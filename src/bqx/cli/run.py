@@ -189,6 +189,14 @@ def demo(
     workers: WorkersOpt = None,
     out: Annotated[Path, typer.Option("--out", help="Where the report goes.")] = Path("bqx-report"),
     seed: Annotated[int, typer.Option("--seed", help="Random seed of the synthetic bars.")] = 0,
+    replace: Annotated[
+        bool,
+        typer.Option(
+            "--replace",
+            help="Overwrite months that hold bars bqx did not generate (without it the demo"
+            " stops before writing them; or give the demo a --schema of its own).",
+        ),
+    ] = False,
     database_url: DatabaseOpt = None,
     schema: SchemaOpt = None,
     json_out: JsonOpt = False,
@@ -199,7 +207,7 @@ def demo(
     narrate = info if json_out else say
     narrate(f"database: {store.db.describe()}")
     result = store.demo(months, pairs=pairs, workers=workers, out=out, seed=seed, say=narrate,
-                        bqx=invocation())  # fmt: skip
+                        bqx=invocation(), replace=replace)  # fmt: skip
     if json_out:
         print_json(result.as_dict())
     if not result.ok:

@@ -33,6 +33,14 @@ def validate_identifier(name: str, what: str) -> str:
     return name
 
 
+def is_system_schema(name: str) -> bool:
+    """PostgreSQL's own schemas: ``pg_dump`` leaves them out of every backup."""
+    return name.lower() == "information_schema" or name.lower().startswith("pg_")
+
+
+_SYSTEM_SCHEMA = "a PostgreSQL system schema, which pg_dump leaves out of every backup"
+
+
 def target_columns(windows: Sequence[int] = DEFAULT_WINDOWS) -> list[str]:
     """All target columns in table order: 3 core + 6 per window + 7 aggregates."""
     return [*TARGET_CORE_COLUMNS, *metric_columns(windows)]
@@ -53,6 +61,8 @@ class Layout:
 
     def __post_init__(self) -> None:
         validate_identifier(self.schema, "schema")
+        if is_system_schema(self.schema):  # bars, metrics and ledger would miss every backup
+            raise InvalidOption("schema", self.schema, f"{_SYSTEM_SCHEMA}: choose another")
         validate_identifier(self.time_column, "time_column")
         validate_identifier(self.price_column, "price_column")
         parts = self.source_table.split(".")
@@ -68,6 +78,10 @@ class Layout:
                 raise InvalidOption(
                     "source_table", self.source_table, "use letters, digits and _ around {pair}"
                 ) from None
+        if len(parts) == 2 and is_system_schema(parts[0]):  # ingest and generate write there
+            raise InvalidOption(
+                "source_table", self.source_table, f"{parts[0]} is {_SYSTEM_SCHEMA}"
+            )
 
     def source_name(self, pair: str) -> tuple[str, str]:
         """(schema, table) of a pair's source bars."""

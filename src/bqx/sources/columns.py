@@ -8,7 +8,7 @@ that fail. A ``Block`` is the result: the valid bars, and each rejected row with
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 
@@ -207,8 +207,20 @@ def parse_times(
     """int64 µs UTC: templates first, then strptime formats; naive times are local in ``tz``.
 
     Unparseable times become ``_NAT``; local times in a daylight-saving gap ``_GAP``; in the
-    repeated autumn hour the earlier instant is taken.
+    repeated autumn hour the earlier instant (``parse_local_times`` gives the later one too).
     """
+    return parse_local_times(col, templates, formats, tz, shift)[0]
+
+
+def parse_local_times(
+    col: pa.Array,
+    templates: Sequence[str],
+    formats: Sequence[str],
+    tz: str | None,
+    shift: timedelta = timedelta(0),
+) -> tuple[np.ndarray, np.ndarray]:
+    """(times, later) as ``parse_times``; ``later`` is the later instant of a local time in the
+    hour repeated when clocks go back (``times`` holds the earlier one), 0 elsewhere."""
     n = len(col)
     us = np.full(n, _NAT, np.int64)
     aware = np.zeros(n, bool)
@@ -233,34 +245,46 @@ def parse_times(
     naive = ~todo & ~aware
     if shift:
         us[naive] += int(shift / timedelta(microseconds=1))
+    later = np.zeros(n, np.int64)
     if tz not in (None, "UTC") and naive.any():
         idx = np.flatnonzero(naive)
-        local = pa.array(us[idx], pa.timestamp("us"))
-        early = pc.assume_timezone(local, tz, ambiguous="earliest", nonexistent="earliest")
-        late = pc.assume_timezone(local, tz, ambiguous="earliest", nonexistent="latest")
-        gap = pc.not_equal(early, late).to_numpy(zero_copy_only=False)
-        us[idx] = early.cast(pa.int64()).to_numpy(zero_copy_only=False)
-        us[idx[gap]] = _GAP
-    return us
+        us[idx], later[idx] = _localize(pa.array(us[idx], pa.timestamp("us")), tz)
+    return us, later
+
+
+def _localize(local: pa.Array, tz: str) -> tuple[np.ndarray, np.ndarray]:
+    """(µs UTC, later) of naive local timestamps in ``tz``: ``_GAP`` for a time that does not
+    exist (spring forward), ``_NAT`` for a null; a time in the repeated autumn hour gets its
+    earlier instant, and its later one in ``later`` (0 elsewhere)."""
+    early = pc.assume_timezone(local, tz, ambiguous="earliest", nonexistent="earliest")
+    gap_end = pc.assume_timezone(local, tz, ambiguous="earliest", nonexistent="latest")
+    late = pc.assume_timezone(local, tz, ambiguous="latest", nonexistent="earliest")
+
+    def ints(ts: pa.Array) -> np.ndarray:
+        return pc.fill_null(ts.cast(pa.int64()), _NAT).to_numpy(zero_copy_only=False).copy()
+
+    us, gap_us, late_us = ints(early), ints(gap_end), ints(late)
+    gap = us != gap_us
+    later = np.where((late_us != us) & ~gap & (us != _NAT), late_us, 0)
+    us[gap] = _GAP
+    return us, later
 
 
 def timestamps(col: pa.Array, tz: str | None) -> np.ndarray:
     """int64 µs UTC of a timestamp column, naive ones local in ``tz``.
 
     Nulls become ``_NAT``; local times in a daylight-saving gap ``_GAP``; in the repeated
-    autumn hour the earlier instant is taken.
+    autumn hour the earlier instant (``local_timestamps`` gives the later one too).
     """
+    return local_timestamps(col, tz)[0]
+
+
+def local_timestamps(col: pa.Array, tz: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """(times, later) of a timestamp column, as ``parse_local_times`` for text."""
     if col.type.tz is None and tz not in (None, "UTC"):
-        early = pc.assume_timezone(col, tz, ambiguous="earliest", nonexistent="earliest")
-        late = pc.assume_timezone(col, tz, ambiguous="earliest", nonexistent="latest")
-        gap = pc.fill_null(pc.not_equal(early, late), False).to_numpy(zero_copy_only=False)
-        col = early
-    else:
-        gap = np.zeros(len(col), bool)
+        return _localize(col.cast(pa.timestamp("us")), tz)
     us = pc.fill_null(col.cast(pa.timestamp("us")).cast(pa.int64()), _NAT)
-    times = us.to_numpy(zero_copy_only=False).copy()
-    times[gap] = _GAP
-    return times
+    return us.to_numpy(zero_copy_only=False).copy(), np.zeros(len(col), np.int64)
 
 
 # -- numbers and validation -----------------------------------------------------------------
@@ -306,14 +330,17 @@ def parse_floats(col: pa.Array) -> Numbers:
 
 
 def _validate(
-    times: np.ndarray, fields: Sequence[Numbers | None]
+    times: np.ndarray, fields: Sequence[Numbers | None], *, minutes: bool = False
 ) -> tuple[np.ndarray, dict[int, str]]:
     """(ok mask, row -> reason). The first reason that applies: time, numbers, OHLC.
 
-    A field that is None is a column the source lacks: no rule involves it.
+    A field that is None is a column the source lacks: no rule involves it. ``minutes``: a
+    time must be on a whole minute (a bar's open time).
     """
     found = _Reasons(len(times))
     _check_times(found, times)
+    if minutes:
+        _check_minutes(found, times)
     with np.errstate(invalid="ignore"):
         for name, f in zip(FIELDS, fields, strict=True):
             if f is not None:
@@ -344,6 +371,15 @@ def _check_times(found: _Reasons, times: np.ndarray) -> None:
     found.mark(
         (times < EARLIEST.timestamp() * 1e6) | (times > latest), lambda i: "time out of range"
     )
+
+
+OFF_MINUTE = "not a minute bar: the time is"  # how an off-minute reason starts
+
+
+def _check_minutes(found: _Reasons, times: np.ndarray) -> None:
+    """A minute bar opens on a whole minute; a time with seconds is a tick's."""
+    past = times % US_PER_MIN
+    found.mark(past != 0, lambda i: f"{OFF_MINUTE} {past[i] / 1e6:g} s past the minute (a tick?)")
 
 
 def _check_field(found: _Reasons, name: str, numbers: Numbers) -> None:
@@ -393,6 +429,10 @@ class Block:
     ohlcv: np.ndarray  # (n, 5) of the valid rows, NaN volume = NULL
     rejects: list[tuple[int, str, str]]  # (line, reason, text)
     last_line: int
+    # valid rows whose local time is in the hour repeated when clocks go back: their later
+    # instant (``times`` holds the earlier), 0 elsewhere; None when there is none
+    later: np.ndarray | None = None
+    folds: list[tuple[int, str]] = field(default_factory=list)  # (line, text) of those rows
 
 
 def validated_block(
@@ -400,15 +440,25 @@ def validated_block(
     times: np.ndarray,
     fields: list[Numbers | None],
     text: Callable[[list[int]], list[str]],
+    later: np.ndarray | None = None,
 ) -> Block:
     """The valid bars of the rows, and the others as rejects (line, reason, text).
 
     ``lines`` are the rows' line numbers; ``text`` gives the text of rows by index, asked for
-    the rejected rows only.
+    the rejected rows only (and rows in a repeated local hour, see ``later``). A bar's time
+    must be on a whole minute: a time with seconds is a tick (``validated_ticks``).
     """
-    ok, reasons = _validate(times, fields)
+    ok, reasons = _validate(times, fields, minutes=True)
     n = len(times)
     ohlcv = np.column_stack([np.full(n, np.nan) if f is None else f[0] for f in fields])[ok]
+    return _block(lines, times, ok, reasons, ohlcv, text, later)
+
+
+def _block(
+    lines: np.ndarray, times: np.ndarray, ok: np.ndarray, reasons: dict[int, str],
+    values: np.ndarray, text: Callable[[list[int]], list[str]], later: np.ndarray | None,
+) -> Block:  # fmt: skip
+    """The Block of validated rows: ``values`` of the valid ones, the others as rejects."""
     bad = sorted(reasons)
     texts = text(bad) if bad else []
     rejects = [
@@ -416,4 +466,119 @@ def validated_block(
         for i, t in zip(bad, texts, strict=True)
         if t.strip(" ,;\t")  # an empty line or one of separators only is not a bar: skipped
     ]
-    return Block(times[ok], ohlcv, rejects, int(lines[-1]) if len(lines) else 0)
+    block = Block(times[ok], values, rejects, int(lines[-1]) if len(lines) else 0)
+    if later is not None and (later[ok] != 0).any():
+        block.later = later[ok]
+        folded = np.flatnonzero(ok & (later != 0))
+        block.folds = list(zip(lines[folded].tolist(), text(folded.tolist()), strict=True))
+    return block
+
+
+# -- ticks ----------------------------------------------------------------------------------
+
+TICK_PRICES = ("auto", "mid", "bid", "ask", "last")  # auto: mid with bid and ask, else last
+
+
+def validated_ticks(
+    lines: np.ndarray,
+    times: np.ndarray,
+    quotes: dict[str, Numbers],
+    pick: str,
+    text: Callable[[list[int]], list[str]],
+    later: np.ndarray | None = None,
+) -> Block:
+    """Ticks as one-tick bars (open = high = low = close = the price, volume 1).
+
+    ``quotes`` holds the columns read (``price``, ``bid``, ``ask``); ``pick`` the price taken:
+    ``mid`` = (bid + ask) / 2, ``bid``, ``ask`` or ``last`` (the ``price`` column). Each column
+    read must be a finite price > 0, and a bid above its ask is rejected.
+    """
+    found = _Reasons(len(times))
+    _check_times(found, times)
+    with np.errstate(invalid="ignore"):
+        for name, numbers in quotes.items():
+            _check_field(found, name, numbers)
+        if "bid" in quotes and "ask" in quotes:
+            bid, ask = quotes["bid"][0], quotes["ask"][0]
+            found.mark(bid > ask, lambda i: f"bid {bid[i]} > ask {ask[i]}")
+    ok = found.pending
+    if pick == "mid":
+        price = (quotes["bid"][0] + quotes["ask"][0]) / 2
+    else:
+        price = quotes["price" if pick == "last" else pick][0]
+    p = price[ok]
+    values = np.column_stack([p, p, p, p, np.ones(len(p))])
+    return _block(lines, times, ok, found.reasons, values, text, later)
+
+
+# -- the hour repeated when clocks go back ---------------------------------------------------
+
+FOLD_GIVEN_ONCE = (
+    "local time in the hour repeated when clocks go back, given once: cannot tell which of"
+    " its two instants it is"
+)
+FOLD_OUT_OF_ORDER = (
+    "local time in the hour repeated when clocks go back, and the file is not in time order:"
+    " cannot tell which of its two instants it is"
+)
+
+
+class RepeatedHours:
+    """Maps the lines of a file whose local times fall in the hour that clocks repeat.
+
+    In a file in time order (its other bars' times never go back) the repeated hour appears
+    twice: the first run of such lines gets the earlier instants and, after the times go
+    back, the second run the later ones. Where order cannot tell (the hour given once, more
+    than two runs, or the file out of order) the lines are rejected with the reason. Feed
+    the file's blocks in order to ``take``; ``finish`` gives the lines held back.
+    """
+
+    def __init__(self) -> None:
+        self.in_order = True
+        self.last = np.iinfo(np.int64).min
+        self.held: list[tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[int, str]]]] = []
+
+    def take(self, block: Block) -> tuple[np.ndarray, np.ndarray]:
+        """The block's (times, values) but for its lines in a repeated hour, held back."""
+        times, values = block.times, block.ohlcv
+        if block.later is not None:
+            fold = block.later != 0
+            self.held.append((times[fold], block.later[fold], values[fold], block.folds))
+            times, values = times[~fold], values[~fold]
+        if len(times):
+            self.in_order &= bool(times[0] >= self.last) and bool((np.diff(times) >= 0).all())
+            self.last = int(times[-1])
+        return times, values
+
+    def finish(self) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str, str]]]:
+        """(times, values) of the held lines mapped to their instants, and those rejected."""
+        if not self.held:
+            return np.empty(0, np.int64), np.empty((0, 5)), []
+        early = np.concatenate([h[0] for h in self.held])
+        late = np.concatenate([h[1] for h in self.held])
+        values = np.concatenate([h[2] for h in self.held])
+        rows = [r for h in self.held for r in h[3]]
+        times = early.copy()
+        ok = np.zeros(len(early), bool)
+        reasons: dict[int, str] = {}
+        for group in _fold_groups(early):
+            if not self.in_order:
+                reasons.update(dict.fromkeys(group.tolist(), FOLD_OUT_OF_ORDER))
+                continue
+            runs = np.split(group, np.flatnonzero(np.diff(early[group]) < 0) + 1)
+            if len(runs) != 2:
+                why = FOLD_GIVEN_ONCE if len(runs) == 1 else FOLD_OUT_OF_ORDER
+                reasons.update(dict.fromkeys(group.tolist(), why))
+                continue
+            times[runs[1]] = late[runs[1]]  # the second time round: the later instant
+            ok[group] = True
+        rejects = [(rows[i][0], why, rows[i][1]) for i, why in sorted(reasons.items())]
+        return times[ok], values[ok], rejects
+
+
+def _fold_groups(early: np.ndarray) -> list[np.ndarray]:
+    """Indices (in file order) of the held lines per clock change: a change's repeated hour
+    spans an hour or so, and changes are months apart."""
+    order = np.argsort(early, kind="stable")
+    cuts = np.flatnonzero(np.diff(early[order]) > 86_400_000_000) + 1
+    return [np.sort(g) for g in np.split(order, cuts)]

@@ -35,16 +35,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from bqx.errors import BqxError, InvalidOption
+from bqx.errors import BqxError, InvalidOption, NeedsOption
 from bqx.sources.columns import (
     FIELDS,
+    TICK_PRICES,
     Block,
-    Numbers,
+    local_timestamps,
     matches,
     parse_floats,
-    parse_times,
-    timestamps,
+    parse_local_times,
     validated_block,
+    validated_ticks,
     why,
 )
 
@@ -54,6 +55,7 @@ HISTDATA_SHIFT = timedelta(hours=5)  # HistData times are EST (UTC−5) all year
 _READ_ERRORS = (OSError, EOFError, zipfile.BadZipFile, pa.ArrowInvalid)
 MAX_LINE = 64 << 10  # a bar is under 200 bytes: a longer line is rejected, not parsed
 OPTIONAL = ("open", "high", "low", "volume")  # a csv/parquet source may lack these columns
+QUOTES = ("price", "bid", "ask")  # a tick file's price columns (which are needed: the pick)
 # ISO 4217 codes (and metals, crypto) that a pair in a file name is built from
 CURRENCY_CODES = frozenset(
     "AED ARS AUD BGN BRL BTC CAD CHF CLP CNH CNY COP CZK DKK ETH EUR GBP HKD HUF IDR ILS INR"
@@ -75,26 +77,35 @@ class Mapping:
     volume: str | None = "volume"
     time_format: str | None = None  # strptime format; default ISO 8601
     explicit: frozenset[str] = frozenset()  # fields the user mapped: they must exist
+    # tick files: their price columns, and which price a tick has (None: the file holds bars)
+    price: str | None = "price"
+    bid: str | None = "bid"
+    ask: str | None = "ask"
+    ticks: str | None = None
 
     @classmethod
-    def parse(cls, text: str | None, time_format: str | None = None) -> Mapping:
-        """``time=Date,close=Last,volume=``.
+    def parse(
+        cls, text: str | None, time_format: str | None = None, ticks: str | None = None
+    ) -> Mapping:
+        """``time=Date,close=Last,volume=``; ticks: ``time=ts,price=last`` or ``bid=B,ask=A``.
 
         Open, high, low and volume are optional: an empty name (``volume=``) says the file
         has no such column, and a default name that the file lacks is taken as absent too.
+        ``ticks`` (``auto``, ``mid``, ``bid``, ``ask``, ``last``) reads a file of ticks.
         """
-        m = cls(time_format=time_format)
+        if ticks is not None and ticks not in TICK_PRICES:
+            raise InvalidOption("tick_price", ticks, f"one of {', '.join(TICK_PRICES)}")
+        m = cls(time_format=time_format, ticks=ticks)
+        keys = ("time", *QUOTES) if ticks else ("time", *FIELDS)
         explicit = set()
         for item in (text or "").split(","):
             if not item.strip():
                 continue
             key, _, value = item.partition("=")
             key = key.strip().lower()
-            if key not in ("time", *FIELDS):
-                raise InvalidOption(
-                    "columns", text, f"unknown field {key!r} (time, {', '.join(FIELDS)})"
-                )
-            if key not in OPTIONAL and not value.strip():
+            if key not in keys:
+                raise InvalidOption("columns", text, f"unknown field {key!r} ({', '.join(keys)})")
+            if key not in (*OPTIONAL, *QUOTES) and not value.strip():
                 raise InvalidOption("columns", text, f"{key} needs a column name ({key}=NAME)")
             setattr(m, key, value.strip() or None)
             explicit.add(key)
@@ -109,7 +120,7 @@ class Mapping:
         lower = {n.lower(): n for n in present}
         if want.lower() in lower:
             return lower[want.lower()]
-        if key in OPTIONAL and key not in self.explicit:
+        if key in (*OPTIONAL, *QUOTES) and key not in self.explicit:
             return None
         raise BqxError(
             f"{path}: no column {want!r} for {key} (columns: {', '.join(present)};"
@@ -253,6 +264,15 @@ class TextSpec:
     shift: timedelta
     field_cols: list[int | None]  # per FIELDS entry; None: the file has no such column
     quoted: bool = False
+    ticks: TickColumns | None = None  # a tick file: where its prices are
+
+
+@dataclass
+class TickColumns:
+    """Where a tick file's prices are, and which price a tick has."""
+
+    pick: str  # mid, bid, ask or last
+    cols: dict[str, int]  # the quotes read (price, bid, ask) -> column
 
 
 _ISO = tuple(
@@ -264,6 +284,8 @@ _ISO = tuple(
 
 def _text_spec(path: Path, fmt: str, mapping: Mapping, tz: str | None = None) -> TextSpec:
     """The reading plan of a text file, checked against its first lines before anything runs."""
+    if mapping.ticks:
+        return _tick_spec(path, fmt, mapping, tz)
     head = _head(path, 2)
     first = head[0] if head else ""
     if fmt == "histdata":
@@ -284,6 +306,8 @@ _DUKASCOPY_TEMPLATES = (
 
 def _dukascopy_spec(path: Path, first: str, second: str, tz: str | None) -> TextSpec:
     header = first.lower().startswith(_DUKASCOPY_HEADERS)
+    if header:
+        _check_not_ticks(path, [n.strip() for n in first.split(",")], "close")
     _check_dukascopy_zone(path, first, second, tz)
     width = max(first.count(",") + 1, 6) if header else 6
     return TextSpec(
@@ -334,9 +358,9 @@ def _metatrader_header_spec(path: Path, first: str) -> TextSpec:
 
 def _csv_spec(path: Path, first: str, mapping: Mapping) -> TextSpec:
     """Generic CSV: a header line names the columns; --columns maps them."""
-    sep = max(",;\t", key=first.count)
-    names = [h.strip().strip("\"'") for h in first.split(sep)]
+    sep, names = _header(first)
     lower = {n.lower(): i for i, n in enumerate(names)}
+    _check_not_ticks(path, names, mapping.close)
     time_col = mapping.column("time", names, path)
     assert time_col is not None  # a time column is never optional: column() raised
     cols = [mapping.column(f, names, path) for f in FIELDS]
@@ -345,6 +369,72 @@ def _csv_spec(path: Path, first: str, mapping: Mapping) -> TextSpec:
     templates = () if mapping.time_format else _ISO
     return TextSpec(sep, len(names), True, [lower[time_col.lower()]], templates, formats,
                     timedelta(0), idx, quoted=True)  # fmt: skip
+
+
+def _header(first: str) -> tuple[str, list[str]]:
+    """(separator, column names) of a header line."""
+    sep = max(",;\t", key=first.count)
+    return sep, [h.strip().strip("\"'") for h in first.split(sep)]
+
+
+def _check_not_ticks(path: Path, names: Sequence[str], close: str | None) -> None:
+    """A file of ticks (bid, ask or price columns, no close) is not read as minute bars."""
+    lower = {n.lower() for n in names}
+    if (close or "").lower() not in lower and lower & set(QUOTES):
+        raise NeedsOption(
+            f"{path}: its columns ({', '.join(names)}) are a tick file's, not minute bars'",
+            "ticks", "aggregates ticks into minute bars",
+        )  # fmt: skip
+
+
+# -- tick files ----------------------------------------------------------------------------
+
+
+def _tick_spec(path: Path, fmt: str, mapping: Mapping, tz: str | None) -> TextSpec:
+    """A tick file with a header row: Dukascopy's tick export (``Gmt time,Ask,Bid,AskVolume,
+    BidVolume``), or a CSV whose columns the mapping names (``time,price[,size]``,
+    ``time,bid,ask``)."""
+    if fmt in ("histdata", "metatrader"):
+        raise BqxError(f"{path}: a {fmt} file holds minute bars, not ticks")
+    head = _head(path, 2)
+    first = head[0] if head else ""
+    sep, names = _header(first)
+    templates: tuple[str, ...] = _DUKASCOPY_TEMPLATES
+    formats: tuple[str, ...] = ()
+    if first.lower().startswith(_DUKASCOPY_HEADERS) and "time" not in mapping.explicit:
+        _check_dukascopy_zone(path, first, head[1] if len(head) > 1 else "", tz)
+        time_idx = 0
+    else:
+        time_col = mapping.column("time", names, path)
+        assert time_col is not None  # a time column is never optional: column() raised
+        time_idx = [n.lower() for n in names].index(time_col.lower())
+        formats = (mapping.time_format,) if mapping.time_format else ()
+        templates = () if mapping.time_format else _ISO
+    return TextSpec(sep, len(names), True, [time_idx], templates, formats, timedelta(0), [],
+                    quoted=True, ticks=tick_columns(path, mapping, names))  # fmt: skip
+
+
+_NEEDS = {"mid": ("bid", "ask"), "bid": ("bid",), "ask": ("ask",), "last": ("price",)}
+
+
+def tick_columns(path: Path, mapping: Mapping, names: Sequence[str]) -> TickColumns:
+    """The price columns of a tick file and the price taken: ``auto`` is the mid price when
+    the file has bid and ask, else the last price (``price``). Both bid and ask are read when
+    present, so that a crossed quote (bid > ask) is rejected."""
+    found = {q: mapping.column(q, names, path) for q in QUOTES}
+    pick = mapping.ticks or "auto"
+    if pick == "auto":
+        pick = "mid" if found["bid"] and found["ask"] else "last"
+    missing = [q for q in _NEEDS[pick] if not found[q]]
+    if missing:
+        raise BqxError(
+            f"{path}: no {' or '.join(missing)} column for ticks priced by {pick} (columns:"
+            f" {', '.join(names)}; map them: price=NAME, or bid=NAME,ask=NAME)"
+        )
+    read = set(_NEEDS[pick]) | ({"bid", "ask"} if pick != "last" else set())
+    lower = [n.lower() for n in names]
+    cols = {q: lower.index(c.lower()) for q in QUOTES if q in read and (c := found[q])}
+    return TickColumns(pick, cols)
 
 
 Reject = tuple[int, str, str]  # (line, reason, text)
@@ -447,23 +537,25 @@ def _text_block(
     bad_lines = pre + _wrong_fields(invalid, spec.header)
     if not len(lines):
         return _no_bars(bad_lines, first + total - 1)
-    times, fields = _text_columns(cols, spec, tz)
-    block = validated_block(lines, times, fields, _row_text(cols, spec.sep))
+    block = _text_rows(cols, lines, spec, tz)
     if bad_lines:
         block.rejects = sorted(block.rejects + bad_lines)
     block.last_line = first + total - 1
     return block
 
 
-def _text_columns(
-    cols: list[pa.Array], spec: TextSpec, tz: str | None
-) -> tuple[np.ndarray, list[Numbers | None]]:
-    """(times, fields) parsed from the text columns as the spec says."""
+def _text_rows(cols: list[pa.Array], lines: np.ndarray, spec: TextSpec, tz: str | None) -> Block:
+    """The rows' bars (or ticks) parsed from the text columns as the spec says, validated."""
     tcol = cols[spec.time_cols[0]]
     if len(spec.time_cols) > 1:
         tcol = pc.binary_join_element_wise(*[cols[i] for i in spec.time_cols], " ")
-    times = parse_times(tcol, spec.templates, spec.formats, tz, spec.shift)
-    return times, [parse_floats(cols[i]) if i is not None else None for i in spec.field_cols]
+    times, later = parse_local_times(tcol, spec.templates, spec.formats, tz, spec.shift)
+    text = _row_text(cols, spec.sep)
+    if spec.ticks is not None:
+        quotes = {q: parse_floats(cols[i]) for q, i in spec.ticks.cols.items()}
+        return validated_ticks(lines, times, quotes, spec.ticks.pick, text, later)
+    fields = [parse_floats(cols[i]) if i is not None else None for i in spec.field_cols]
+    return validated_block(lines, times, fields, text, later)
 
 
 def _row_text(cols: list[pa.Array], sep: str) -> Callable[[list[int]], list[str]]:
@@ -565,9 +657,18 @@ def _parquet_open(path: Path, mapping: Mapping) -> Any:
         pf = pq.ParquetFile(path)
     except _READ_ERRORS as exc:
         raise BqxError(f"{path}: cannot read as parquet: {why(exc)}") from None
+    names = pf.schema_arrow.names
+    if mapping.ticks:
+        tick_columns(path, mapping, names)
+        mapping.column("time", names, path)
+        return pf
+    _check_not_ticks(path, names, mapping.close)
     for key in ("time", *FIELDS):
-        mapping.column(key, pf.schema_arrow.names, path)  # a mapped column that is missing
+        mapping.column(key, names, path)  # a mapped column that is missing
     return pf
+
+
+_Rows = Callable[[pa.RecordBatch, np.ndarray, np.ndarray, np.ndarray], Block]
 
 
 def _parquet_blocks(path: Path, tz: str | None, mapping: Mapping) -> Generator[Block, None, None]:
@@ -575,29 +676,62 @@ def _parquet_blocks(path: Path, tz: str | None, mapping: Mapping) -> Generator[B
     pf = _parquet_open(path, mapping)
     names = pf.schema_arrow.names
     time_col = mapping.column("time", names, path)
-    cols = {f: mapping.column(f, names, path) for f in FIELDS}
+    rows = (
+        _parquet_ticks(path, mapping, names)
+        if mapping.ticks
+        else _parquet_bars(mapping, names, path)
+    )
     row = 1
     for batch in pf.iter_batches(batch_size=250_000):
         n = batch.num_rows
         lines = np.arange(row, row + n, dtype=np.int64)
         row += n
-        times = _parquet_times(batch.column(time_col), tz, mapping)
+        times, later = _parquet_times(batch.column(time_col), tz, mapping)
+        yield rows(batch, lines, times, later)
+
+
+def _parquet_bars(mapping: Mapping, names: Sequence[str], path: Path) -> _Rows:
+    cols = {f: mapping.column(f, names, path) for f in FIELDS}
+
+    def rows(
+        batch: pa.RecordBatch, lines: np.ndarray, times: np.ndarray, later: np.ndarray
+    ) -> Block:
         fields = [None if cols[f] is None else parse_floats(batch.column(cols[f])) for f in FIELDS]
+        return validated_block(lines, times, fields, _batch_text(batch), later)
 
-        def text(rows: list[int], batch: pa.RecordBatch = batch) -> list[str]:
-            """The row's values by column name: ``ts=2024-07-01 00:00:00,last=1.1``."""
-            sub = batch.take(pa.array(rows, pa.int64())).to_pylist()
-            return [",".join(f"{k}={'' if v is None else v}" for k, v in r.items()) for r in sub]
-
-        yield validated_block(lines, times, fields, text)
+    return rows
 
 
-def _parquet_times(raw: pa.Array, tz: str | None, mapping: Mapping) -> np.ndarray:
-    """int64 µs UTC of a time column: timestamps (naive ones local in ``tz``) or text."""
+def _parquet_ticks(path: Path, mapping: Mapping, names: Sequence[str]) -> _Rows:
+    spec = tick_columns(path, mapping, names)
+
+    def rows(
+        batch: pa.RecordBatch, lines: np.ndarray, times: np.ndarray, later: np.ndarray
+    ) -> Block:
+        quotes = {q: parse_floats(batch.column(i)) for q, i in spec.cols.items()}
+        return validated_ticks(lines, times, quotes, spec.pick, _batch_text(batch), later)
+
+    return rows
+
+
+def _batch_text(batch: pa.RecordBatch) -> Callable[[list[int]], list[str]]:
+    def text(rows: list[int]) -> list[str]:
+        """The row's values by column name: ``ts=2024-07-01 00:00:00,last=1.1``."""
+        sub = batch.take(pa.array(rows, pa.int64())).to_pylist()
+        return [",".join(f"{k}={'' if v is None else v}" for k, v in r.items()) for r in sub]
+
+    return text
+
+
+def _parquet_times(
+    raw: pa.Array, tz: str | None, mapping: Mapping
+) -> tuple[np.ndarray, np.ndarray]:
+    """(int64 µs UTC, later) of a time column: timestamps (naive ones local in ``tz``) or
+    text; ``later`` as ``parse_local_times`` gives it."""
     if pa.types.is_timestamp(raw.type):
-        return timestamps(raw, tz)
+        return local_timestamps(raw, tz)
     formats = (mapping.time_format,) if mapping.time_format else ()
-    return parse_times(raw.cast(pa.string()), () if formats else _ISO, formats, tz)
+    return parse_local_times(raw.cast(pa.string()), () if formats else _ISO, formats, tz)
 
 
 # -- one file -----------------------------------------------------------------------------------

@@ -27,14 +27,16 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
+import psycopg
 
 from bqx.core.layout import Layout
 from bqx.core.months import Month, month_range
 from bqx.core.symbols import REPORT_PAIRS, validate_pair
+from bqx.core.text import plural
 from bqx.db.connect import connect, pool
-from bqx.errors import BqxError, InvalidOption
-from bqx.store.bars import load_bars
+from bqx.errors import BqxError, InvalidOption, NeedsOption
 from bqx.store.ddl import create_source_table
+from bqx.store.generated import foreign_bars, store_generated_month
 
 CURRENCIES = ("AUD", "CAD", "CHF", "EUR", "GBP", "JPY", "NZD")  # priced in USD
 # USD value of one unit, mid-2024
@@ -182,6 +184,8 @@ class GenerateSummary:
     per_pair: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     seed: int = 0
+    unchanged: int = 0  # pair-months that already held these bars: not rewritten
+    replaced: list[str] = field(default_factory=list)  # "AUDUSD 2024-07": other bars overwritten
 
     @property
     def bars_per_s(self) -> float:
@@ -191,17 +195,36 @@ class GenerateSummary:
         return {
             "bars": self.bars, "pairs": [p.upper() for p in self.pairs], "months": self.months,
             "seed": self.seed, "seconds": self.seconds, "bars_per_s": self.bars_per_s,
+            "unchanged": self.unchanged, "replaced": self.replaced,
         }  # fmt: skip
 
     def text(self) -> str:
-        from bqx.core.text import plural
-
         span = self.months[0] + (f"..{self.months[-1]}" if len(self.months) > 1 else "")
-        return (
+        lines = [
             f"generated {plural(self.bars, 'bar')} for {plural(len(self.pairs), 'pair')},"
             f" {span} (seed {self.seed}; a month's bars depend only on the seed) in"
             f" {self.seconds:.1f}s ({self.bars_per_s:,.0f} bars/s)"
-        )
+        ]
+        if self.unchanged:
+            lines.append(
+                f"{plural(self.unchanged, 'pair-month')} already held these bars: left as they"
+                " were (no change for backfill to redo)"
+            )
+        if self.replaced:
+            lines.append(f"replaced bars bqx had not generated: {_listed(self.replaced)}")
+        return "\n".join(lines)
+
+
+def _listed(items: Sequence[str], most: int = 6) -> str:
+    more = f", and {len(items) - most} more" if len(items) > most else ""
+    return ", ".join(items[:most]) + more
+
+
+def bars_digest(times: np.ndarray, ohlcv: np.ndarray) -> str:
+    """A digest of bars exactly as stored: equal digests, equal bars."""
+    h = hashlib.sha256(np.ascontiguousarray(times.astype("datetime64[us]")).tobytes())
+    h.update(np.ascontiguousarray(ohlcv, dtype=np.float64).tobytes())
+    return h.hexdigest()[:32]
 
 
 def generate(
@@ -213,11 +236,15 @@ def generate(
     *,
     seed: int = 0,
     workers: int = 1,
+    replace: bool = False,
     progress: Callable[[str, int], None] | None = None,
 ) -> GenerateSummary:
-    """Generate and store bars for ``pairs`` (default the report's 28), replacing those months.
+    """Generate and store bars for ``pairs`` (default the report's 28), month by month.
 
-    Pairs are loaded by ``workers`` threads, each on its own connection (COPY releases the GIL).
+    A month that holds bars generate did not write (an ingest's, or changed since) is refused
+    before anything is written, unless ``replace``; a month that already holds exactly the
+    bars it would write is left as it is, so a re-run changes nothing. Pairs are loaded by
+    ``workers`` threads, each on its own connection (COPY releases the GIL).
     """
     pairs = [validate_pair(p) for p in (pairs or REPORT_PAIRS)]
     known = {*CURRENCIES, "USD"}
@@ -233,25 +260,65 @@ def generate(
     t0 = time.monotonic()
     months = month_range(start, end)
     summary = GenerateSummary(pairs, [str(m) for m in months], seed=seed)
-    with connect(url, autocommit=True) as conn:  # DDL up front: concurrent CREATEs collide
-        for pair in pairs:
+    with connect(url, autocommit=True) as conn:
+        if not replace:
+            _refuse_foreign(conn, layout, pairs, months)
+        for pair in pairs:  # DDL up front: concurrent CREATEs collide
             create_source_table(conn, layout, pair)
 
-    def load(job: tuple[str, Month, tuple]) -> tuple[str, int]:
+    def load(job: tuple[str, Month, tuple]) -> tuple[str, int, str]:
         pair, month, (minutes, paths, starts) = job
         times, ohlcv = pair_bars(pair, month, minutes, paths, starts, seed)
+        digest = bars_digest(times, ohlcv)
         with conns.connection() as conn:
-            load_bars(conn, layout, pair, times, ohlcv, mode="replace")
+            outcome = store_generated_month(conn, layout, pair, month, times, ohlcv, seed=seed,
+                                            digest=digest, replace=replace)  # fmt: skip
         if progress is not None:
             progress(pair, len(times))
-        return pair, len(times)
+        return pair, len(times), outcome
 
     workers = max(1, workers)
+    raced: list[str] = []
     with pool(url, workers) as conns, ThreadPoolExecutor(max_workers=workers) as threads:
         for month in months:  # a month's currency paths are shared by its pairs
             paths = month_paths(month, seed)
-            for pair, n in threads.map(load, [(p, month, paths) for p in pairs]):
-                summary.per_pair[pair] = summary.per_pair.get(pair, 0) + n
-                summary.bars += n
+            for pair, n, outcome in threads.map(load, [(p, month, paths) for p in pairs]):
+                _count(summary, pair, month, n, outcome, raced)
     summary.seconds = time.monotonic() - t0
+    if raced:
+        raise BqxError(
+            f"bars bqx did not generate arrived while generating in {_listed(raced)}: those"
+            " months were left as they are; the others are stored"
+        )
     return summary
+
+
+def _count(
+    summary: GenerateSummary, pair: str, month: Month, n: int, outcome: str, raced: list[str]
+) -> None:
+    where = f"{pair.upper()} {month}"
+    if outcome == "foreign":
+        raced.append(where)
+        return
+    summary.per_pair[pair] = summary.per_pair.get(pair, 0) + n
+    summary.bars += n
+    summary.unchanged += outcome == "unchanged"
+    if outcome == "replaced":
+        summary.replaced.append(where)
+
+
+def _refuse_foreign(
+    conn: psycopg.Connection, layout: Layout, pairs: Sequence[str], months: Sequence[Month]
+) -> None:
+    """Stop, before anything is written, when a month holds bars generate did not write."""
+    found = [
+        f"{pair.upper()} {m} ({plural(n, 'bar')})"
+        for pair in pairs
+        for m, n in foreign_bars(conn, layout, pair, months).items()
+    ]
+    if found:
+        raise NeedsOption(
+            f"not generating over bars bqx did not generate (ingested, or changed since):"
+            f" {_listed(found)}; nothing was written",
+            "replace", "overwrites them",
+        )  # fmt: skip

@@ -32,8 +32,8 @@ from bqx.core.layout import Layout
 from bqx.core.months import Month
 from bqx.core.symbols import validate_pair
 from bqx.db.connect import connect, pool
-from bqx.errors import BqxError, InvalidOption
-from bqx.sources.columns import FIELDS, US_PER_MIN, Block, why
+from bqx.errors import BqxError, InvalidOption, NeedsOption
+from bqx.sources.columns import FIELDS, OFF_MINUTE, US_PER_MIN, Block, RepeatedHours, why
 from bqx.sources.formats import (
     FORMATS,
     Mapping,
@@ -43,7 +43,8 @@ from bqx.sources.formats import (
     reading_plan,
     sniff,
 )
-from bqx.store.bars import LoadResult, level_near, load_bars
+from bqx.sources.spill import Spill, TickSpill
+from bqx.store.bars import LoadResult, level_near, load_bars, month_slices
 from bqx.store.catalog import check_nullable
 from bqx.store.ddl import ensure_source
 
@@ -72,6 +73,9 @@ class IngestSummary:
     updated: int = 0
     unchanged: int = 0
     dropped_flat: int = 0  # flat zero-volume bars left out (--drop-flat)
+    removed_flat: int = 0  # ... of which stored by an earlier ingest, and removed now
+    ticks: int = 0  # ticks read and aggregated into the bars (0: the files held bars)
+    warnings: list[str] = field(default_factory=list)  # one line each
     rejects_file: str | None = None
     rejects_replaced: bool = False  # rejects_file overwrote the one of an earlier run
     stale_rejects_removed: str | None = None  # an earlier run's rejects file, now obsolete
@@ -84,7 +88,9 @@ class IngestSummary:
             "pair": self.pair.upper(), "accepted": self.accepted, "rejected": self.rejected,
             "duplicates": self.duplicates, "rejects_file": self.rejects_file,
             "inserted": self.inserted, "updated": self.updated, "unchanged": self.unchanged,
-            "dropped_flat": self.dropped_flat, "rejects_replaced": self.rejects_replaced,
+            "dropped_flat": self.dropped_flat, "removed_flat": self.removed_flat,
+            "ticks": self.ticks, "warnings": self.warnings,
+            "rejects_replaced": self.rejects_replaced,
             "stale_rejects_removed": self.stale_rejects_removed,
             "months": self.months, "seconds": round(self.seconds, 3),
             "files": [vars(f) for f in self.files],
@@ -92,19 +98,24 @@ class IngestSummary:
 
     def line(self) -> str:
         """The one-line summary: what happened to the bars read."""
+        ticks = f" (from {_n(self.ticks, 'tick')})" if self.ticks else ""
         parts = [
-            f"{self.pair.upper()}: {_n(self.accepted, 'bar')} read: {self.inserted:,} new,"
-            f" {self.updated:,} changed, {self.unchanged:,} unchanged",
+            f"{self.pair.upper()}: {_n(self.accepted, 'bar')} read{ticks}: {self.inserted:,}"
+            f" new, {self.updated:,} changed, {self.unchanged:,} unchanged",
             f"{_n(self.rejected, 'line')} rejected",
             _n(self.duplicates, "duplicate"),
         ]
-        if self.dropped_flat:
-            parts.append(f"{_n(self.dropped_flat, 'flat zero-volume bar')} dropped")
+        if self.dropped_flat or self.removed_flat:
+            parts.append(
+                f"{_n(self.dropped_flat, 'flat zero-volume bar')} dropped"
+                + (f", {self.removed_flat:,} of them removed from the stored bars too"
+                   if self.removed_flat else "")
+            )  # fmt: skip
         return "; ".join(parts) + f" ({self.seconds:.1f}s)"
 
     def text(self) -> str:
-        """The summary line, and where the rejects went."""
-        lines = [self.line()]
+        """The summary line, warnings, and where the rejects went."""
+        lines = [self.line(), *(f"warning: {w}" for w in self.warnings)]
         if self.rejects_file:
             again = " (replaces the file of an earlier run)" if self.rejects_replaced else ""
             lines.append(f"rejected rows with line and reason: {self.rejects_file}{again}")
@@ -121,57 +132,7 @@ def _n(count: int, noun: str) -> str:
 # -- spill and store ----------------------------------------------------------------------------
 
 
-class _Spill:
-    """Valid rows per month on disk: (time µs, input order, o, h, l, c, v) records."""
-
-    dtype = np.dtype([("t", "<i8"), ("seq", "<i8"), ("v", "<f8", (5,))])
-
-    def __init__(self, directory: Path) -> None:
-        self.dir = directory
-        self.seq = 0
-        self.nulls = np.zeros(3, bool)  # some open, high, low is NULL
-
-    def add(self, times: np.ndarray, ohlcv: np.ndarray) -> None:
-        if not len(times):
-            return
-        self.nulls |= np.isnan(ohlcv[:, :3]).any(axis=0)
-        rec = np.empty(len(times), dtype=self.dtype)
-        rec["t"], rec["v"] = times, ohlcv
-        rec["seq"] = np.arange(self.seq, self.seq + len(times))
-        self.seq += len(times)
-        months = (times // US_PER_MIN).astype("datetime64[m]").astype("datetime64[M]")
-        if months[0] == months[-1] and (months == months[0]).all():
-            groups = [(months[0], rec)]
-        else:
-            order = np.argsort(months, kind="stable")
-            ms, starts = np.unique(months[order], return_index=True)
-            groups = list(zip(ms, np.split(rec[order], starts[1:]), strict=True))
-        for m, part in groups:
-            with open(self.dir / f"{m}.bin", "ab") as f:
-                f.write(part.tobytes())
-
-    def months(self) -> list[str]:
-        return sorted(p.stem for p in self.dir.glob("*.bin"))
-
-    def read(self, month: str) -> tuple[np.ndarray, np.ndarray, int]:
-        """(times datetime64[us], ohlcv) sorted and unique, the last row read winning; dups."""
-        rec = np.fromfile(self.dir / f"{month}.bin", dtype=self.dtype)
-        if len(rec) > 1 and not (np.diff(rec["t"]) > 0).all():
-            rec = rec[np.lexsort((rec["seq"], rec["t"]))]
-            last = np.ones(len(rec), dtype=bool)
-            last[:-1] = rec["t"][1:] != rec["t"][:-1]
-            dups = int((~last).sum())
-            rec = rec[last]
-        else:
-            dups = 0
-        return rec["t"].astype("datetime64[us]"), rec["v"], dups
-
-    def median_close(self, month: str) -> float:
-        rec = np.fromfile(self.dir / f"{month}.bin", dtype=self.dtype)
-        return float(np.median(rec["v"][:, 3]))
-
-
-def _check_level(url: str, layout: Layout, pair: str, spill: _Spill, paths: Sequence[Path]) -> None:
+def _check_level(url: str, layout: Layout, pair: str, spill: Spill, paths: Sequence[Path]) -> None:
     """Refuse bars whose level is far from the pair's stored bars near those months.
 
     Catches another pair's file given the wrong ``--pair`` (USDJPY near 150 into EURUSD near
@@ -195,12 +156,12 @@ def _check_level(url: str, layout: Layout, pair: str, spill: _Spill, paths: Sequ
 
 
 def _store(
-    url: str, layout: Layout, pair: str, spill: _Spill, summary: IngestSummary,
+    url: str, layout: Layout, pair: str, spill: Spill, flat: _Flat, summary: IngestSummary,
     progress: Callable[[str], None] | None,
 ) -> None:  # fmt: skip
     """Merge each spilled month into its partition, one transaction a month, two at a time."""
     months = spill.months()
-    if not months:
+    if not months and not flat.months():
         return
     with connect(url, autocommit=True) as conn:  # DDL first: concurrent CREATEs would collide
         if spill.nulls.any():
@@ -209,25 +170,25 @@ def _store(
         ensure_source(conn, layout, pair, [Month.parse(m) for m in months])
 
     def store(month: str) -> tuple[int, int, LoadResult]:
-        times, ohlcv, dups = spill.read(month)
+        if month in months:
+            times, ohlcv, dups = spill.read(month)
+        else:  # only flat bars were read for this month
+            times, ohlcv, dups = np.empty(0, "datetime64[us]"), np.empty((0, 5)), 0
         with conns.connection() as conn:
-            result = load_bars(conn, layout, pair, times, ohlcv, mode="merge")
+            result = load_bars(conn, layout, pair, times, ohlcv, mode="merge",
+                               flat=flat.of(month))  # fmt: skip
         return len(times), dups, result
 
+    todo = sorted({*months, *flat.months()})
     with pool(url, 2) as conns, ThreadPoolExecutor(max_workers=2) as threads:
         futures: list[Future[tuple[int, int, LoadResult]]] = [
-            threads.submit(store, m) for m in months
+            threads.submit(store, m) for m in todo
         ]
         try:
-            for month, fut in zip(months, futures, strict=True):
+            for month, fut in zip(todo, futures, strict=True):
                 n, dups, result = fut.result()
-                summary.duplicates += dups
-                summary.inserted += result.inserted
-                summary.updated += result.updated
-                summary.unchanged += result.unchanged
-                summary.accepted += n
-                summary.months[str(Month.parse(month))] = n
-                if progress:
+                _count(summary, month, n, dups, result)
+                if progress and n:
                     progress(
                         f"{pair.upper()} {month}: {_n(n, 'bar')} ({result.inserted:,} new,"
                         f" {result.updated:,} changed, {result.unchanged:,} unchanged)"
@@ -236,6 +197,43 @@ def _store(
             for fut in futures:  # months not started yet are not started at all
                 fut.cancel()
             raise
+
+
+def _count(summary: IngestSummary, month: str, n: int, dups: int, result: LoadResult) -> None:
+    summary.duplicates += dups
+    summary.inserted += result.inserted
+    summary.updated += result.updated
+    summary.unchanged += result.unchanged
+    summary.removed_flat += result.removed_flat
+    summary.accepted += n
+    if n:
+        summary.months[str(Month.parse(month))] = n
+
+
+class _Flat:
+    """Times (µs) of the flat zero-volume bars left out (``drop_flat``), by month."""
+
+    def __init__(self) -> None:
+        self.parts: list[np.ndarray] = []
+        self.by_month: dict[str, np.ndarray] | None = None
+
+    def add(self, times: np.ndarray) -> None:
+        if len(times):
+            self.parts.append(times)
+            self.by_month = None
+
+    def _split(self) -> dict[str, np.ndarray]:
+        if self.by_month is None:
+            times = np.sort(np.concatenate(self.parts)) if self.parts else np.empty(0, np.int64)
+            stamps = times.astype("datetime64[us]")
+            self.by_month = {str(m): stamps[sl] for m, sl in month_slices(stamps)}
+        return self.by_month
+
+    def months(self) -> list[str]:
+        return sorted(self._split())
+
+    def of(self, month: str) -> np.ndarray:
+        return self._split().get(month, np.empty(0, "datetime64[us]"))
 
 
 # -- the ingest ---------------------------------------------------------------------------------
@@ -378,6 +376,7 @@ class _Rejects:
         self.file: IO[str] | None = None
         self.writer: Any = None
         self.count = 0
+        self.off_minute = 0  # rejected for a time off the minute: a tick file?
 
     def add(self, src: Path, line: int, reason: str, text: str) -> None:
         if self.writer is None:
@@ -386,6 +385,7 @@ class _Rejects:
             self.writer.writerow(REJECTS_HEADER)
         self.writer.writerow([str(src), line, reason, text])
         self.count += 1
+        self.off_minute += reason.startswith(OFF_MINUTE)
 
     def close(self) -> None:
         if self.file is not None:
@@ -445,21 +445,24 @@ def ingest_files(
     with tempfile.TemporaryDirectory(prefix="bqx-ingest-") as tmp:
         rejects = _Rejects(target, Path(tmp) / "rejects.csv")
         try:
-            spill = _Spill(Path(tmp))
+            spill = TickSpill(Path(tmp)) if mapping.ticks else Spill(Path(tmp))
+            flat = _Flat()
             for path, (kind, spec) in zip(paths, plans, strict=True):
                 fs = FileSummary(str(path), kind)
                 summary.files.append(fs)
                 if progress:
                     progress(f"{path}: {kind}" + (" (detected)" if fmt == "auto" else ""))
                 blocks = read_blocks(path, spec, tz, mapping)
-                _read_file(path, blocks, fs, spill, rejects, summary, drop_flat=drop_flat)
+                _read_file(path, blocks, fs, spill, rejects, summary,
+                           flat=flat if drop_flat else None)  # fmt: skip
             rejects.close()
             summary.rejected = rejects.count
+            summary.ticks = spill.ticks if isinstance(spill, TickSpill) else 0
             if not allow_mismatch:
                 _check_level(url, layout, pair, spill, paths)
             rejects.publish(summary)
-            _check_some_accepted(summary, spill)
-            _store(url, layout, pair, spill, summary, progress)
+            _check_some_accepted(summary, spill, rejects.off_minute)
+            _store(url, layout, pair, spill, flat, summary, progress)
         finally:
             rejects.close()
     summary.seconds = time.monotonic() - t0
@@ -474,40 +477,101 @@ def _check_args(fmt: str, files: Sequence[str | Path]) -> None:
 
 
 def _read_file(
-    path: Path, blocks: Generator[Block, None, None], fs: FileSummary, spill: _Spill,
-    rejects: _Rejects, summary: IngestSummary, *, drop_flat: bool,
+    path: Path, blocks: Generator[Block, None, None], fs: FileSummary, spill: Spill,
+    rejects: _Rejects, summary: IngestSummary, *, flat: _Flat | None,
 ) -> None:  # fmt: skip
-    """Spill a file's valid bars and write its rejected rows, counted in ``fs``."""
+    """Spill a file's valid bars and write its rejected rows, counted in ``fs``.
+
+    Lines whose local time falls in the hour that clocks repeat are held until the file's end,
+    when their order tells which instant each is (``RepeatedHours``).
+    """
     before = rejects.count
+    folds = RepeatedHours()
+    sample: list[np.ndarray] = []  # the first bars' times, for their spacing
+
+    def keep(times: np.ndarray, ohlcv: np.ndarray) -> None:
+        if flat is not None:
+            times, ohlcv, dropped = _without_flat(times, ohlcv, flat)
+            summary.dropped_flat += dropped
+        spill.add(times, ohlcv)
+        fs.accepted += len(times)
+        if sum(map(len, sample)) < SPACING_SAMPLE:
+            sample.append(times[:SPACING_SAMPLE])
+
     with closing(blocks):  # on an error, parsing threads stop here, not later
         for block in blocks:
             for line, reason, text in block.rejects:
                 rejects.add(path, line, reason, text)
-            times, ohlcv = block.times, block.ohlcv
-            if drop_flat:
-                times, ohlcv, dropped = _without_flat(times, ohlcv)
-                summary.dropped_flat += dropped
-            spill.add(times, ohlcv)
-            fs.accepted += len(times)
+            keep(*folds.take(block))
             fs.lines = max(fs.lines, block.last_line)
+    times, ohlcv, held_back = folds.finish()
+    for line, reason, text in held_back:
+        rejects.add(path, line, reason, text)
+    keep(times, ohlcv)
     fs.rejected = rejects.count - before
+    warning = None if isinstance(spill, TickSpill) else _spacing_warning(path, sample)
+    if warning:
+        summary.warnings.append(warning)
 
 
-def _without_flat(times: np.ndarray, ohlcv: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """The bars but flat zero-volume ones (open = high = low = close, volume 0); how many."""
+SPACING_SAMPLE = 100_000  # bars whose spacing tells minute bars from hourly ones
+
+
+def _spacing_warning(path: Path, sample: list[np.ndarray]) -> str | None:
+    """A warning when the bars are further apart than minutes (median spacing): hourly bars
+    given as minute bars would be stored, and their metrics computed, as minute bars."""
+    minutes = np.unique(np.concatenate(sample) // US_PER_MIN) if sample else np.empty(0)
+    if len(minutes) < 3:
+        return None
+    step = int(np.median(np.diff(minutes)))
+    if step < 2:
+        return None
+    return (
+        f"{path}: its bars are {_duration(step)} apart (median spacing), not a minute apart:"
+        " bqx stores each as a minute bar, and the metrics' windows count bars"
+    )
+
+
+def _duration(minutes: int) -> str:
+    for unit, size in (("day", 1440), ("hour", 60)):
+        if minutes % size == 0:
+            return _n(minutes // size, unit).replace(",", "")
+    return _n(minutes, "minute")
+
+
+def _without_flat(
+    times: np.ndarray, ohlcv: np.ndarray, flat: _Flat
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The bars but flat zero-volume ones (open = high = low = close, volume 0), whose times
+    go to ``flat``; how many."""
     if not len(times):
         return times, ohlcv, 0
     o, h, lo, c, v = ohlcv.T
-    flat = (o == h) & (h == lo) & (lo == c) & (v == 0)
-    if not flat.any():
+    is_flat = (o == h) & (h == lo) & (lo == c) & (v == 0)
+    if not is_flat.any():
         return times, ohlcv, 0
-    return times[~flat], ohlcv[~flat], int(flat.sum())
+    flat.add(times[is_flat])
+    return times[~is_flat], ohlcv[~is_flat], int(is_flat.sum())
 
 
-def _check_some_accepted(summary: IngestSummary, spill: _Spill) -> None:
-    """Rows rejected and no bar read (dropped ones aside) is a failure, not an empty ingest."""
+def _check_some_accepted(summary: IngestSummary, spill: Spill, off_minute: int) -> None:
+    """Rows rejected and no bar read (dropped ones aside) is a failure, not an empty ingest.
+
+    Lines rejected for a time off the minute are a tick file's: the message says so.
+    """
     if summary.rejected and not spill.seq and not summary.dropped_flat:
-        raise BqxError(
+        message = (
             f"every bar was rejected ({_n(summary.rejected, 'line')}), nothing stored:"
             f" reasons in {summary.rejects_file}"
+        )
+        if off_minute:
+            raise NeedsOption(
+                f"{message}; {_n(off_minute, 'line')} with a time off the minute, as a tick"
+                " file's", "ticks", "aggregates ticks into minute bars",
+            )  # fmt: skip
+        raise BqxError(message)
+    if off_minute:
+        summary.warnings.append(
+            f"{_n(off_minute, 'line')} rejected for a time off the minute, as a tick file's:"
+            " ticks are aggregated into minute bars only when asked (bqx ingest --ticks)"
         )

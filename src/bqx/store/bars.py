@@ -9,7 +9,7 @@ in the same transaction (``bqx.store.versions``), and wakes ``bqx update --follo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import numpy as np
@@ -36,6 +36,7 @@ class LoadResult:
     inserted: int = 0
     updated: int = 0
     unchanged: int = 0
+    removed_flat: int = 0  # stored flat zero-volume bars removed (``flat``)
     months: dict[str, int] = field(default_factory=dict)
 
 
@@ -75,44 +76,84 @@ def load_bars(
     ohlcv: np.ndarray,
     *,
     mode: Literal["replace", "merge"] = "merge",
+    flat: np.ndarray | None = None,
 ) -> LoadResult:
     """Store bars: ``times`` sorted unique datetime64 UTC, ``ohlcv`` (n, 5), NaN volume = NULL.
 
     ``replace`` swaps each month whole (generate); ``merge`` upserts (ingest: re-loading a
-    file changes nothing, overlapping files merge). Each month is its own transaction: an
-    interruption leaves earlier months stored and the interrupted month as it was. ``conn``
-    must not be inside a transaction.
+    file changes nothing, overlapping files merge). ``flat``: times (datetime64) of flat
+    zero-volume bars the input left out (``--drop-flat``); a stored bar at such a time that is
+    flat with zero volume too, the same filler loaded earlier, is removed. Each month is its
+    own transaction: an interruption leaves earlier months stored and the interrupted month as
+    it was. ``conn`` must not be inside a transaction.
     """
     ohlcv = np.asarray(ohlcv, dtype=np.float64)
     if ohlcv.shape != (len(times), 5):
         raise ValueError(f"ohlcv must be shape ({len(times)}, 5), got {ohlcv.shape}")
     ensure_source(conn, layout, pair)
     result = LoadResult()
-    cols = [layout.time_column, *SOURCE_COLUMNS[1:]]
-    for month, sl in month_slices(np.asarray(times)):
-        n = sl.stop - sl.start
+    times = np.asarray(times)
+    flat = np.empty(0, "datetime64[us]") if flat is None else np.sort(np.asarray(flat))
+    bars, filler = dict(month_slices(times)), dict(month_slices(flat))
+    for month in sorted({*bars, *filler}):
+        sl, fl = bars.get(month, slice(0, 0)), filler.get(month, slice(0, 0))
         with conn.transaction(), conn.cursor() as cur:
             lock_source_month(cur, layout, pair, month)
-            ensure_source_partition(conn, layout, pair, month)
-            part = names.source_partition(layout, pair, month)
-            if mode == "replace":
-                cur.execute(sql.SQL("TRUNCATE {}").format(part))
-                copy_in(cur, part, cols, times[sl], ohlcv[sl])
-                result.inserted += n
-            elif not _has_rows(cur, part):
-                copy_in(cur, part, cols, times[sl], ohlcv[sl])  # an empty month: no conflicts
-                result.inserted += n
-            else:
-                stage = stage_table(cur, "bqx_stage_m1", like=part)
-                ins, upd = upsert(cur, part, stage, cols, times[sl], ohlcv[sl])
-                result.inserted += ins
-                result.updated += upd
-                result.unchanged += n - ins - upd
-            cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, pair))  # wakes `update --follow`
-            record_source_version(cur, layout, pair, month)  # same transaction as the bars
-        result.months[str(month)] = n
+            removed = _remove_flat(cur, layout, pair, flat[fl]) if fl.stop > fl.start else 0
+            if sl.stop > sl.start:
+                write_month(cur, layout, pair, month, times[sl], ohlcv[sl], mode, result)
+            elif removed:
+                bars_written(cur, layout, pair, month)
+        result.removed_flat += removed
+        if sl.stop > sl.start:
+            result.months[str(month)] = sl.stop - sl.start
     publish_counters(conn)
     return result
+
+
+def write_month(
+    cur: psycopg.Cursor, layout: Layout, pair: str, month: Month, times: np.ndarray,
+    ohlcv: np.ndarray, mode: Literal["replace", "merge"], result: LoadResult,
+) -> None:  # fmt: skip
+    """Inside the transaction holding the month's write lock: store its bars, counted in
+    ``result``, and give the month a new version."""
+    n = len(times)
+    cols = [layout.time_column, *SOURCE_COLUMNS[1:]]
+    ensure_source_partition(cur.connection, layout, pair, month)
+    part = names.source_partition(layout, pair, month)
+    if mode == "replace":
+        cur.execute(sql.SQL("TRUNCATE {}").format(part))
+        copy_in(cur, part, cols, times, ohlcv)
+        result.inserted += n
+    elif not _has_rows(cur, part):
+        copy_in(cur, part, cols, times, ohlcv)  # an empty month: no conflicts
+        result.inserted += n
+    else:
+        stage = stage_table(cur, "bqx_stage_m1", like=part)
+        ins, upd = upsert(cur, part, stage, cols, times, ohlcv)
+        result.inserted += ins
+        result.updated += upd
+        result.unchanged += n - ins - upd
+    bars_written(cur, layout, pair, month)
+
+
+def bars_written(cur: psycopg.Cursor, layout: Layout, pair: str, month: Month) -> None:
+    """In the transaction that wrote a month's bars: a new version for it (same transaction
+    as the bars), and a wake-up for ``update --follow``."""
+    cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, pair))
+    record_source_version(cur, layout, pair, month)
+
+
+def _remove_flat(cur: psycopg.Cursor, layout: Layout, pair: str, times: np.ndarray) -> int:
+    """Delete the stored bars at ``times`` that are flat with zero volume; how many."""
+    cur.execute(
+        sql.SQL(
+            "DELETE FROM {src} WHERE {t} = ANY(%s::timestamptz[]) AND open = high AND high = low"
+            " AND low = close AND volume = 0"
+        ).format(src=names.source(layout, pair), t=names.time(layout)),
+        ([t.replace(tzinfo=UTC) for t in times.astype("datetime64[us]").tolist()],),
+    )
+    return cur.rowcount
 
 
 def listen_for_bars(conn: psycopg.Connection) -> None:

@@ -600,3 +600,10 @@ def check_exactly(conn: psycopg.Connection, params: Params, job: Job) -> Job:
     else:  # no bar left in the month
         sig = exact_signature(0, 0, *_lookback_of(conn, params, job.pair, job.month))
     return Job(job.pair, job.month, job.source_bars, sig, job.source_ver, job.source_stats)
+
+
+def month_versions(conn: psycopg.Connection, layout: Layout, pair: str) -> dict[Month, int]:
+    """Each month's current source version, -1 where it cannot be trusted (its triggers are
+    missing or disabled): for a writer that must know whether a month changed since it wrote
+    it (``bqx generate``). Empty when the source has no recorded versions."""
+    return {m: v.version for m, v in (_source_versions(conn, layout, pair) or {}).items()}
