@@ -539,11 +539,12 @@ class Store:
         verification: Verification | None = None, progress: StepFn | None = None,
     ) -> ReportResult:  # fmt: skip
         """The completion report: ``out/report.md`` and ``out/report.html`` with charts."""
-        from bqx.ops.report import check_out_dir, write_report
+        from bqx.ops.outdir import check_out_dir
+        from bqx.ops.report import REPORT_FILES, write_report
 
         _check_count("sample", sample)
         out = Path(out)
-        check_out_dir(out)  # before any work: a bad directory writes nothing
+        check_out_dir(out, REPORT_FILES)  # before any work: a bad directory writes nothing
         with self.connect(start=False) as conn:
             md, html, data = write_report(conn, self.layout, out, run_id=run, sample=sample,
                                           verification=verification, progress=progress)  # fmt: skip
@@ -553,14 +554,15 @@ class Store:
 
     def read_metrics(
         self, pair: str, start: Any = None, end: Any = None,
-        columns: Sequence[str] | None = None,
+        columns: str | Sequence[str] | None = None,
     ) -> pa.Table:  # fmt: skip
         """A pair's stored rows as a ``pyarrow.Table``: ``ts_utc`` (timestamp[us, UTC]), then
-        ``rate`` and the metric columns (or ``columns``), NULL where the database has NULL.
+        ``rate`` and the metric columns (or ``columns``: a list, a name, or a comma list),
+        NULL where the database has NULL.
 
         ``start`` is inclusive and ``end`` exclusive: ``read_metrics("EURUSD", "2024-07",
-        "2024-08")`` is July 2024. Times may be ISO text, datetimes (naive = UTC), numpy or
-        pandas."""
+        "2024-08")`` is July 2024; an end before the start is refused. Times may be ISO text,
+        datetimes (naive = UTC), numpy or pandas."""
         from bqx.ops.export import read_metrics_conn
 
         with self.connect() as conn:
@@ -568,15 +570,25 @@ class Store:
 
     def export(
         self, out: str | Path, *, pairs: PairsLike = None, start: MonthLike | None = None,
-        end: MonthLike | None = None, compression: str = "zstd",
+        end: MonthLike | None = None, columns: str | Sequence[str] | None = None,
+        compression: str = "zstd", progress: StepFn | None = None,
     ) -> ExportSummary:  # fmt: skip
-        """The metrics as Parquet, ``out/pair=…/month=…/data.parquet``, one month at a time."""
+        """The metrics as Parquet, ``out/pair=…/month=…/data.parquet``, one month at a time;
+        afterwards ``out`` holds exactly the table's partitions for the pairs and months
+        exported (those the table no longer holds are removed). ``columns``: a subset of the
+        metric columns (``ts_utc`` always comes first). ``progress(label, done, total,
+        rows=…)`` is called as the months go."""
+        from bqx.core.months import check_span
         from bqx.ops.export import export
+        from bqx.ops.outdir import check_out_dir
 
         first, last = _months(start, end)
+        check_span(first, last)
+        check_out_dir(out, "pair=…/month=… Parquet files", home=self.settings.home_dir)
         with self.connect() as conn:
             return export(conn, self.layout, Path(out), pairs=parse_pairs(pairs), start=first,
-                          end=last, compression=compression)  # fmt: skip
+                          end=last, columns=columns, compression=compression,
+                          progress=progress)  # fmt: skip
 
     def features(
         self, out: str | Path, *, pairs: PairsLike = None, start: MonthLike | None = None,
