@@ -593,25 +593,27 @@ class Store:
     def features(
         self, out: str | Path, *, pairs: PairsLike = None, start: MonthLike | None = None,
         end: MonthLike | None = None, target: str = "w60_bqx_return", horizon: int = 60,
-        split: str | Sequence[float] = "0.7,0.15,0.15",
+        split: str | Sequence[float] = "0.7,0.15,0.15", progress: StepFn | None = None,
     ) -> FeaturesSummary:  # fmt: skip
         """ML features per bar, a target ``horizon`` bars ahead, chronological splits with an
-        embargo (docs/ml.md)."""
+        embargo (docs/ml.md). ``progress(label, done, total, rows=…)`` pair by pair."""
         from bqx.ml.features import write_features
+        from bqx.ops.outdir import check_out_dir
 
         first, last = _months(start, end)
+        check_out_dir(out, "the split files and manifest.json", home=self.settings.home_dir)
         with self.connect() as conn:
             return write_features(conn, self.layout, Path(out), pairs=parse_pairs(pairs),
                                   start=first, end=last, target=target, horizon=horizon,
-                                  split=split)  # fmt: skip
+                                  split=split, progress=progress)  # fmt: skip
 
     def baseline(
         self, features: str | Path, *, out: str | Path | None = None, seed: int = 0,
-        trees: int = 300,
+        trees: int = 300, progress: StepFn | None = None,
     ) -> BaselineResult:  # fmt: skip
         """Ridge and LightGBM against a random and a mean baseline on a ``features``
         directory, with a significance test (the ``ml`` extra)."""
-        return baseline(features, out=out, seed=seed, trees=trees)
+        return baseline(features, out=out, seed=seed, trees=trees, progress=progress)
 
     # -- the tour ------------------------------------------------------------------------
 
@@ -646,12 +648,17 @@ class BaselineResult:
 
 
 def baseline(
-    features: str | Path, *, out: str | Path | None = None, seed: int = 0, trees: int = 300
-) -> BaselineResult:
-    """``Store.baseline`` without a store: it reads only the features directory."""
-    from bqx.ml.baseline import run_baseline, write_outputs
+    features: str | Path, *, out: str | Path | None = None, seed: int = 0, trees: int = 300,
+    progress: StepFn | None = None,
+) -> BaselineResult:  # fmt: skip
+    """``Store.baseline`` without a store: it reads only the features directory.
+    ``progress(label, done, total)`` is called as its stages go."""
+    from bqx.ml.baseline import OUT_FILES, run_baseline, write_outputs
+    from bqx.ops.outdir import check_out_dir
 
-    doc, arrays = run_baseline(Path(features), seed=seed, trees=trees)
+    if out is not None:
+        check_out_dir(out, OUT_FILES)  # before the fits: a bad directory wastes no minutes
+    doc, arrays = run_baseline(Path(features), seed=seed, trees=trees, progress=progress)
     files = write_outputs(doc, arrays, Path(out)) if out is not None else []
     return BaselineResult(doc, files)
 

@@ -77,9 +77,15 @@ def features(
     schema: SchemaOpt = None,
 ) -> None:
     """ML features per bar, a target h bars ahead, chronological splits with an embargo."""
-    summary = store_from(database_url, schema, source_table).features(
-        out, pairs=pairs, start=start, end=end, target=target, horizon=horizon, split=split
-    )
+    from bqx.progress import RateProgress
+
+    store = store_from(database_url, schema, source_table)
+    progress = RateProgress("features")
+    try:
+        summary = store.features(out, pairs=pairs, start=start, end=end, target=target,
+                                 horizon=horizon, split=split, progress=progress)  # fmt: skip
+    finally:
+        progress.close()
     print_json(summary.manifest) if json_out else say(summary.text())
 
 
@@ -97,6 +103,11 @@ def baseline(
 ) -> None:
     """Ridge and LightGBM against a random and a mean baseline, with a significance test."""
     from bqx.api import baseline as run_baseline
+    from bqx.progress import RateProgress
 
-    result = run_baseline(features_dir, out=out, seed=seed, trees=trees)
+    progress = RateProgress("baseline")
+    try:
+        result = run_baseline(features_dir, out=out, seed=seed, trees=trees, progress=progress)
+    finally:
+        progress.close()
     print_json(result.as_dict()) if json_out else say(result.text())
