@@ -198,6 +198,55 @@ def test_verify_and_report_show_progress_when_piped(cli_env, backfilled, tmp_pat
     assert res.exit_code == 0 and res.stdout == "" and res.stderr == ""
 
 
+def test_export_features_and_baseline_show_rate_and_eta_when_they_take_long(
+    cli_env, backfilled, tmp_path, monkeypatch
+):
+    import bqx.progress
+
+    # as if every step took longer than the plain-line interval (5 s)
+    monkeypatch.setattr(bqx.progress, "PLAIN_EVERY_S", 0.0)
+    SPLIT = "0.5,0.25,0.25"  # noqa: N806 - the 10 days start on a Saturday: no weekend split
+    line = r"{}: {} \d+/\d+ · [\d,.]+(?: rows · [\d,]+ rows/s|/s) · ETA [\d:-]+ \(\d+ s\)"
+    res = cli("export", "--out", str(tmp_path / "x"), "--json", env=cli_env)
+    assert res.exit_code == 0, res.output
+    lines = res.stderr.splitlines()
+    assert lines and all(re.fullmatch(line.format("export", "writing"), x) for x in lines), lines
+    assert lines[-1].startswith("export: writing 2/2 · ") and "ETA 00:00" in lines[-1]
+    json.loads(res.stdout)  # the document alone on stdout
+    res = cli("features", "--out", str(tmp_path / "f"), "--horizon", "15", "--split", SPLIT,
+              env=cli_env)  # fmt: skip
+    assert res.exit_code == 0, res.output
+    lines = res.stderr.splitlines()
+    assert lines and all(re.fullmatch(line.format("features", "pairs"), x) for x in lines), lines
+    res = cli("baseline", "--features", str(tmp_path / "f"), "--trees", "20", env=cli_env)
+    assert res.exit_code == 0, res.output
+    stages = {x.split()[1] for x in res.stderr.splitlines()}
+    assert {"reading", "ridge", "lightgbm", "bootstrap"} <= stages, res.stderr
+    assert all(re.fullmatch(line.format("baseline", r"\w+"), x) for x in res.stderr.splitlines())
+    for args in (["export", "--out", str(tmp_path / "q")],
+                 ["features", "--out", str(tmp_path / "fq"), "--split", SPLIT]):  # fmt: skip
+        res = cli("--quiet", *args, env=cli_env)
+        assert res.exit_code == 0 and res.stderr == "", res.stderr
+
+
+def test_rate_progress_on_a_terminal_shows_rate_and_eta():
+    import io
+
+    from rich.console import Console
+
+    from bqx.progress import RateProgress, configure
+
+    configure()  # not --quiet (an earlier command in this process may have set it)
+    out = io.StringIO()
+    progress = RateProgress("export", Console(file=out, force_terminal=True, width=120))
+    for done in range(4):
+        progress("writing", done, 4, rows=1000 * done)
+        time.sleep(0.05)
+    progress.close()  # the last refresh
+    text = out.getvalue()
+    assert "export" in text and "rows/s" in text and "ETA" in text and "3/4" in text
+
+
 # -- 4. status --watch ---------------------------------------------------------------------
 
 
