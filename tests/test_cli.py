@@ -144,6 +144,40 @@ def test_quiet_and_verbose(cli_env, pg_url):
     assert f"schema {cli_env['BQX_SCHEMA']}" in res.stderr and "database: " in res.stderr
     res = cli("--quiet", *args, "--json", env=cli_env)  # --quiet never hides a JSON document
     assert json.loads(res.stdout) == {"pair_months": 2, "schema": cli_env["BQX_SCHEMA"]}
+    # -q and -v work after the command too, as a newcomer types them
+    for flag in ("-q", "--quiet"):
+        res = cli(*args, flag, env=cli_env)
+        assert res.exit_code == 0 and res.stdout == "" and res.stderr == "", res.output
+    res = cli(args[0], "-v", *args[1:], env=cli_env)
+    assert res.exit_code == 0 and "database: " in res.stderr
+    assert res.stdout.startswith("ready: 2 pair-months")
+
+
+def test_bare_bqx_prints_the_help_not_an_error(tmp_path):
+    for args in ([], ["db"]):
+        res = run(*args, env={**os.environ, "BQX_HOME": str(tmp_path / "home")})
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.startswith("Usage: ") and "Commands:" in res.stdout
+        assert res.stderr == "" and not res.stdout.startswith("error")
+    assert not (tmp_path / "home").exists()  # and nothing was started
+
+
+def test_status_shows_the_lag_readably(backfilled, cli_env, conn, layout):
+    from bqx.core.text import format_duration
+
+    assert [format_duration(s) for s in (0, 45, 725, 3780, 86400 + 4 * 3600 + 59)] == [
+        "0 s", "45 s", "12 m 05 s", "1 h 03 m", "1 d 04 h",
+    ]  # fmt: skip
+    source = names.source(layout, "eurusd")
+    conn.execute(sql.SQL("INSERT INTO {t} SELECT max(time) + interval '63 minutes', 1.1, 1.1,"
+                         " 1.1, 1.1, 1 FROM {t}").format(t=source))  # fmt: skip
+    (pair,) = json.loads(cli("status", "--json", env=cli_env).stdout)["pairs"]
+    assert pair["lag_s"] == 3780.0  # the raw number for scripts
+    text = cli("status", env=cli_env).stdout
+    header = next(line for line in text.splitlines() if "newest metric" in line)
+    assert header.split()[-1] == "lag" and "lag s" not in text
+    row = next(line for line in text.splitlines() if line.strip().startswith("EURUSD"))
+    assert row.rstrip().endswith("1 h 03 m"), row
 
 
 # -- 3. output -----------------------------------------------------------------------------
