@@ -96,6 +96,30 @@ def test_version_and_shell_completion():
     assert res.returncode == 0 and "complete " in res.stdout and "bash" in res.stdout, res.stderr
 
 
+def test_shell_completion_installs_for_bash_as_the_readme_says(tmp_path):
+    readme = (Path(SRC).parent / "README.md").read_text()
+    assert "bqx --install-completion" in readme and "zsh" in readme and "~/.bashrc" in readme
+    bindir = tmp_path / "bin"  # `bqx` as installed (the program's name is what completes)
+    bindir.mkdir()
+    (bindir / "bqx").write_text(f"#!{sys.executable}\nfrom bqx.cli import main\nmain()\n")
+    (bindir / "bqx").chmod(0o755)
+    env = {**os.environ, "HOME": str(tmp_path), "PATH": f"{bindir}:{os.environ['PATH']}",
+           "PYTHONPATH": SRC}  # fmt: skip
+    res = subprocess.run(["bash", "-c", "bqx --install-completion; exit $?"], env=env,
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "source" in (tmp_path / ".bashrc").read_text()
+    # a new shell: `bqx exp<Tab>` and `bqx export --co<Tab>`
+    script = (
+        "source ~/.bashrc; COMP_WORDS=(bqx exp); COMP_CWORD=1; _bqx_completion bqx;"
+        ' echo "${COMPREPLY[@]}"; COMP_WORDS=(bqx export --co); COMP_CWORD=2;'
+        ' _bqx_completion bqx; echo "${COMPREPLY[@]}"'
+    )
+    res = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    assert res.stdout.split() == ["export", "--columns"], (res.stdout, res.stderr)
+
+
 @pytest.mark.parametrize(
     "args, culprit",
     [
@@ -496,3 +520,86 @@ def test_invocation_is_what_the_user_can_type(tmp_path):
     assert invocation("/x/src/bqx/cli.py", "/my env/python", tmp_path, nowhere) == (
         shlex.quote("/my env/python") + " -m bqx.cli"
     )
+
+
+# -- 8. dropping a pair ---------------------------------------------------------------------
+
+
+def _exists(conn, ident) -> bool:
+    return conn.execute("SELECT to_regclass(%s)", (names.as_text(ident),)).fetchone()[0] is not None
+
+
+def _ledger_rows(conn, layout, pair: str) -> list[int]:
+    counts = []
+    for table, where in (
+        ("bqx_jobs", "pair"),
+        ("bqx_attempts", "pair"),
+        ("bqx_targets", "target_table"),
+        ("bqx_source_versions", "source_table"),
+    ):
+        value = pair if where == "pair" else f"{'bqx' if table == 'bqx_targets' else 'm1'}_{pair}"
+        counts.append(
+            conn.execute(
+                sql.SQL("SELECT count(*) FROM {} WHERE {} = %s").format(
+                    names.table(layout, table), sql.Identifier(where)
+                ),
+                (value,),
+            ).fetchone()[0]
+        )
+    return counts  # fmt: skip
+
+
+def test_drop_a_pair_asks_refuses_a_held_job_and_drops_in_one_transaction(
+    cli_env, settings, layout, make_bars, conn, tmp_path
+):
+    import psycopg
+
+    from bqx.store.ledger import worker_id
+
+    make_bars("eurusd", "2024-07-29", 4 * 1440, seed=1)
+    make_bars("usdjpy", "2024-07-29", 4 * 1440, seed=2, level=160.0)
+    store_for(settings, layout).backfill(workers=1)
+    out = tmp_path / "x"
+    store_for(settings, layout).export(out)
+    src, tgt = names.source(layout, "usdjpy"), names.target(layout, "usdjpy")
+    assert all(_ledger_rows(conn, layout, "usdjpy"))
+    # without a terminal and without --yes: says what, drops nothing
+    res = run("drop", "--pair", "USDJPY", env=cli_env)
+    assert res.returncode == 1 and "not dropping without confirmation: give --yes" in res.stderr
+    assert f"USDJPY: will drop {names.as_text(src)} (2 partitions, " in res.stderr
+    assert "2 ledger jobs with their attempts" in res.stderr
+    # a live run holds one of its jobs: refused, naming the run
+    jobs = names.table(layout, "bqx_jobs")
+    conn.execute(sql.SQL("UPDATE {} SET status = 'running', worker = %s, heartbeat_at = now()"
+                         " WHERE pair = 'usdjpy' AND month = '2024-08-01'").format(jobs),
+                 (worker_id(),))  # fmt: skip
+    res = run("drop", "--pair", "USDJPY", "--yes", env=cli_env)
+    assert res.returncode == 1 and res.stderr.count("\n") == 2, res.stderr  # the plan, the error
+    assert "error: USDJPY: run " in res.stderr and "holds 1 of its jobs (2024-08 on" in res.stderr
+    conn.execute(sql.SQL("UPDATE {} SET status = 'done', worker = NULL").format(jobs))
+    # a worker inside its write transaction (the job's row locked): refused at once too
+    with psycopg.connect(store_for(settings).url()) as other:
+        other.execute(sql.SQL("SELECT 1 FROM {} WHERE pair = 'usdjpy' FOR UPDATE").format(jobs))
+        res = run("drop", "--pair", "USDJPY", "--yes", env=cli_env, timeout=60)
+        assert res.returncode == 1 and "a run is writing its jobs right now" in res.stderr
+    # one transaction: a view on the metrics table makes the drop fail, and nothing goes
+    view = sql.Identifier(layout.schema, "users_view")
+    conn.execute(sql.SQL("CREATE VIEW {} AS SELECT * FROM {}").format(view, tgt))
+    res = run("drop", "--pair", "USDJPY", "--yes", env=cli_env)
+    assert res.returncode == 1 and "other objects depend on it" in res.stderr, res.stderr
+    assert _exists(conn, src) and _exists(conn, tgt) and all(_ledger_rows(conn, layout, "usdjpy"))
+    conn.execute(sql.SQL("DROP VIEW {}").format(view))
+    res = run("drop", "--pair", "usdjpy", "--yes", "--json", env=cli_env)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["dropped"] is True and doc["jobs"] == 2 and set(doc["tables"]) == {
+        names.as_text(src), names.as_text(tgt)}  # fmt: skip
+    assert not _exists(conn, src) and not _exists(conn, tgt)
+    assert _ledger_rows(conn, layout, "usdjpy") == [0, 0, 0, 0]
+    assert all(_ledger_rows(conn, layout, "eurusd"))  # the other pair is untouched
+    res = run("drop", "--pair", "USDJPY", "--yes", env=cli_env)
+    assert res.returncode == 0 and "nothing to drop" in res.stdout
+    # the next export leaves no partition of the dropped pair for readers
+    again = store_for(settings, layout).export(out)
+    assert not (out / "pair=usdjpy").exists() and len(again.removed) == 2
+    assert store_for(settings, layout).verify(sample=2).ok

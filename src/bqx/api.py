@@ -30,7 +30,7 @@ from bqx.core.layout import DEFAULT_SOURCE_TABLE, Layout
 from bqx.core.months import Month, MonthLike, as_month, month_range
 from bqx.core.params import BackfillPlan, Params, RunSummary, check_windows
 from bqx.core.symbols import REPORT_PAIRS, parse_pairs, validate_pair
-from bqx.core.text import plural
+from bqx.core.text import format_bytes, plural
 from bqx.errors import BqxError, InvalidOption
 from bqx.metrics import DEFAULT_WINDOWS
 
@@ -85,6 +85,38 @@ class DeletePlan:
             return f"{self.pair.upper()}: no bars from {span}: nothing to delete"
         months = ", ".join(f"{m} ({n:,})" for m, n in self.months.items())
         return f"{self.pair.upper()}: will delete {self.bars:,} bars from {span}: {months}"
+
+
+@dataclass
+class DropPlan:
+    """What ``drop_pair`` removes: the pair's tables (name -> partitions, bytes) and its
+    ledger jobs per status."""
+
+    pair: str
+    tables: dict[str, tuple[int, int]] = field(default_factory=dict)
+    jobs: dict[str, int] = field(default_factory=dict)
+    dropped: bool = False
+
+    @property
+    def empty(self) -> bool:
+        return not self.tables and not self.jobs
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "pair": self.pair.upper(), "dropped": self.dropped,
+            "tables": {t: {"partitions": n, "bytes": b} for t, (n, b) in self.tables.items()},
+            "jobs": sum(self.jobs.values()),
+        }  # fmt: skip
+
+    def text(self) -> str:
+        if self.empty:
+            return f"{self.pair.upper()}: no table and no ledger job: nothing to drop"
+        tables = [f"{t} ({plural(n, 'partition')}, {format_bytes(b)})" for t, (n, b) in
+                  self.tables.items()]  # fmt: skip
+        jobs = sum(self.jobs.values())
+        what = ", ".join([*tables, f"{plural(jobs, 'ledger job')} with their attempts"])
+        verb = "dropped" if self.dropped else "will drop"
+        return f"{self.pair.upper()}: {verb} {what}"
 
 
 @dataclass
@@ -213,6 +245,30 @@ class Database:
         else:
             doc.error = "embedded server not running: start it with `bqx db start`"
         return doc
+
+    def to_destroy(self) -> Path | None:
+        """The embedded server's directory that ``destroy`` would delete (None: there is
+        none); refused when bqx uses another database."""
+        from bqx.db.connect import embedded
+
+        other = self.other()
+        if other:
+            raise BqxError(
+                f"{other}: bqx uses {self.describe()}, not its embedded database, and never"
+                " deletes another database: nothing removed"
+            )
+        root = embedded(self.settings).root
+        return root if root.exists() else None
+
+    def destroy(self) -> Path | None:
+        """Stop the embedded server and delete its directory (``BQX_HOME/pg``: every schema,
+        bar, metric and ledger in it, and its password). The path deleted, or None."""
+        from bqx.db.connect import embedded
+
+        root = self.to_destroy()
+        if root is not None:
+            embedded(self.settings).destroy()
+        return root
 
     def url(self, *, show_password: bool = False) -> str:
         """The URL in use, password masked unless ``show_password``. The embedded server's URL
@@ -367,6 +423,35 @@ class Store:
                     cur, pair, [Month.parse(m) for m in result.emptied]
                 )
         return result
+
+    def pair_to_drop(self, pair: str) -> DropPlan:
+        """What ``drop_pair`` would remove, without removing it."""
+        from bqx.store.ddl import pair_tables
+        from bqx.store.ledger import Ledger
+
+        pair = validate_pair(pair)
+        with self.connect() as conn:
+            return DropPlan(pair, pair_tables(conn, self.layout, pair),
+                            Ledger(self.layout).pair_jobs(conn, pair))  # fmt: skip
+
+    def drop_pair(self, pair: str) -> DropPlan:
+        """Drop a pair: its source and target tables (every month of bars and metrics) and
+        its ledger jobs, attempts and recorded parameters, in one transaction. Refused while a
+        run holds its jobs."""
+        from bqx.store import ddl, versions
+        from bqx.store.ledger import Ledger
+
+        plan = self.pair_to_drop(pair)
+        if plan.empty:
+            return plan
+        ledger = Ledger(self.layout)
+        with self.connect() as conn, conn.transaction(), conn.cursor() as cur:
+            ledger.hold_pair(cur, plan.pair)  # first: a worker's write is never cut in two
+            ddl.drop_pair_tables(cur, self.layout, plan.pair)
+            versions.forget_source(cur, self.layout, plan.pair)
+            ledger.forget_pair(cur, plan.pair)
+        plan.dropped = True
+        return plan
 
     def _bounds(
         self, pair: str, start: str | datetime, end: str | datetime

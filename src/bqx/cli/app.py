@@ -150,6 +150,18 @@ def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     raise typer.Exit(code)
 
 
+def confirm(yes: bool, question: str, refused: str) -> None:
+    """Go on only when ``--yes`` was given or the person at the terminal says yes; without a
+    terminal, ``refused`` (``not deleting without confirmation``) with the hint to give
+    --yes."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise BqxError(f"{refused} without confirmation: give --yes")
+    if not typer.confirm(question, default=False, err=True):
+        raise BqxError(f"{refused}: not confirmed")
+
+
 def print_json(doc: Any) -> None:
     sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
 

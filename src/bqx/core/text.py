@@ -32,6 +32,16 @@ def format_duration(seconds: float) -> str:
     return f"{d} d {h:02d} h"
 
 
+def format_bytes(n: int) -> str:
+    """A size as people read it: ``812 bytes``, ``9.1 MB``, ``3.5 GB``."""
+    size = float(n)
+    for unit in ("bytes", "kB", "MB"):
+        if size < 1024:
+            return f"{size:,.0f} {unit}" if unit == "bytes" else f"{size:,.1f} {unit}"
+        size /= 1024
+    return f"{size:,.1f} GB"
+
+
 def first_line(exc: BaseException | str | None) -> str:
     """The first line of an exception's message (its class name when it has none)."""
     if exc is None:

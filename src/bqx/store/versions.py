@@ -339,3 +339,13 @@ def source_jobs(
         elif vers[month][0] < 0:  # a month bqx did not write, or whose guard is off: hash it
             jobs.extend(_source_months(conn, params, pair, month, month, vers))
     return jobs
+
+
+def forget_source(cur: psycopg.Cursor, layout: Layout, pair: str) -> None:
+    """Inside the caller's transaction: drop the versions kept for a pair's source table (the
+    table itself is being dropped)."""
+    schema, table = layout.source_name(pair)
+    versions = names.in_schema(schema, SOURCE_VERSIONS)
+    found = cur.execute("SELECT to_regclass(%s)", (names.as_text(versions),)).fetchone()
+    if found is not None and found[0] is not None:
+        cur.execute(sql.SQL("DELETE FROM {} WHERE source_table = %s").format(versions), (table,))
