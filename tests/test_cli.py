@@ -490,9 +490,11 @@ def test_demo_json_and_next_steps_run_as_printed(cli_env, tmp_path):
     assert steps == doc["next"]
     assert [x.split()[-1] for x in steps[:2]] == ["status", "verify"]
     env = {**cli_env, "PYTHONPATH": SRC}
-    for step in steps[:2]:  # each runs as printed, from where the demo ran
+    # psql connects with the URL as printed, which shows no password on a command line (`ps`)
+    assert steps[3].startswith("psql ") and "show-password" not in steps[3]
+    for step in [*steps[:2], steps[3]]:  # each runs as printed, from where the demo ran
         done = subprocess.run(step, shell=True, env=env, cwd=tmp_path, capture_output=True,
-                              text=True, timeout=180)  # fmt: skip
+                              text=True, timeout=180, stdin=subprocess.DEVNULL)  # fmt: skip
         assert done.returncode == 0, (step, done.stderr)
 
 

@@ -822,7 +822,8 @@ def run_demo(
     say(f"    {report.markdown}\n    {report.html}  (open it in a browser)")
     result.next_steps = [
         f"{bqx} status", f"{bqx} verify", f"{bqx} report --out {shlex.quote(str(out))}",
-        f'psql "$({bqx} db url --show-password)"',
+        # the URL names the password file: psql reads it, and `ps` shows no password
+        f'psql "$({bqx} db url)"',
     ]  # fmt: skip
     say("next steps, to run as printed:")
     for step in result.next_steps:

@@ -36,7 +36,7 @@ EXIT_CODES = (
     " checks or an error (one line on stderr);"
     " 2 usage error (a bad option or value); 3 nothing to do (backfill: no source bars in"
     " the range); 130 interrupted (Ctrl-C or SIGTERM; run the"
-    " same command again to resume)."
+    " same command again to resume), except `update --follow`, which stops on either with 0."
 )
 # commands that a second run resumes: an interruption says so
 RESUMABLE = ("backfill", "update", "ingest", "generate", "demo", "init")
