@@ -81,12 +81,14 @@ def gb(n: int) -> str:
 
 def write(doc: dict[str, Any], baseline: dict[str, Any]) -> None:
     """bench/results/baseline.md from the run's figures (``--render`` redoes only this)."""
+    from bqx.core.text import plural
     from bqx.ml.baseline import markdown
 
     steps, disk, feat = doc["steps"], doc["disk"], doc["features"]
     splits = feat["splits"]
     drop = feat["rows_dropped"]
     sel = baseline["selection"]
+    gbm = sel["lightgbm"]["params"]
     lines = [
         "# Features and baseline on the demo data",
         "",
@@ -115,8 +117,8 @@ def write(doc: dict[str, Any], baseline: dict[str, Any]) -> None:
         f"`bqx baseline`: trained on {baseline['rows']['train']:,} rows (every k-th training"
         f" row), chosen on {baseline['rows']['validation']:,}, tested on"
         f" {baseline['rows']['test']:,}. Chosen on validation: ridge α ="
-        f" {sel['ridge']['params']['alpha']:g}; LightGBM {sel['lightgbm']['params']['num_leaves']}"
-        f" leaves, early-stopped at {sel['lightgbm']['params']['n_estimators']} trees. The"
+        f" {sel['ridge']['params']['alpha']:g}; LightGBM {gbm['num_leaves']} leaves,"
+        f" early-stopped at {plural(gbm['n_estimators'], 'tree')}. The"
         ' synthetic prices are correlated random walks, so "nothing beats the baselines" is'
         " the right answer.",
         "",
@@ -175,6 +177,7 @@ def main() -> None:
         features["rows"] = sum(s["rows"] for s in features["splits"].values())
         for s in steps:
             del s["stdout"]
+            s["args"] = [a.replace(f"{work}/", "") for a in s["args"]]  # no scratch path
         doc = {
             "date": datetime.now(UTC).strftime("%Y-%m-%d"), "load": round(os.getloadavg()[0], 1),
             "months": args.months, "steps": steps, "features": features,
