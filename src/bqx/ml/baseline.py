@@ -110,19 +110,28 @@ def split_files(
     return files
 
 
+def checked_files(features_dir: Path, manifest: dict[str, Any]) -> dict[str, list[Path]]:
+    """Every split's files, all checked (``split_files``) before any is read: a file swapped
+    in from another run is refused before minutes of fitting, not after."""
+    columns = [*manifest["features"], "target", "ts_utc"]
+    return {s: split_files(features_dir, s, manifest, columns) for s in SPLITS}
+
+
 def load_split(
     features_dir: Path,
     split: str,
     manifest: dict[str, Any],
     max_rows: int | None,
+    files: Sequence[Path] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(X float32, y, ts int64 minutes) of one split; every k-th row when above ``max_rows``.
 
     Only the manifest's files are read (files left by an earlier run are ignored), each
-    checked first (``split_files``)."""
+    checked first (``split_files``) unless ``files`` were checked already."""
     features = list(manifest["features"])
     folder = Path(features_dir) / split
-    files = split_files(features_dir, split, manifest, [*features, "target", "ts_utc"])
+    if files is None:
+        files = split_files(features_dir, split, manifest, [*features, "target", "ts_utc"])
     xs, ys, ts = [], [], []
     total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     stride = max(1, math.ceil(total / max_rows)) if max_rows else 1
@@ -314,8 +323,10 @@ def run_baseline(
     notes = Notes()
     if progress is not None:
         progress("reading", 0, 3)
-    x_tr, y_tr, _ = load_split(features_dir, "train", manifest, max_train_rows)
-    x_va, y_va, _ = load_split(features_dir, "validation", manifest, max_eval_rows)
+    files = checked_files(features_dir, manifest)
+    x_tr, y_tr, _ = load_split(features_dir, "train", manifest, max_train_rows, files["train"])
+    x_va, y_va, _ = load_split(features_dir, "validation", manifest, max_eval_rows,
+                               files["validation"])  # fmt: skip
     fitted = {
         "ridge": _fit_ridge(x_tr, y_tr, x_va, y_va, notes, progress),
         "lightgbm": _fit_gbm(
@@ -331,7 +342,8 @@ def run_baseline(
         ),  # fmt: skip
     }
     best = min(fitted, key=lambda k: fitted[k][2])  # chosen on validation, before test is read
-    x_te, y_te, minutes = load_split(features_dir, "test", manifest, max_eval_rows)
+    x_te, y_te, minutes = load_split(features_dir, "test", manifest, max_eval_rows,
+                                     files["test"])  # fmt: skip
     with notes.catch("test"):
         preds = {name: m.predict(x_te) for name, (m, _, _) in fitted.items()}
     rng = np.random.default_rng(seed)
