@@ -227,7 +227,10 @@ def _explain(category: type[Warning], message: str) -> str:
     return f"{category.__name__}: {first}"
 
 
-def _fit_ridge(x_tr, y_tr, x_va, y_va, notes: Notes, progress: ProgressFn | None = None):
+def _fit_ridge(
+    x_tr, y_tr, x_va, y_va, notes: Notes | None = None, progress: ProgressFn | None = None
+):  # fmt: skip
+    notes = notes or Notes()
     Ridge = require("ml", "sklearn.linear_model", FEATURE).Ridge
     make_pipeline = require("ml", "sklearn.pipeline", FEATURE).make_pipeline
     StandardScaler = require("ml", "sklearn.preprocessing", FEATURE).StandardScaler
@@ -246,9 +249,10 @@ def _fit_ridge(x_tr, y_tr, x_va, y_va, notes: Notes, progress: ProgressFn | None
 
 
 def _fit_gbm(
-    x_tr, y_tr, x_va, y_va, *, trees: int, seed: int, n_jobs: int, notes: Notes,
+    x_tr, y_tr, x_va, y_va, *, trees: int, seed: int, n_jobs: int, notes: Notes | None = None,
     progress: ProgressFn | None = None,
 ):  # fmt: skip
+    notes = notes or Notes()
     lgb = require("ml", "lightgbm", FEATURE)
 
     best = None
