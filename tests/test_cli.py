@@ -98,6 +98,30 @@ def test_version_and_shell_completion():
     assert res.returncode == 0 and "complete " in res.stdout and "bash" in res.stdout, res.stderr
 
 
+def test_shell_completion_installs_for_bash_as_the_readme_says(tmp_path):
+    readme = (Path(SRC).parent / "README.md").read_text()
+    assert "bqx --install-completion" in readme and "zsh" in readme and "~/.bashrc" in readme
+    bindir = tmp_path / "bin"  # `bqx` as installed (the program's name is what completes)
+    bindir.mkdir()
+    (bindir / "bqx").write_text(f"#!{sys.executable}\nfrom bqx.cli import main\nmain()\n")
+    (bindir / "bqx").chmod(0o755)
+    env = {**os.environ, "HOME": str(tmp_path), "PATH": f"{bindir}:{os.environ['PATH']}",
+           "PYTHONPATH": SRC}  # fmt: skip
+    res = subprocess.run(["bash", "-c", "bqx --install-completion; exit $?"], env=env,
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "source" in (tmp_path / ".bashrc").read_text()
+    # a new shell: `bqx exp<Tab>` and `bqx export --co<Tab>`
+    script = (
+        "source ~/.bashrc; COMP_WORDS=(bqx exp); COMP_CWORD=1; _bqx_completion bqx;"
+        ' echo "${COMPREPLY[@]}"; COMP_WORDS=(bqx export --co); COMP_CWORD=2;'
+        ' _bqx_completion bqx; echo "${COMPREPLY[@]}"'
+    )
+    res = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    assert res.stdout.split() == ["export", "--columns"], (res.stdout, res.stderr)
+
+
 @pytest.mark.parametrize(
     "args, culprit",
     [
@@ -146,6 +170,40 @@ def test_quiet_and_verbose(cli_env, pg_url):
     assert f"schema {cli_env['BQX_SCHEMA']}" in res.stderr and "database: " in res.stderr
     res = cli("--quiet", *args, "--json", env=cli_env)  # --quiet never hides a JSON document
     assert json.loads(res.stdout) == {"pair_months": 2, "schema": cli_env["BQX_SCHEMA"]}
+    # -q and -v work after the command too, as a newcomer types them
+    for flag in ("-q", "--quiet"):
+        res = cli(*args, flag, env=cli_env)
+        assert res.exit_code == 0 and res.stdout == "" and res.stderr == "", res.output
+    res = cli(args[0], "-v", *args[1:], env=cli_env)
+    assert res.exit_code == 0 and "database: " in res.stderr
+    assert res.stdout.startswith("ready: 2 pair-months")
+
+
+def test_bare_bqx_prints_the_help_not_an_error(tmp_path):
+    for args in ([], ["db"]):
+        res = run(*args, env={**os.environ, "BQX_HOME": str(tmp_path / "home")})
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.startswith("Usage: ") and "Commands:" in res.stdout
+        assert res.stderr == "" and not res.stdout.startswith("error")
+    assert not (tmp_path / "home").exists()  # and nothing was started
+
+
+def test_status_shows_the_lag_readably(backfilled, cli_env, conn, layout):
+    from bqx.core.text import format_duration
+
+    assert [format_duration(s) for s in (0, 45, 725, 3780, 86400 + 4 * 3600 + 59)] == [
+        "0 s", "45 s", "12 m 05 s", "1 h 03 m", "1 d 04 h",
+    ]  # fmt: skip
+    source = names.source(layout, "eurusd")
+    conn.execute(sql.SQL("INSERT INTO {t} SELECT max(time) + interval '63 minutes', 1.1, 1.1,"
+                         " 1.1, 1.1, 1 FROM {t}").format(t=source))  # fmt: skip
+    (pair,) = json.loads(cli("status", "--json", env=cli_env).stdout)["pairs"]
+    assert pair["lag_s"] == 3780.0  # the raw number for scripts
+    text = cli("status", env=cli_env).stdout
+    header = next(line for line in text.splitlines() if "newest metric" in line)
+    assert header.split()[-1] == "lag" and "lag s" not in text
+    row = next(line for line in text.splitlines() if line.strip().startswith("EURUSD"))
+    assert row.rstrip().endswith("1 h 03 m"), row
 
 
 # -- 3. output -----------------------------------------------------------------------------
@@ -197,6 +255,55 @@ def test_verify_and_report_show_progress_when_piped(cli_env, backfilled, tmp_pat
     assert len(lines) < 20  # a few lines, not one per pair
     res = cli("--quiet", "verify", "--sample", "3", env=cli_env)
     assert res.exit_code == 0 and res.stdout == "" and res.stderr == ""
+
+
+def test_export_features_and_baseline_show_rate_and_eta_when_they_take_long(
+    cli_env, backfilled, tmp_path, monkeypatch
+):
+    import bqx.progress
+
+    # as if every step took longer than the plain-line interval (5 s)
+    monkeypatch.setattr(bqx.progress, "PLAIN_EVERY_S", 0.0)
+    SPLIT = "0.5,0.25,0.25"  # noqa: N806 - the 10 days start on a Saturday: no weekend split
+    line = r"{}: {} \d+/\d+ · [\d,.]+(?: rows · [\d,]+ rows/s|/s) · ETA [\d:-]+ \(\d+ s\)"
+    res = cli("export", "--out", str(tmp_path / "x"), "--json", env=cli_env)
+    assert res.exit_code == 0, res.output
+    lines = res.stderr.splitlines()
+    assert lines and all(re.fullmatch(line.format("export", "writing"), x) for x in lines), lines
+    assert lines[-1].startswith("export: writing 2/2 · ") and "ETA 00:00" in lines[-1]
+    json.loads(res.stdout)  # the document alone on stdout
+    res = cli("features", "--out", str(tmp_path / "f"), "--horizon", "15", "--split", SPLIT,
+              env=cli_env)  # fmt: skip
+    assert res.exit_code == 0, res.output
+    lines = res.stderr.splitlines()
+    assert lines and all(re.fullmatch(line.format("features", "pairs"), x) for x in lines), lines
+    res = cli("baseline", "--features", str(tmp_path / "f"), "--trees", "20", env=cli_env)
+    assert res.exit_code == 0, res.output
+    stages = {x.split()[1] for x in res.stderr.splitlines()}
+    assert {"reading", "ridge", "lightgbm", "bootstrap"} <= stages, res.stderr
+    assert all(re.fullmatch(line.format("baseline", r"\w+"), x) for x in res.stderr.splitlines())
+    for args in (["export", "--out", str(tmp_path / "q")],
+                 ["features", "--out", str(tmp_path / "fq"), "--split", SPLIT]):  # fmt: skip
+        res = cli("--quiet", *args, env=cli_env)
+        assert res.exit_code == 0 and res.stderr == "", res.stderr
+
+
+def test_rate_progress_on_a_terminal_shows_rate_and_eta():
+    import io
+
+    from rich.console import Console
+
+    from bqx.progress import RateProgress, configure
+
+    configure()  # not --quiet (an earlier command in this process may have set it)
+    out = io.StringIO()
+    progress = RateProgress("export", Console(file=out, force_terminal=True, width=120))
+    for done in range(4):
+        progress("writing", done, 4, rows=1000 * done)
+        time.sleep(0.05)
+    progress.close()  # the last refresh
+    text = out.getvalue()
+    assert "export" in text and "rows/s" in text and "ETA" in text and "3/4" in text
 
 
 # -- 4. status --watch ---------------------------------------------------------------------
@@ -384,9 +491,11 @@ def test_demo_json_and_next_steps_run_as_printed(cli_env, tmp_path):
     assert steps == doc["next"]
     assert [x.split()[-1] for x in steps[:2]] == ["status", "verify"]
     env = {**cli_env, "PYTHONPATH": SRC}
-    for step in steps[:2]:  # each runs as printed, from where the demo ran
+    # psql connects with the URL as printed, which shows no password on a command line (`ps`)
+    assert steps[3].startswith("psql ") and "show-password" not in steps[3]
+    for step in [*steps[:2], steps[3]]:  # each runs as printed, from where the demo ran
         done = subprocess.run(step, shell=True, env=env, cwd=tmp_path, capture_output=True,
-                              text=True, timeout=180)  # fmt: skip
+                              text=True, timeout=180, stdin=subprocess.DEVNULL)  # fmt: skip
         assert done.returncode == 0, (step, done.stderr)
 
 
@@ -459,3 +568,86 @@ def test_a_system_schema_is_refused_by_every_command_before_anything_is_created(
     with pytest.raises(InvalidOption, match="invalid schema 'pg_toast': a PostgreSQL system"):
         bqx_api.Store(schema="pg_toast")
     assert Layout("public").schema == "public"  # public is dumped like any schema: taken
+
+
+# -- 8. dropping a pair ---------------------------------------------------------------------
+
+
+def _exists(conn, ident) -> bool:
+    return conn.execute("SELECT to_regclass(%s)", (names.as_text(ident),)).fetchone()[0] is not None
+
+
+def _ledger_rows(conn, layout, pair: str) -> list[int]:
+    counts = []
+    for table, where in (
+        ("bqx_jobs", "pair"),
+        ("bqx_attempts", "pair"),
+        ("bqx_targets", "target_table"),
+        ("bqx_source_versions", "source_table"),
+    ):
+        value = pair if where == "pair" else f"{'bqx' if table == 'bqx_targets' else 'm1'}_{pair}"
+        counts.append(
+            conn.execute(
+                sql.SQL("SELECT count(*) FROM {} WHERE {} = %s").format(
+                    names.table(layout, table), sql.Identifier(where)
+                ),
+                (value,),
+            ).fetchone()[0]
+        )
+    return counts  # fmt: skip
+
+
+def test_drop_a_pair_asks_refuses_a_held_job_and_drops_in_one_transaction(
+    cli_env, settings, layout, make_bars, conn, tmp_path
+):
+    import psycopg
+
+    from bqx.store.ledger import worker_id
+
+    make_bars("eurusd", "2024-07-29", 4 * 1440, seed=1)
+    make_bars("usdjpy", "2024-07-29", 4 * 1440, seed=2, level=160.0)
+    store_for(settings, layout).backfill(workers=1)
+    out = tmp_path / "x"
+    store_for(settings, layout).export(out)
+    src, tgt = names.source(layout, "usdjpy"), names.target(layout, "usdjpy")
+    assert all(_ledger_rows(conn, layout, "usdjpy"))
+    # without a terminal and without --yes: says what, drops nothing
+    res = run("drop", "--pair", "USDJPY", env=cli_env)
+    assert res.returncode == 1 and "not dropping without confirmation: give --yes" in res.stderr
+    assert f"USDJPY: will drop {names.as_text(src)} (2 partitions, " in res.stderr
+    assert "2 ledger jobs with their attempts" in res.stderr
+    # a live run holds one of its jobs: refused, naming the run
+    jobs = names.table(layout, "bqx_jobs")
+    conn.execute(sql.SQL("UPDATE {} SET status = 'running', worker = %s, heartbeat_at = now()"
+                         " WHERE pair = 'usdjpy' AND month = '2024-08-01'").format(jobs),
+                 (worker_id(),))  # fmt: skip
+    res = run("drop", "--pair", "USDJPY", "--yes", env=cli_env)
+    assert res.returncode == 1 and res.stderr.count("\n") == 2, res.stderr  # the plan, the error
+    assert "error: USDJPY: run " in res.stderr and "holds 1 of its jobs (2024-08 on" in res.stderr
+    conn.execute(sql.SQL("UPDATE {} SET status = 'done', worker = NULL").format(jobs))
+    # a worker inside its write transaction (the job's row locked): refused at once too
+    with psycopg.connect(store_for(settings).url()) as other:
+        other.execute(sql.SQL("SELECT 1 FROM {} WHERE pair = 'usdjpy' FOR UPDATE").format(jobs))
+        res = run("drop", "--pair", "USDJPY", "--yes", env=cli_env, timeout=60)
+        assert res.returncode == 1 and "a run is writing its jobs right now" in res.stderr
+    # one transaction: a view on the metrics table makes the drop fail, and nothing goes
+    view = sql.Identifier(layout.schema, "users_view")
+    conn.execute(sql.SQL("CREATE VIEW {} AS SELECT * FROM {}").format(view, tgt))
+    res = run("drop", "--pair", "USDJPY", "--yes", env=cli_env)
+    assert res.returncode == 1 and "other objects depend on it" in res.stderr, res.stderr
+    assert _exists(conn, src) and _exists(conn, tgt) and all(_ledger_rows(conn, layout, "usdjpy"))
+    conn.execute(sql.SQL("DROP VIEW {}").format(view))
+    res = run("drop", "--pair", "usdjpy", "--yes", "--json", env=cli_env)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["dropped"] is True and doc["jobs"] == 2 and set(doc["tables"]) == {
+        names.as_text(src), names.as_text(tgt)}  # fmt: skip
+    assert not _exists(conn, src) and not _exists(conn, tgt)
+    assert _ledger_rows(conn, layout, "usdjpy") == [0, 0, 0, 0]
+    assert all(_ledger_rows(conn, layout, "eurusd"))  # the other pair is untouched
+    res = run("drop", "--pair", "USDJPY", "--yes", env=cli_env)
+    assert res.returncode == 0 and "nothing to drop" in res.stdout
+    # the next export leaves no partition of the dropped pair for readers
+    again = store_for(settings, layout).export(out)
+    assert not (out / "pair=usdjpy").exists() and len(again.removed) == 2
+    assert store_for(settings, layout).verify(sample=2).ok

@@ -177,3 +177,36 @@ def test_pgoptions_reach_the_cli(cli_env: dict[str, str], conn: psycopg.Connecti
     schema = cli_env["BQX_SCHEMA"]
     found = conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone()
     assert found is None
+
+
+@pytest.mark.db  # starts a server of its own
+def test_db_destroy_asks_refuses_another_database_and_removes_the_embedded_one(
+    pg_url: str,
+) -> None:
+    path = Path(tempfile.mkdtemp(prefix="bqx-test-", dir="/tmp"))
+    try:
+        env = _clean_env(BQX_HOME=str(path / "home"))
+        res = _bqx(["db", "destroy", "--yes"], env)  # nothing there yet
+        assert res.returncode == 0 and "nothing to destroy" in res.stdout, res.stderr
+        assert _bqx(["db", "start"], env).returncode == 0
+        server = EmbeddedServer(path / "home")
+        assert server.is_running()
+        # another database named: refused whatever --yes says, nothing touched
+        for extra in ({"BQX_DATABASE_URL": pg_url}, {"PGHOST": "/nonexistent"}):
+            res = _bqx(["db", "destroy", "--yes"], {**env, **extra})
+            assert res.returncode == 1 and res.stderr.count("\n") == 1, res.stderr
+            assert "never deletes another database: nothing removed" in res.stderr
+        with psycopg.connect(pg_url) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        # no terminal and no --yes: says what, deletes nothing
+        res = _bqx(["db", "destroy"], env)
+        assert res.returncode == 1 and f"delete {server.root}" in res.stderr
+        assert "not destroying without confirmation: give --yes" in res.stderr
+        assert server.is_running()
+        res = _bqx(["db", "destroy", "--yes"], env)
+        assert res.returncode == 0, res.stderr
+        assert f"{server.root} deleted" in res.stdout
+        assert not server.root.exists() and not server.is_running()
+    finally:
+        EmbeddedServer(path / "home").destroy()
+        shutil.rmtree(path, ignore_errors=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -139,3 +140,119 @@ def test_copy_decoder_handles_nulls_and_many_columns(conn) -> None:
     np.testing.assert_array_equal(values[0][g % 3 != 0], (g * 0.5)[g % 3 != 0])
     assert np.isnan(values[1]).all() and not nulls[1].any()  # a stored NaN is not a NULL
     np.testing.assert_array_equal(values[2], -g.astype(float))
+
+
+def _stored_count(conn, layout, pair: str) -> int:
+    q = sql.SQL("SELECT count(*) FROM {}").format(names.target(layout, pair))
+    return conn.execute(q).fetchone()[0]
+
+
+def test_a_reexport_leaves_the_directory_equal_to_the_table(stored, conn, layout, tmp_path):
+    import polars as pl
+
+    store = store_for(stored, layout)
+    out = tmp_path / "export"
+    first = store.export(out)
+    assert first.files == 4 and first.removed == []
+    # August of EURUSD goes (an undone ingest); the same export again removes its partition
+    store.delete_bars("eurusd", "2024-08", "2024-08")
+    again = store.export(out)
+    assert again.removed == ["pair=eurusd/month=2024-08"]
+    assert again.as_dict()["removed"] == 1 and "removed 1 partition" in again.text()
+    assert not (out / "pair=eurusd" / "month=2024-08").exists()
+    frame = pl.read_parquet(out / "**" / "*.parquet", hive_partitioning=True)
+    want = _stored_count(conn, layout, "eurusd") + _stored_count(conn, layout, "usdjpy")
+    assert frame.height == want  # readers see the table, not what was deleted
+    # a month range covers those months only: July is not removed when only August is asked
+    store.delete_bars("usdjpy", "2024-07", "2024-07")
+    part = store.export(out, pairs="USDJPY", start="2024-08", end="2024-08")
+    assert part.removed == [] and (out / "pair=usdjpy" / "month=2024-07" / "data.parquet").exists()
+    whole = store.export(out, pairs="USDJPY")
+    assert whole.removed == ["pair=usdjpy/month=2024-07"]
+    # a file of the user's own in a partition folder stays, and so does its folder
+    (out / "pair=eurusd" / "month=2024-07" / "notes.txt").write_text("mine")
+    store.delete_bars("eurusd", "2024-07", "2024-07")
+    store.export(out, pairs="EURUSD")
+    assert (out / "pair=eurusd" / "month=2024-07" / "notes.txt").read_text() == "mine"
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.parquet")) == [  # USDJPY's August
+        "pair=usdjpy/month=2024-08/data.parquet"
+    ]
+
+
+def test_exports_into_one_directory_at_once_share_no_temporary_file(stored, conn, layout, tmp_path):
+    import threading
+
+    out = tmp_path / "export"
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            for _ in range(3):
+                store_for(stored, layout).export(out)
+        except BaseException as exc:  # noqa: BLE001 - the test reports any failure
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert not list(out.rglob("*.tmp"))
+    dataset = ds.dataset(out, format="parquet", partitioning="hive")
+    for pair in ("eurusd", "usdjpy"):
+        table = dataset.to_table(filter=ds.field("pair") == pair).sort_by("ts_utc")
+        _same_rows(table.drop_columns(["pair", "month"]), _plain_select(conn, layout, pair))
+
+
+def test_export_columns_and_refusals(stored, conn, layout, cli_env, tmp_path):
+    import subprocess
+    import sys
+    import warnings
+
+    from bqx.errors import InvalidOption
+
+    out = tmp_path / "cols"
+    res = CliRunner().invoke(
+        app, ["export", "--out", str(out), "--columns", "rate,agg_bqx_max", "--json"], env=cli_env
+    )
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["columns"] == ["rate", "agg_bqx_max"]
+    table = ds.dataset(out, format="parquet", partitioning="hive").to_table()
+    assert table.column_names == ["ts_utc", "rate", "agg_bqx_max", "pair", "month"]
+    assert table.num_rows == _stored_count(conn, layout, "eurusd") + _stored_count(
+        conn, layout, "usdjpy"
+    )
+    # read_metrics takes one column as a string, not as its letters
+    one = bqx.read_metrics("EURUSD", columns="rate", settings=stored)
+    assert one.column_names == ["ts_utc", "rate"]
+    # a reversed range, a number for a time: one error, no warning, before any SQL
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(InvalidOption, match="invalid end '2024-07-01': is before start"):
+            bqx.read_metrics("EURUSD", "2024-08-01", "2024-07-01", settings=stored)
+        for bad in (float("nan"), np.float64("nan"), 5):
+            with pytest.raises(InvalidOption, match="a number is not a time"):
+                bqx.read_metrics("EURUSD", end=bad, settings=stored)
+    env = {**cli_env, "PYTHONPATH": str(Path(bqx.__file__).resolve().parents[1])}
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    home = tmp_path / "home"
+    cases = [
+        (["--out", str(a_file)], "invalid --out", "is a file"),
+        (["--out", str(home / "exports")], "invalid --out", "inside BQX_HOME"),
+        (["--out", str(out), "--start", "2024-08", "--end", "2024-07"], "invalid --end",
+         "is before start 2024-08"),
+        (["--out", str(tmp_path / "new"), "--columns", "rate,w99_bqx_max"], "EURUSD:",
+         "'w99_bqx_max'"),
+    ]  # fmt: skip
+    for args, start, why in cases:
+        proc = subprocess.run(
+            [sys.executable, "-m", "bqx.cli", "export", *args], env=env, capture_output=True,
+            text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode in (1, 2) and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.startswith(f"error: {start}") and why in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert a_file.read_text() == "mine" and not (tmp_path / "new").exists()
+    assert not (home / "exports").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -17,9 +18,11 @@ from typer.testing import CliRunner
 from bqx.cli import app
 from bqx.errors import BqxError
 from bqx.metrics import compute
-from bqx.ml.features import build_features, pair_features, split_boundaries
+from bqx.ml.features import build_features, fingerprint, pair_features, split_boundaries
 from bqx.store import names
 from conftest import store_for
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 WINDOWS = (3, 5, 8)
 LAGS = (1, 2, 6)
@@ -145,6 +148,12 @@ def test_features_command_on_stored_bars(settings, layout, make_bars, cli_env, t
             gap = np.abs(positions[a][:, None] - positions[b][None, :]).min()
             assert gap > h + 75
     assert total == sum(s["rows"] for s in manifest["splits"].values())
+    # each file's fingerprint is recorded, for `bqx baseline` to check; no temporary file left
+    assert manifest["fingerprints"] == {
+        f"{s}/{p}.parquet": fingerprint(out / s / f"{p}.parquet")
+        for s in ("train", "validation", "test") for p in ("eurusd", "usdjpy")
+    }  # fmt: skip
+    assert not list(out.rglob("*.tmp"))
 
 
 def test_bad_options_give_one_line(cli_env, tmp_path, make_bars, settings, layout, conn) -> None:
@@ -173,3 +182,28 @@ def test_bad_options_give_one_line(cli_env, tmp_path, make_bars, settings, layou
     assert proc.returncode == 2  # a bad option value: a usage error
     assert "--split" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_a_horizon_beyond_the_data_is_refused_and_the_last_result_stays(
+    cli_env, tmp_path, make_bars, settings, layout
+) -> None:
+    make_bars("eurusd", "2024-07-29", 3 * 1440, seed=1)
+    store_for(settings, layout).backfill(workers=1)
+    out = tmp_path / "f"
+    store_for(settings).features(out, horizon=30)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    env = {**cli_env, "PYTHONPATH": SRC}
+    for args, code, why in (
+        (["--horizon", "100000"], 2, "invalid --horizon 100000: is larger than the data"),
+        (["--horizon", "1500"], 1, "the validation and test splits would be empty"),
+        (["--start", "2024-08", "--end", "2024-07"], 2, "invalid --end '2024-07': is before"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "bqx.cli", "features", "--out", str(out), *args], env=env,
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == code, proc.stderr
+        assert proc.stderr.startswith(f"error: {why}"), proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+        # nothing written over: the last result stays whole, no temporary file is left
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import os
 import random
 import subprocess
 import sys
@@ -665,6 +666,20 @@ def test_rejects_path_checked_first_and_stale_file_never_left(
     doc = json.loads(res.stdout)
     assert doc["stale_rejects_removed"] == str(default) and doc["rejects_file"] is None
     assert not default.exists()
+
+
+def test_a_fifo_or_a_missing_file_is_named_for_what_it_is(tmp_path, cli_env, bqx, conn, layout):
+    fifo = tmp_path / "bars.csv"
+    os.mkfifo(fifo)
+    link = tmp_path / "gone.csv"
+    link.symlink_to(tmp_path / "nowhere.csv")
+    for path, message in [
+        (fifo, f"{fifo}: is a named pipe (FIFO), not a regular file: save its contents"),
+        (link, f"{link}: is a broken symbolic link, not a regular file"),
+        (tmp_path / "nosuch.csv", f"{tmp_path / 'nosuch.csv'}: no such file"),
+    ]:
+        one_line_error(bqx(["ingest", str(path), "--pair", "EURUSD"], cli_env), message)
+    assert not schema_exists(conn, layout)
 
 
 def test_broken_files_give_one_line_and_change_nothing(

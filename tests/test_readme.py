@@ -75,13 +75,15 @@ def _prices(n: int, level: float, seed: int) -> np.ndarray:
 
 
 def histdata_zip(path: Path) -> None:
-    """HistData generic ASCII M1 (EST, `YYYYMMDD HHMMSS;o;h;l;c;v`) in its zip."""
+    """HistData generic ASCII M1 (EST, `YYYYMMDD HHMMSS;o;h;l;c;v`) in its zip, named as
+    HistData names them: `HISTDATA_COM_ASCII_EURUSD_M1202410.zip` holding
+    `DAT_ASCII_EURUSD_M1_202410.csv`."""
     times, close = _minutes("2024-10-01T00:00", 300), _prices(300, 1.09, 1)
     lines = [f"{t.astype(object):%Y%m%d %H%M%S};{c};{c + 2e-5:.5f};{c - 2e-5:.5f};{c};0"
              for t, c in zip(times, close, strict=True)]  # fmt: skip
     with zipfile.ZipFile(path, "w") as z:
-        z.writestr(path.stem.replace("HISTDATA_COM_ASCII", "DAT_ASCII") + ".csv",
-                   "\n".join(lines) + "\n")  # fmt: skip
+        pair, month = re.fullmatch(r"HISTDATA_COM_ASCII_(\w{6})_M1(\d{6})", path.stem).groups()
+        z.writestr(f"DAT_ASCII_{pair}_M1_{month}.csv", "\n".join(lines) + "\n")
 
 
 def dukascopy_gz(path: Path) -> None:
@@ -113,8 +115,9 @@ def close_only_parquet(path: Path) -> None:
 
 # a README file name or glob -> a fixture written under a name it matches
 FIXTURES: dict[str, tuple[str, Callable[[Path], None]]] = {
-    "HISTDATA_COM_ASCII_EURUSD_M1_2024*.zip": (
-        "HISTDATA_COM_ASCII_EURUSD_M1_202410.zip", histdata_zip),
+    # HistData's own file name: no underscore between M1 and the month
+    "HISTDATA_COM_ASCII_EURUSD_M12024*.zip": (
+        "HISTDATA_COM_ASCII_EURUSD_M1202410.zip", histdata_zip),
     "EURUSD_Candlestick_1_M_BID_*.csv.gz": (
         "EURUSD_Candlestick_1_M_BID_01.11.2024-30.11.2024.csv.gz", dukascopy_gz),
     "GBPUSD1.csv": ("GBPUSD1.csv", metatrader_csv),
@@ -229,3 +232,18 @@ def test_fixture_names_match_the_readme_globs(pattern, tmp_path):
 
     name, _ = FIXTURES[pattern]
     assert fnmatch.fnmatch(name, pattern)
+
+
+def test_the_histdata_example_matches_histdata_file_names(tmp_path):
+    """HistData's downloads are named HISTDATA_COM_ASCII_EURUSD_M1202407.zip (no underscore
+    before the month): the README's glob must match such a name, and its fixture be one."""
+    import fnmatch
+
+    (pattern,) = [p for p in FIXTURES if p.startswith("HISTDATA")]
+    assert re.search(rf"\bbqx ingest {re.escape(pattern)} ", (ROOT / "README.md").read_text())
+    real = re.compile(r"HISTDATA_COM_ASCII_[A-Z]{6}_M1\d{6}\.zip")
+    for name in ("HISTDATA_COM_ASCII_EURUSD_M1202407.zip", FIXTURES[pattern][0]):
+        assert real.fullmatch(name) and fnmatch.fnmatch(name, pattern), name
+    path = tmp_path / FIXTURES[pattern][0]
+    FIXTURES[pattern][1](path)
+    assert zipfile.ZipFile(path).namelist() == ["DAT_ASCII_EURUSD_M1_202410.csv"]

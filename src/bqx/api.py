@@ -30,7 +30,7 @@ from bqx.core.layout import DEFAULT_SOURCE_TABLE, Layout
 from bqx.core.months import Month, MonthLike, as_month, month_range
 from bqx.core.params import BackfillPlan, Params, RunSummary, check_windows
 from bqx.core.symbols import REPORT_PAIRS, parse_pairs, validate_pair
-from bqx.core.text import plural
+from bqx.core.text import format_bytes, plural
 from bqx.errors import BqxError, InvalidOption
 from bqx.metrics import DEFAULT_WINDOWS
 
@@ -85,6 +85,38 @@ class DeletePlan:
             return f"{self.pair.upper()}: no bars from {span}: nothing to delete"
         months = ", ".join(f"{m} ({n:,})" for m, n in self.months.items())
         return f"{self.pair.upper()}: will delete {self.bars:,} bars from {span}: {months}"
+
+
+@dataclass
+class DropPlan:
+    """What ``drop_pair`` removes: the pair's tables (name -> partitions, bytes) and its
+    ledger jobs per status."""
+
+    pair: str
+    tables: dict[str, tuple[int, int]] = field(default_factory=dict)
+    jobs: dict[str, int] = field(default_factory=dict)
+    dropped: bool = False
+
+    @property
+    def empty(self) -> bool:
+        return not self.tables and not self.jobs
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "pair": self.pair.upper(), "dropped": self.dropped,
+            "tables": {t: {"partitions": n, "bytes": b} for t, (n, b) in self.tables.items()},
+            "jobs": sum(self.jobs.values()),
+        }  # fmt: skip
+
+    def text(self) -> str:
+        if self.empty:
+            return f"{self.pair.upper()}: no table and no ledger job: nothing to drop"
+        tables = [f"{t} ({plural(n, 'partition')}, {format_bytes(b)})" for t, (n, b) in
+                  self.tables.items()]  # fmt: skip
+        jobs = sum(self.jobs.values())
+        what = ", ".join([*tables, f"{plural(jobs, 'ledger job')} with their attempts"])
+        verb = "dropped" if self.dropped else "will drop"
+        return f"{self.pair.upper()}: {verb} {what}"
 
 
 @dataclass
@@ -213,6 +245,30 @@ class Database:
         else:
             doc.error = "embedded server not running: start it with `bqx db start`"
         return doc
+
+    def to_destroy(self) -> Path | None:
+        """The embedded server's directory that ``destroy`` would delete (None: there is
+        none); refused when bqx uses another database."""
+        from bqx.db.connect import embedded
+
+        other = self.other()
+        if other:
+            raise BqxError(
+                f"{other}: bqx uses {self.describe()}, not its embedded database, and never"
+                " deletes another database: nothing removed"
+            )
+        root = embedded(self.settings).root
+        return root if root.exists() else None
+
+    def destroy(self) -> Path | None:
+        """Stop the embedded server and delete its directory (``BQX_HOME/pg``: every schema,
+        bar, metric and ledger in it, and its password). The path deleted, or None."""
+        from bqx.db.connect import embedded
+
+        root = self.to_destroy()
+        if root is not None:
+            embedded(self.settings).destroy()
+        return root
 
     def url(self, *, show_password: bool = False) -> str:
         """The URL in use, password masked unless ``show_password``. The embedded server's URL
@@ -378,6 +434,35 @@ class Store:
                 )
             publish_counters(conn)
         return result
+
+    def pair_to_drop(self, pair: str) -> DropPlan:
+        """What ``drop_pair`` would remove, without removing it."""
+        from bqx.store.ddl import pair_tables
+        from bqx.store.ledger import Ledger
+
+        pair = validate_pair(pair)
+        with self.connect() as conn:
+            return DropPlan(pair, pair_tables(conn, self.layout, pair),
+                            Ledger(self.layout).pair_jobs(conn, pair))  # fmt: skip
+
+    def drop_pair(self, pair: str) -> DropPlan:
+        """Drop a pair: its source and target tables (every month of bars and metrics) and
+        its ledger jobs, attempts and recorded parameters, in one transaction. Refused while a
+        run holds its jobs."""
+        from bqx.store import ddl, versions
+        from bqx.store.ledger import Ledger
+
+        plan = self.pair_to_drop(pair)
+        if plan.empty:
+            return plan
+        ledger = Ledger(self.layout)
+        with self.connect() as conn, conn.transaction(), conn.cursor() as cur:
+            ledger.hold_pair(cur, plan.pair)  # first: a worker's write is never cut in two
+            ddl.drop_pair_tables(cur, self.layout, plan.pair)
+            versions.forget_source(cur, self.layout, plan.pair)
+            ledger.forget_pair(cur, plan.pair)
+        plan.dropped = True
+        return plan
 
     def _bounds(
         self, pair: str, start: str | datetime, end: str | datetime
@@ -560,11 +645,12 @@ class Store:
         verification: Verification | None = None, progress: StepFn | None = None,
     ) -> ReportResult:  # fmt: skip
         """The completion report: ``out/report.md`` and ``out/report.html`` with charts."""
-        from bqx.ops.report import check_out_dir, write_report
+        from bqx.ops.outdir import check_out_dir
+        from bqx.ops.report import REPORT_FILES, write_report
 
         _check_count("sample", sample)
         out = Path(out)
-        check_out_dir(out)  # before any work: a bad directory writes nothing
+        check_out_dir(out, REPORT_FILES)  # before any work: a bad directory writes nothing
         with self.connect(start=False) as conn:
             md, html, data = write_report(conn, self.layout, out, run_id=run, sample=sample,
                                           verification=verification, progress=progress)  # fmt: skip
@@ -574,14 +660,15 @@ class Store:
 
     def read_metrics(
         self, pair: str, start: Any = None, end: Any = None,
-        columns: Sequence[str] | None = None,
+        columns: str | Sequence[str] | None = None,
     ) -> pa.Table:  # fmt: skip
         """A pair's stored rows as a ``pyarrow.Table``: ``ts_utc`` (timestamp[us, UTC]), then
-        ``rate`` and the metric columns (or ``columns``), NULL where the database has NULL.
+        ``rate`` and the metric columns (or ``columns``: a list, a name, or a comma list),
+        NULL where the database has NULL.
 
         ``start`` is inclusive and ``end`` exclusive: ``read_metrics("EURUSD", "2024-07",
-        "2024-08")`` is July 2024. Times may be ISO text, datetimes (naive = UTC), numpy or
-        pandas."""
+        "2024-08")`` is July 2024; an end before the start is refused. Times may be ISO text,
+        datetimes (naive = UTC), numpy or pandas."""
         from bqx.ops.export import read_metrics_conn
 
         with self.connect() as conn:
@@ -589,38 +676,50 @@ class Store:
 
     def export(
         self, out: str | Path, *, pairs: PairsLike = None, start: MonthLike | None = None,
-        end: MonthLike | None = None, compression: str = "zstd",
+        end: MonthLike | None = None, columns: str | Sequence[str] | None = None,
+        compression: str = "zstd", progress: StepFn | None = None,
     ) -> ExportSummary:  # fmt: skip
-        """The metrics as Parquet, ``out/pair=…/month=…/data.parquet``, one month at a time."""
+        """The metrics as Parquet, ``out/pair=…/month=…/data.parquet``, one month at a time;
+        afterwards ``out`` holds exactly the table's partitions for the pairs and months
+        exported (those the table no longer holds are removed). ``columns``: a subset of the
+        metric columns (``ts_utc`` always comes first). ``progress(label, done, total,
+        rows=…)`` is called as the months go."""
+        from bqx.core.months import check_span
         from bqx.ops.export import export
+        from bqx.ops.outdir import check_out_dir
 
         first, last = _months(start, end)
+        check_span(first, last)
+        check_out_dir(out, "pair=…/month=… Parquet files", home=self.settings.home_dir)
         with self.connect() as conn:
             return export(conn, self.layout, Path(out), pairs=parse_pairs(pairs), start=first,
-                          end=last, compression=compression)  # fmt: skip
+                          end=last, columns=columns, compression=compression,
+                          progress=progress)  # fmt: skip
 
     def features(
         self, out: str | Path, *, pairs: PairsLike = None, start: MonthLike | None = None,
         end: MonthLike | None = None, target: str = "w60_bqx_return", horizon: int = 60,
-        split: str | Sequence[float] = "0.7,0.15,0.15",
+        split: str | Sequence[float] = "0.7,0.15,0.15", progress: StepFn | None = None,
     ) -> FeaturesSummary:  # fmt: skip
         """ML features per bar, a target ``horizon`` bars ahead, chronological splits with an
-        embargo (docs/ml.md)."""
+        embargo (docs/ml.md). ``progress(label, done, total, rows=…)`` pair by pair."""
         from bqx.ml.features import write_features
+        from bqx.ops.outdir import check_out_dir
 
         first, last = _months(start, end)
+        check_out_dir(out, "the split files and manifest.json", home=self.settings.home_dir)
         with self.connect() as conn:
             return write_features(conn, self.layout, Path(out), pairs=parse_pairs(pairs),
                                   start=first, end=last, target=target, horizon=horizon,
-                                  split=split)  # fmt: skip
+                                  split=split, progress=progress)  # fmt: skip
 
     def baseline(
         self, features: str | Path, *, out: str | Path | None = None, seed: int = 0,
-        trees: int = 300,
+        trees: int = 300, progress: StepFn | None = None,
     ) -> BaselineResult:  # fmt: skip
         """Ridge and LightGBM against a random and a mean baseline on a ``features``
         directory, with a significance test (the ``ml`` extra)."""
-        return baseline(features, out=out, seed=seed, trees=trees)
+        return baseline(features, out=out, seed=seed, trees=trees, progress=progress)
 
     # -- the tour ------------------------------------------------------------------------
 
@@ -657,12 +756,17 @@ class BaselineResult:
 
 
 def baseline(
-    features: str | Path, *, out: str | Path | None = None, seed: int = 0, trees: int = 300
-) -> BaselineResult:
-    """``Store.baseline`` without a store: it reads only the features directory."""
-    from bqx.ml.baseline import run_baseline, write_outputs
+    features: str | Path, *, out: str | Path | None = None, seed: int = 0, trees: int = 300,
+    progress: StepFn | None = None,
+) -> BaselineResult:  # fmt: skip
+    """``Store.baseline`` without a store: it reads only the features directory.
+    ``progress(label, done, total)`` is called as its stages go."""
+    from bqx.ml.baseline import OUT_FILES, run_baseline, write_outputs
+    from bqx.ops.outdir import check_out_dir
 
-    doc, arrays = run_baseline(Path(features), seed=seed, trees=trees)
+    if out is not None:
+        check_out_dir(out, OUT_FILES)  # before the fits: a bad directory wastes no minutes
+    doc, arrays = run_baseline(Path(features), seed=seed, trees=trees, progress=progress)
     files = write_outputs(doc, arrays, Path(out)) if out is not None else []
     return BaselineResult(doc, files)
 
@@ -742,7 +846,8 @@ def run_demo(
     say(f"    {report.markdown}\n    {report.html}  (open it in a browser)")
     result.next_steps = [
         f"{bqx} status", f"{bqx} verify", f"{bqx} report --out {shlex.quote(str(out))}",
-        f'psql "$({bqx} db url --show-password)"',
+        # the URL names the password file: psql reads it, and `ps` shows no password
+        f'psql "$({bqx} db url)"',
     ]  # fmt: skip
     say("next steps, to run as printed:")
     for step in result.next_steps:

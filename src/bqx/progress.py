@@ -143,3 +143,81 @@ class StepProgress:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+class RateProgress:
+    """Progress of work counted in items (export's months, features' pairs, the baseline's
+    fits): ``progress(label, done, total, rows=…)``, then ``close()``.
+
+    A rich bar on a terminal (label, done/total, rows/s, ETA); otherwise a plain line at most
+    every ``PLAIN_EVERY_S`` seconds (every second with --verbose), so that work that ends
+    quickly prints nothing and long work never looks stalled; nothing with --quiet. The ETA
+    comes from the current stage's pace (``label`` names the stage).
+    """
+
+    def __init__(self, title: str, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True, soft_wrap=True)
+        self.title = title
+        self.quiet = SETTINGS["quiet"]
+        self.every = 1.0 if SETTINGS["verbose"] else PLAIN_EVERY_S
+        self.t0 = self.last_plain = self.stage_t0 = time.monotonic()
+        self.label: str | None = None
+        self.stage_done0 = 0
+        self.progress: Progress | None = None
+        self.task: Any = None
+        if self.console.is_terminal and not self.quiet:
+            self.progress = Progress(
+                TextColumn(f"[bold]{title}"),
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[pace]} · ETA {task.fields[eta]}"),
+                TimeElapsedColumn(),
+                console=self.console,
+                transient=True,
+            )
+            self.task = self.progress.add_task("", total=None, pace="", eta="--:--")
+            self.progress.start()
+
+    def _pace(self, now: float, done: int, rows: int | None) -> str:
+        """Rows and rows/s since the start, or, without rows, the stage's items per second."""
+        if rows is not None:
+            return f"{rows:,} rows · {rows / max(now - self.t0, 1e-9):,.0f} rows/s"
+        return f"{(done - self.stage_done0) / max(now - self.stage_t0, 1e-9):,.1f}/s"
+
+    def __call__(
+        self, label: str, done: int, total: int | None = None, rows: int | None = None
+    ) -> None:
+        now = time.monotonic()
+        if label != self.label:
+            self.label, self.stage_t0, self.stage_done0 = label, now, done
+        pace = self._pace(now, done, rows)
+        eta = self.eta(now, done, total)
+        if self.progress is not None:
+            self.progress.update(self.task, description=label, completed=done, total=total,
+                                 pace=pace, eta=format_eta(eta))  # fmt: skip
+            return
+        if self.quiet or now - self.last_plain < self.every:
+            return
+        self.last_plain = now
+        of = f"/{total:,}" if total is not None else ""
+        self.console.print(
+            f"{self.title}: {label} {done:,}{of} · {pace} · ETA {format_eta(eta)}"
+            f" ({now - self.t0:.0f} s)",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+    def eta(self, now: float, done: int, total: int | None) -> float | None:
+        """Seconds left at the current stage's pace; None while it cannot be told."""
+        if total is None:
+            return None
+        if done >= total:
+            return 0.0
+        step = done - self.stage_done0
+        return (total - done) * (now - self.stage_t0) / step if step > 0 else None
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None

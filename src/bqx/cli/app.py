@@ -17,34 +17,64 @@ import json
 import os
 import signal
 import sys
+import warnings
 from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
-from typer._click.exceptions import ClickException, UsageError  # typer vendors click
+from typer._click.exceptions import (  # typer vendors click
+    ClickException,
+    NoArgsIsHelpError,
+    UsageError,
+)
 from typer.core import TyperGroup
 
 from bqx.errors import BqxError, InvalidOption, NeedsOption, NothingToDo
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOTHING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_CODES = (
-    "Exit codes: 0 ok; 1 failed jobs, failed checks or an error (one line on stderr);"
+    "Exit codes: 0 ok (also `bqx` alone, which prints this help); 1 failed jobs, failed"
+    " checks or an error (one line on stderr);"
     " 2 usage error (a bad option or value); 3 nothing to do (backfill: no source bars in"
     " the range); 130 interrupted (Ctrl-C or SIGTERM; run the"
-    " same command again to resume)."
+    " same command again to resume), except `update --follow`, which stops on either with 0."
 )
 # commands that a second run resumes: an interruption says so
 RESUMABLE = ("backfill", "update", "ingest", "generate", "demo", "init")
 
 
-class _Group(TyperGroup):
-    """The top-level group: a usage error is one line on stderr (exit 2), like any bqx error."""
+# the app's own options, which may also come after the command (`bqx backfill -q`)
+ANYWHERE = ("-q", "--quiet", "-v", "--verbose")
 
-    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+
+def hoist_global_options(args: list[str]) -> list[str]:
+    """``-q``/``-v`` given after the command, moved before it (where click looks for them).
+    Nothing after ``--`` moves, nor the value of another option."""
+    if "--" in args:
+        cut = args.index("--")
+        return hoist_global_options(args[:cut]) + args[cut:]
+    first = next((i for i, a in enumerate(args) if not a.startswith("-")), len(args))
+    moved = [a for a in args[first:] if a in ANYWHERE]
+    if not moved:
+        return args
+    return [*args[:first], *moved, *(a for a in args[first:] if a not in ANYWHERE)]
+
+
+class _Group(TyperGroup):
+    """The top-level group: a usage error is one line on stderr (exit 2), like any bqx error;
+    ``bqx`` alone prints the help (exit 0)."""
+
+    def main(
+        self, args: Any = None, *rest: Any, standalone_mode: bool = True, **kwargs: Any
+    ) -> Any:
+        args = hoist_global_options(list(sys.argv[1:] if args is None else args))
         if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)  # type: ignore[misc]
+            return super().main(args, *rest, standalone_mode=False, **kwargs)  # type: ignore[misc]
         try:
-            rv = super().main(*args, standalone_mode=False, **kwargs)  # type: ignore[misc]
+            rv = super().main(args, *rest, standalone_mode=False, **kwargs)  # type: ignore[misc]
+        except NoArgsIsHelpError as exc:  # `bqx` or `bqx db` alone: the help, not an error
+            sys.stdout.write(exc.ctx.get_help() + "\n" if exc.ctx else "")
+            sys.exit(EXIT_OK)
         except UsageError as exc:
             where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else " (see --help)"
             error(f"{exc.format_message()}{where}")
@@ -121,6 +151,18 @@ def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     raise typer.Exit(code)
 
 
+def confirm(yes: bool, question: str, refused: str) -> None:
+    """Go on only when ``--yes`` was given or the person at the terminal says yes; without a
+    terminal, ``refused`` (``not deleting without confirmation``) with the hint to give
+    --yes."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise BqxError(f"{refused} without confirmation: give --yes")
+    if not typer.confirm(question, default=False, err=True):
+        raise BqxError(f"{refused}: not confirmed")
+
+
 def print_json(doc: Any) -> None:
     sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
 
@@ -144,11 +186,19 @@ def _options(
     quiet: Annotated[
         bool,
         typer.Option(
-            "--quiet", "-q", help="Only results, errors and failures: no progress, no notes."
+            "--quiet",
+            "-q",
+            help="Only results, errors and failures: no progress, no notes (before or after"
+            " the command).",
         ),
     ] = False,
     verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="More detail: database in use, timings.")
+        bool,
+        typer.Option(
+            "--verbose",
+            "-v",
+            help="More detail: database in use, timings (before or after the command).",
+        ),
     ] = False,
 ) -> None:
     """Backward-looking BQX metrics for forex minute bars, backfilled into PostgreSQL."""
@@ -251,6 +301,15 @@ def _say_interrupted() -> None:
     err_console.print(f"interrupted{hint}", highlight=False, soft_wrap=True)
 
 
+def _warning_line(message: Warning | str, category: type[Warning], *args: Any, **kw: Any) -> None:
+    """A Python warning that reaches the command line: one note on stderr with --verbose,
+    else nothing (a library's deprecation is no business of a person running bqx)."""
+    if VERBOSITY["level"] > 0:
+        from bqx.core.text import first_line
+
+        info(f"note: {category.__name__}: {first_line(str(message))}")
+
+
 def main() -> None:
     """Entry point: user errors print one line, never a traceback, never a password.
 
@@ -268,6 +327,7 @@ def main() -> None:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    warnings.showwarning = _warning_line
     try:
         app()
     except InvalidOption as exc:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +16,7 @@ from bqx.cli.app import (
     SourceTableOpt,
     StartOpt,
     app,
+    confirm,
     err_console,
     print_json,
     say,
@@ -191,13 +191,32 @@ def delete_bars(
             say(plan.text())
         return
     err_console.print(plan.text(), highlight=False, soft_wrap=True)
-    if not yes:
-        if not sys.stdin.isatty():
-            raise BqxError("not deleting without confirmation: give --yes")
-        if not typer.confirm("Delete them?", default=False, err=True):
-            raise BqxError("nothing deleted")
+    confirm(yes, "Delete them?", "not deleting")
     result = store.delete_bars(pair, start, end)
     if json_out:
         print_json({"pair": plan.pair.upper(), **result.as_dict()})
     else:
         say(f"{plan.pair.upper()}: {result.text()}")
+
+
+@app.command("drop")
+def drop(
+    pair: Annotated[str, typer.Option("--pair", help="The pair to drop, e.g. EURUSD.")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Drop without asking.")] = False,
+    json_out: JsonOpt = False,
+    database_url: DatabaseOpt = None,
+    schema: SchemaOpt = None,
+) -> None:
+    """Drop a pair: its bar and metric tables (every month) and its ledger jobs, in one
+    transaction.
+
+    Says what it will drop and asks (or give --yes); refused while a run holds the pair's
+    jobs. To remove only some bars, use `bqx delete-bars`.
+    """
+    store = store_from(database_url, schema)
+    plan = store.pair_to_drop(pair)
+    if not plan.empty:
+        err_console.print(plan.text(), highlight=False, soft_wrap=True)
+        confirm(yes, "Drop them?", "not dropping")
+        plan = store.drop_pair(pair)
+    print_json(plan.as_dict()) if json_out else say(plan.text())

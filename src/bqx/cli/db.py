@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from bqx.cli.app import DatabaseOpt, JsonOpt, app, err_console, print_json, say, store_from
+from bqx.cli.app import (
+    DatabaseOpt,
+    JsonOpt,
+    app,
+    confirm,
+    err_console,
+    print_json,
+    say,
+    store_from,
+)
 
 db_app = typer.Typer(help="Manage the embedded PostgreSQL server.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
@@ -52,3 +61,26 @@ def db_url(
     The embedded server's URL names its password file instead of carrying the password.
     """
     sys.stdout.write(store_from(database_url, None).db.url(show_password=show_password) + "\n")
+
+
+@db_app.command("destroy")
+def db_destroy(
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Destroy without asking.")] = False,
+    database_url: DatabaseOpt = None,
+) -> None:
+    """Stop the embedded PostgreSQL and delete it: every schema, bar, metric and ledger in it.
+
+    Says what it will delete and asks (or give --yes). Refused when a database URL or PG*
+    variables name another database: bqx never deletes one it did not create.
+    """
+    db = store_from(database_url, None).db
+    root = db.to_destroy()
+    if root is None:
+        say("no embedded database under BQX_HOME: nothing to destroy")
+        return
+    err_console.print(
+        f"will stop the embedded PostgreSQL and delete {root} (every schema, bar, metric and"
+        " ledger in it)", highlight=False, soft_wrap=True,
+    )  # fmt: skip
+    confirm(yes, "Destroy it?", "not destroying")
+    say(f"destroyed the embedded database: {db.destroy()} deleted")

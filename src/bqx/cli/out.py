@@ -28,12 +28,33 @@ def export(
     pairs: PairsOpt = None,
     start: StartOpt = None,
     end: EndOpt = None,
+    columns: Annotated[
+        str | None,
+        typer.Option(
+            "--columns",
+            help="Comma list of metric columns, e.g. rate,w60_bqx_return [default: all].",
+            show_default=False,
+        ),
+    ] = None,
     json_out: JsonOpt = False,
     database_url: DatabaseOpt = None,
     schema: SchemaOpt = None,
 ) -> None:
-    """The stored metrics as Parquet, Hive-partitioned by pair and month, one month at a time."""
-    summary = store_from(database_url, schema).export(out, pairs=pairs, start=start, end=end)
+    """The stored metrics as Parquet, Hive-partitioned by pair and month, one month at a time.
+
+    Afterwards the directory holds exactly the table's rows for the pairs and months exported:
+    a partition whose rows are gone from the table (deleted bars, a dropped pair) is removed.
+    """
+    from bqx.progress import RateProgress
+
+    store = store_from(database_url, schema)
+    progress = RateProgress("export")
+    try:
+        summary = store.export(
+            out, pairs=pairs, start=start, end=end, columns=columns, progress=progress
+        )
+    finally:
+        progress.close()
     print_json(summary.as_dict()) if json_out else say(summary.text())
 
 
@@ -56,9 +77,15 @@ def features(
     schema: SchemaOpt = None,
 ) -> None:
     """ML features per bar, a target h bars ahead, chronological splits with an embargo."""
-    summary = store_from(database_url, schema, source_table).features(
-        out, pairs=pairs, start=start, end=end, target=target, horizon=horizon, split=split
-    )
+    from bqx.progress import RateProgress
+
+    store = store_from(database_url, schema, source_table)
+    progress = RateProgress("features")
+    try:
+        summary = store.features(out, pairs=pairs, start=start, end=end, target=target,
+                                 horizon=horizon, split=split, progress=progress)  # fmt: skip
+    finally:
+        progress.close()
     print_json(summary.manifest) if json_out else say(summary.text())
 
 
@@ -76,6 +103,11 @@ def baseline(
 ) -> None:
     """Ridge and LightGBM against a random and a mean baseline, with a significance test."""
     from bqx.api import baseline as run_baseline
+    from bqx.progress import RateProgress
 
-    result = run_baseline(features_dir, out=out, seed=seed, trees=trees)
+    progress = RateProgress("baseline")
+    try:
+        result = run_baseline(features_dir, out=out, seed=seed, trees=trees, progress=progress)
+    finally:
+        progress.close()
     print_json(result.as_dict()) if json_out else say(result.text())

@@ -8,7 +8,7 @@ from rich.console import Group
 from rich.markup import escape
 from rich.table import Table
 
-from bqx.core.text import format_eta, plural
+from bqx.core.text import format_duration, format_eta, plural
 from bqx.ops.status import Status, describe_parameters
 
 WORKER_KIND = {"threads": "worker thread", "local": "worker process", "dask": "Dask worker"}
@@ -61,11 +61,11 @@ def _head(doc: Status) -> Table:
 def _pairs(doc: Status) -> Table:
     pairs = Table(title="per pair", show_edge=False)
     for col in ("pair", "months", "rows", "running", "failed", "newest bar", "newest metric",
-                "lag s", "current"):  # fmt: skip
+                "lag", "current"):  # fmt: skip
         pairs.add_column(col, justify="left" if col in ("pair", "current") else "right")
     for p in doc.pairs:
         when = [(t or "")[:16].replace("T", " ") for t in (p.newest_bar, p.newest_metric)]
-        lag = "" if p.lag_s is None else f"{p.lag_s:,.0f}"
+        lag = "" if p.lag_s is None else format_duration(p.lag_s)  # raw seconds in --json
         current = {True: "[green]yes[/]", False: "[yellow]no[/]", None: "?"}[p.current]
         pairs.add_row(p.pair.upper(), f"{p.months_done}/{p.months_planned}", f"{p.rows:,}",
                       str(p.running), str(p.failed), *when, lag, current)  # fmt: skip

@@ -77,10 +77,15 @@ def as_month(value: MonthLike | None, what: str = "month") -> Month | None:
         raise InvalidOption(what, value, "expected YYYY-MM, e.g. 2024-07") from None
 
 
+def check_span(start: Month | None, end: Month | None) -> None:
+    """Refuse a reversed range (its end before its start) instead of covering nothing."""
+    if start is not None and end is not None and end < start:
+        raise InvalidOption("end", str(end), f"is before start {start}")
+
+
 def month_range(start: Month, end: Month) -> list[Month]:
     """Months from start to end, both included."""
-    if end < start:
-        raise InvalidOption("end", str(end), f"is before start {start}")
+    check_span(start, end)
     out, m = [], start
     while m <= end:
         out.append(m)

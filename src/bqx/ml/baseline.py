@@ -10,15 +10,22 @@ Significance: targets h bars apart overlap (a 60-bar target shares 59 bars with 
 so test rows are far from independent. The bootstrap therefore resamples whole blocks of time
 (2 × embargo minutes, every pair's rows of a block together): the 95% interval of the drop in
 mean squared error against each baseline. ``beats_baselines`` is true only when the best
-model's interval lies above zero against both baselines.
+model's interval lies above zero against both baselines, and only when the test split holds
+enough blocks and rows for an interval to mean something: with a handful of blocks a
+bootstrap interval is as wide as chance makes it, so below ``MIN_BLOCKS`` blocks (or
+``MIN_TEST_ROWS`` rows) the verdict is "too little test data to tell".
+
+Warnings of the libraries (an ill-conditioned ridge fit, say) never reach the output: they
+are recorded and become notes of the report.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +34,22 @@ import pyarrow.parquet as pq
 
 from bqx.errors import BqxError
 from bqx.extras import require
-from bqx.ml.features import SPLITS
+from bqx.ml.features import SPLITS, fingerprint
+from bqx.ops.outdir import write_text_atomic
 
 FEATURE = "bqx baseline"  # what needs the "ml" extra
 
 RIDGE_ALPHAS: tuple[float, ...] = (0.1, 10.0, 1000.0)
 GBM_LEAVES: tuple[int, ...] = (7, 31)
 BOOTSTRAP_RESAMPLES = 2000
+# the least test data a significance statement is made on: fewer blocks leave the bootstrap
+# too few distinct resamples to tell a model from chance (with 2 blocks, a random walk
+# "beats" the baselines about one time in four)
+MIN_BLOCKS = 30
+MIN_TEST_ROWS = 1000
+
+ProgressFn = Callable[..., None]  # progress(label, done, total, rows=…)
+OUT_FILES = "baseline.json, baseline.md and predicted_vs_actual.png"  # what `out` receives
 
 
 def read_manifest(features_dir: Path) -> dict[str, Any]:
@@ -44,28 +60,78 @@ def read_manifest(features_dir: Path) -> dict[str, Any]:
         raise BqxError(f"{path}: not found (write it with `bqx features --out DIR`)") from None
     except json.JSONDecodeError as exc:
         raise BqxError(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
+    if not isinstance(manifest, dict):
+        raise BqxError(f"{path}: not a `bqx features` manifest (a JSON object is expected)")
     for key in ("target", "horizon", "features", "splits"):
         if key not in manifest:
             raise BqxError(f"{path}: no {key!r} key (not a `bqx features` manifest?)")
+    features = manifest["features"]
+    if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
+        raise BqxError(f"{path}: 'features' is not a list of column names")
     return manifest
+
+
+def split_files(
+    features_dir: Path, split: str, manifest: dict[str, Any], columns: Sequence[str]
+) -> list[Path]:
+    """The split's files that the manifest describes, checked before any is read: each is
+    there, holds the columns the manifest names, and (when the manifest records fingerprints)
+    is the very file ``bqx features`` wrote."""
+    folder = Path(features_dir) / split
+    pairs = manifest.get("pairs")
+    if pairs is None:  # a manifest without its pairs: every file of the folder
+        files = sorted(folder.glob("*.parquet"))
+    else:
+        files = [folder / f"{p}.parquet" for p in pairs]
+    if not files:
+        raise BqxError(f"{folder}: no Parquet files (write them with `bqx features`)")
+    prints = manifest.get("fingerprints") or {}
+    for f in files:
+        if not f.is_file():
+            raise BqxError(f"{f}: missing, though manifest.json lists its pair: write the"
+                           " directory again with `bqx features`")  # fmt: skip
+        recorded = prints.get(f"{split}/{f.name}")
+        if prints and recorded != fingerprint(f):
+            raise BqxError(
+                f"{f}: not the file that manifest.json describes (its fingerprint differs:"
+                " written by another `bqx features` run?): write the directory again with"
+                " `bqx features`"
+            )
+        try:
+            have = set(pq.ParquetFile(f).schema_arrow.names)
+        except Exception as exc:  # pyarrow's errors: not Parquet, truncated
+            raise BqxError(f"{f}: not a readable Parquet file ({exc})") from None
+        missing = [c for c in columns if c not in have]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5
+                                               else "")  # fmt: skip
+            raise BqxError(f"{f}: no column {shown}, which manifest.json names (a manifest"
+                           " of another run?)")  # fmt: skip
+    return files
+
+
+def checked_files(features_dir: Path, manifest: dict[str, Any]) -> dict[str, list[Path]]:
+    """Every split's files, all checked (``split_files``) before any is read: a file swapped
+    in from another run is refused before minutes of fitting, not after."""
+    columns = [*manifest["features"], "target", "ts_utc"]
+    return {s: split_files(features_dir, s, manifest, columns) for s in SPLITS}
 
 
 def load_split(
     features_dir: Path,
     split: str,
-    features: Sequence[str],
+    manifest: dict[str, Any],
     max_rows: int | None,
-    pairs: Sequence[str] | None = None,
+    files: Sequence[Path] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(X float32, y, ts int64 minutes) of one split; every k-th row when above ``max_rows``.
 
-    Only the manifest's ``pairs`` are read, so files left by an earlier run are ignored."""
+    Only the manifest's files are read (files left by an earlier run are ignored), each
+    checked first (``split_files``) unless ``files`` were checked already."""
+    features = list(manifest["features"])
     folder = Path(features_dir) / split
-    files = sorted(folder.glob("*.parquet"))
-    if pairs is not None:
-        files = [f for f in files if f.stem in set(pairs)]
-    if not files:
-        raise BqxError(f"{folder}: no Parquet files (write them with `bqx features`)")
+    if files is None:
+        files = split_files(features_dir, split, manifest, [*features, "target", "ts_utc"])
     xs, ys, ts = [], [], []
     total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     stride = max(1, math.ceil(total / max_rows)) if max_rows else 1
@@ -82,7 +148,9 @@ def load_split(
         t = table.column("ts_utc").to_numpy().astype("datetime64[m]").astype(np.int64)
         ts.append(t[::stride])
     if not xs:
-        raise BqxError(f"{folder}: the {split} split has no rows (more data or another --split)")
+        raise BqxError(
+            f"{folder}: the {split} split has no rows (more data, or other split fractions)"
+        )
     return np.concatenate(xs), np.concatenate(ys), np.concatenate(ts)
 
 
@@ -131,43 +199,112 @@ def block_bootstrap_gain(
     }
 
 
-def _fit_ridge(x_tr, y_tr, x_va, y_va) -> tuple[Any, dict[str, Any], float]:
+class Notes:
+    """Warnings raised by the libraries while fitting, kept for the report instead of leaking
+    into the output: ``with notes.catch("ridge α=0.1"): …``."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    @contextmanager
+    def catch(self, where: str) -> Iterator[None]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+        for w in caught:
+            line = f"{where}: {_explain(w.category, str(w.message))}"
+            if line not in self.lines:
+                self.lines.append(line)
+
+
+def _explain(category: type[Warning], message: str) -> str:
+    first = message.strip().splitlines()[0] if message.strip() else category.__name__
+    if category.__name__ == "LinAlgWarning":
+        return (
+            "the features are nearly collinear (an ill-conditioned matrix), so the fit is less"
+            f" exact; its validation score still counts ({first})"
+        )
+    return f"{category.__name__}: {first}"
+
+
+def _fit_ridge(
+    x_tr, y_tr, x_va, y_va, notes: Notes | None = None, progress: ProgressFn | None = None
+):  # fmt: skip
+    notes = notes or Notes()
     Ridge = require("ml", "sklearn.linear_model", FEATURE).Ridge
     make_pipeline = require("ml", "sklearn.pipeline", FEATURE).make_pipeline
     StandardScaler = require("ml", "sklearn.preprocessing", FEATURE).StandardScaler
 
     best = None
-    for alpha in RIDGE_ALPHAS:
-        model = make_pipeline(StandardScaler(), Ridge(alpha=alpha)).fit(x_tr, y_tr)
-        mse = float(np.mean((model.predict(x_va) - y_va) ** 2))
+    for i, alpha in enumerate(RIDGE_ALPHAS):
+        if progress is not None:
+            progress("ridge", i, len(RIDGE_ALPHAS))
+        with notes.catch(f"ridge (alpha {alpha:g})"):
+            model = make_pipeline(StandardScaler(), Ridge(alpha=alpha)).fit(x_tr, y_tr)
+            mse = float(np.mean((model.predict(x_va) - y_va) ** 2))
         if best is None or mse < best[2]:
             best = (model, {"alpha": alpha}, mse)
     assert best is not None
     return best
 
 
-def _fit_gbm(x_tr, y_tr, x_va, y_va, *, trees: int, seed: int, n_jobs: int):
+def _fit_gbm(
+    x_tr, y_tr, x_va, y_va, *, trees: int, seed: int, n_jobs: int, notes: Notes | None = None,
+    progress: ProgressFn | None = None,
+):  # fmt: skip
+    notes = notes or Notes()
     lgb = require("ml", "lightgbm", FEATURE)
 
     best = None
-    for leaves in GBM_LEAVES:
+    for i, leaves in enumerate(GBM_LEAVES):
         model = lgb.LGBMRegressor(
             n_estimators=trees, learning_rate=0.05, num_leaves=leaves, min_child_samples=100,
             subsample=0.8, subsample_freq=1, colsample_bytree=0.8, reg_lambda=1.0,
             random_state=seed, n_jobs=n_jobs, deterministic=True, force_col_wise=True,
             verbose=-1,
         )  # fmt: skip
+        callbacks = [lgb.early_stopping(max(10, trees // 10), verbose=False)]
+        if progress is not None:
+            callbacks.append(_rounds(progress, i * trees, trees * len(GBM_LEAVES)))
         # the number of trees is chosen on validation too (early stopping)
-        model.fit(
-            x_tr, y_tr, eval_X=(x_va,), eval_y=(y_va,),
-            callbacks=[lgb.early_stopping(max(10, trees // 10), verbose=False)],
-        )  # fmt: skip
-        mse = float(np.mean((model.predict(x_va) - y_va) ** 2))
+        with notes.catch(f"lightgbm ({leaves} leaves)"):
+            model.fit(x_tr, y_tr, eval_X=(x_va,), eval_y=(y_va,), callbacks=callbacks)
+            mse = float(np.mean((model.predict(x_va) - y_va) ** 2))
         params = {"num_leaves": leaves, "n_estimators": int(model.best_iteration_ or trees)}
         if best is None or mse < best[2]:
             best = (model, params, mse)
     assert best is not None
     return best
+
+
+def _rounds(progress: ProgressFn, before: int, total: int) -> Callable[[Any], None]:
+    """A LightGBM callback that reports boosting rounds as progress."""
+
+    def report(env: Any) -> None:
+        if env.iteration % 10 == 0:
+            progress("lightgbm", before + env.iteration, total)
+
+    return report
+
+
+def verdict(
+    comparisons: dict[str, dict[str, Any]], rows: int, block: int
+) -> tuple[str, str | None]:
+    """(``beats_baselines`` | ``nothing_beats_baselines`` | ``too_little_test_data``, the
+    reason when the model does not beat the baselines) for the chosen model's comparisons."""
+    blocks = min(int(c["blocks"]) for c in comparisons.values())
+    if blocks < MIN_BLOCKS or rows < MIN_TEST_ROWS:
+        return "too_little_test_data", (
+            f"too little test data to tell: {rows:,} rows in {blocks} blocks of {block}"
+            f" minutes, where the significance test needs at least {MIN_BLOCKS} blocks and"
+            f" {MIN_TEST_ROWS:,} rows (more months, or a larger test fraction)"
+        )
+    if all(c["significant"] for c in comparisons.values()):
+        return "beats_baselines", None
+    return "nothing_beats_baselines", (
+        "the chosen model's 95% interval of the drop in squared error does not lie above zero"
+        " against both baselines"
+    )
 
 
 def run_baseline(
@@ -178,21 +315,41 @@ def run_baseline(
     n_jobs: int = 2,
     max_train_rows: int = 400_000,
     max_eval_rows: int = 200_000,
+    progress: ProgressFn | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Fit, choose, evaluate once on test. Returns (the JSON document, test arrays for plots)."""
+    """Fit, choose, evaluate once on test. Returns (the JSON document, test arrays for plots).
+
+    ``progress(label, done, total, rows=…)`` is called as the stages go (reading, ridge,
+    lightgbm rounds, bootstrap)."""
     features_dir = Path(features_dir)
     manifest = read_manifest(features_dir)
     features = list(manifest["features"])
-    pairs = manifest.get("pairs")
-    x_tr, y_tr, _ = load_split(features_dir, "train", features, max_train_rows, pairs)
-    x_va, y_va, _ = load_split(features_dir, "validation", features, max_eval_rows, pairs)
+    notes = Notes()
+    if progress is not None:
+        progress("reading", 0, 3)
+    files = checked_files(features_dir, manifest)
+    x_tr, y_tr, _ = load_split(features_dir, "train", manifest, max_train_rows, files["train"])
+    x_va, y_va, _ = load_split(features_dir, "validation", manifest, max_eval_rows,
+                               files["validation"])  # fmt: skip
     fitted = {
-        "ridge": _fit_ridge(x_tr, y_tr, x_va, y_va),
-        "lightgbm": _fit_gbm(x_tr, y_tr, x_va, y_va, trees=trees, seed=seed, n_jobs=n_jobs),
+        "ridge": _fit_ridge(x_tr, y_tr, x_va, y_va, notes, progress),
+        "lightgbm": _fit_gbm(
+            x_tr,
+            y_tr,
+            x_va,
+            y_va,
+            trees=trees,
+            seed=seed,
+            n_jobs=n_jobs,
+            notes=notes,
+            progress=progress,
+        ),  # fmt: skip
     }
     best = min(fitted, key=lambda k: fitted[k][2])  # chosen on validation, before test is read
-    x_te, y_te, minutes = load_split(features_dir, "test", features, max_eval_rows, pairs)
-    preds = {name: m.predict(x_te) for name, (m, _, _) in fitted.items()}
+    x_te, y_te, minutes = load_split(features_dir, "test", manifest, max_eval_rows,
+                                     files["test"])  # fmt: skip
+    with notes.catch("test"):
+        preds = {name: m.predict(x_te) for name, (m, _, _) in fitted.items()}
     rng = np.random.default_rng(seed)
     base = {
         "random": rng.choice(y_tr, size=len(y_te), replace=True),
@@ -200,6 +357,8 @@ def run_baseline(
     }
     embargo = int(manifest.get("embargo_bars") or manifest["horizon"])
     block = 2 * embargo
+    if progress is not None:
+        progress("bootstrap", 0, 1)
     comparisons = {
         name: {
             b: block_bootstrap_gain(y_te, preds[name], base[b], minutes, block, seed=seed + 1)
@@ -207,13 +366,18 @@ def run_baseline(
         }
         for name in preds
     }
-    beats = all(c["significant"] for c in comparisons[best].values())
+    decided, reason = verdict(comparisons[best], len(y_te), block)
+    with notes.catch("scores"):
+        models = {name: scores(y_te, p) for name, p in preds.items()}
+        baselines = {b: scores(y_te, p) for b, p in base.items()}
     doc: dict[str, Any] = {
-        "models": {name: scores(y_te, p) for name, p in preds.items()},
-        "baselines": {b: scores(y_te, p) for b, p in base.items()},
-        "beats_baselines": bool(beats),
+        "models": models,
+        "baselines": baselines,
+        "beats_baselines": decided == "beats_baselines",
+        "verdict": decided,
+        "reason": reason,
         "best_model": best,
-        "statement": _statement(best, beats, comparisons[best]),
+        "statement": _statement(best, decided, comparisons[best], reason),
         "selection": {
             name: {"params": params, "validation_mse": mse}
             for name, (_, params, mse) in fitted.items()
@@ -221,6 +385,8 @@ def run_baseline(
         "significance": {
             "method": f"block bootstrap over {block}-minute blocks, {BOOTSTRAP_RESAMPLES}"
             " resamples, 95% interval of the MSE drop (baseline − model)",
+            "min_blocks": MIN_BLOCKS,
+            "min_rows": MIN_TEST_ROWS,
             "comparisons": comparisons,
         },
         "target": manifest["target"],
@@ -228,17 +394,25 @@ def run_baseline(
         "rows": {"train": len(y_tr), "validation": len(y_va), "test": len(y_te)},
         "features": len(features),
         "seed": seed,
+        "notes": notes.lines,
     }
     return doc, {"actual": y_te, "predicted": preds[best]}
 
 
-def _statement(best: str, beats: bool, comp: dict[str, dict[str, float]]) -> str:
+def _statement(
+    best: str, decided: str, comp: dict[str, dict[str, float]], reason: str | None
+) -> str:
     m = comp["mean"]
-    if beats:
+    if decided == "beats_baselines":
         return (
             f"{best} beats both baselines on test: mean squared error lower than the mean"
             f" prediction by {m['mse_gain']:.3g} (95% interval {m['ci95_low']:.3g} to"
             f" {m['ci95_high']:.3g}) and lower than the random baseline."
+        )
+    if decided == "too_little_test_data":
+        return (
+            f"Too little test data to tell whether {best} beats the baselines: {reason}."
+            " Nothing is claimed."
         )
     return (
         "Nothing beats the baselines: the best model on validation"
@@ -279,6 +453,10 @@ def markdown(doc: dict[str, Any]) -> str:
                 f" {c['ci95_high']:.3g}] | {'yes' if c['significant'] else 'no'} |"
             )
     lines += ["", f"Method: {doc['significance']['method']}. See docs/ml.md.", ""]
+    if doc.get("notes"):
+        lines += ["Notes from the fits:", ""]
+        lines += [f"- {note}" for note in doc["notes"]]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -293,9 +471,7 @@ def write_outputs(doc: dict[str, Any], arrays: dict[str, np.ndarray], out: Path)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "baseline.json", out / "baseline.md", out / "predicted_vs_actual.png"]
     for path, text in ((paths[0], json.dumps(doc, indent=2) + "\n"), (paths[1], markdown(doc))):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
     y, p = arrays["actual"], arrays["predicted"]
     take = np.random.default_rng(0).permutation(len(y))[:20_000]
     fig, ax = plt.subplots(figsize=(6, 6))

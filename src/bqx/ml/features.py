@@ -12,12 +12,14 @@ from b − W_max on, and b − a > embargo keeps the two sets of bars apart.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,10 +31,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bqx.core.layout import Layout
-from bqx.core.months import Month
+from bqx.core.months import Month, check_span
 from bqx.core.symbols import validate_pair
 from bqx.errors import BqxError, InvalidOption
 from bqx.ops.export import metric_table_columns, read_metrics_conn, to_utc_us
+from bqx.ops.outdir import write_atomic, write_text_atomic
 from bqx.store import bars as bar_store
 from bqx.store import catalog, targets
 
@@ -296,14 +299,24 @@ class _Build:
         default_factory=lambda: {s: {"start": None, "end": None, "rows": 0} for s in SPLITS}
     )
 
-    def add(self, pair: str, pf: PairFeatures) -> None:
+    longest: int = 0  # bars of the pair with the most
+    # split files written under temporary names: (temporary, final), renamed at the end
+    pending: list[tuple[Path, Path]] = field(default_factory=list)
+    fingerprints: dict[str, str] = field(default_factory=dict)
+
+    def add(self, pair: str, pf: PairFeatures, bars: int) -> None:
+        self.longest = max(self.longest, bars)
         for k, v in pf.dropped.items():
             self.dropped[k] += v
         self.per_pair[pair] = {}
         for code, s in enumerate(SPLITS):
             sel = pf.labels == code
             rows = int(sel.sum())
-            write_split(self.out / s / f"{pair}.parquet", pair, pf, sel, self.names)
+            final = self.out / s / f"{pair}.parquet"
+            tmp = final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+            self.pending.append((tmp, final))
+            pq.write_table(split_table(pair, pf, sel, self.names), tmp, compression="zstd")
+            self.fingerprints[f"{s}/{pair}.parquet"] = fingerprint(tmp)
             self.per_pair[pair][s] = rows
             self.total += rows
             if rows:
@@ -312,6 +325,31 @@ class _Build:
                 st["start"] = first if st["start"] is None else min(st["start"], first)
                 st["end"] = last if st["end"] is None else max(st["end"], last)
                 st["rows"] += rows
+
+    def check(self) -> None:
+        """Refuse a result with an empty split (nothing is renamed into place then)."""
+        empty = [s for s in SPLITS if not self.stats[s]["rows"]]
+        if not empty:
+            return
+        if self.horizon >= self.longest:
+            raise InvalidOption(
+                "horizon", self.horizon,
+                f"is larger than the data: the longest pair has {self.longest:,} bars, and"
+                f" the target of bar t is read at bar t + horizon",
+            )  # fmt: skip
+        raise BqxError(
+            f"the {' and '.join(empty)} split{'s' if len(empty) > 1 else ''} would be empty"
+            f" (the longest pair has {self.longest:,} bars; {self.embargo} before each cut are"
+            " embargoed): choose more months, a smaller horizon or other split fractions"
+        )
+
+    def discard(self) -> None:
+        for tmp, _ in self.pending:
+            tmp.unlink(missing_ok=True)
+
+    def commit(self) -> None:
+        for tmp, final in self.pending:
+            os.replace(tmp, final)
 
 
 def _pair(conn: psycopg.Connection, layout: Layout, pair: str, lo: Any, hi: Any, b: _Build) -> None:
@@ -331,7 +369,7 @@ def _pair(conn: psycopg.Connection, layout: Layout, pair: str, lo: Any, hi: Any,
         times, rate, hlv[0], hlv[1], hlv[2], metrics, target=b.target, horizon=b.horizon,
         boundaries=b.cuts, embargo=b.embargo, lags=b.lags,
     )  # fmt: skip
-    b.add(pair, pf)
+    b.add(pair, pf, len(times))
 
 
 def write_features(
@@ -346,14 +384,20 @@ def write_features(
     horizon: int = DEFAULT_HORIZON,
     split: str | Sequence[float] = DEFAULT_SPLIT,
     lags: Sequence[int] = LAGS,
+    progress: Callable[..., None] | None = None,
 ) -> FeaturesSummary:
     """Features for each pair into ``out/{split}/{pair}.parquet`` and ``out/manifest.json``.
 
-    Pairs are read, built and written one at a time (memory holds one pair). Needs the
-    source bars (high, low, volume) and the stored metrics of ``bqx backfill``.
+    Pairs are read, built and written one at a time (memory holds one pair), each file under
+    a temporary name; only when every pair is built and no split is empty are they renamed
+    into place and the manifest (with each file's fingerprint) written, so a refused run
+    leaves an earlier result as it was. Needs the source bars (high, low, volume) and the
+    stored metrics of ``bqx backfill``. ``progress(label, done, total, rows=…)`` is called
+    pair by pair.
     """
     if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
         raise InvalidOption("horizon", horizon, "at least 1 bar")
+    check_span(start, end)
     fractions = parse_split(split)
     out = Path(out)
     t0 = time.monotonic()
@@ -370,12 +414,20 @@ def write_features(
                    horizon + max(max(windows), max(lags)), lags)  # fmt: skip
     for s in SPLITS:
         (out / s).mkdir(parents=True, exist_ok=True)
-    for pair in todo:
-        _pair(conn, layout, pair, lo, hi, build)
+    try:
+        for i, pair in enumerate(todo):
+            if progress is not None:
+                progress("pairs", i, len(todo), rows=build.total)
+            _pair(conn, layout, pair, lo, hi, build)
+        build.check()
+    except BaseException:
+        build.discard()
+        raise
+    build.commit()
+    if progress is not None:
+        progress("pairs", len(todo), len(todo), rows=build.total)
     manifest = _manifest(build, todo, fractions, windows, layout)
-    tmp = out / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out / "manifest.json")
+    write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return FeaturesSummary(out, manifest, build.total, time.monotonic() - t0, todo)
 
 
@@ -400,6 +452,8 @@ def _manifest(
         "lags": list(b.lags),
         "rows_dropped": b.dropped,
         "files": "{split}/{pair}.parquet",
+        # what `bqx baseline` checks: a file swapped in from another run is refused
+        "fingerprints": b.fingerprints,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "schema": layout.schema,
     }
@@ -413,8 +467,23 @@ def _first_difference(a: np.ndarray, b: np.ndarray) -> str:
     return f"{np.datetime64(t, 's')}Z" if t is not None else "the end"
 
 
+def fingerprint(path: Path) -> str:
+    """``sha256:…`` of a file's bytes, as the manifest records it for each split file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"
+
+
 def write_split(path: Path, pair: str, pf: PairFeatures, sel: np.ndarray, names: list[str]) -> None:
-    """One pair's rows of one split (``sel``) as Parquet: pair, ts_utc, features, target."""
+    """One pair's rows of one split (``sel``) as Parquet, replaced atomically."""
+    table = split_table(pair, pf, sel, names)
+    write_atomic(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+
+
+def split_table(pair: str, pf: PairFeatures, sel: np.ndarray, names: list[str]) -> pa.Table:
+    """One pair's rows of one split (``sel``): pair, ts_utc, the features, target."""
     n = int(sel.sum())
     cols: dict[str, Any] = {
         "pair": pa.repeat(pa.scalar(pair, pa.string()), n),
@@ -424,6 +493,4 @@ def write_split(path: Path, pair: str, pf: PairFeatures, sel: np.ndarray, names:
     for j, name in enumerate(names):
         cols[name] = pa.array(block[:, j])
     cols["target"] = pa.array(pf.target[sel])
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(pa.table(cols), tmp, compression="zstd")
-    os.replace(tmp, path)
+    return pa.table(cols)

@@ -3,14 +3,15 @@
 ``read_metrics`` streams a pair's target rows by binary COPY straight into numpy columns (no
 Python object per row) and wraps them as a ``pyarrow.Table``; ``.to_pandas()`` and
 ``polars.from_arrow`` take it from there. ``export`` writes Parquet ``pair=…/month=…``, one month
-at a time, so memory holds one month of one pair whatever the size of the database.
+at a time, so memory holds one month of one pair whatever the size of the database, and leaves
+the directory equal to the table for the pairs and months it covers.
 """
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -22,9 +23,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bqx.core.layout import Layout
-from bqx.core.months import Month, in_range, month_range
+from bqx.core.months import Month, check_span, in_range, month_range
 from bqx.core.symbols import validate_pair
-from bqx.errors import BqxError
+from bqx.errors import BqxError, InvalidOption
+from bqx.ops.outdir import write_atomic
 from bqx.store import catalog, targets
 
 TimeLike = str | date | datetime | np.datetime64 | Any
@@ -35,19 +37,38 @@ def to_utc_us(value: TimeLike, what: str) -> np.datetime64:
     date, datetime (aware ones converted to UTC, naive ones read as UTC), numpy or pandas."""
     given = value
     value = cast(Any, value)  # a str, date, datetime, numpy or pandas value: checked below
+    if isinstance(value, bool | int | float | np.number):
+        # numpy would read 5 as 5 µs after 1970 and fail on NaN: a number is not a time
+        raise InvalidOption(what, given, "a number is not a time: give ISO text or a datetime")
     try:
-        if isinstance(value, datetime) and value.tzinfo is not None:
-            value = value.astimezone(UTC).replace(tzinfo=None)
-        elif type(value).__module__.startswith("pandas") and getattr(value, "tz", None):
-            value = value.tz_convert("UTC").tz_localize(None).to_datetime64()
-        elif isinstance(value, str) and value.strip().endswith(("Z", "+00:00")):
-            value = value.strip().removesuffix("Z").removesuffix("+00:00")
-        out = np.datetime64(value, "us")
+        with warnings.catch_warnings():  # a refused value is one error, never also a warning
+            warnings.simplefilter("ignore")
+            if isinstance(value, datetime) and value.tzinfo is not None:
+                value = value.astimezone(UTC).replace(tzinfo=None)
+            elif type(value).__module__.startswith("pandas") and getattr(value, "tz", None):
+                value = value.tz_convert("UTC").tz_localize(None).to_datetime64()
+            elif isinstance(value, str) and value.strip().endswith(("Z", "+00:00")):
+                value = value.strip().removesuffix("Z").removesuffix("+00:00")
+            out = np.datetime64(value, "us")
     except (TypeError, ValueError) as exc:
-        raise BqxError(f"invalid {what} {given!r}: {exc}") from None
+        raise InvalidOption(what, given, str(exc)) from None
     if np.isnat(out):
-        raise BqxError(f"invalid {what} {value!r}: not a time")
+        raise InvalidOption(what, given, "not a time")
     return out
+
+
+def parse_columns(columns: str | Sequence[str] | None) -> list[str] | None:
+    """Metric columns as asked: None (all), a name or comma list (``"rate"``,
+    ``"rate,agg_bqx_max"``), or a sequence of names."""
+    if columns is None:
+        return None
+    items = columns.split(",") if isinstance(columns, str) else list(columns)
+    if not all(isinstance(c, str) for c in items):
+        raise InvalidOption("columns", columns, "expected column names")
+    names = [c.strip() for c in items if c.strip()]
+    if not names:
+        raise InvalidOption("columns", columns, "name at least one column, e.g. rate")
+    return names
 
 
 def metric_table_columns(conn: psycopg.Connection, layout: Layout, pair: str) -> list[str]:
@@ -61,10 +82,13 @@ def metric_table_columns(conn: psycopg.Connection, layout: Layout, pair: str) ->
     return cols
 
 
-def _select_columns(available: Sequence[str], columns: Sequence[str] | None, pair: str) -> list:
-    if columns is None:
+def _select_columns(
+    available: Sequence[str], columns: str | Sequence[str] | None, pair: str
+) -> list[str]:
+    asked = parse_columns(columns)
+    if asked is None:
         return list(available)
-    wanted = [c for c in columns if c != "ts_utc"]
+    wanted = [c for c in asked if c != "ts_utc"]
     unknown = [c for c in wanted if c not in available]
     if unknown:
         raise BqxError(
@@ -88,13 +112,23 @@ def read_metrics_conn(
     pair: str,
     start: TimeLike | None = None,
     end: TimeLike | None = None,
-    columns: Sequence[str] | None = None,
+    columns: str | Sequence[str] | None = None,
 ) -> pa.Table:
     """A pair's stored BQX rows as a ``pyarrow.Table`` (see ``bqx.Store.read_metrics``)."""
     pair = validate_pair(pair)
+    lo = None if start is None else to_utc_us(start, "start")
+    hi = None if end is None else to_utc_us(end, "end")
+    if lo is not None and hi is not None and hi < lo:
+        raise InvalidOption("end", end, f"is before start {start!r} (start is inclusive, end"
+                            " exclusive)")  # fmt: skip
     names = _select_columns(metric_table_columns(conn, layout, pair), columns, pair)
-    lo = None if start is None else to_utc_us(start, "start").item()
-    hi = None if end is None else to_utc_us(end, "end").item()
+    return _read(conn, layout, pair, names, lo, hi)
+
+
+def _read(
+    conn: psycopg.Connection, layout: Layout, pair: str, names: list[str], lo: Any, hi: Any
+) -> pa.Table:
+    lo, hi = (None if t is None else np.datetime64(t, "us").item() for t in (lo, hi))
     times, values, nulls = targets.read_columns(conn, layout, pair, names, lo, hi)
     return _arrow_table(times, names, values, nulls)
 
@@ -109,6 +143,8 @@ class ExportSummary:
     files: int = 0
     rows: int = 0
     seconds: float = 0.0
+    columns: list[str] | None = None
+    removed: list[str] = field(default_factory=list)  # partitions gone from the table
 
     @property
     def rows_per_s(self) -> float:
@@ -118,18 +154,32 @@ class ExportSummary:
         return {
             "out": str(self.out), "pairs": self.pairs, "files": self.files, "rows": self.rows,
             "seconds": round(self.seconds, 3), "rows_per_s": round(self.rows_per_s, 1),
+            "columns": self.columns, "removed": len(self.removed),
+            "removed_partitions": self.removed,
         }  # fmt: skip
 
     def text(self) -> str:
-        return (
+        line = (
             f"exported {self.rows:,} rows of {len(self.pairs)} pairs in {self.files} files"
             f" to {self.out} in {self.seconds:.1f}s ({self.rows_per_s:,.0f} rows/s)"
         )
+        if self.removed:
+            shown = ", ".join(self.removed[:5]) + (", …" if len(self.removed) > 5 else "")
+            line += f"; removed {len(self.removed)} partition(s) the table no longer holds: {shown}"
+        return line
+
+
+ProgressFn = Callable[..., None]  # progress(label, done, total, rows=…)
 
 
 def _target_months(conn: psycopg.Connection, layout: Layout, pair: str) -> list[Month]:
     lo, hi = targets.time_bounds(conn, layout, pair)
     return [] if lo is None or hi is None else month_range(Month.of(lo), Month.of(hi))
+
+
+def pair_dir(pair: str) -> str:
+    """The Hive partition folder of a pair."""
+    return f"pair={pair}"
 
 
 def export(
@@ -140,13 +190,19 @@ def export(
     pairs: Sequence[str] | None = None,
     start: Month | None = None,
     end: Month | None = None,
+    columns: str | Sequence[str] | None = None,
     compression: str = "zstd",
+    progress: ProgressFn | None = None,
 ) -> ExportSummary:
     """Write the metrics as Parquet, ``out/pair=eurusd/month=2024-07/data.parquet``.
 
-    One (pair, month) is read and written at a time. Each file is written beside its final
-    name and renamed into place, so a reader never sees half a file and a rerun replaces it.
+    One (pair, month) is read and written at a time. Each file is written under a name of its
+    own beside its final name and renamed into place, so a reader never sees half a file, a
+    rerun replaces it, and two exports into one directory never share a temporary file. The
+    partitions of the covered pairs and months that the table no longer holds (bars deleted,
+    a pair dropped) are removed, so the directory reads as the table does.
     """
+    check_span(start, end)
     summary = ExportSummary(Path(out))
     t0 = time.monotonic()
     have = catalog.target_pairs(conn, layout)
@@ -157,26 +213,86 @@ def export(
             f"no metrics table for {', '.join(p.upper() for p in missing)} in schema"
             f" {layout.schema} (run `bqx backfill` first)"
         )
-    for pair in todo:
-        for month in _target_months(conn, layout, pair):
-            if in_range(month, start, end):
-                _export_month(conn, layout, pair, month, summary, compression)
-        summary.pairs.append(pair)
+    # every pair's columns are checked before anything is written
+    chosen = {p: _select_columns(metric_table_columns(conn, layout, p), columns, p) for p in todo}
+    summary.columns = None if columns is None else chosen[todo[0]] if todo else []
+    work = [
+        (p, m) for p in todo for m in _target_months(conn, layout, p) if in_range(m, start, end)
+    ]
+    written: dict[str, set[Month]] = {p: set() for p in todo}
+    for i, (pair, month) in enumerate(work):
+        if progress is not None:
+            progress("writing", i, len(work), rows=summary.rows)
+        if _export_month(conn, layout, pair, month, chosen[pair], summary, compression):
+            written[pair].add(month)
+    summary.pairs = list(todo)
+    _remove_stale(summary, written, start, end, gone_too=None if pairs else set(have))
+    if progress is not None:
+        progress("writing", len(work), len(work), rows=summary.rows)
     summary.seconds = time.monotonic() - t0
     return summary
 
 
 def _export_month(
-    conn: psycopg.Connection, layout: Layout, pair: str, month: Month, summary: ExportSummary,
-    compression: str,
-) -> None:  # fmt: skip
-    table = read_metrics_conn(conn, layout, pair, month.start, month.end)
+    conn: psycopg.Connection, layout: Layout, pair: str, month: Month, names: list[str],
+    summary: ExportSummary, compression: str,
+) -> bool:  # fmt: skip
+    table = _read(conn, layout, pair, names, month.start.replace(tzinfo=None),
+                  month.end.replace(tzinfo=None))  # fmt: skip
     if table.num_rows == 0:
-        return
-    folder = summary.out / f"pair={pair}" / f"month={month}"
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / ".data.parquet.tmp"
-    pq.write_table(table, tmp, compression=compression)
-    os.replace(tmp, folder / "data.parquet")
+        return False
+    final = summary.out / pair_dir(pair) / f"month={month}" / "data.parquet"
+    write_atomic(final, lambda tmp: pq.write_table(table, tmp, compression=compression))
     summary.files += 1
     summary.rows += table.num_rows
+    return True
+
+
+def _remove_stale(
+    summary: ExportSummary, written: dict[str, set[Month]], start: Month | None,
+    end: Month | None, gone_too: set[str] | None,
+) -> None:  # fmt: skip
+    """Remove the partitions in [start, end] of the exported pairs that this export did not
+    write (their rows are gone from the table); with ``gone_too`` (every pair exported), also
+    those of pairs that have no metrics table any more."""
+    if not summary.out.is_dir():
+        return
+    folders = {pair_dir(p): p for p in written}
+    for folder in sorted(summary.out.glob("pair=*")):
+        if folder.name in folders:
+            keep = written[folders[folder.name]]
+        elif gone_too is not None and _pair_gone(folder.name, gone_too):
+            keep = set()
+        else:
+            continue
+        for month_dir in sorted(folder.glob("month=*")):
+            month = _month_of(month_dir.name)
+            if month is None or month in keep or not in_range(month, start, end):
+                continue
+            data = month_dir / "data.parquet"
+            if data.is_file():
+                data.unlink(missing_ok=True)
+                summary.removed.append(f"{folder.name}/{month_dir.name}")
+            _rmdir(month_dir)
+        _rmdir(folder)
+
+
+def _pair_gone(folder: str, have: set[str]) -> bool:
+    try:
+        return validate_pair(folder.removeprefix("pair=")) not in have
+    except BqxError:
+        return False  # not a folder of bqx's naming: not ours to remove
+
+
+def _month_of(folder: str) -> Month | None:
+    try:
+        return Month.parse(folder.removeprefix("month="))
+    except BqxError:
+        return None
+
+
+def _rmdir(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass  # not empty (another writer's file, a user's file): it stays

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import functools
 import io
-import os
 import re
 import statistics
 from collections.abc import Callable
@@ -27,12 +26,15 @@ from markdown_it.token import Token
 from bqx.core.layout import Layout
 from bqx.core.months import Month
 from bqx.core.text import plural
-from bqx.errors import BqxError, InvalidOption
+from bqx.errors import BqxError
 from bqx.metrics import metric_columns
+from bqx.ops.outdir import check_out_dir
 from bqx.ops.status import describe_parameters, run_parameters
 from bqx.ops.verify import Verification, no_run_message, verify
 from bqx.store import bars, catalog, targets
 from bqx.store.ledger import Ledger
+
+REPORT_FILES = "report.md and report.html"  # what `out` receives
 
 StepFn = Callable[..., None]
 
@@ -604,22 +606,6 @@ def html_page(d: ReportData, md: str) -> str:
     )
 
 
-def check_out_dir(out_dir: Path) -> None:
-    """Refuse, before any work, an output directory that cannot be one or cannot be written."""
-    path = Path(out_dir)
-    if path.exists() and not path.is_dir():
-        raise InvalidOption(
-            "out", str(out_dir), "is a file: give a directory for report.md and report.html"
-        )
-    parent = path
-    while not parent.exists():  # the nearest existing ancestor must be a writable directory
-        parent = parent.parent
-    if not parent.is_dir():
-        raise InvalidOption("out", str(out_dir), f"{str(parent)!r} is a file, not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InvalidOption("out", str(out_dir), f"{str(parent)!r} is not writable")
-
-
 def write_report(
     conn: psycopg.Connection, layout: Layout, out_dir: Path, *, run_id: int | None = None,
     sample: int = 20, verification: Verification | None = None,
@@ -630,7 +616,7 @@ def write_report(
     ``verification``: a result of ``bqx.verify`` for the same scope, to reuse instead of
     verifying again. ``progress(stage, done, total, item)`` is called as the work goes.
     """
-    check_out_dir(out_dir)
+    check_out_dir(out_dir, REPORT_FILES)
     step: StepFn = progress or (lambda *a, **k: None)
     data = collect(conn, layout, run_id=run_id, sample=sample, verification=verification,
                    progress=progress)  # fmt: skip

@@ -207,7 +207,10 @@ def _scope(
     jobs = set(run.planned)
     pair_run: dict[str, int] = {}
     if whole_ledger:
-        for pair, month, rid in ledger.job_runs(conn):
+        known = ledger.job_runs(conn)
+        # a pair without any job left was dropped (`bqx drop`): its planned jobs went with it
+        jobs = {j for j in jobs if j[0] in {p for p, _, _ in known}}
+        for pair, month, rid in known:
             jobs.add((pair, month))
             if rid is not None:
                 pair_run[pair] = max(pair_run.get(pair, 0), int(rid))

@@ -272,12 +272,34 @@ def _check_readable(p: Path) -> None:
     if p.is_dir():
         raise BqxError(f"{p}: is a directory, not a file")
     if not p.is_file():
-        raise BqxError(f"{p}: no such file")
+        kind = _kind(p)
+        if kind is None:
+            raise BqxError(f"{p}: no such file")
+        # a pipe or a device can be read once only, and bqx reads a file more than once
+        # (sniffing the format, then loading): say what it is instead of "no such file"
+        raise BqxError(f"{p}: is {kind}, not a regular file: save its contents to a file first")
     try:
         with open(p, "rb") as f:
             f.read(1)
     except OSError as exc:
         raise BqxError(f"{p}: cannot read: {why(exc)}") from None
+
+
+def _kind(p: Path) -> str | None:
+    """What a path that exists but is no regular file is; None when nothing is there."""
+    import stat
+
+    try:
+        mode = p.stat().st_mode
+    except FileNotFoundError:
+        return "a broken symbolic link" if p.is_symlink() else None
+    except OSError as exc:
+        return f"unreadable ({why(exc)})"
+    kinds = {
+        "a named pipe (FIFO)": stat.S_ISFIFO, "a socket": stat.S_ISSOCK,
+        "a character device": stat.S_ISCHR, "a block device": stat.S_ISBLK,
+    }  # fmt: skip
+    return next((kind for kind, test in kinds.items() if test(mode)), "neither file nor folder")
 
 
 def _check_name(p: Path, pair: str, allow_mismatch: bool) -> None:

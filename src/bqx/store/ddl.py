@@ -14,6 +14,7 @@ from psycopg import sql
 
 from bqx.core.layout import Layout
 from bqx.core.months import Month
+from bqx.errors import BqxError
 from bqx.metrics import metric_columns
 from bqx.store import names
 
@@ -122,3 +123,46 @@ def ensure_source(
         create_source_table(conn, layout, pair)
         for month in months:
             ensure_source_partition(conn, layout, pair, month)
+
+
+def pair_tables(conn: psycopg.Connection, layout: Layout, pair: str) -> dict[str, tuple[int, int]]:
+    """A pair's source and target tables that exist: name -> (partitions, bytes on disk)."""
+    out: dict[str, tuple[int, int]] = {}
+    for ident in (names.source(layout, pair), names.target(layout, pair)):
+        row = conn.execute(
+            "SELECT to_regclass(%s) IS NOT NULL, (SELECT count(*) FROM pg_inherits"
+            "  WHERE inhparent = to_regclass(%s)), coalesce((SELECT sum(pg_total_relation_size"
+            "  (inhrelid)) FROM pg_inherits WHERE inhparent = to_regclass(%s)), 0)"
+            " + coalesce(pg_total_relation_size(to_regclass(%s)), 0)",
+            (names.as_text(ident),) * 4,
+        ).fetchone()
+        if row is not None and row[0]:
+            out[names.as_text(ident)] = (int(row[1]), int(row[2]))
+    return out
+
+
+def drop_pair_tables(cur: psycopg.Cursor, layout: Layout, pair: str) -> list[str]:
+    """Inside the caller's transaction: drop a pair's source and target tables, their monthly
+    partitions and triggers with them; the names dropped. Waits at most 10 s for a session
+    that reads or writes them."""
+    cur.execute("SET LOCAL lock_timeout = '10s'")
+    dropped = []
+    for ident in (names.source(layout, pair), names.target(layout, pair)):
+        found = cur.execute("SELECT to_regclass(%s)", (names.as_text(ident),)).fetchone()
+        if found is None or found[0] is None:
+            continue
+        try:
+            cur.execute(sql.SQL("DROP TABLE {}").format(ident))
+        except psycopg.errors.LockNotAvailable:
+            raise BqxError(
+                f"{names.as_text(ident)} is in use by another session (a reader or a writer):"
+                " nothing dropped; try again when it ends"
+            ) from None
+        except psycopg.errors.DependentObjectsStillExist as exc:
+            detail = (exc.diag.message_detail or "").splitlines()
+            raise BqxError(
+                f"{names.as_text(ident)}: other objects depend on it"
+                f" ({detail[0] if detail else exc.diag.message_primary}): nothing dropped"
+            ) from None
+        dropped.append(names.as_text(ident))
+    return dropped

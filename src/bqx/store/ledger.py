@@ -23,6 +23,7 @@ from bqx.core.layout import Layout
 from bqx.core.months import Month
 from bqx.core.params import Job, Params, RunSummary
 from bqx.db.connect import current_user, worker_id
+from bqx.errors import BqxError
 from bqx.store import names
 from bqx.store.ddl import create_schema, lock_schema_ddl
 
@@ -859,6 +860,64 @@ class Ledger:
                 self._q("DELETE FROM {jobs} WHERE pair = %s AND month = ANY(%s)"),
                 (pair, [m.first_day for m in months]),
             )
+
+    # -- dropping a pair ----------------------------------------------------------------
+
+    def pair_jobs(self, conn: psycopg.Connection, pair: str) -> dict[str, int]:
+        """A pair's ledger jobs per status (empty when it has none)."""
+        if not self.has_jobs_table(conn):
+            return {}
+        rows = conn.execute(
+            self._q("SELECT status, count(*) FROM {jobs} WHERE pair = %s GROUP BY 1"), (pair,)
+        ).fetchall()
+        return {st: int(n) for st, n in rows}
+
+    def hold_pair(self, cur: psycopg.Cursor, pair: str) -> None:
+        """Inside a transaction: lock a pair's job rows, refusing (``BqxError``) when a run
+        holds one: a worker writing it (its row locked) or a live running job."""
+        if not self.has_jobs_table(cur.connection):
+            return
+        try:
+            rows = cur.execute(
+                self._q(
+                    "SELECT to_char(month, 'YYYY-MM'), status, worker, run_id,"
+                    " coalesce(heartbeat_at < now() - make_interval(secs => %s), true)"
+                    " FROM {jobs} WHERE pair = %s ORDER BY month FOR UPDATE NOWAIT"
+                ),
+                (STALE_AFTER_S, pair),
+            ).fetchall()
+        except psycopg.errors.LockNotAvailable:
+            raise BqxError(
+                f"{pair.upper()}: a run is writing its jobs right now: nothing dropped; wait"
+                " for it to end (`bqx status`) or stop it, then drop"
+            ) from None
+        live = [r for r in rows if r[1] == "running" and not r[4] and not worker_is_dead(r[2])]
+        if live:
+            month, _, worker, run_id, _ = live[0]
+            raise BqxError(
+                f"{pair.upper()}: run {run_id} holds {len(live)} of its jobs ({month} on"
+                f" {worker}{' …' if len(live) > 1 else ''}): nothing dropped; wait for it to"
+                " end (`bqx status`) or stop it, then drop"
+            )
+
+    def forget_pair(self, cur: psycopg.Cursor, pair: str) -> int:
+        """Inside the caller's transaction: delete a pair's jobs, attempts, recorded target
+        parameters and verifications; the number of jobs deleted. Runs stay (they may cover
+        other pairs)."""
+        if not self.has_jobs_table(cur.connection):
+            return 0
+        cur.execute(self._q("DELETE FROM {jobs} WHERE pair = %s"), (pair,))
+        jobs = cur.rowcount
+        if self._table_exists(cur.connection, self.attempts):
+            cur.execute(self._q("DELETE FROM {attempts} WHERE pair = %s"), (pair,))
+        if self._table_exists(cur.connection, self.targets):
+            cur.execute(
+                self._q("DELETE FROM {targets} WHERE target_table = %s"),
+                (self.layout.target_name(pair),),
+            )
+        if self._table_exists(cur.connection, self.verifications):
+            cur.execute(self._q("DELETE FROM {verifications} WHERE pair = %s"), (pair,))
+        return jobs
 
     # -- what status, verify and report read ---------------------------------------------
 

@@ -607,3 +607,18 @@ def month_versions(conn: psycopg.Connection, layout: Layout, pair: str) -> dict[
     missing or disabled): for a writer that must know whether a month changed since it wrote
     it (``bqx generate``). Empty when the source has no recorded versions."""
     return {m: v.version for m, v in (_source_versions(conn, layout, pair) or {}).items()}
+
+
+def forget_source(cur: psycopg.Cursor, layout: Layout, pair: str) -> None:
+    """Inside the caller's transaction: drop the versions kept for a pair's source and metric
+    tables (the tables themselves are being dropped)."""
+    schema, table = layout.source_name(pair)
+    for kind, owner, name in ((SOURCE, schema, table),
+                              (TARGET, layout.schema, layout.target_name(pair))):  # fmt: skip
+        versions = kind.table(owner)
+        found = cur.execute("SELECT to_regclass(%s)", (names.as_text(versions),)).fetchone()
+        if found is not None and found[0] is not None:
+            cur.execute(
+                sql.SQL("DELETE FROM {} WHERE {} = %s").format(versions, names.column(kind.key)),
+                (name,),
+            )
