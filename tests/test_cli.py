@@ -201,9 +201,10 @@ def test_status_shows_the_lag_readably(backfilled, cli_env, conn, layout):
     assert pair["lag_s"] == 3780.0  # the raw number for scripts
     text = cli("status", env=cli_env).stdout
     header = next(line for line in text.splitlines() if "newest metric" in line)
-    assert header.split()[-1] == "lag" and "lag s" not in text
+    assert [w for w in header.split() if w.isalpha()][-2:] == ["lag", "current"]
+    assert "lag s" not in text
     row = next(line for line in text.splitlines() if line.strip().startswith("EURUSD"))
-    assert row.rstrip().endswith("1 h 03 m"), row
+    assert row.split("│")[-2].strip() == "1 h 03 m" and row.split("│")[-1].strip() == "no", row
 
 
 # -- 3. output -----------------------------------------------------------------------------

@@ -15,6 +15,7 @@ it again, and returns a typed result with ``as_dict()`` (the ``--json`` document
 
 from __future__ import annotations
 
+import os
 import shlex
 import threading
 import time
@@ -627,8 +628,6 @@ class Store:
 
         Only the months written or changed since they last passed are read again, unless
         ``full``; they are checked ``workers`` at a time (default: the CPU count)."""
-        import os
-
         from bqx.core.params import check_positive
         from bqx.ops.verify import verify
 
@@ -652,8 +651,10 @@ class Store:
         out = Path(out)
         check_out_dir(out, REPORT_FILES)  # before any work: a bad directory writes nothing
         with self.connect(start=False) as conn:
-            md, html, data = write_report(conn, self.layout, out, run_id=run, sample=sample,
-                                          verification=verification, progress=progress)  # fmt: skip
+            md, html, data = write_report(
+                conn, self.layout, out, run_id=run, sample=sample, verification=verification,
+                progress=progress, url=self.url(start=False), workers=os.cpu_count() or 1,
+            )  # fmt: skip
         return ReportResult(md, html, data.headline())
 
     # -- data out ------------------------------------------------------------------------

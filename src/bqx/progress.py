@@ -16,6 +16,7 @@ from rich.progress import (
     Progress,
     TextColumn,
     TimeElapsedColumn,
+    TimeRemainingColumn,
 )
 
 from bqx.core.text import format_eta, plural
@@ -102,8 +103,10 @@ class BackfillProgress:
 class StepProgress:
     """Progress of a long read-only step (verify, report): ``step(label, done, total)``.
 
-    A rich bar on a terminal; otherwise a plain line when the label changes, so a log shows
-    what is being done without a line per pair. Call ``close()`` at the end.
+    A rich bar on a terminal (with the ETA of the current stage); otherwise a plain line when
+    the label changes, and within a long stage one at most every ``PLAIN_EVERY_S`` seconds
+    with done/total and its ETA, so a log shows what is being done without a line per item.
+    Call ``close()`` at the end.
     """
 
     def __init__(self, title: str, console: Console | None = None) -> None:
@@ -113,7 +116,7 @@ class StepProgress:
         self.progress: Progress | None = None
         self.task: Any = None
         self.label: str | None = None
-        self.t0 = time.monotonic()
+        self.t0 = self.stage_t0 = self.last_plain = time.monotonic()
         if self.console.is_terminal and not self.quiet:
             self.progress = Progress(
                 TextColumn(f"[bold]{title}"),
@@ -121,6 +124,8 @@ class StepProgress:
                 MofNCompleteColumn(),
                 TextColumn("{task.description}"),
                 TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
                 console=self.console,
                 transient=True,
             )
@@ -131,13 +136,24 @@ class StepProgress:
         """``label`` names the stage (a plain line each); ``what`` the item within it."""
         if self.progress is not None:
             text = f"{label} {what}".strip()
+            if label != self.label:
+                self.label = label
+                self.progress.reset(self.task, total=total)
             self.progress.update(self.task, description=text, completed=done, total=total)
             return
-        if self.quiet or label == self.label:
+        if self.quiet:
             return
-        self.label = label
-        elapsed = time.monotonic() - self.t0
-        self.console.print(f"{self.title}: {label} ({elapsed:.1f} s)", highlight=False)
+        now = time.monotonic()
+        if label != self.label:
+            self.label, self.stage_t0, self.last_plain = label, now, now
+            self.console.print(f"{self.title}: {label} ({now - self.t0:.1f} s)", highlight=False)
+        elif total and done and now - self.last_plain >= PLAIN_EVERY_S:
+            self.last_plain = now
+            eta = (now - self.stage_t0) / done * (total - done)
+            self.console.print(
+                f"{self.title}: {label} {done:,}/{total:,} {what} ({now - self.t0:.1f} s,"
+                f" ETA {format_eta(eta)})", highlight=False,
+            )  # fmt: skip
 
     def close(self) -> None:
         if self.progress is not None:

@@ -31,7 +31,7 @@ from bqx.metrics import metric_columns
 from bqx.ops.outdir import check_out_dir
 from bqx.ops.status import describe_parameters, run_parameters
 from bqx.ops.verify import Verification, no_run_message, verify
-from bqx.store import bars, catalog, targets
+from bqx.store import catalog, targets
 from bqx.store.ledger import Ledger
 
 REPORT_FILES = "report.md and report.html"  # what `out` receives
@@ -45,7 +45,7 @@ class ReportData:
     layout: Layout
     pairs: list[str]
     months: list[str]
-    rows: dict[tuple[str, str], int]  # (pair, month) -> exact count(*)
+    rows: dict[tuple[str, str], int]  # (pair, month) -> rows its done job recorded
     sources: dict[tuple[str, str], int]
     statuses: dict[tuple[str, str], str]
     attempts: list[dict[str, Any]]
@@ -55,6 +55,8 @@ class ReportData:
     extras: dict[str, Any] = field(default_factory=dict)
     scope: str = "ledger"  # "ledger": every job in the ledger; "run": the run's plan only
     planned: set[tuple[str, str]] = field(default_factory=set)
+    # (pair, month) -> (when it was last verified, whether it passed)
+    verified: dict[tuple[str, str], tuple[str, bool]] = field(default_factory=dict)
 
     def headline(self) -> dict[str, Any]:
         """The verdict: COMPLETE only when the run ended done and every job of the scope is
@@ -99,26 +101,25 @@ def _failed_checks(v: Verification) -> str:
     return "verification failed: " + ", ".join(failed)
 
 
-def _counts(
-    conn: psycopg.Connection, layout: Layout, pairs: list[str], step: StepFn
+def _recorded(
+    conn: psycopg.Connection, ledger: Ledger
 ) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], int]]:
-    """Exact target rows and source bars per (pair, month)."""
+    """Rows and source bars per (pair, month) as the jobs recorded them: no table is counted
+    (``bqx verify`` checks that the tables hold what the ledger says)."""
     rows: dict[tuple[str, str], int] = {}
     sources: dict[tuple[str, str], int] = {}
-    for i, pair in enumerate(pairs):
-        step("counting rows", i, len(pairs), pair.upper())
-        if catalog.has_source(conn, layout, pair):
-            for m, n in bars.month_counts(conn, layout, pair).items():
-                sources[(pair, str(m))] = n
-        if catalog.has_target(conn, layout, pair):  # a dropped target: its months read 0
-            for m, n in targets.month_counts(conn, layout, pair).items():
-                rows[(pair, str(m))] = n
+    for r in ledger.job_records(conn):
+        key = (r.pair, str(Month.of(r.month)))
+        sources[key] = int(r.source_bars or 0)
+        if r.status == "done":
+            rows[key] = int(r.rows_written or 0)
     return rows, sources
 
 
 def collect(
     conn: psycopg.Connection, layout: Layout, *, run_id: int | None = None, sample: int = 20,
     verification: Verification | None = None, progress: StepFn | None = None,
+    url: str | None = None, workers: int = 1,
 ) -> ReportData:  # fmt: skip
     """Everything the report states, read from the database.
 
@@ -140,21 +141,22 @@ def collect(
         jobs = sorted(set(jobs) | set(ledger.job_keys(conn)))
     pairs = sorted({j[0] for j in jobs})
     months = sorted({str(Month.of(j[1])) for j in jobs})
-    rows, sources = _counts(conn, layout, pairs, step)
     planned = {(p_, str(Month.of(m))) for p_, m in jobs}
     scope = "ledger" if run_id is None else "run"
     reuse = (
         verification is not None and verification.run_id == record.run_id
         and verification.scope == scope
     )  # fmt: skip
+    if not reuse:  # incremental: only the months changed since they were last verified
+        verification = verify(conn, layout, sample=sample, run_id=run_id, progress=progress,
+                              url=url, workers=workers)  # fmt: skip
+    rows, sources = _recorded(conn, ledger)
     data = ReportData(
         run, layout, pairs, months,
         {k: v for k, v in rows.items() if k in planned},
         {k: v for k, v in sources.items() if k in planned},
-        ledger.statuses(conn), ledger.attempts_of(conn, record.run_id),
-        verification if reuse else verify(conn, layout, sample=sample, run_id=run_id,
-                                          progress=progress),
-        scope=scope, planned=planned,
+        ledger.statuses(conn), ledger.attempts_of(conn, record.run_id), verification,
+        scope=scope, planned=planned, verified=ledger.verification_times(conn),
     )  # fmt: skip
     data.total_rows = sum(data.rows.values())
     data.partitions = len(planned)
@@ -428,8 +430,9 @@ def _md_database(d: ReportData) -> list[str]:
         f"- Partitions planned: {d.partitions} ({len(d.pairs)} pairs × months with source bars)",
         f"- Partitions present in the catalog: {d.extras.get('partitions_present', 0)}"
         f" of {d.partitions}; empty: {sum(1 for k in d.sources if not d.rows.get(k))}",
-        f"- Rows in partitions (exact): {d.total_rows:,}",
-        f"- Source bars in the same months (exact): {sum(d.sources.values()):,}",
+        f"- Rows in partitions (as the jobs recorded them; `bqx verify` checks the tables"
+        f" hold them): {d.total_rows:,}",
+        f"- Source bars in the same months: {sum(d.sources.values()):,}",
         f"- Rows per partition: min {min(per_part, default=0):,}, average"
         f" {_share(sum(per_part), len(per_part)):,.0f}, max {max(per_part, default=0):,}",
     ])  # fmt: skip
@@ -437,7 +440,8 @@ def _md_database(d: ReportData) -> list[str]:
 
 def _md_months(d: ReportData) -> list[str]:
     return _section("Per-month distribution", [
-        "| Month | Partitions | Rows | Average rows per partition |", "|---|---:|---:|---:|",
+        "| Month | Partitions | Rows | Average rows per partition | Last verified |",
+        "|---|---:|---:|---:|---|",
         *(_month_row(d, m) for m in d.months),
     ])  # fmt: skip
 
@@ -445,7 +449,21 @@ def _md_months(d: ReportData) -> list[str]:
 def _month_row(d: ReportData, month: str) -> str:
     counts = [d.rows.get((p, month), 0) for p in d.pairs if (p, month) in d.sources]
     avg = _share(sum(counts), len(counts))
-    return f"| {month} | {len(counts)} | {sum(counts):,} | {avg:,.0f} |"
+    return (
+        f"| {month} | {len(counts)} | {sum(counts):,} | {avg:,.0f} | {_last_verified(d, month)} |"
+    )
+
+
+def _last_verified(d: ReportData, month: str) -> str:
+    """The oldest verification of the month's partitions (all of them must have passed to
+    count), or why not."""
+    seen = [d.verified.get((p, month)) for p in d.pairs if (p, month) in d.planned]
+    if not seen or any(v is None for v in seen):
+        return "not verified"
+    failed = sum(1 for v in seen if v is not None and not v[1])
+    if failed:
+        return f"FAILED ({failed} of {len(seen)} partitions)"
+    return min(v[0] for v in seen if v is not None).replace("T", " ")[:16] + " UTC"
 
 
 def _md_verification(v: Verification | None) -> list[str]:
@@ -609,7 +627,7 @@ def html_page(d: ReportData, md: str) -> str:
 def write_report(
     conn: psycopg.Connection, layout: Layout, out_dir: Path, *, run_id: int | None = None,
     sample: int = 20, verification: Verification | None = None,
-    progress: StepFn | None = None,
+    progress: StepFn | None = None, url: str | None = None, workers: int = 1,
 ) -> tuple[Path, Path, ReportData]:  # fmt: skip
     """Write ``report.md`` and ``report.html`` into ``out_dir``; return their paths and data.
 
@@ -619,7 +637,7 @@ def write_report(
     check_out_dir(out_dir, REPORT_FILES)
     step: StepFn = progress or (lambda *a, **k: None)
     data = collect(conn, layout, run_id=run_id, sample=sample, verification=verification,
-                   progress=progress)  # fmt: skip
+                   progress=progress, url=url, workers=workers)  # fmt: skip
     step("writing report.md")
     md = markdown(data)
     step("drawing the charts")
