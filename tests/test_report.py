@@ -184,3 +184,54 @@ def data_month(text: str):
     from bqx.core.months import Month
 
     return Month.parse(text)
+
+
+def test_report_describes_the_run_that_did_work_with_earlier_failures(
+    settings, layout, conn, make_bars, tmp_path
+):
+    """A no-op resume does not hide the run that computed; failures of earlier runs on the
+    jobs in scope stay in the report; a pair-month without bars is shown as such."""
+    import bqx.pipeline.job as job
+
+    make_bars("eurusd", "2024-07-01", 62 * 1440, seed=1)
+    make_bars("gbpusd", "2024-08-01", 31 * 1440, seed=2, level=1.27)  # no July bars
+    store = store_for(settings, layout)
+    real = job.compute_rows
+
+    def fail_once(params, since, times, prices):
+        if since.month == 8 and not getattr(fail_once, "failed", False):
+            fail_once.failed = True
+            raise RuntimeError("a planted fault in August")
+        return real(params, since, times, prices)
+
+    job.compute_rows = fail_once
+    try:
+        first = store.backfill(workers=1, executor="threads", max_attempts=1)
+    finally:
+        job.compute_rows = real
+    assert first.jobs_failed == 1
+    worked = store.backfill(workers=1)  # redoes the failed month
+    assert worked.jobs_done == 1
+    noop = store.backfill(workers=1)
+    assert noop.jobs_done == 0 and noop.run_id > worked.run_id
+    md_path, _, data = write_report(conn, layout, tmp_path / "out", sample=3)
+    md = md_path.read_text()
+    assert data.run["run_id"] == worked.run_id, "the report names the run that did the work"
+    assert data.headline()["status"] == "COMPLETE"
+    assert "same jobs failed or were retried (1 attempts" in md
+    (row,) = [line for line in md.splitlines() if "a planted fault in August" in line]
+    assert row.startswith(f"| {first.run_id} | ") and "| 2024-08 |" in row
+    status = store.status()
+    assert status.run["run_id"] == worked.run_id
+    # the heatmap's cells: GBPUSD July has no bars and no job
+    from bqx.ops import report
+
+    texts: list[str] = []
+
+    class Axes:
+        def text(self, x, y, text, **kw):
+            texts.append((data.pairs[y], data.months[x], text))
+
+    report._label_cells(Axes(), data, report.np.zeros((len(data.pairs), len(data.months))))
+    assert ("gbpusd", "2024-07", "no bars") in texts
+    assert all(t != "pending" for *_, t in texts)

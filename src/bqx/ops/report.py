@@ -129,7 +129,7 @@ def collect(
     step: StepFn = progress or (lambda *a, **k: None)
     step("reading the ledger")
     ledger = Ledger(layout)
-    record = ledger.latest_run(conn, run_id)
+    record = ledger.latest_run(conn, run_id, worked=True)  # not a no-op resume
     if record is None:
         raise BqxError(no_run_message(conn, layout, run_id))
     run = asdict(record)
@@ -164,6 +164,7 @@ def collect(
     data.extras["partitions_present"] = sum(
         1 for p_, m in planned if layout.target_partition_name(p_, Month.parse(m)) in attached
     )
+    data.extras["earlier_failures"] = ledger.earlier_failures(conn, record.run_id, jobs)
     data.extras["check_queries"] = targets.check_queries(layout, pairs) + ledger.check_queries(
         record.run_id
     )
@@ -276,7 +277,9 @@ def _label_cells(ax: Any, d: ReportData, cover: np.ndarray) -> None:
     size = 7 if len(d.months) <= 12 else 5
     for i, p in enumerate(d.pairs):
         for j, m in enumerate(d.months):
-            state = d.statuses.get((p, m), "pending")
+            state = d.statuses.get((p, m))
+            if state is None:  # no job: the month has no bars for this pair
+                state = "pending" if d.sources.get((p, m)) else "no bars"
             text = f"{d.rows.get((p, m), 0) / 1000:.1f}k" if state == "done" else state
             dark = not np.isnan(cover[i, j]) and not 0.15 <= cover[i, j] <= 0.85
             # white on the dark green and dark red ends of the scale
@@ -515,12 +518,19 @@ def _md_performance(d: ReportData, s: dict[str, Any]) -> list[str]:
 
 def _md_failures(d: ReportData) -> list[str]:
     bad = [a for a in d.attempts if a["status"] != "done"]
-    if not bad:
-        return _section("Failures and retries", ["None: every job succeeded at its first attempt."])
-    return _section("Failures and retries", [
+    body = ["None: every job succeeded at its first attempt."] if not bad else [
         "| Pair | Month | Attempt | Outcome | Error |", "|---|---|---:|---|---|",
         *(_failure_row(a) for a in bad),
-    ])  # fmt: skip
+    ]  # fmt: skip
+    earlier = d.extras.get("earlier_failures", [])
+    if earlier:
+        body += [
+            "", f"Before this run, the same jobs failed or were retried ({len(earlier)} attempts,"
+            " newest first):", "",
+            "| Run | Pair | Month | Attempt | Outcome | Error |", "|---:|---|---|---:|---|---|",
+            *(f"| {a['run_id']} {_failure_row(a)}" for a in earlier),
+        ]  # fmt: skip
+    return _section("Failures and retries", body)
 
 
 def _failure_row(a: dict[str, Any]) -> str:

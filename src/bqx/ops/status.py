@@ -221,7 +221,7 @@ def status(conn: psycopg.Connection, layout: Layout, *, errors: int = 10) -> Sta
     """Progress of the latest run with jobs, read from the ledger."""
     doc = Status()
     ledger = Ledger(layout)
-    run = ledger.latest_run(conn)
+    run = ledger.latest_run(conn, worked=True)  # a no-op resume does not hide the real run
     if run is None:
         return doc
     # every job the ledger holds, whichever run planned it (the latest run may cover a subset)

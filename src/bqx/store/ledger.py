@@ -419,15 +419,27 @@ class Ledger:
         )  # fmt: skip
 
     def latest_run(
-        self, conn: psycopg.Connection, run_id: int | None = None, *, include_empty: bool = False
-    ) -> RunRecord | None:
-        """``run_id``'s run, else the latest run with jobs (or any, with ``include_empty``).
+        self, conn: psycopg.Connection, run_id: int | None = None, *, include_empty: bool = False,
+        worked: bool = False,
+    ) -> RunRecord | None:  # fmt: skip
+        """``run_id``'s run, else the latest run with jobs (or any, with ``include_empty``;
+        with ``worked``, the latest that ran a job or is running, else the latest with jobs).
 
         A run that planned no job (a range without source bars) has nothing to show, check or
-        report, and must not hide the real latest run.
+        report, and must not hide the real latest run; a resume that found nothing to do must
+        not hide the run that did the work.
         """
         if not self.exists(conn):
             return None
+        if worked and run_id is None:
+            row = conn.execute(
+                self._q(
+                    "SELECT max(r.run_id) FROM {runs} r WHERE r.status = 'running' OR EXISTS"
+                    " (SELECT 1 FROM {attempts} a WHERE a.run_id = r.run_id)"
+                )
+            ).fetchone()
+            if row is not None and row[0] is not None:
+                run_id = int(row[0])
         cur = conn.execute(
             self._q(
                 "SELECT run_id, command, params, param_hash, started_at, ended_at, status,"
@@ -1092,6 +1104,28 @@ class Ledger:
                 " WHERE run_id = %s ORDER BY finished_at"
             ),
             (run_id,),
+        )
+        cols = [d.name for d in cur.description or []]
+        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+    def earlier_failures(
+        self, conn: psycopg.Connection, run_id: int, keys: Sequence[tuple[str, date]],
+        limit: int = 50,
+    ) -> list[dict[str, Any]]:  # fmt: skip
+        """Failed and retried attempts of runs before ``run_id`` on the jobs ``keys``, newest
+        first: what the jobs of a report went through before."""
+        if not keys or not self._table_exists(conn, self.attempts):
+            return []
+        pairs, months = _keys(keys)
+        cur = conn.execute(
+            self._q(
+                "SELECT a.run_id, a.pair, a.month, a.attempt, a.status, a.finished_at, a.error"
+                " FROM {attempts} a JOIN unnest(%s::text[], %s::date[]) k(pair, month)"
+                " ON k.pair = a.pair AND k.month = a.month"
+                " WHERE a.run_id < %s AND (a.status <> 'done' OR a.attempt > 1)"
+                " ORDER BY a.finished_at DESC NULLS LAST LIMIT %s"
+            ),
+            (pairs, months, run_id, limit),
         )
         cols = [d.name for d in cur.description or []]
         return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
