@@ -652,3 +652,17 @@ def test_drop_a_pair_asks_refuses_a_held_job_and_drops_in_one_transaction(
     again = store_for(settings, layout).export(out)
     assert not (out / "pair=usdjpy").exists() and len(again.removed) == 2
     assert store_for(settings, layout).verify(sample=2).ok
+
+
+def test_runs_lists_the_latest_runs_newest_first(cli_env, settings, layout, backfilled):
+    noop = store_for(settings, layout).backfill(workers=1)
+    res = cli("runs", "--json", env=cli_env)
+    assert res.exit_code == 0, res.stderr
+    runs = json.loads(res.stdout)["runs"]
+    assert [r["run_id"] for r in runs] == [noop.run_id, backfilled.run_id]
+    assert [(r["jobs_done"], r["jobs_total"], r["status"]) for r in runs] == [
+        (0, 2, "done"), (2, 2, "done")]  # fmt: skip
+    assert runs[1]["rows_written"] == backfilled.rows_written > 0
+    text = cli("runs", "--limit", "1", env=cli_env).stdout.splitlines()
+    assert text[0].split() == ["run", "command", "started", "(UTC)", "s", "jobs", "rows", "status"]
+    assert len(text) == 2 and text[1].split()[0] == str(noop.run_id)
