@@ -119,8 +119,7 @@ SampleOpt = Annotated[
     int, typer.Option("--sample", min=0, help="Rows per pair recomputed from the source (≥ 0).")
 ]
 SCOPE_HELP = (
-    "Only this run's jobs [default: every job in the ledger, with the latest run that did"
-    " work]."
+    "Only this run's jobs [default: every job in the ledger, with the latest run that did work]."
 )
 RunOpt = Annotated[int | None, typer.Option("--run", min=1, help=SCOPE_HELP)]
 

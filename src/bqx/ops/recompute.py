@@ -135,11 +135,14 @@ def check_month(
     has_source: bool, sample: int, rng: random.Random,
 ) -> MonthVerdict:  # fmt: skip
     """Recompute the month from its bars and compare every stored value, in one read-only
-    snapshot (a writer meanwhile, a follower for instance, cannot make the two disagree).
-    ``conn`` is in autocommit; the snapshot is its own transaction, always ended."""
+    snapshot (a writer meanwhile, a follower for instance, cannot make the two disagree):
+    on an autocommit ``conn`` the snapshot is a transaction of its own, always ended."""
     verdict = MonthVerdict(pair, month)
     columns = ["rate", *params.columns]
-    conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+    # a snapshot of our own, unless the caller's connection is already inside a transaction
+    own = conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    if own:
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
     try:
         if has_source:
             with conn.cursor() as cur:
@@ -152,7 +155,7 @@ def check_month(
         verdict.faults.append(fault(f"{pair.upper()} {month}: {exc}", pair, month))
         return verdict
     finally:
-        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        if own and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
             conn.rollback()
     verdict.rows, verdict.bars = len(got_t), len(want_t)
     verdict.faults = compare(pair, month, columns, want_t, want, got_t, got, got_null)

@@ -192,6 +192,7 @@ class Updater:
         self.partitions: set[tuple[str, Month]] = set()  # target partitions known to exist
         self.ledger_ready = False  # the ledger tables exist
         self.failure_run: int | None = None  # the run a pair's failure is recorded in
+        self.reported: dict[str, str] = {}  # pair -> the failure last recorded for it
 
     # connections
     def connection(self) -> psycopg.Connection:
@@ -268,6 +269,7 @@ class Updater:
             plan = self._isolated(conn, pu, lambda c, p=pair: self._plan_pair(c, p, recorded))
             if plan is None:
                 continue
+            self.reported.pop(pair, None)  # planned again: a later failure is news
             pu.newest_bar, pu.newest_metric = plan.newest_bar, plan.newest_metric
             if plan.changed:
                 todo.append(plan)
@@ -288,12 +290,24 @@ class Updater:
             return None
 
     def _record_failure(self, conn: psycopg.Connection, pu: PairUpdate) -> None:
+        """Record a pair's failure in the ledger (``status`` lists it): in the run being
+        written, else in a run of its own, once per new error (a follower polling every
+        second must not add a run per poll)."""
         if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
             conn.rollback()
-        if self.failure_run is not None and self.ledger.has_jobs_table(conn):
-            month = Month.of(datetime.now(UTC))
-            self.ledger.record_failure(conn, self.failure_run, pu.pair, month, time.time(),
-                                       f"{pu.pair.upper()}: {pu.error}")  # fmt: skip
+        error = f"{pu.pair.upper()}: {pu.error}"
+        if self.failure_run is None and self.reported.get(pu.pair) == error:
+            return
+        self.reported[pu.pair] = error
+        self._ensure_ledger(conn)
+        month = Month.of(datetime.now(UTC))
+        run_id = self.failure_run
+        if run_id is None:
+            doc = _run_doc(self.default, [(pu.pair, month)])
+            run_id = self.ledger.start_run(conn, "update", self.default, doc, 1, "update", 1)
+        self.ledger.record_failure(conn, run_id, pu.pair, month, time.time(), error)
+        if self.failure_run is None:
+            self.ledger.end_run(conn, run_id, "failed")
 
     def _plan_pair(self, conn: psycopg.Connection, pair: str, recorded: dict) -> _PairPlan:
         """The pair's months whose bars (or stored metrics) changed, decided by the same rule
@@ -363,7 +377,7 @@ class Updater:
                         return
                     self._isolated(conn, pu, lambda c, t=t, pu=pu, r=run_id: self._write_pair(
                         c, r, t, pu, stop))  # fmt: skip
-                status = "done"
+                status = "failed" if any(by_pair[t.pair].error for t in items) else "done"
             except Exception:
                 status = "failed"
                 raise

@@ -47,6 +47,9 @@ class _Metrics:
                             " deleted) by update.", ["pair"], registry=self.registry)  # fmt: skip
         self.errors = Counter("bqx_update_errors", "Polls that failed (then retried).",
                               registry=self.registry)  # fmt: skip
+        self.pair_errors = Counter("bqx_pair_errors", "Polls in which a pair could not be"
+                                   " brought up to date (retried each poll; the other pairs go"
+                                   " on).", ["pair"], registry=self.registry)  # fmt: skip
         self.last_poll = Gauge("bqx_last_poll_timestamp_seconds", "Unix time of the last"
                                " completed poll.", registry=self.registry)  # fmt: skip
         try:
@@ -61,6 +64,8 @@ class _Metrics:
             if p.lag_s is not None:
                 self.lag.labels(pair=p.pair).set(p.lag_s)
             self.rows.labels(pair=p.pair).inc(p.written)
+            if p.error:
+                self.pair_errors.labels(pair=p.pair).inc()
         self.last_poll.set(time.time())
 
     def close(self) -> None:
@@ -97,6 +102,7 @@ class Follower:
         self.listener: psycopg.Connection | None = None
         self.quiet_since = 0.0
         self.next_full = 0.0
+        self.failing: dict[str, tuple[str, float]] = {}  # pair -> (error, when last logged)
 
     def run(self) -> None:
         woken: set[str] | None = None  # pairs a NOTIFY named; None: a full poll is due
@@ -153,12 +159,27 @@ class Follower:
             self.prom.observe(result)
         if self.on_poll is not None:
             self.on_poll(result)
+        self._log_pair_errors(result)
         if result.rows:
             log.info("%s", result.summary())
         elif full and time.monotonic() - self.quiet_since >= 60:
             self.quiet_since = time.monotonic()
             log.info("nothing new (%d pairs, lag max %.0f s; next such line in a minute"
                      " at most)", len(result.pairs), result.lag_max_s)  # fmt: skip
+
+    def _log_pair_errors(self, result: UpdateResult) -> None:
+        """A line when a pair starts failing or its error changes (then once a minute while
+        it lasts), and one when it is back."""
+        now = time.monotonic()
+        for p in result.pairs:
+            last = self.failing.get(p.pair)
+            if p.error and (last is None or last[0] != p.error or now - last[1] >= 60):
+                log.warning("%s: %s (the other pairs go on; retried each poll)",
+                            p.pair.upper(), p.error)  # fmt: skip
+                self.failing[p.pair] = (p.error, now)
+            elif not p.error and last is not None:
+                log.info("%s: brought up to date again", p.pair.upper())
+                del self.failing[p.pair]
 
     def close(self) -> None:
         if self.listener is not None:
