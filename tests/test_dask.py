@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -335,3 +337,98 @@ def test_unreachable_scheduler_is_one_line(settings, layout, bars, monkeypatch):
         store_for(settings, layout).backfill(executor="dask", scheduler="tcp://127.0.0.1:9")
     assert "\n" not in str(err.value)
     assert "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in str(err.value)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_an_unreachable_scheduler_leaves_the_ledger_untouched(settings, layout, conn, bars,
+                                                              monkeypatch):  # fmt: skip
+    """Reached before the ledger: no run recorded, no done job flipped back to pending."""
+    store = store_for(settings, layout)
+    store.backfill(workers=1)
+    before = _q(conn, "SELECT run_id, status FROM {runs} ORDER BY run_id", layout)
+    monkeypatch.setattr(dask_executor, "CONNECT_TIMEOUT_S", 1.0)
+    with pytest.raises(BqxError, match="cannot reach the Dask scheduler at tcp://127.0.0.1:9"):
+        store.backfill(executor="dask", scheduler="tcp://127.0.0.1:9", force=True)
+    assert _q(conn, "SELECT run_id, status FROM {runs} ORDER BY run_id", layout) == before
+    assert _q(conn, "SELECT DISTINCT status FROM {jobs}", layout) == [("done",)]
+    assert store.verify(sample=3).ok
+
+
+def test_a_killed_scheduler_is_one_line_and_the_run_is_recorded_interrupted(
+    settings, layout, conn, bars, cli_env, pg_url, tmp_path
+):
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    scheduler = subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+         "--port", str(port), "--dashboard-address", ":0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    workers = subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nworkers", "2",
+         "--nthreads", "1", "--dashboard-address", ":0"],
+        env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    blocker = psycopg.connect(pg_url)
+    errfile = (tmp_path / "stderr.txt").open("w+")
+    proc = None
+    try:
+        from distributed import Client
+
+        with Client(address, timeout=60, set_as_default=False) as c:
+            c.wait_for_workers(2, timeout=60)
+        store_for(settings, layout).backfill(pairs=["eurusd"], start=Month(2024, 7),
+                                             end=Month(2024, 7))  # fmt: skip
+        blocker.execute(
+            sql.SQL("LOCK TABLE {} IN SHARE MODE").format(names.table(layout, "bqx_attempts"))
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bqx.cli", "backfill", "--executor", "dask", "--scheduler",
+             address, "--workers", "2"],
+            env=cli_env, stdout=subprocess.DEVNULL, stderr=errfile, text=True,
+        )  # fmt: skip
+        blocked = (
+            "SELECT count(*) FROM {jobs} j JOIN pg_stat_activity a ON a.pid ="
+            " j.backend_pid AND a.wait_event_type = 'Lock' WHERE j.status = 'running'"
+        )
+        wait_for(lambda: _q(conn, blocked, layout)[0][0] == 2, timeout=120,
+                 what="two jobs blocked mid-write")  # fmt: skip
+        os.killpg(scheduler.pid, signal.SIGKILL)
+        code = proc.wait(timeout=120)
+    finally:
+        blocker.rollback()
+        blocker.close()
+        for p in (proc, scheduler, workers):
+            if p is not None and p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    if p is proc:
+                        p.kill()
+                    else:
+                        os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    errfile.seek(0)
+    err = errfile.read()
+    errfile.close()
+    assert code == 1, err
+    assert "Traceback" not in err
+    (last,) = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert re.fullmatch(
+        rf"error: lost the Dask scheduler at {address} \(.*\) during run \d+: run the same"
+        r" command again to resume \(jobs already running on the workers finish by"
+        r" themselves\)", last,
+    ), last  # fmt: skip
+    assert _q(conn, "SELECT status FROM {runs} ORDER BY run_id DESC LIMIT 1", layout) == [
+        ("interrupted",)
+    ]
+    # the same command, on a cluster that is there (here: the threads), finishes exactly
+    run = store_for(settings, layout).backfill(workers=2)
+    assert run.jobs_failed == 0
+    assert store_for(settings, layout).verify(sample=3, full=True).ok

@@ -22,7 +22,7 @@ from bqx.core.params import Params, RunSummary, check_positive
 from bqx.db.connect import connect
 from bqx.destinations import Destination
 from bqx.errors import BqxError, DatabaseLost, InvalidOption
-from bqx.pipeline.executors import Executor, check_executor, make_executor
+from bqx.pipeline.executors import Executor, ExecutorLost, check_executor, make_executor
 from bqx.pipeline.plan import mark_jobs, preflight
 from bqx.store.ledger import Ledger
 
@@ -89,14 +89,29 @@ def run_backfill(
             "workers": workers, "executor": options.executor, "force": options.force,
             "job_timeout": options.job_timeout, "source_check": options.source_check,
         }  # fmt: skip
-        run_id = ledger.start_run(conn, "backfill", params, doc, workers, options.executor)
-        todo, _skipped, _why = mark_jobs(conn, ledger, dest, run_id, params, jobs, options.force)
+        # a scheduler named by the user is reached before the ledger is touched: one that
+        # cannot be reached must leave no run and no job changed behind
+        early = make_executor(options.executor, workers, options.scheduler) \
+            if options.scheduler else None  # fmt: skip
+        try:
+            run_id = ledger.start_run(conn, "backfill", params, doc, workers, options.executor)
+            todo, _skipped, _why = mark_jobs(conn, ledger, dest, run_id, params, jobs,
+                                             options.force)  # fmt: skip
+        except BaseException:
+            if early is not None:
+                early.shutdown()
+            raise
         keys = [(j.pair, j.month.first_day) for j in todo]
         if progress is not None:
             progress.start(len(jobs), len(jobs) - len(todo))
         watch = _Watch(conn, url, options.reconnect_within_s)
-        runner = make_executor(options.executor, min(workers, max(1, len(todo))),
-                               options.scheduler)  # fmt: skip
+        try:
+            runner = early or make_executor(options.executor, min(workers, max(1, len(todo))))
+        except BaseException:
+            with contextlib.suppress(psycopg.Error):
+                ledger.end_run(conn, run_id, "interrupted")
+            raise
+        runner.workers = min(runner.workers, max(1, len(todo)))
         status = _execute(watch, ledger, runner, url, params, run_id, keys, options, progress)
         try:
             return ledger.end_run(watch.conn, run_id, status)
@@ -116,6 +131,15 @@ def _execute(
     except KeyboardInterrupt:
         _hand_back(watch, ledger, run_id, keys, runner.shutdown())
         raise
+    except ExecutorLost as lost:
+        with contextlib.suppress(Exception):
+            runner.shutdown()
+        with contextlib.suppress(psycopg.Error, BqxError):
+            ledger.end_run(watch.conn, run_id, "interrupted")
+        raise ExecutorLost(
+            f"{lost} during run {run_id}: run the same command again to resume (jobs already"
+            " running on the workers finish by themselves)"
+        ) from None
     except _Lost as lost:
         runner.shutdown()
         with contextlib.suppress(psycopg.Error, BqxError):

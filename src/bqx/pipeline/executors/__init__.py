@@ -7,12 +7,17 @@ from __future__ import annotations
 from datetime import date
 from typing import TYPE_CHECKING, Protocol
 
-from bqx.errors import InvalidOption
+from bqx.errors import BqxError, InvalidOption
 
 if TYPE_CHECKING:
     from bqx.core.params import Params
 
 EXECUTORS = ("local", "threads", "dask")
+
+
+class ExecutorLost(BqxError):
+    """The place where the workers run went away mid-run (a Dask scheduler killed): the run
+    stops, recorded interrupted, and the same command resumes it."""
 
 
 class Executor(Protocol):

@@ -12,6 +12,7 @@ it at the end whatever happens; with one it connects to the user's cluster and n
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -20,6 +21,7 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
@@ -30,6 +32,7 @@ from bqx.db.connect import connect, ping, worker_id
 from bqx.db.urls import mask_url
 from bqx.errors import BqxError
 from bqx.extras import require
+from bqx.pipeline.executors import ExecutorLost
 
 FINISH_GRACE_S = 5.0  # at a normal end, how long the last tasks get to return
 NO_WORKER_TIMEOUT_S = 60.0  # a cluster without any usable worker for this long is an error
@@ -227,13 +230,26 @@ class DaskExecutor:
         The pid tells a worker restarted on the same address from the one that died there. A
         lambda travels by value, so the scheduler needs no bqx installed.
         """
-        return self.client.run_on_scheduler(
-            lambda dask_scheduler: {a: int(w.pid) for a, w in dask_scheduler.workers.items()}
-        )
+        with self._scheduler_calls():
+            return self.client.run_on_scheduler(
+                lambda dask_scheduler: {a: int(w.pid) for a, w in dask_scheduler.workers.items()}
+            )
 
     def _probe(self, addrs: list[str]) -> dict[str, Any]:
         assert self.secret is not None
-        return self.client.run(probe, self.secret, workers=addrs, on_error="return")
+        with self._scheduler_calls():
+            return self.client.run(probe, self.secret, workers=addrs, on_error="return")
+
+    @contextlib.contextmanager
+    def _scheduler_calls(self) -> Iterator[None]:
+        """A scheduler that went away (killed, its host lost) is one ``ExecutorLost``, not a
+        traceback from deep inside the client."""
+        try:
+            yield
+        except (OSError, TimeoutError, asyncio.CancelledError) as exc:
+            where = self.scheduler or "the local Dask cluster"
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ExecutorLost(f"lost the Dask scheduler at {where} ({text})") from None
 
     def _refresh(self) -> dict[str, int]:
         """Learn the worker id of new (or restarted) workers; return addr -> pid."""
@@ -282,10 +298,11 @@ class DaskExecutor:
         addr = free[0]
         self.count += 1
         key = f"bqx-backfill-{self.token}-{self.count}"  # never the arguments: no URL in keys
-        future = self.client.submit(
-            work, WorkArgs(self.secret, params, run_id, keys), key=key, workers=[addr],
-            allow_other_workers=False, pure=False, retries=0,
-        )  # fmt: skip
+        with self._scheduler_calls():
+            future = self.client.submit(
+                work, WorkArgs(self.secret, params, run_id, keys), key=key, workers=[addr],
+                allow_other_workers=False, pure=False, retries=0,
+            )  # fmt: skip
         pid, wid = self.known[addr]
         assert wid is not None
         self.tasks[key] = _Task(future, addr, pid, wid)
