@@ -487,3 +487,40 @@ def test_no_worker_outlives_a_run_whatever_its_plan(settings, layout, conn, two_
     assert month_counts(conn, names.target(layout, "eurusd"), "ts_utc") == {
         "2024-07": month_counts(conn, names.source(layout, "eurusd"), "time")["2024-07"]
     }
+
+
+def test_an_interrupted_forced_run_is_finished_by_a_plain_backfill(
+    settings, layout, conn, two_pairs, cli_env, pg_url
+):
+    """Ctrl-C in `backfill --force` says to run `bqx backfill` without --force, and that
+    finishes exactly the jobs the forced run had left (none redone twice)."""
+    store_for(settings, layout).backfill(workers=2)
+    blocker = psycopg.connect(pg_url)
+    blocker.execute(
+        sql.SQL("LOCK TABLE {} IN SHARE MODE").format(names.table(layout, "bqx_attempts"))
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bqx.cli", "backfill", "--force", "--workers", "2"],
+        env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    jobs = names.table(layout, "bqx_jobs")
+    try:
+        wait_for(lambda: conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE status ="
+                                              " 'running'").format(jobs)).fetchone()[0] == 2,
+                 what="two running jobs")  # fmt: skip
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+    finally:
+        blocker.rollback()
+        blocker.close()
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read()
+    assert "interrupted: run `bqx backfill` without --force to finish exactly the jobs this" \
+        " run had left" in err, err  # fmt: skip
+    left = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE status <> 'done'").format(
+        jobs)).fetchone()[0]  # fmt: skip
+    total = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(jobs)).fetchone()[0]
+    assert 0 < left <= total
+    resumed = store_for(settings, layout).backfill(workers=2)
+    assert resumed.jobs_done == left and resumed.jobs_skipped == total - left

@@ -298,6 +298,9 @@ def _say_interrupted() -> None:
     """Typer turns Ctrl-C into exit 130 before main() sees it: say what to do next here."""
     command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
     hint = ": run the same command again to resume" if command in RESUMABLE else ""
+    if command == "backfill" and "--force" in sys.argv:  # the same command would redo it all
+        hint = (": run `bqx backfill` without --force to finish exactly the jobs this run had"
+                " left")  # fmt: skip
     err_console.print(f"interrupted{hint}", highlight=False, soft_wrap=True)
 
 

@@ -137,21 +137,29 @@ def _execute(
         with contextlib.suppress(psycopg.Error, BqxError):
             ledger.end_run(watch.conn, run_id, "interrupted")
         raise ExecutorLost(
-            f"{lost} during run {run_id}: run the same command again to resume (jobs already"
-            " running on the workers finish by themselves)"
+            f"{lost} during run {run_id}: {_resume_hint(options)} (jobs already running on the"
+            " workers finish by themselves)"
         ) from None
     except _Lost as lost:
         runner.shutdown()
         with contextlib.suppress(psycopg.Error, BqxError):
             ledger.end_run(watch.reconnect(timeout_s=2), run_id, "interrupted")
         raise DatabaseLost(
-            f"lost the database during run {run_id} ({lost}): when the server is back, run"
-            " the same command again to resume (it takes this run's jobs over)"
+            f"lost the database during run {run_id} ({lost}): when the server is back,"
+            f" {_resume_hint(options)} (it takes this run's jobs over)"
         ) from None
     finally:
         runner.shutdown()
         if progress is not None:
             progress.close()
+
+
+def _resume_hint(options: RunOptions) -> str:
+    """What finishes an interrupted run: the same command, or for a forced run a plain one
+    (its plan is recorded; forcing again would redo every job)."""
+    if options.force:
+        return "run `bqx backfill` without --force to finish exactly the jobs this run had left"
+    return "run the same command again to resume"
 
 
 def _hand_back(
