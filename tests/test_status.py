@@ -119,3 +119,34 @@ def test_watch_refreshes_until_interrupted(cli_env):
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "no backfill run recorded yet" in first and "no backfill run recorded yet" in out
+
+
+def test_status_covers_the_whole_store_and_says_which_pairs_are_current(
+    conn, layout, make_bars, settings
+):
+    """After a run for one pair, every pair the ledger holds is listed; a pair is current only
+    when a plain backfill would have nothing to do, and the note says what to run."""
+    from psycopg import sql
+
+    from conftest import store_for
+
+    make_bars("eurusd", "2024-07-20", 20 * 1440, seed=1)
+    make_bars("usdjpy", "2024-07-20", 20 * 1440, seed=2, level=160.0)
+    store = store_for(settings, layout)
+    store.backfill(workers=1)
+    store.backfill(pairs=["EURUSD"], force=True, workers=1)  # the latest run: one pair
+    doc = store.status()
+    assert [p.pair for p in doc.pairs] == ["EURUSD", "USDJPY"]
+    assert all(p.current and p.outstanding == 0 and p.note is None for p in doc.pairs)
+    # a bar corrected by SQL in July: USDJPY is no longer current, EURUSD still is
+    conn.execute(sql.SQL("UPDATE {} SET close = close * 1.0001 WHERE time = (SELECT min(time)"
+                         " FROM {})").format(names.source(layout, "usdjpy"),
+                                             names.source(layout, "usdjpy")))  # fmt: skip
+    pairs = {p.pair: p for p in store.status().pairs}
+    assert pairs["EURUSD"].current and not pairs["USDJPY"].current
+    assert pairs["USDJPY"].outstanding == 1
+    assert pairs["USDJPY"].note == "1 month to do (source changed): run `bqx backfill`"
+    as_json = store.status().as_dict()["pairs"]
+    assert {p["pair"]: p["current"] for p in as_json} == {"EURUSD": True, "USDJPY": False}
+    store.backfill(workers=1)
+    assert all(p.current for p in store.status().pairs)
