@@ -23,6 +23,7 @@ from bqx.config import load_settings
 from bqx.core.layout import Layout
 from bqx.core.months import Month
 from bqx.core.params import Params
+from bqx.db import DatabaseRef
 from bqx.errors import BqxError
 from bqx.pipeline.executors import dask as dask_executor
 from bqx.store import names
@@ -261,7 +262,7 @@ def test_password_is_in_no_task_key_task_stream_or_worker_log(
     # a task that fails has its repr written to the worker log: give it the same arguments
     nowhere = Layout(schema="bqx_no_such_schema")
     bad = dask_executor.WorkArgs(
-        dask_executor.Secret(url),
+        DatabaseRef.of(url),
         Params.build(nowhere, metrics.DEFAULT_WINDOWS, "bars", 5),
         1,
         [("eurusd", Month(2024, 7).first_day)],
@@ -326,7 +327,7 @@ def test_preflight_names_a_worker_that_cannot_import_bqx_or_reach_the_database()
     assert dask_executor.is_unix_socket("postgresql://u@/bqx?host=/tmp/run")
     assert dask_executor.is_unix_socket("host=/var/run/postgresql dbname=x")
     assert not dask_executor.is_unix_socket(url)
-    assert "s3cret" not in repr(dask_executor.Secret(url))
+    assert "s3cret" not in repr(DatabaseRef.of(url))
 
 
 def test_unreachable_scheduler_is_one_line(settings, layout, bars, monkeypatch):

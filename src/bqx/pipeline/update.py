@@ -28,7 +28,7 @@ from bqx.core.layout import Layout
 from bqx.core.months import Month, month_range
 from bqx.core.params import Params
 from bqx.core.symbols import validate_pair
-from bqx.db.connect import connect, is_transient
+from bqx.db.connect import DatabaseLike, connect, is_transient
 from bqx.destinations.postgres import PostgresPartitions
 from bqx.errors import BqxError, InvalidOption
 from bqx.pipeline.job import Busy, Unchanged, upsert_month
@@ -165,7 +165,7 @@ class Updater:
 
     def __init__(
         self,
-        url: str,
+        url: DatabaseLike,
         layout: Layout,
         *,
         pairs: Sequence[str] | None = None,

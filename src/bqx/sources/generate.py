@@ -31,7 +31,7 @@ import numpy as np
 from bqx.core.layout import Layout
 from bqx.core.months import Month, month_range
 from bqx.core.symbols import REPORT_PAIRS, validate_pair
-from bqx.db.connect import connect, pool
+from bqx.db.connect import DatabaseLike, connect, pool
 from bqx.errors import BqxError, InvalidOption
 from bqx.store.bars import load_bars
 from bqx.store.ddl import create_source_table
@@ -205,7 +205,7 @@ class GenerateSummary:
 
 
 def generate(
-    url: str,
+    url: DatabaseLike,
     layout: Layout,
     pairs: Sequence[str] | None,
     start: Month,
