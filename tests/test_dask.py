@@ -9,7 +9,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import numpy as np
 import psutil
@@ -31,6 +32,7 @@ from conftest import store_for, wait_for
 from test_privileges import make_loader  # noqa: F401 - the least-privilege role fixture
 
 COLS = metrics.metric_columns(metrics.DEFAULT_WINDOWS)
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -222,27 +224,16 @@ def test_ctrl_c_cancels_hands_jobs_back_and_leaves_no_process(
     assert states == [("done", 1), ("pending", 3)]  # handed back, not left for a heartbeat
 
 
-def test_password_is_in_no_task_key_task_stream_or_worker_log(
-    make_loader,  # noqa: F811 - the fixture imported above
-    conn,
-    layout,
-    schema_name,
-    bars,
-    cluster,
-    client,
-    tmp_path,  # noqa: F811
-):
+def watching_the_scheduler(client, body: Callable[[], T]) -> tuple[T, set[str], list]:
+    """``body()``, and what the scheduler knew while it ran: every task key and spec (as
+    text), and the task stream."""
     from distributed import get_task_stream
 
-    role, url = make_loader()
-    password = url.split("@", 1)[0].rsplit(":", 1)[1]
-    assert len(password) > 10 and password in url
-    settings = load_settings(database_url=url, schema_name=schema_name, home=tmp_path / "h")
     keys: set[str] = set()
     with get_task_stream(client) as stream:
         watching = threading.Event()
 
-        def watch() -> None:  # what the scheduler knows while the tasks run
+        def watch() -> None:
             while not watching.is_set():
                 keys.update(client.run_on_scheduler(
                     lambda dask_scheduler: [repr(k) + repr(t.run_spec)
@@ -253,11 +244,29 @@ def test_password_is_in_no_task_key_task_stream_or_worker_log(
         watcher = threading.Thread(target=watch)
         watcher.start()
         try:
-            summary = store_for(settings, layout).backfill(workers=2, executor="dask",
-                               scheduler=cluster.scheduler_address)  # fmt: skip
+            result = body()
         finally:
             watching.set()
             watcher.join()
+    return result, keys, stream.data
+
+
+def test_password_is_in_no_task_key_task_stream_or_worker_log(
+    make_loader,  # noqa: F811 - the fixture imported above
+    conn,
+    layout,
+    schema_name,
+    bars,
+    cluster,
+    client,
+    tmp_path,  # noqa: F811
+):
+    role, url = make_loader()
+    password = url.split("@", 1)[0].rsplit(":", 1)[1]
+    assert len(password) > 10 and password in url
+    settings = load_settings(database_url=url, schema_name=schema_name, home=tmp_path / "h")
+    summary, keys, stream = watching_the_scheduler(client, lambda: store_for(settings, layout)
+        .backfill(workers=2, executor="dask", scheduler=cluster.scheduler_address))  # fmt: skip
     assert (summary.jobs_done, summary.jobs_failed) == (4, 0)
     # a task that fails has its repr written to the worker log: give it the same arguments
     nowhere = Layout(schema="bqx_no_such_schema")
@@ -270,7 +279,7 @@ def test_password_is_in_no_task_key_task_stream_or_worker_log(
     failed = client.submit(dask_executor.work, bad, key="bqx-backfill-test-fails", pure=False)
     with pytest.raises(Exception):  # noqa: B017 - any error: the ledger is missing its run
         failed.result(timeout=60)
-    stream_text = repr(stream.data)
+    stream_text = repr(stream)
     logs = repr(client.get_worker_logs()) + repr(client.get_scheduler_logs())
     events = repr(client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.get_events()))
     seen = " ".join(sorted(keys))
