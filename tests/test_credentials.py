@@ -29,6 +29,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
+from bqx.api import Store
 from bqx.config import load_settings
 from bqx.core.months import Month
 from bqx.db import DatabaseRef, connect, pool
@@ -175,6 +176,9 @@ def test_two_credential_sources_at_once_are_one_error_and_an_option_wins(tmp_pat
             assert load_settings(database_url="postgresql://x@h/db").credential_settings() == [
                 "BQX_DATABASE_URL"
             ]
+    # naming the database in use never raises, even for a malformed URL, and masks it
+    shown = repr(Store(database_url="postgresql://u:S3cret@[::1/db"))
+    assert "S3cret" not in shown and "u:****@" in shown
     monkeypatch.setenv("BQX_DATABASE_IAM", "1")
     with pytest.raises(BqxError, match="BQX_DATABASE_IAM is set but no database is named"):
         load_settings()

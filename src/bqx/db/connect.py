@@ -130,6 +130,9 @@ def server_version(settings: Settings) -> str:
 
 def describe_target(settings: Settings) -> str:
     """A person-readable description of the database in use, password masked."""
+    if settings.database_url is not None:  # shown even when malformed (masked): never raises
+        url = settings.database_url.get_secret_value()
+        return DatabaseRef("url", url, settings.database_iam).shown()
     if settings.credential_settings():
         return database_ref(settings, start=False).shown()
     if settings.uses_libpq_env():
