@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint wheel-check bench bench-more clean
+.PHONY: demo test test-fast lint dist wheel-check bench bench-more clean
 
 # the tests that need no database server: seconds
 test-fast: $(STAMP)
@@ -26,11 +26,21 @@ test: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# ruff (lint and format) and the type checker (mypy, configured in pyproject.toml)
+# ruff (lint and format), the type checker (mypy, configured in pyproject.toml), and the CI
+# workflows: against GitHub's schema (bundled with check-jsonschema) and audited by zizmor, both
+# offline
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
+	$(BIN)/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
+	$(BIN)/zizmor --offline --quiet .github/workflows
+
+# the sdist, then the wheel built from it (so the sdist is known to be complete), both checked
+dist: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+	$(BIN)/twine check --strict dist/*
 
 # the built wheel, installed without extras into a fresh venv outside the checkout (needs no .venv)
 wheel-check:
@@ -50,4 +60,4 @@ bench-more: $(STAMP)
 	$(BIN)/python bench/scaling.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build src/*.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build dist src/*.egg-info

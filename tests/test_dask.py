@@ -11,7 +11,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import numpy as np
 import psutil
@@ -25,6 +26,7 @@ from bqx.config import load_settings
 from bqx.core.layout import Layout
 from bqx.core.months import Month
 from bqx.core.params import Params
+from bqx.db import DatabaseRef
 from bqx.errors import BqxError
 from bqx.pipeline.executors import dask as dask_executor
 from bqx.store import names
@@ -32,6 +34,7 @@ from conftest import store_for, wait_for
 from test_privileges import make_loader  # noqa: F401 - the least-privilege role fixture
 
 COLS = metrics.metric_columns(metrics.DEFAULT_WINDOWS)
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -223,27 +226,16 @@ def test_ctrl_c_cancels_hands_jobs_back_and_leaves_no_process(
     assert states == [("done", 1), ("pending", 3)]  # handed back, not left for a heartbeat
 
 
-def test_password_is_in_no_task_key_task_stream_or_worker_log(
-    make_loader,  # noqa: F811 - the fixture imported above
-    conn,
-    layout,
-    schema_name,
-    bars,
-    cluster,
-    client,
-    tmp_path,  # noqa: F811
-):
+def watching_the_scheduler(client, body: Callable[[], T]) -> tuple[T, set[str], list]:
+    """``body()``, and what the scheduler knew while it ran: every task key and spec (as
+    text), and the task stream."""
     from distributed import get_task_stream
 
-    role, url = make_loader()
-    password = url.split("@", 1)[0].rsplit(":", 1)[1]
-    assert len(password) > 10 and password in url
-    settings = load_settings(database_url=url, schema_name=schema_name, home=tmp_path / "h")
     keys: set[str] = set()
     with get_task_stream(client) as stream:
         watching = threading.Event()
 
-        def watch() -> None:  # what the scheduler knows while the tasks run
+        def watch() -> None:
             while not watching.is_set():
                 keys.update(client.run_on_scheduler(
                     lambda dask_scheduler: [repr(k) + repr(t.run_spec)
@@ -254,16 +246,34 @@ def test_password_is_in_no_task_key_task_stream_or_worker_log(
         watcher = threading.Thread(target=watch)
         watcher.start()
         try:
-            summary = store_for(settings, layout).backfill(workers=2, executor="dask",
-                               scheduler=cluster.scheduler_address)  # fmt: skip
+            result = body()
         finally:
             watching.set()
             watcher.join()
+    return result, keys, stream.data
+
+
+def test_password_is_in_no_task_key_task_stream_or_worker_log(
+    make_loader,  # noqa: F811 - the fixture imported above
+    conn,
+    layout,
+    schema_name,
+    bars,
+    cluster,
+    client,
+    tmp_path,  # noqa: F811
+):
+    role, url = make_loader()
+    password = url.split("@", 1)[0].rsplit(":", 1)[1]
+    assert len(password) > 10 and password in url
+    settings = load_settings(database_url=url, schema_name=schema_name, home=tmp_path / "h")
+    summary, keys, stream = watching_the_scheduler(client, lambda: store_for(settings, layout)
+        .backfill(workers=2, executor="dask", scheduler=cluster.scheduler_address))  # fmt: skip
     assert (summary.jobs_done, summary.jobs_failed) == (4, 0)
     # a task that fails has its repr written to the worker log: give it the same arguments
     nowhere = Layout(schema="bqx_no_such_schema")
     bad = dask_executor.WorkArgs(
-        dask_executor.Secret(url),
+        DatabaseRef.of(url),
         Params.build(nowhere, metrics.DEFAULT_WINDOWS, "bars", 5),
         1,
         [("eurusd", Month(2024, 7).first_day)],
@@ -271,7 +281,7 @@ def test_password_is_in_no_task_key_task_stream_or_worker_log(
     failed = client.submit(dask_executor.work, bad, key="bqx-backfill-test-fails", pure=False)
     with pytest.raises(Exception):  # noqa: B017 - any error: the ledger is missing its run
         failed.result(timeout=60)
-    stream_text = repr(stream.data)
+    stream_text = repr(stream)
     logs = repr(client.get_worker_logs()) + repr(client.get_scheduler_logs())
     events = repr(client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.get_events()))
     seen = " ".join(sorted(keys))
@@ -328,7 +338,7 @@ def test_preflight_names_a_worker_that_cannot_import_bqx_or_reach_the_database()
     assert dask_executor.is_unix_socket("postgresql://u@/bqx?host=/tmp/run")
     assert dask_executor.is_unix_socket("host=/var/run/postgresql dbname=x")
     assert not dask_executor.is_unix_socket(url)
-    assert "s3cret" not in repr(dask_executor.Secret(url))
+    assert "s3cret" not in repr(DatabaseRef.of(url))
 
 
 def test_unreachable_scheduler_is_one_line(settings, layout, bars, monkeypatch):

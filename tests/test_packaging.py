@@ -28,6 +28,7 @@ PROJECT = PYPROJECT["project"]
 NAME = PROJECT["name"]
 EXTRAS: dict[str, list[str]] = PROJECT["optional-dependencies"]
 IMPORT_NAME = {"scikit-learn": "sklearn"}  # distribution -> module, where they differ
+FEATURE_EXTRAS = ("dask", "ml", "service", "aws")  # each brings a feature; "all" is them all
 
 
 def dist_name(requirement: str) -> str:
@@ -150,6 +151,24 @@ def test_baseline_without_the_ml_extra(monkeypatch):
     assert "bqx baseline" in str(err.value)
 
 
+def test_a_database_secret_or_iam_without_the_aws_extra(monkeypatch):
+    """Asking for a secret, or for IAM tokens, without boto3: one line naming the extra."""
+    from bqx.db import credentials
+    from bqx.db.connect import connect
+
+    hide(monkeypatch, "boto3")
+    monkeypatch.setattr(credentials, "_clients", {})
+    with pytest.raises(MissingExtra) as err:
+        connect(credentials.DatabaseRef("secret", "prod/bqx"))
+    assert_names_the_extra(err.value, "aws")
+    assert "BQX_DATABASE_SECRET" in str(err.value)
+    iam = credentials.DatabaseRef("url", "postgresql://app@db.example:5432/bqx", iam=True)
+    with pytest.raises(MissingExtra) as err:
+        connect(iam)
+    assert_names_the_extra(err.value, "aws")
+    assert "BQX_DATABASE_IAM" in str(err.value)
+
+
 def test_metrics_port_without_the_service_extra(monkeypatch):
     from bqx.service.follow import _Metrics
 
@@ -175,32 +194,33 @@ def test_dev_covers_every_other_extra():
     for extra, requirements in EXTRAS.items():
         missing = expand(requirements) - dev
         assert not missing, f"[dev] lacks {sorted(missing)} of [{extra}]"
-    assert expand(EXTRAS["all"]) == expand(EXTRAS["dask"] + EXTRAS["ml"] + EXTRAS["service"])
+    assert expand(EXTRAS["all"]) == expand(
+        EXTRAS["dask"] + EXTRAS["ml"] + EXTRAS["service"] + EXTRAS["aws"]
+    )
 
 
 def test_every_requirement_is_pinned_and_the_core_holds_no_extra():
     for req in [*PROJECT["dependencies"], *(r for rs in EXTRAS.values() for r in expand(rs))]:
-        assert re.fullmatch(r"[\w.\-\[\]]+==[\w.]+", req), f"not an exact pin: {req}"
+        assert re.fullmatch(r"[\w.\-]+(\[[\w,]+\])?==[\w.]+", req), f"not an exact pin: {req}"
     core = {dist_name(r) for r in PROJECT["dependencies"]}
-    for extra in ("dask", "ml", "service"):
+    for extra in FEATURE_EXTRAS:
         both = core & {dist_name(r) for r in expand(EXTRAS[extra])}
         assert not both, f"{sorted(both)} of [{extra}] are in the core dependencies"
 
 
 def _extra_modules() -> dict[str, str]:
-    """Module -> extra, for every package of the dask, ml and service extras."""
+    """Module -> extra, for every package of the extras that bring a feature."""
     return {
         IMPORT_NAME.get(dist_name(r), dist_name(r).replace("-", "_")): extra
-        for extra in ("dask", "ml", "service")
+        for extra in FEATURE_EXTRAS
         for r in expand(EXTRAS[extra])
     }
 
 
 def test_the_extras_packages_are_imported_only_through_require():
     modules = _extra_modules()
-    assert {"dask", "distributed", "psutil", "sklearn", "lightgbm", "prometheus_client"} <= set(
-        modules
-    )
+    assert {"dask", "distributed", "psutil", "sklearn", "lightgbm", "prometheus_client",
+            "boto3", "botocore"} <= set(modules)  # fmt: skip
     plain, asked = [], []
     for path in sorted(SRC.rglob("*.py")):
         tree = ast.parse(path.read_text(), str(path))
@@ -228,7 +248,7 @@ def test_the_extras_packages_are_imported_only_through_require():
                     f"{where}: {module} is not a package of the {extra!r} extra"
                 )
     assert not plain, "import these through bqx.extras.require:\n" + "\n".join(plain)
-    assert {extra for extra, _ in asked} == {"dask", "ml", "service"}
+    assert {extra for extra, _ in asked} == set(FEATURE_EXTRAS)
 
 
 def test_docs_install_the_distribution_not_the_other_bqx():

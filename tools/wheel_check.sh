@@ -2,8 +2,9 @@
 # The wheel as a user gets it: build it, install it (not editable, no extras) into a fresh venv
 # and, from a directory outside the checkout with a fresh BQX_HOME, check that
 #   - `bqx demo --months 1` exits 0 and writes the report;
-#   - `bqx backfill --executor dask` fails with one stderr line naming the "dask" extra, and
-#     `bqx update --follow --metrics-port` with one naming the "service" extra;
+#   - `bqx backfill --executor dask` fails with one stderr line naming the "dask" extra,
+#     `bqx update --follow --metrics-port` with one naming the "service" extra, and a database
+#     secret (BQX_DATABASE_SECRET) with one naming the "aws" extra;
 #   - the wheel holds bqx/py.typed and every .py file under src/bqx, and nothing else of bqx.
 # Then `bqx db stop` and everything is removed. Quiet unless something fails.
 #
@@ -92,7 +93,8 @@ problems = []
 if venv not in Path(bqx.__file__).resolve().parents:
     problems.append(f"bqx imported from {bqx.__file__}, not from the venv")
 for extra, module in [("dask", "dask"), ("dask", "distributed"), ("ml", "sklearn"),
-                      ("ml", "lightgbm"), ("service", "prometheus_client")]:
+                      ("ml", "lightgbm"), ("service", "prometheus_client"),
+                      ("aws", "boto3")]:
     if importlib.util.find_spec(module) is not None:
         problems.append(f"{module} (extra {extra}) is installed without asking for it")
 print("\n".join(problems))
@@ -124,6 +126,7 @@ one_line() { # extra, then the command
 }
 one_line dask backfill --executor dask
 one_line service update --follow 60 --metrics-port 9108
+BQX_DATABASE_SECRET=prod/bqx one_line aws status
 
 # -- stop the server ---------------------------------------------------------------------
 [[ $(bqx db stop 2>&1) == stopped ]] || fail "bqx db stop did not say stopped"

@@ -7,8 +7,9 @@
 >>> store.verify().ok                          # doctest: +SKIP
 
 A store is one database and schema: the source bars, the metrics and the ledger. Settings come
-from the arguments, then the environment (``BQX_DATABASE_URL``, libpq's ``PG*``, ``BQX_SCHEMA``,
-``BQX_HOME``), then defaults (the embedded server). Each method opens what it needs and closes
+from the arguments, then the environment (``BQX_DATABASE_URL``, ``BQX_DATABASE_URL_FILE``,
+``BQX_DATABASE_SECRET``, libpq's ``PG*``, ``BQX_SCHEMA``, ``BQX_HOME``; docs/configuration.md),
+then defaults (the embedded server). Each method opens what it needs and closes
 it again, and returns a typed result with ``as_dict()`` (the ``--json`` document) and
 ``text()`` (what the CLI prints). Errors are ``bqx.BqxError`` subclasses.
 """
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     import psycopg
     import pyarrow as pa
 
+    from bqx.db.credentials import DatabaseRef
     from bqx.ml.features import FeaturesSummary
     from bqx.ops.export import ExportSummary
     from bqx.ops.status import Status
@@ -200,6 +202,10 @@ class Database:
         """How the user named another database, or None when bqx uses its embedded server."""
         if self.settings.database_url is not None:
             return "a database URL is set (BQX_DATABASE_URL or --database-url)"
+        if self.settings.database_url_file is not None:
+            return "a database URL file is set (BQX_DATABASE_URL_FILE)"
+        if self.settings.database_secret is not None:
+            return "a database secret is set (BQX_DATABASE_SECRET)"
         if self.settings.uses_libpq_env():
             return "libpq PG* variables name the database"
         return None
@@ -273,7 +279,8 @@ class Database:
 
     def url(self, *, show_password: bool = False) -> str:
         """The URL in use, password masked unless ``show_password``. The embedded server's URL
-        names its password file instead of carrying the password."""
+        names its password file instead of carrying the password; a file or secret is read
+        now, and with IAM a fresh token (valid 15 minutes) is the password."""
         from bqx.db.connect import embedded, resolve_url
         from bqx.db.urls import mask_url
 
@@ -329,6 +336,13 @@ class Store:
 
         return resolve_url(self.settings, start=start)
 
+    def database_ref(self, *, start: bool = True) -> DatabaseRef:
+        """The database as a reference for workers: a URL file, a secret and IAM tokens are
+        resolved by each worker when it connects, never handed to it resolved."""
+        from bqx.db.connect import database_ref
+
+        return database_ref(self.settings, start=start)
+
     @contextmanager
     def connect(self, *, start: bool = True) -> Iterator[psycopg.Connection]:
         """An autocommit connection in UTC; ``start=False`` never starts a stopped embedded
@@ -381,7 +395,7 @@ class Store:
         first, last = _months(start, end or start)
         assert first is not None and last is not None
         check_positive("workers", workers, integer=True)
-        return generate(self.url(), self.layout, parse_pairs(pairs) or list(REPORT_PAIRS),
+        return generate(self.database_ref(), self.layout, parse_pairs(pairs) or list(REPORT_PAIRS),
                         first, last, seed=seed, workers=workers, replace=replace,
                         progress=progress)  # fmt: skip
 
@@ -403,7 +417,7 @@ class Store:
             raise InvalidOption("tick_price", tick_price, "prices ticks: ask for ticks too")
         mapping = Mapping.parse(columns, time_format, ticks=tick_price if ticks else None)
         return ingest_files(
-            self.url(), self.layout, files, pair, fmt=fmt, tz=tz, mapping=mapping,
+            self.database_ref(), self.layout, files, pair, fmt=fmt, tz=tz, mapping=mapping,
             rejects_path=rejects,
             allow_mismatch=allow_mismatch, drop_flat=drop_flat, progress=progress,
         )  # fmt: skip
@@ -508,8 +522,8 @@ class Store:
         params = self.params(windows, mode, max_fill)
         first, last = _months(start, end)
         reporter = BackfillProgress() if progress is True else (progress or None)
-        return run_backfill(self.url(), params, self._destination(), parse_pairs(pairs), first,
-                            last, options, reporter)  # fmt: skip
+        return run_backfill(self.database_ref(), params, self._destination(),
+                            parse_pairs(pairs), first, last, options, reporter)  # fmt: skip
 
     def plan(
         self, pairs: PairsLike = None, start: MonthLike | None = None,
@@ -532,7 +546,7 @@ class Store:
     ) -> Any:  # fmt: skip
         from bqx.pipeline.update import Updater, parse_duration
 
-        return Updater(self.url(), self.layout, pairs=parse_pairs(pairs),
+        return Updater(self.database_ref(), self.layout, pairs=parse_pairs(pairs),
                        recheck_s=parse_duration(recheck),
                        windows=check_windows(windows) if windows else None, mode=mode,
                        max_fill=max_fill)  # fmt: skip
@@ -561,7 +575,7 @@ class Store:
         from bqx.pipeline.update import parse_duration
         from bqx.service.follow import follow
 
-        follow(self.url(), self.layout, interval, pairs=parse_pairs(pairs),
+        follow(self.database_ref(), self.layout, interval, pairs=parse_pairs(pairs),
                recheck_s=parse_duration(recheck), metrics_port=metrics_port, listen=listen,
                stop=stop, on_poll=on_poll, windows=check_windows(windows) if windows else None,
                mode=mode, max_fill=max_fill)  # fmt: skip
@@ -636,7 +650,7 @@ class Store:
             check_positive("workers", workers, integer=True)
         with self.connect(start=False) as conn:
             return verify(conn, self.layout, sample=sample, seed=seed, run_id=run,
-                          progress=progress, full=full, url=self.url(start=False),
+                          progress=progress, full=full, url=self.database_ref(start=False),
                           workers=workers or os.cpu_count() or 1)  # fmt: skip
 
     def report(
@@ -653,7 +667,7 @@ class Store:
         with self.connect(start=False) as conn:
             md, html, data = write_report(
                 conn, self.layout, out, run_id=run, sample=sample, verification=verification,
-                progress=progress, url=self.url(start=False), workers=os.cpu_count() or 1,
+                progress=progress, url=self.database_ref(start=False), workers=os.cpu_count() or 1,
             )  # fmt: skip
         return ReportResult(md, html, data.headline())
 
@@ -864,7 +878,10 @@ def _check_count(param: str, value: int) -> None:
 def _given(settings: Settings) -> dict[str, Any]:
     """The settings' values as overrides (the URL unmasked), to build new settings from."""
     url = settings.database_url.get_secret_value() if settings.database_url else None
-    return {"database_url": url, "schema_name": settings.schema_name, "home": settings.home}
+    return {"database_url": url, "schema_name": settings.schema_name, "home": settings.home,
+            "database_url_file": settings.database_url_file,
+            "database_secret": settings.database_secret,
+            "database_iam": settings.database_iam}  # fmt: skip
 
 
 def _closed(conn: Any) -> Any:

@@ -1,7 +1,11 @@
 """Connections to the configured database: which one, connecting, pools, retry policy.
 
-Settings name the database: ``BQX_DATABASE_URL``, else libpq's ``PG*`` variables, else the
-embedded server. Every session runs in UTC with the user's own ``options`` applied too.
+Settings name the database (docs/configuration.md): a URL, a file holding one, an AWS Secrets
+Manager secret (each optionally with RDS IAM tokens), else libpq's ``PG*`` variables, else the
+embedded server. What is handed around is a :class:`DatabaseRef`, and every connection, pooled
+or not, is opened by :func:`open_connection`, which resolves it: a fresh IAM token each time, a
+secret fetched again when the server refuses its password. Every session runs in UTC with the
+user's own ``options`` applied too.
 """
 
 from __future__ import annotations
@@ -9,61 +13,110 @@ from __future__ import annotations
 import getpass
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, Self, TypeVar
 
 import psycopg
 from psycopg import errors as pgerrors
+from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 
 from bqx.config import Settings
 from bqx.core.text import first_line
+from bqx.db.credentials import DatabaseRef, refused_password
 from bqx.db.embedded import EmbeddedServer
-from bqx.db.urls import check_url, mask_text, mask_url, session_conninfo
+from bqx.db.urls import check_url, mask_text, session_conninfo
 from bqx.errors import BqxError
+
+# what the pipeline hands around: a reference, or a URL / conninfo string ("" = PG* variables)
+DatabaseLike = DatabaseRef | str
+C = TypeVar("C")
 
 
 def embedded(settings: Settings) -> EmbeddedServer:
     return EmbeddedServer(settings.home_dir)
 
 
-def resolve_url(settings: Settings, *, start: bool = True) -> str:
-    """The conninfo to use: ``BQX_DATABASE_URL``, else libpq's PG* variables, else embedded.
+def database_ref(settings: Settings, *, start: bool = True) -> DatabaseRef:
+    """The database the settings name, as a reference (no file read, no secret fetched).
 
     ``start=False`` is for read-only commands: an embedded server that is not running is left
     so, and a BqxError says so and how to start it.
     """
+    settings.check_credentials()
+    iam = settings.database_iam
     if settings.database_url is not None:
         url = settings.database_url.get_secret_value()
         check_url(url)
-        return url
+        return DatabaseRef("url", url, iam)
+    if settings.database_url_file is not None:  # absolute: workers may run elsewhere
+        return DatabaseRef("file", str(settings.database_url_file.expanduser().absolute()), iam)
+    if settings.database_secret is not None:
+        return DatabaseRef("secret", settings.database_secret, iam)
     if settings.uses_libpq_env():
-        return ""  # libpq reads PGHOST, PGUSER, ... itself
+        return DatabaseRef("libpq")  # libpq reads PGHOST, PGUSER, ... itself
     server = embedded(settings)
-    return server.start() if start else server.running_url()
+    return DatabaseRef("url", server.start() if start else server.running_url())
+
+
+def as_ref(target: Settings | DatabaseLike, *, start: bool = True) -> DatabaseRef:
+    if isinstance(target, DatabaseRef):
+        return target
+    if isinstance(target, str):
+        return DatabaseRef.of(target)
+    return database_ref(target, start=start)
+
+
+def resolve_url(settings: Settings, *, start: bool = True) -> str:
+    """The conninfo to use now, resolved (it may hold a password or token: never print it)."""
+    return database_ref(settings, start=start).conninfo()
+
+
+def open_connection(ref: DatabaseRef, opener: Callable[[str], C]) -> C:
+    """``opener(conninfo)`` with ``ref`` resolved now, in bqx's session settings: the one
+    place where connections are made. A secret whose password the server refuses is fetched
+    again, once, before the refusal stands (the secret may have been rotated)."""
+    try:
+        return opener(session_conninfo(ref.conninfo()))
+    except psycopg.OperationalError as exc:
+        if not (ref.refetches and refused_password(exc)):
+            raise
+    return opener(session_conninfo(ref.conninfo(fresh=True)))
 
 
 def connect(
-    settings: Settings | str, *, autocommit: bool = False, start: bool = True
+    target: Settings | DatabaseLike, *, autocommit: bool = False, start: bool = True
 ) -> psycopg.Connection:
     """A psycopg connection in UTC, to the configured database (starting the embedded one,
     unless ``start`` is False). The user's ``options``/PGOPTIONS apply too."""
-    url = settings if isinstance(settings, str) else resolve_url(settings, start=start)
-    conninfo = session_conninfo(url)
+    ref = as_ref(target, start=start)
     try:
-        conn = psycopg.connect(conninfo, autocommit=autocommit)
+        return open_connection(ref, lambda info: psycopg.connect(info, autocommit=autocommit))
     except psycopg.Error as exc:
-        shown = mask_url(url) if url else "the server named by PG* variables"
-        raise BqxError(f"cannot connect to {shown}: {mask_text(first_line(exc), url)}") from None
-    return conn
+        urls = [ref.where] if ref.source == "url" else []
+        raise BqxError(
+            f"cannot connect to {ref.shown()}: {mask_text(first_line(exc), *urls)}"
+        ) from None
+
+
+class _PooledConnection(psycopg.Connection[TupleRow]):
+    """A pool's connection, opened through :func:`open_connection` like any other."""
+
+    @classmethod
+    def connect(  # type: ignore[override]
+        cls, conninfo: str = "", *, database: DatabaseRef, **kwargs: Any
+    ) -> Self:
+        opener = super().connect
+        return open_connection(database, lambda info: opener(info, **kwargs))
 
 
 @contextmanager
-def pool(url: str, size: int) -> Iterator[ConnectionPool]:
+def pool(url: DatabaseLike, size: int) -> Iterator[ConnectionPool[_PooledConnection]]:
     """Up to ``size`` autocommit connections in UTC, shared by threads (``pool.connection()``)."""
     with ConnectionPool(
-        session_conninfo(url), min_size=1, max_size=max(1, size), open=True,
-        kwargs={"autocommit": True},
+        "", connection_class=_PooledConnection, min_size=1, max_size=max(1, size), open=True,
+        kwargs={"autocommit": True, "database": as_ref(url)},
     ) as p:  # fmt: skip
         yield p
 
@@ -77,8 +130,11 @@ def server_version(settings: Settings) -> str:
 
 def describe_target(settings: Settings) -> str:
     """A person-readable description of the database in use, password masked."""
-    if settings.database_url is not None:
-        return mask_url(settings.database_url.get_secret_value())
+    if settings.database_url is not None:  # shown even when malformed (masked): never raises
+        url = settings.database_url.get_secret_value()
+        return DatabaseRef("url", url, settings.database_iam).shown()
+    if settings.credential_settings():
+        return database_ref(settings, start=False).shown()
     if settings.uses_libpq_env():
         return "libpq PG* environment: " + ", ".join(
             f"{v}={os.environ[v]}" for v in ("PGHOST", "PGPORT", "PGDATABASE", "PGUSER")

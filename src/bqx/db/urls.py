@@ -30,6 +30,12 @@ def _secrets(url: str) -> list[str]:
     if at > 0 and ":" in head[:at]:
         found.append(head[:at].split(":", 1)[1])  # user:password@host, however broken the rest
     found += [m.group(2).strip("'") for m in _KV_PASSWORD.finditer(url)]
+    try:  # a key=value value runs to the next space: an RDS IAM token holds '&' and '?'
+        whole = conninfo_to_dict(url).get("password")
+    except Exception:  # malformed: the patterns above are all there is
+        whole = None
+    if whole:
+        found.append(str(whole))
     variants = {v for s in found for v in (s, unquote(s), quote(s, safe="")) if v and v != MASK}
     return sorted(variants, key=len, reverse=True)
 

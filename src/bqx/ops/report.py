@@ -26,6 +26,7 @@ from markdown_it.token import Token
 from bqx.core.layout import Layout
 from bqx.core.months import Month
 from bqx.core.text import plural
+from bqx.db.connect import DatabaseLike
 from bqx.errors import BqxError
 from bqx.metrics import metric_columns
 from bqx.ops.outdir import check_out_dir
@@ -119,7 +120,7 @@ def _recorded(
 def collect(
     conn: psycopg.Connection, layout: Layout, *, run_id: int | None = None, sample: int = 20,
     verification: Verification | None = None, progress: StepFn | None = None,
-    url: str | None = None, workers: int = 1,
+    url: DatabaseLike | None = None, workers: int = 1,
 ) -> ReportData:  # fmt: skip
     """Everything the report states, read from the database.
 
@@ -637,7 +638,7 @@ def html_page(d: ReportData, md: str) -> str:
 def write_report(
     conn: psycopg.Connection, layout: Layout, out_dir: Path, *, run_id: int | None = None,
     sample: int = 20, verification: Verification | None = None,
-    progress: StepFn | None = None, url: str | None = None, workers: int = 1,
+    progress: StepFn | None = None, url: DatabaseLike | None = None, workers: int = 1,
 ) -> tuple[Path, Path, ReportData]:  # fmt: skip
     """Write ``report.md`` and ``report.html`` into ``out_dir``; return their paths and data.
 

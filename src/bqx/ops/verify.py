@@ -29,7 +29,7 @@ from bqx.core.layout import Layout
 from bqx.core.months import Month
 from bqx.core.params import Params
 from bqx.core.text import plural
-from bqx.db.connect import pool
+from bqx.db.connect import DatabaseLike, pool
 from bqx.destinations import Destination
 from bqx.errors import BqxError
 from bqx.ops.recompute import Fault, MonthVerdict, check_month, fault
@@ -346,7 +346,7 @@ def _plan_values(ctx: _Context, dest: Destination, full: bool) -> _Work:
 
 
 def _run_months(
-    ctx: _Context, dest: Destination, work: _Work, url: str | None, workers: int,
+    ctx: _Context, dest: Destination, work: _Work, url: DatabaseLike | None, workers: int,
     sample: int, seed: int,
 ) -> list[MonthVerdict]:  # fmt: skip
     """Check the months, ``workers`` at a time on their own connections (one when no URL)."""
@@ -408,7 +408,7 @@ def _record(
 
 
 def check_values(
-    ctx: _Context, dest: Destination, work: _Work, url: str | None, workers: int,
+    ctx: _Context, dest: Destination, work: _Work, url: DatabaseLike | None, workers: int,
     sample: int, seed: int,
 ) -> tuple[Check, list[MonthVerdict]]:  # fmt: skip
     """3. Every stored value of every month checked is its recompute from the bars, bit for
@@ -545,7 +545,7 @@ def check_ledger(ctx: _Context) -> Check:
 def verify(
     conn: psycopg.Connection, layout: Layout, *, sample: int = 50, seed: int = 0,
     run_id: int | None = None, progress: StepFn | None = None, full: bool = False,
-    url: str | None = None, workers: int = 1, dest: Destination | None = None,
+    url: DatabaseLike | None = None, workers: int = 1, dest: Destination | None = None,
 ) -> Verification:  # fmt: skip
     """Run every check (docs/guarantees.md).
 

@@ -26,7 +26,7 @@ import tenacity
 from bqx import metrics
 from bqx.core.months import Month
 from bqx.core.params import Job, Params
-from bqx.db.connect import connect, is_transient, worker_id
+from bqx.db.connect import DatabaseLike, connect, is_transient, worker_id
 from bqx.destinations import Destination
 from bqx.errors import BqxError
 from bqx.store import bars, versions
@@ -119,7 +119,7 @@ def describe(exc: BaseException | None, pair: str, month: Month) -> str:
 class _Heartbeat(threading.Thread):
     """Keeps the current job's heartbeat fresh on a connection of its own."""
 
-    def __init__(self, url: str, ledger: Ledger, worker: str) -> None:
+    def __init__(self, url: DatabaseLike, ledger: Ledger, worker: str) -> None:
         super().__init__(daemon=True, name="bqx-heartbeat")
         self.url, self.ledger, self.worker = url, ledger, worker
         self.current: tuple[str, Month] | None = None
@@ -145,7 +145,7 @@ class JobRunner:
     """Runs claimed jobs for one worker: read, compute, atomically replace, record."""
 
     def __init__(
-        self, url: str, params: Params, run_id: int, worker: str | None = None,
+        self, url: DatabaseLike, params: Params, run_id: int, worker: str | None = None,
         dest: Destination | None = None,
     ) -> None:  # fmt: skip
         from bqx.destinations.postgres import PostgresPartitions

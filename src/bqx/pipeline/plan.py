@@ -20,7 +20,7 @@ from bqx.core.layout import Layout
 from bqx.core.months import Month, in_range
 from bqx.core.params import SOURCE_CHECKS, BackfillPlan, Job, Params, PlannedJob
 from bqx.core.symbols import validate_pair
-from bqx.db.connect import pool
+from bqx.db.connect import DatabaseLike, pool
 from bqx.destinations import Destination
 from bqx.errors import BqxError, InvalidOption, NothingToDo
 from bqx.store import catalog, ddl, names
@@ -228,7 +228,7 @@ def _locked_message(
 
 def plan_jobs(
     conn: psycopg.Connection, params: Params, pairs: Sequence[str], start: Month | None,
-    end: Month | None, url: str | None, source_check: str = "auto",
+    end: Month | None, url: DatabaseLike | None, source_check: str = "auto",
     lock_timeout: float = PLAN_LOCK_TIMEOUT_S,
 ) -> list[Job]:  # fmt: skip
     """Every (pair, month) with bars; the per-pair scans run two at a time when a URL is given.
@@ -336,8 +336,8 @@ def with_orphans(
 
 def checked_plan(
     conn: psycopg.Connection, params: Params, dest: Destination, pairs: Sequence[str] | None,
-    start: Month | None, end: Month | None, url: str | None, force: bool, source_check: str,
-    lock_timeout: float,
+    start: Month | None, end: Month | None, url: DatabaseLike | None, force: bool,
+    source_check: str, lock_timeout: float,
 ) -> Plan:  # fmt: skip
     """Read-only: every check, then the jobs. Raises ``NothingToDo`` when no (pair, month)
     has source bars (or stored metrics without bars) in the range."""
@@ -362,7 +362,7 @@ def checked_plan(
 
 def preflight(
     conn: psycopg.Connection, params: Params, pairs: Sequence[str] | None, start: Month | None,
-    end: Month | None, url: str | None = None, *, dest: Destination | None = None,
+    end: Month | None, url: DatabaseLike | None = None, *, dest: Destination | None = None,
     force: bool = False, source_check: str = "auto", lock_timeout: float = PLAN_LOCK_TIMEOUT_S,
 ) -> list[Job]:  # fmt: skip
     """Check everything a run needs, then create the ledger and what the jobs write into.

@@ -19,7 +19,7 @@ import psycopg
 
 from bqx.core.months import Month
 from bqx.core.params import Params, RunSummary, check_positive
-from bqx.db.connect import connect
+from bqx.db.connect import DatabaseLike, connect
 from bqx.destinations import Destination
 from bqx.errors import BqxError, DatabaseLost, InvalidOption
 from bqx.pipeline.executors import Executor, ExecutorLost, check_executor, make_executor
@@ -69,7 +69,7 @@ class RunOptions:
 
 
 def run_backfill(
-    url: str, params: Params, dest: Destination, pairs: Sequence[str] | None,
+    url: DatabaseLike, params: Params, dest: Destination, pairs: Sequence[str] | None,
     start: Month | None, end: Month | None, options: RunOptions, progress: Progress | None,
 ) -> RunSummary:  # fmt: skip
     """Plan (pair, month) jobs and run them on workers: threads or processes of this machine,
@@ -120,7 +120,7 @@ def run_backfill(
 
 
 def _execute(
-    watch: _Watch, ledger: Ledger, runner: Executor, url: str, params: Params, run_id: int,
+    watch: _Watch, ledger: Ledger, runner: Executor, url: DatabaseLike, params: Params, run_id: int,
     keys: list[tuple[str, date]], options: RunOptions, progress: Progress | None,
 ) -> str:  # fmt: skip
     """Run the jobs; the run's final status. Ctrl-C hands the jobs back and re-raises."""
@@ -186,7 +186,7 @@ class _Lost(BqxError):
 class _Watch:
     """The driver's connection to the ledger, re-established when the server restarts."""
 
-    def __init__(self, conn: psycopg.Connection, url: str, within_s: float) -> None:
+    def __init__(self, conn: psycopg.Connection, url: DatabaseLike, within_s: float) -> None:
         self.conn, self.url, self.within_s = conn, url, within_s
 
     def reconnect(self, timeout_s: float | None = None) -> psycopg.Connection:
@@ -213,7 +213,7 @@ class _Watch:
 
 
 def _drive(
-    watch: _Watch, ledger: Ledger, executor: Executor, url: str, params: Params,
+    watch: _Watch, ledger: Ledger, executor: Executor, url: DatabaseLike, params: Params,
     run_id: int, keys: list[tuple[str, date]], options: RunOptions, progress: Progress | None,
 ) -> None:  # fmt: skip
     """Start workers, watch them and the ledger until every planned job is done or failed."""

@@ -28,7 +28,7 @@ from bqx.core.layout import Layout
 from bqx.core.months import Month
 from bqx.core.params import Job, Params
 from bqx.core.symbols import validate_pair
-from bqx.db.connect import connect, is_transient
+from bqx.db.connect import DatabaseLike, connect, is_transient
 from bqx.destinations.postgres import PostgresPartitions
 from bqx.errors import BqxError, InvalidOption
 from bqx.pipeline.job import Busy, upsert_month
@@ -161,7 +161,7 @@ class Updater:
 
     def __init__(
         self,
-        url: str,
+        url: DatabaseLike,
         layout: Layout,
         *,
         pairs: Sequence[str] | None = None,

@@ -21,7 +21,7 @@ import tenacity
 from bqx import metrics
 from bqx.core.layout import Layout
 from bqx.core.symbols import validate_pair
-from bqx.db.connect import connect, is_transient
+from bqx.db.connect import DatabaseLike, connect, is_transient
 from bqx.errors import BqxError, InvalidOption
 from bqx.extras import require
 from bqx.pipeline.update import DEFAULT_RECHECK_S, Updater, UpdateResult
@@ -93,7 +93,7 @@ class Follower:
     """The follow loop's state: the updater, the NOTIFY listener, the metrics server."""
 
     def __init__(
-        self, url: str, updater: Updater, interval_s: float, stop: threading.Event,
+        self, url: DatabaseLike, updater: Updater, interval_s: float, stop: threading.Event,
         metrics_port: int | None, listen: bool, on_poll: Callable[[UpdateResult], None] | None,
     ) -> None:  # fmt: skip
         self.url, self.updater, self.interval_s, self.stop = url, updater, interval_s, stop
@@ -191,7 +191,7 @@ class Follower:
 
 
 def follow(
-    url: str,
+    url: DatabaseLike,
     layout: Layout,
     interval_s: float,
     *,
@@ -223,7 +223,7 @@ def warm_up() -> None:
         metrics.compute_matrix(times, np.linspace(1.0, 1.1, 100), mode=mode)
 
 
-def _listen(url: str) -> psycopg.Connection:
+def _listen(url: DatabaseLike) -> psycopg.Connection:
     conn = connect(url, autocommit=True)
     listen_for_bars(conn)
     return conn

@@ -33,7 +33,7 @@ from bqx.core.layout import Layout
 from bqx.core.months import Month, month_range
 from bqx.core.symbols import REPORT_PAIRS, validate_pair
 from bqx.core.text import plural
-from bqx.db.connect import connect, pool
+from bqx.db.connect import DatabaseLike, connect, pool
 from bqx.errors import BqxError, InvalidOption, NeedsOption
 from bqx.store.ddl import create_source_table
 from bqx.store.generated import foreign_bars, store_generated_month
@@ -228,7 +228,7 @@ def bars_digest(times: np.ndarray, ohlcv: np.ndarray) -> str:
 
 
 def generate(
-    url: str,
+    url: DatabaseLike,
     layout: Layout,
     pairs: Sequence[str] | None,
     start: Month,

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 from bqx.core.layout import Layout
 from bqx.core.months import Month
 from bqx.core.symbols import validate_pair
-from bqx.db.connect import connect, pool
+from bqx.db.connect import DatabaseLike, connect, pool
 from bqx.errors import BqxError, InvalidOption, NeedsOption
 from bqx.sources.columns import FIELDS, OFF_MINUTE, US_PER_MIN, Block, RepeatedHours, why
 from bqx.sources.formats import (
@@ -132,7 +132,9 @@ def _n(count: int, noun: str) -> str:
 # -- spill and store ----------------------------------------------------------------------------
 
 
-def _check_level(url: str, layout: Layout, pair: str, spill: Spill, paths: Sequence[Path]) -> None:
+def _check_level(
+    url: DatabaseLike, layout: Layout, pair: str, spill: Spill, paths: Sequence[Path]
+) -> None:
     """Refuse bars whose level is far from the pair's stored bars near those months.
 
     Catches another pair's file given the wrong ``--pair`` (USDJPY near 150 into EURUSD near
@@ -156,7 +158,7 @@ def _check_level(url: str, layout: Layout, pair: str, spill: Spill, paths: Seque
 
 
 def _store(
-    url: str, layout: Layout, pair: str, spill: Spill, flat: _Flat, summary: IngestSummary,
+    url: DatabaseLike, layout: Layout, pair: str, spill: Spill, flat: _Flat, summary: IngestSummary,
     progress: Callable[[str], None] | None,
 ) -> None:  # fmt: skip
     """Merge each spilled month into its partition, one transaction a month, two at a time."""
@@ -431,7 +433,7 @@ class _Rejects:
 
 
 def ingest_files(
-    url: str,
+    url: DatabaseLike,
     layout: Layout,
     files: Sequence[str | Path],
     pair: str,

@@ -11,6 +11,7 @@ from bqx.errors import BqxError, InvalidOption
 
 if TYPE_CHECKING:
     from bqx.core.params import Params
+    from bqx.db.connect import DatabaseLike
 
 EXECUTORS = ("local", "threads", "dask")
 
@@ -30,7 +31,9 @@ class Executor(Protocol):
     name: str
     workers: int  # how many workers to keep running while jobs are claimable
 
-    def spawn(self, url: str, params: Params, run_id: int, keys: list[tuple[str, date]]) -> None:
+    def spawn(
+        self, url: DatabaseLike, params: Params, run_id: int, keys: list[tuple[str, date]]
+    ) -> None:
         """Start one more worker."""
 
     def reap(self) -> list[tuple[str, str]]:

@@ -28,8 +28,8 @@ from typing import Any
 
 from bqx.core.layout import Layout
 from bqx.core.params import Params
-from bqx.db.connect import connect, ping, worker_id
-from bqx.db.urls import mask_url
+from bqx.db.connect import DatabaseLike, as_ref, connect, ping, worker_id
+from bqx.db.credentials import DatabaseRef
 from bqx.errors import BqxError
 from bqx.extras import require
 from bqx.pipeline.executors import ExecutorLost
@@ -47,34 +47,20 @@ FEATURE = "the Dask executor (--executor dask)"  # what needs the "dask" extra
 # -- what runs on the workers -------------------------------------------------------------
 
 
-class Secret:
-    """The database URL, masked wherever it is shown.
-
-    Task arguments end up in reprs (a failed task's repr is written to the worker log), so the
-    URL travels inside this object; task keys are explicit names that never contain it.
-    """
-
-    def __init__(self, url: str) -> None:
-        self._url = url
-
-    def reveal(self) -> str:
-        return self._url
-
-    def __repr__(self) -> str:
-        return f"<database {mask_url(self._url) if self._url else 'from PG* variables'}>"
-
-    __str__ = __repr__
-
-
 @dataclass(frozen=True)
 class WorkArgs:
-    url: Secret
+    """A task's arguments. The database travels as a reference that the worker resolves
+    itself (a file, a secret, an IAM token: docs/configuration.md); a URL given as such is
+    masked in every repr, and task arguments end up in reprs (a failed task's repr is written
+    to the worker log). Task keys are explicit names that never contain it."""
+
+    database: DatabaseRef
     params: Params
     run_id: int
     keys: list[tuple[str, date]]
 
     def __repr__(self) -> str:  # keep worker logs short: no job list
-        return f"WorkArgs(run {self.run_id}, {len(self.keys)} jobs, {self.url!r})"
+        return f"WorkArgs(run {self.run_id}, {len(self.keys)} jobs, {self.database!r})"
 
 
 def work(args: WorkArgs) -> int:
@@ -84,14 +70,14 @@ def work(args: WorkArgs) -> int:
     """
     from bqx.pipeline.job import JobRunner
 
-    runner = JobRunner(args.url.reveal(), args.params, args.run_id)
+    runner = JobRunner(args.database, args.params, args.run_id)
     try:
         return runner.loop(args.keys)
     finally:
         runner.close()
 
 
-def probe(url: Secret) -> dict[str, Any]:
+def probe(database: DatabaseRef) -> dict[str, Any]:
     """Run on each Dask worker before any job: its bqx version, identity and database access."""
     import bqx
 
@@ -100,7 +86,7 @@ def probe(url: Secret) -> dict[str, Any]:
         "error": None,
     }  # fmt: skip
     try:
-        with connect(url.reveal()) as conn:
+        with connect(database) as conn:
             ping(conn)
     except BqxError as exc:
         out["error"] = str(exc)
@@ -115,19 +101,17 @@ def _die() -> None:
 # -- preflight ----------------------------------------------------------------------------
 
 
-def is_unix_socket(url: str) -> bool:
-    """True when ``url`` reaches the server through a Unix socket (a path, or libpq's default)."""
-    from psycopg.conninfo import conninfo_to_dict
-
+def is_unix_socket(url: DatabaseLike) -> bool:
+    """True when the database is reached through a Unix socket (a path, or libpq's default)."""
     try:
-        host = str(conninfo_to_dict(url).get("host") or os.environ.get("PGHOST") or "")
-    except Exception:  # psycopg reports a malformed URL itself, at connect
+        host = str(as_ref(url).params().get("host") or os.environ.get("PGHOST") or "")
+    except Exception:  # a malformed URL, an unreadable secret: reported at connect
         return False
     return not host or any(h.startswith(("/", "@")) for h in host.split(","))
 
 
 def check_workers(
-    url: str, version: str, local_host: str, probes: dict[str, Any]
+    url: DatabaseLike, version: str, local_host: str, probes: dict[str, Any]
 ) -> dict[str, dict[str, Any]]:
     """The probes of usable workers; a one-line BqxError for the first misconfigured one."""
     ok: dict[str, dict[str, Any]] = {}
@@ -179,7 +163,7 @@ class DaskExecutor:
         self.client: Any = None
         self.tasks: dict[str, _Task] = {}
         self.known: dict[str, tuple[int, str | None]] = {}  # addr -> (pid, worker id or None)
-        self.secret: Secret | None = None
+        self.database: DatabaseRef | None = None
         self.layout: Layout | None = None
         self.token = uuid.uuid4().hex[:8]
         self.count = 0
@@ -236,9 +220,9 @@ class DaskExecutor:
             )
 
     def _probe(self, addrs: list[str]) -> dict[str, Any]:
-        assert self.secret is not None
+        assert self.database is not None
         with self._scheduler_calls():
-            return self.client.run(probe, self.secret, workers=addrs, on_error="return")
+            return self.client.run(probe, self.database, workers=addrs, on_error="return")
 
     @contextlib.contextmanager
     def _scheduler_calls(self) -> Iterator[None]:
@@ -255,12 +239,12 @@ class DaskExecutor:
         """Learn the worker id of new (or restarted) workers; return addr -> pid."""
         now = self._workers_now()
         new = [a for a, pid in now.items() if self.known.get(a, (None,))[0] != pid]
-        if new and self.secret is not None:
+        if new and self.database is not None:
             import bqx
 
             for addr, res in self._probe(new).items():
                 try:
-                    ok = check_workers(self.secret.reveal(), bqx.__version__, _this_host(),
+                    ok = check_workers(self.database, bqx.__version__, _this_host(),
                                        {addr: res})  # fmt: skip
                     self.known[addr] = (now[addr], ok[addr]["worker"])
                 except BqxError:
@@ -275,17 +259,19 @@ class DaskExecutor:
 
         now = self._workers_now()
         ok = check_workers(
-            self.secret.reveal() if self.secret else "", bqx.__version__, _this_host(),
+            self.database or "", bqx.__version__, _this_host(),
             self._probe(sorted(now)),
         )  # fmt: skip
         self.known = {a: (now[a], ok[a]["worker"]) for a in ok if a in now}
 
     # -- the Executor interface -----------------------------------------------------------
 
-    def spawn(self, url: str, params: Params, run_id: int, keys: list[tuple[str, date]]) -> None:
+    def spawn(
+        self, url: DatabaseLike, params: Params, run_id: int, keys: list[tuple[str, date]]
+    ) -> None:
         """Start one more task on a Dask worker that runs none of ours (none free: next tick)."""
-        if self.secret is None:
-            self.secret, self.layout = Secret(url), params.layout
+        if self.database is None:
+            self.database, self.layout = as_ref(url), params.layout
             self._preflight()
         now = self._refresh()
         busy = {t.addr for t in self.tasks.values()}
@@ -300,7 +286,7 @@ class DaskExecutor:
         key = f"bqx-backfill-{self.token}-{self.count}"  # never the arguments: no URL in keys
         with self._scheduler_calls():
             future = self.client.submit(
-                work, WorkArgs(self.secret, params, run_id, keys), key=key, workers=[addr],
+                work, WorkArgs(self.database, params, run_id, keys), key=key, workers=[addr],
                 allow_other_workers=False, pure=False, retries=0,
             )  # fmt: skip
         pid, wid = self.known[addr]
@@ -402,11 +388,11 @@ class DaskExecutor:
         A session waiting on a lock does not notice that its client is gone: it would keep its
         job's row locked, and handing the job back would wait for it.
         """
-        if not workers or self.secret is None or self.layout is None:
+        if not workers or self.database is None or self.layout is None:
             return
         from bqx.store.ledger import Ledger
 
-        with contextlib.suppress(Exception), connect(self.secret.reveal(), autocommit=True) as c:
+        with contextlib.suppress(Exception), connect(self.database, autocommit=True) as c:
             Ledger(self.layout).end_sessions(c, workers)
 
     def _cluster_pids(self) -> list[int]:

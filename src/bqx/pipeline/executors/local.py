@@ -14,7 +14,7 @@ from datetime import date
 import psycopg
 
 from bqx.core.params import Params
-from bqx.db.connect import worker_id
+from bqx.db.connect import DatabaseLike, worker_id
 from bqx.errors import BqxError
 from bqx.pipeline.job import JobRunner
 
@@ -30,7 +30,9 @@ def _die_with_parent() -> None:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def worker_main(url: str, params: Params, run_id: int, keys: list[tuple[str, date]]) -> None:
+def worker_main(
+    url: DatabaseLike, params: Params, run_id: int, keys: list[tuple[str, date]]
+) -> None:
     """A worker process: claim and run jobs among ``keys`` until none is claimable."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
@@ -67,7 +69,9 @@ class LocalExecutor:
         self.workers = max(1, workers)
         self.procs: list[_Proc] = []
 
-    def spawn(self, url: str, params: Params, run_id: int, keys: list[tuple[str, date]]) -> None:
+    def spawn(
+        self, url: DatabaseLike, params: Params, run_id: int, keys: list[tuple[str, date]]
+    ) -> None:
         p = subprocess.Popen(
             [sys.executable, "-m", "bqx._worker"],
             stdin=subprocess.PIPE,

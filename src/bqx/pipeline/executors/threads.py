@@ -21,7 +21,7 @@ from datetime import date
 import psycopg
 
 from bqx.core.params import Params
-from bqx.db.connect import worker_id
+from bqx.db.connect import DatabaseLike, worker_id
 from bqx.errors import BqxError
 from bqx.pipeline.job import JobRunner
 
@@ -44,7 +44,9 @@ class ThreadExecutor:
         self.stopped: list[_Worker] = []
         self.count = 0
 
-    def spawn(self, url: str, params: Params, run_id: int, keys: list[tuple[str, date]]) -> None:
+    def spawn(
+        self, url: DatabaseLike, params: Params, run_id: int, keys: list[tuple[str, date]]
+    ) -> None:
         self.count += 1
         # host:pid#n: unique per thread, and the pid still tells a restart whether the
         # process that held a job is alive
