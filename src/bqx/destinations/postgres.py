@@ -99,4 +99,5 @@ class PostgresPartitions:
         self, conn: psycopg.Connection, params: Params, pair: str, month: Month
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         cols = [TARGET_RATE, *params.columns]
-        return targets.read_columns(conn, self.layout, pair, cols, month.start, month.end)
+        return targets.read_columns(conn, self.layout, pair, cols, month.start, month.end,
+                                    ordered=False)  # fmt: skip

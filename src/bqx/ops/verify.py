@@ -143,30 +143,36 @@ def _minute(t: datetime) -> int:
     return int((t - datetime(1970, 1, 1)).total_seconds() // 60)
 
 
-def _history(
-    conn: psycopg.Connection, layout: Layout, pair: str, t: datetime, params: dict
-) -> tuple[float, list[float | None]]:
-    """p_t and the window prices before t (oldest first), read straight from the source."""
+def _histories(
+    conn: psycopg.Connection, layout: Layout, pair: str, times: list[datetime], params: dict
+) -> dict[datetime, tuple[float, list[float | None]]]:
+    """For each of ``times``: p_t and the window prices before t (oldest first), read straight
+    from the source by a plain query (one per pair)."""
     wmax = max(params["windows"])
     if params.get("mode", "bars") == "bars":
-        prices = checks.bars_up_to(conn, layout, pair, t, wmax + 1)
-        return prices[-1], list(prices[:-1])
+        found = checks.histories_by_count(conn, layout, pair, times, wmax + 1)
+        return {t: (prices[-1], list(prices[:-1])) for t, prices in found.items() if prices}
     max_fill = int(params.get("max_fill", 5))
-    rows = checks.bars_between(conn, layout, pair, t - timedelta(minutes=wmax + max_fill), t)
+    spans = checks.histories_by_span(conn, layout, pair, times, wmax + max_fill)
     first = bars.bar_bounds(conn, layout, pair)[0]
-    by_minute = {_minute(when): p for when, p in rows}
-    now = _minute(t)
-    first_minute = _minute(first) if first is not None else now
-    window: list[float | None] = []
-    for m in range(now - wmax, now):
-        price = None
-        if m >= first_minute:
-            for age in range(max_fill + 1):
-                if m - age in by_minute:
-                    price = by_minute[m - age]
-                    break
-        window.append(price)
-    return by_minute[now], window
+    out = {}
+    for t, rows in spans.items():
+        by_minute = {_minute(when): p for when, p in rows}
+        now = _minute(t)
+        if now not in by_minute:
+            continue
+        first_minute = _minute(first) if first is not None else now
+        window: list[float | None] = []
+        for m in range(now - wmax, now):
+            price = None
+            if m >= first_minute:
+                for age in range(max_fill + 1):
+                    if m - age in by_minute:
+                        price = by_minute[m - age]
+                        break
+            window.append(price)
+        out[t] = (by_minute[now], window)
+    return out
 
 
 def _close(got: float | None, want: float | None, col: str, p_t: float) -> bool:
@@ -443,9 +449,12 @@ def _sample_rows(ctx: _Context, pair: str, times: list[datetime]) -> tuple[list[
     # sampled rows (first 2024-07-03 04:17: 1.0733694 vs recomputed 1.0733587)"
     seen: dict[Month, int] = {}
     wrong: dict[tuple[Month, str], list[tuple[str, Any, Any]]] = {}
+    history = _histories(ctx.conn, layout, pair, [r[0] for r in rows], doc)
     for row in rows:
         t, rate = row[0], row[1]
-        p_t, window = _history(ctx.conn, layout, pair, t, doc)
+        if t not in history:  # its bar is gone: the values check names that row
+            continue
+        p_t, window = history[t]
         want = plain_metrics(window, p_t, windows)
         month = Month.of(t)
         seen[month] = seen.get(month, 0) + 1

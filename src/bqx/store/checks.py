@@ -33,25 +33,38 @@ def rows_at(
     ).fetchall()
 
 
-def bars_up_to(
-    conn: psycopg.Connection, layout: Layout, pair: str, t: datetime, count: int
-) -> list[float]:
-    """The prices of the ``count`` bars at or before ``t``, oldest first."""
+def histories_by_count(
+    conn: psycopg.Connection, layout: Layout, pair: str, times: Sequence[datetime], count: int
+) -> dict[datetime, list[float]]:
+    """For each of ``times``: the prices of the ``count`` bars at or before it, oldest first
+    (one query for all of them)."""
+    if not times:
+        return {}
     rows = conn.execute(
-        sql.SQL("SELECT {p}::float8 FROM {s} WHERE {t} <= %s ORDER BY {t} DESC LIMIT %s").format(
-            p=names.price(layout), s=names.source(layout, pair), t=names.time(layout)
-        ),
-        (t, count),
+        sql.SQL(
+            "SELECT k.t, array(SELECT {p}::float8 FROM {s} WHERE {t} <= k.t ORDER BY {t} DESC"
+            " LIMIT %s) FROM unnest(%s::timestamptz[]) AS k(t)"
+        ).format(p=names.price(layout), s=names.source(layout, pair), t=names.time(layout)),
+        (count, list(times)),
     ).fetchall()
-    return [r[0] for r in reversed(rows)]
+    return {t: list(reversed(prices)) for t, prices in rows}
 
 
-def bars_between(
-    conn: psycopg.Connection, layout: Layout, pair: str, lo: datetime, hi: datetime
-) -> list[tuple[datetime, float]]:
-    """(time, price) of the bars with ``lo <= time <= hi``, in time order."""
-    return [(t, p) for t, p in conn.execute(
-        sql.SQL("SELECT {t}, {p}::float8 FROM {s} WHERE {t} >= %s AND {t} <= %s ORDER BY {t}")
-        .format(p=names.price(layout), s=names.source(layout, pair), t=names.time(layout)),
-        (lo, hi),
-    )]  # fmt: skip
+def histories_by_span(
+    conn: psycopg.Connection, layout: Layout, pair: str, times: Sequence[datetime],
+    minutes: int,
+) -> dict[datetime, list[tuple[datetime, float]]]:  # fmt: skip
+    """For each of ``times``: (time, price) of the bars from ``minutes`` before it up to it,
+    in time order (one query for all of them)."""
+    if not times:
+        return {}
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT k.t, array(SELECT {t} FROM {s} WHERE {t} >= k.t - make_interval(mins => %s)"
+            " AND {t} <= k.t ORDER BY {t}), array(SELECT {p}::float8 FROM {s} WHERE {t} >="
+            " k.t - make_interval(mins => %s) AND {t} <= k.t ORDER BY {t})"
+            " FROM unnest(%s::timestamptz[]) AS k(t)"
+        ).format(p=names.price(layout), s=names.source(layout, pair), t=names.time(layout)),
+        (minutes, minutes, list(times)),
+    ).fetchall()
+    return {t: list(zip(ts, ps, strict=True)) for t, ts, ps in rows}
