@@ -361,3 +361,23 @@ def test_clock_mode_nulls_and_recomputation(settings, layout, conn, make_bars):
                      r" 1\.0, recomputed None\)", bad["values"]), bad["values"]  # fmt: skip
     assert re.search(r"EURUSD 2024-08: agg_bqx_range differs on 1 row \(first [\d: -]+: stored"
                      r" None, recomputed [\d.e-]+\)", bad["values"]), bad["values"]  # fmt: skip
+
+
+def test_delete_bars_then_verify_names_the_repair_and_a_plain_backfill_makes_it_pass(
+    settings, conn, done
+):
+    """`bqx delete-bars` takes the bars and their metric rows; the rows after them in the
+    month were computed over the deleted bars: verify says so and what repairs it."""
+    store = store_for(settings, done)
+    assert store.verify(sample=3).ok
+    gone = store.delete_bars("EURUSD", "2024-08-12 09:00", "2024-08-12 10:00")
+    assert gone.bars > 0 and gone.metric_rows == gone.bars
+    result = store.verify(sample=3)
+    assert not result.ok
+    (values,) = [c for c in result.checks if c.name == "values"]
+    assert all((f.pair, f.month) == ("EURUSD", "2024-08") for f in values.failures)
+    assert "differs on" in values.detail and "(first 2024-08-12 10:00" in values.detail
+    assert result.repair == "bqx backfill --pairs EURUSD --start 2024-08 --end 2024-08 --force"
+    run = store.backfill()  # the plain resume sees the source changed, too
+    assert run.jobs_done == 1
+    assert store.verify(sample=3).ok
