@@ -75,7 +75,7 @@ def test_help_keeps_defaults_and_shows_no_bool_type():
     assert "[default: 1]" in " ".join(cli("generate", "-h").stdout.split())  # its real default
     for command in ("verify", "report"):  # one scope rule, stated in both
         text = " ".join(cli(command, "-h").stdout.split())
-        assert "[default: every job in the ledger, with the latest run that planned jobs]" in text
+        assert "[default: every job in the ledger, with the latest run that did work]" in text
     for command in ("init", "generate", "backfill", "demo", "status", "verify", "report"):
         text = cli(command, "--help").stdout
         assert "<bool>" not in text and "--json" in text, command

@@ -71,7 +71,8 @@ def test_sigterm_stops_like_ctrl_c_and_records_the_run_as_interrupted(
             proc.kill()
     err = proc.stderr.read()
     assert "Traceback" not in err
-    assert "interrupted: run the same command again to resume" in err
+    # a forced run (the held run is one): a plain backfill finishes what it had left
+    assert "interrupted: run `bqx backfill` without --force to finish exactly the jobs" in err
     wait_for(lambda: not any(alive(p) for p in workers), 10, "workers to exit")
     run_status = conn.execute(
         sql.SQL("SELECT status, ended_at IS NOT NULL FROM {} ORDER BY run_id DESC LIMIT 1").format(
