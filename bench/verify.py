@@ -171,69 +171,20 @@ def has_jobs(settings, schema: str) -> bool:
     return row[0] is not None and jobs_in(settings, schema)[0] > 0
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pairs", type=int, default=28)
-    ap.add_argument("--start", default="2020-07")
-    ap.add_argument("--end", default="2025-06")
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--skip-force", action="store_true")
-    ap.add_argument("--skip-scales", action="store_true")
-    ap.add_argument(
-        "--keep",
-        action="store_true",
-        help="keep the big store when measuring the smaller ones (needs the disk"
-        " for both: about 480 bytes per bar)",
-    )
-    a = ap.parse_args()
-    pairs = [p.upper() for p in REPORT_PAIRS[: a.pairs]]
-    settings = load_settings()
-    scratch = Path(os.environ["BQX_HOME"])
-    w = str(a.workers)
-    setup: dict = {}
-    big = "bqx"
-    if not has_jobs(settings, big):
-        setup["generate_s"] = run([*CLI, "generate", "--pairs", ",".join(pairs), "--start",
-                                   a.start, "--end", a.end, "--workers", w], big)[0]  # fmt: skip
-        setup["first_backfill_s"] = run([*CLI, "backfill", "--workers", w], big)[0]
-    jobs, rows = jobs_in(settings, big)
-    print(f"store: {jobs} jobs, {rows:,} rows", flush=True)
-
-    bare = bare_read(settings, Layout(big), a.workers)
-    print(f"bare read: {bare['seconds']:.1f} s", flush=True)
-    full = run([*CLI, "verify", "--full", "--workers", w, "--json"], big)
-    full_doc = json.loads(full[1])
-    assert full_doc["ok"], [c["detail"] for c in full_doc["checks"] if not c["ok"]]
-    print(f"verify --full: {full[0]:.1f} s", flush=True)
-    bare2 = bare_read(settings, Layout(big), a.workers)  # again, after: the cache is as warm
-    plain = timed([*CLI, "verify", "--json"], big, a.repeat)
-    table = commands(big, a.repeat, scratch)
-    if not a.skip_force:
-        table["backfill --force"] = timed([*CLI, "backfill", "--force", "--workers", w], big, 1)
-    scales: dict = {}
-    big_scale = {"jobs": jobs, "rows": rows, "commands": table}
-    if not a.skip_scales and not a.keep:  # the disk holds one big store at a time
-        with connect(settings, autocommit=True) as conn:
-            conn.execute("DROP SCHEMA bqx CASCADE")
-            conn.execute("CHECKPOINT")
-    if not a.skip_scales:
-        small = "small"
-        if not has_jobs(settings, small):
-            run([*CLI, "generate", "--pairs", ",".join(pairs), "--start", "2024-07", "--end",
-                 "2025-06", "--workers", w], small)  # fmt: skip
-            run([*CLI, "backfill", "--workers", w], small)
-        wide = "wide"
-        if not has_jobs(settings, wide):
-            wide_store(settings, wide, [p.lower() for p in pairs], 240, 100)
-            run([*CLI, "backfill", "--workers", w], wide)
-        for schema in (small, big, wide):
-            if schema == big:
-                scales[schema] = big_scale
-                continue
-            n, r = jobs_in(settings, schema)
-            scales[schema] = {"jobs": n, "rows": r,
-                              "commands": commands(schema, a.repeat, scratch)}  # fmt: skip
+def write(
+    a: argparse.Namespace,
+    jobs: int,
+    rows: int,
+    setup: dict,
+    bare: dict,
+    bare2: dict,
+    full: tuple[float, str],
+    full_doc: dict,
+    plain: dict,
+    table: dict,
+    scales: dict,
+) -> None:
+    """bench/results/verify.json and verify.md (again as each part is measured)."""
     read_s = min(bare["seconds"], bare2["seconds"])
     out = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"), "pairs": a.pairs,
@@ -287,6 +238,74 @@ def main() -> None:
         ]  # fmt: skip
     (RESULTS / "verify.md").write_text("\n".join(lines))
     print("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pairs", type=int, default=28)
+    ap.add_argument("--start", default="2020-07")
+    ap.add_argument("--end", default="2025-06")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--skip-force", action="store_true")
+    ap.add_argument("--skip-scales", action="store_true")
+    ap.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the big store when measuring the smaller ones (needs the disk"
+        " for both: about 480 bytes per bar)",
+    )
+    a = ap.parse_args()
+    pairs = [p.upper() for p in REPORT_PAIRS[: a.pairs]]
+    settings = load_settings()
+    scratch = Path(os.environ["BQX_HOME"])
+    w = str(a.workers)
+    setup: dict = {}
+    big = "bqx"
+    if not has_jobs(settings, big):
+        setup["generate_s"] = run([*CLI, "generate", "--pairs", ",".join(pairs), "--start",
+                                   a.start, "--end", a.end, "--workers", w], big)[0]  # fmt: skip
+        setup["first_backfill_s"] = run([*CLI, "backfill", "--workers", w], big)[0]
+    jobs, rows = jobs_in(settings, big)
+    print(f"store: {jobs} jobs, {rows:,} rows", flush=True)
+
+    bare = bare_read(settings, Layout(big), a.workers)
+    print(f"bare read: {bare['seconds']:.1f} s", flush=True)
+    full = run([*CLI, "verify", "--full", "--workers", w, "--json"], big)
+    full_doc = json.loads(full[1])
+    assert full_doc["ok"], [c["detail"] for c in full_doc["checks"] if not c["ok"]]
+    print(f"verify --full: {full[0]:.1f} s", flush=True)
+    bare2 = bare_read(settings, Layout(big), a.workers)  # again, after: the cache is as warm
+    plain = timed([*CLI, "verify", "--json"], big, a.repeat)
+    table = commands(big, a.repeat, scratch)
+    if not a.skip_force:
+        table["backfill --force"] = timed([*CLI, "backfill", "--force", "--workers", w], big, 1)
+    scales: dict = {}
+    big_scale = {"jobs": jobs, "rows": rows, "commands": table}
+    write(a, jobs, rows, setup, bare, bare2, full, full_doc, plain, table, {})
+    if not a.skip_scales and not a.keep:  # the disk holds one big store at a time
+        for pair in pairs:  # a pair at a time: one DROP SCHEMA would need a lock per partition
+            run([*CLI, "drop", "--pair", pair, "--yes"], big)
+        with connect(settings, autocommit=True) as conn:
+            conn.execute("CHECKPOINT")
+    if not a.skip_scales:
+        small = "small"
+        if not has_jobs(settings, small):
+            run([*CLI, "generate", "--pairs", ",".join(pairs), "--start", "2024-07", "--end",
+                 "2025-06", "--workers", w], small)  # fmt: skip
+            run([*CLI, "backfill", "--workers", w], small)
+        wide = "wide"
+        if not has_jobs(settings, wide):
+            wide_store(settings, wide, [p.lower() for p in pairs], 240, 100)
+            run([*CLI, "backfill", "--workers", w], wide)
+        for schema in (small, big, wide):
+            if schema == big:
+                scales[schema] = big_scale
+                continue
+            n, r = jobs_in(settings, schema)
+            scales[schema] = {"jobs": n, "rows": r,
+                              "commands": commands(schema, a.repeat, scratch)}  # fmt: skip
+    write(a, jobs, rows, setup, bare, bare2, full, full_doc, plain, table, scales)
 
 
 if __name__ == "__main__":

@@ -146,7 +146,8 @@ def check_month(
     try:
         if has_source:
             with conn.cursor() as cur:
-                computed = read_and_compute(cur, params, pair, month.start, month.end)
+                computed = read_and_compute(cur, params, pair, month.start, month.end,
+                                            signed=False)  # fmt: skip
             want_t, want = computed.times, computed.matrix
         else:
             want_t, want = np.empty(0, "datetime64[us]"), np.empty((len(columns), 0))

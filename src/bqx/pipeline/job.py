@@ -80,13 +80,14 @@ class Computed:
 
     times: np.ndarray
     matrix: np.ndarray  # (1 + metric columns) × rows: the rate, then the metric columns
-    source_sig: str  # the exact signature of every bar read (its lookback included)
+    source_sig: str | None  # the exact signature of every bar read (its lookback included)
     source_stats: str | None  # the source partition's write counters before the read
 
 
 def read_and_compute(
-    cur: psycopg.Cursor, params: Params, pair: str, since: datetime, until: datetime
-) -> Computed:
+    cur: psycopg.Cursor, params: Params, pair: str, since: datetime, until: datetime,
+    *, signed: bool = True,
+) -> Computed:  # fmt: skip
     """Bars of [since, until) with their lookback, computed: the rows at or after ``since``.
 
     The source month's write counters are read first, so that a write slipping past the
@@ -94,7 +95,7 @@ def read_and_compute(
     of order) is a ``PermanentError`` naming it."""
     stats = versions.partition_stats(cur, params.layout, pair, Month.of(since))
     try:
-        times, prices, sig = bars.read_series(cur, params, pair, since, until)
+        times, prices, sig = bars.read_series(cur, params, pair, since, until, signed=signed)
     except BqxError:  # a NULL time or price: name the bar, not the stream
         cur.connection.rollback()
         raise PermanentError(bars.null_bar_message(cur, params, pair, until)) from None
