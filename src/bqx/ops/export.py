@@ -125,6 +125,34 @@ def read_metrics_conn(
     return _read(conn, layout, pair, names, lo, hi)
 
 
+def read_metrics_lake(
+    lake: Any, pair: str, start: TimeLike | None = None, end: TimeLike | None = None,
+    columns: str | Sequence[str] | None = None,
+) -> pa.Table:  # fmt: skip
+    """``read_metrics`` from a Delta sink (``bqx.destinations.delta.DeltaLake``): the same
+    table as from the database's partitions."""
+    pair = validate_pair(pair)
+    lo = None if start is None else to_utc_us(start, "start")
+    hi = None if end is None else to_utc_us(end, "end")
+    if lo is not None and hi is not None and hi < lo:
+        raise InvalidOption("end", end, f"is before start {start!r} (start is inclusive, end"
+                            " exclusive)")  # fmt: skip
+    have = lake.columns()
+    if have is None:
+        raise BqxError(f"{pair.upper()}: no metrics in the Delta table at {lake.uri} (run"
+                       " `bqx backfill --sink …` first)")  # fmt: skip
+    names = _select_columns(have, columns, pair)
+    bounds = [None if t is None else _aware(t) for t in (lo, hi)]
+    table = lake.read_table(pair, bounds[0], bounds[1], names)
+    return table.cast(pa.schema([pa.field("ts_utc", pa.timestamp("us", tz="UTC")),
+                                 *(pa.field(n, pa.float64()) for n in names)]))  # fmt: skip
+
+
+def _aware(t: np.datetime64) -> datetime:
+    """A naive-UTC datetime64 as an aware datetime."""
+    return datetime.fromisoformat(str(t.astype("datetime64[us]"))).replace(tzinfo=UTC)
+
+
 def _read(
     conn: psycopg.Connection, layout: Layout, pair: str, names: list[str], lo: Any, hi: Any
 ) -> pa.Table:

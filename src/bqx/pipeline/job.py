@@ -148,11 +148,11 @@ class JobRunner:
         self, url: str, params: Params, run_id: int, worker: str | None = None,
         dest: Destination | None = None,
     ) -> None:  # fmt: skip
-        from bqx.destinations.postgres import PostgresPartitions
+        from bqx.pipeline.plan import default_destination
 
         self.url, self.params, self.run_id = url, params, run_id
         self.ledger = Ledger(params.layout)
-        self.dest = dest or PostgresPartitions(params.layout)
+        self.dest = dest or default_destination(params)  # each worker writes the sink itself
         self.worker = worker or worker_id()
         self.conn: psycopg.Connection | None = None
         # set when the driver stops this worker (a thread cannot be killed): no retry, and

@@ -32,7 +32,9 @@ PLAN_LOCK_TIMEOUT_S = 10.0  # planning waits this long for a lock, then says who
 SKIP_REASON = "done, unchanged"
 RUNNING_ELSEWHERE = "running elsewhere"
 # parameters whose change is refused without --force (a new formula version just recomputes)
-_REFUSED_CHANGES = ("windows", "mode", "max_fill", "source", "time_column", "price_column")
+_REFUSED_CHANGES = (
+    "windows", "mode", "max_fill", "source", "time_column", "price_column", "sink",
+)  # fmt: skip
 
 
 def empty_month_job(conn: psycopg.Connection, params: Params, pair: str, month: Month) -> Job:
@@ -41,10 +43,46 @@ def empty_month_job(conn: psycopg.Connection, params: Params, pair: str, month: 
 
 
 def default_destination(params: Params) -> Destination:
-    """The database's own monthly partitions, in the parameters' schema."""
+    """The parameters' sink: a Delta table (``params.sink``), else the database's own monthly
+    partitions in the parameters' schema."""
+    if params.sink:
+        from bqx.destinations.delta import DeltaLake
+
+        return DeltaLake(params.sink)
     from bqx.destinations.postgres import PostgresPartitions
 
     return PostgresPartitions(params.layout)
+
+
+def resolve_sink(
+    conn: psycopg.Connection, layout: Layout, pairs: Sequence[str] | None, sink: str | None
+) -> str | None:
+    """The sink a run writes: ``sink`` when given (as a normalised URI), else the one the
+    pairs' metrics are recorded in (the ledger's parameters per target), so it need not be
+    repeated; None, the database's partitions, when none is recorded. Pairs recorded in
+    different places are refused: one run writes one place."""
+    from bqx.core.uris import LakeURI
+
+    if sink is not None:
+        return LakeURI.parse(sink).uri
+    ledger = Ledger(layout)
+    if not ledger.exists(conn):
+        return None
+    known = [validate_pair(p) for p in pairs] if pairs else sorted(ledger.pair_params(conn))
+    where = {p: doc.get("sink") for p, doc in ledger.recorded_params(conn, known).items()}
+    places = sorted({str(v) for v in where.values() if v}) + (
+        ["the database"] if any(not v for v in where.values()) else []
+    )
+    if len(places) > 1:
+        shown = "; ".join(
+            f"{', '.join(p.upper() for p in sorted(where) if (where[p] or 'the database') == w)}"
+            f" in {w}" for w in places
+        )  # fmt: skip
+        raise InvalidOption(
+            "sink", None, f"the pairs' metrics are in different places ({shown}): name the"
+            " sink, or run the pairs apart", shown="(as recorded)",
+        )  # fmt: skip
+    return next((v for v in where.values() if v), None)
 
 
 # -- the resume rule ----------------------------------------------------------------------
