@@ -5,6 +5,7 @@ checked against the database's own partitions bit for bit (docs/lake.md)."""
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import numpy as np
 import psycopg
@@ -121,5 +122,110 @@ def test_s3_sink_equals_the_database_bit_for_bit_and_a_rerun_commits_nothing(
         version = _delta(sink).version()
         assert store.backfill(workers=2, sink=sink).jobs_done == 0
         assert _delta(sink).version() == version
+    finally:
+        _drop(conn, ref.layout.schema)
+
+
+def _duckdb():
+    """DuckDB with its delta extension (the duckdb-ext-delta package ships it: no download)."""
+    duckdb = pytest.importorskip("duckdb")
+    ext = pytest.importorskip("duckdb_ext")
+    found = sorted(Path(list(ext.__path__)[0]).rglob("delta.duckdb_extension"))
+    assert found, "duckdb-ext-delta ships no extension file"
+    con = duckdb.connect()
+    con.execute(f"LOAD '{found[0]}'")
+    return con
+
+
+def test_status_verify_report_polars_and_duckdb_on_a_sink(
+    store, layout, conn, make_bars, tmp_path, bqx
+):
+    _bars(make_bars)
+    sink = tmp_path / "lake"
+    run = store.backfill(workers=2, sink=str(sink))
+    assert run.jobs_done == 6
+    # the CLI finds the sink recorded for the pairs: no --sink again
+    check = store.verify(full=True)
+    assert check.ok, check.lines()
+    assert check.checks[2].counts["rows"] == run.rows_written
+    status = store.status()
+    assert [p.current for p in status.pairs] == [True, True]
+    newest = {p.pair: p.newest_metric for p in status.pairs}
+    assert newest["EURUSD"] is not None and newest["EURUSD"] == status.pairs[0].newest_bar
+    out = bqx(["report", "--out", str(tmp_path / "report")])
+    assert out.returncode == 0, out.stderr
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "**Status:** COMPLETE" in md and f"the Delta table `{sink}`" in md
+    assert "Partitions present in the catalog: 6 of 6" in md
+    # readers: polars and DuckDB see exactly the rows the database path computes
+    import polars as pl
+
+    ref = store.read_metrics("eurusd")
+    scanned = pl.scan_delta(str(sink)).filter(pl.col("pair") == "EURUSD").sort("ts_utc").collect()
+    assert scanned.height == ref.num_rows
+    assert scanned["w60_bqx_avg"].to_arrow().equals(ref.column("w60_bqx_avg").combine_chunks())
+    con = _duckdb()
+    got = con.execute(
+        "SELECT pair, count(*), sum(agg_bqx_max) FROM delta_scan(?) GROUP BY pair ORDER BY pair",
+        [str(sink)],
+    ).fetchall()
+    want = [(p.upper(), store.read_metrics(p).num_rows,
+             sum(x for x in store.read_metrics(p).column("agg_bqx_max").to_pylist() if x))
+            for p in PAIRS]  # fmt: skip
+    assert [(p, n) for p, n, _ in got] == [(p, n) for p, n, _ in want]
+    assert all(abs(a[2] - b[2]) <= 1e-9 * abs(b[2]) for a, b in zip(got, want, strict=True))
+    # a corrupted value in the table is caught by verify and named
+    month = store.read_metrics("usdjpy", "2024-07", "2024-08")
+    bad = month.set_column(month.schema.get_field_index("w15_bqx_max"), "w15_bqx_max",
+                           pa.array([v * (1 + 1e-12) if v else v for v in
+                                     month.column("w15_bqx_max").to_pylist()]))  # fmt: skip
+    _overwrite(str(sink), "USDJPY", "2024-07", bad)
+    failed = store.verify()
+    assert not failed.ok
+    assert any(f.column == "w15_bqx_max" and f.month == "2024-07" for c in failed.checks
+               for f in c.failures)  # fmt: skip
+
+
+def _overwrite(uri: str, pair: str, month: str, rows: pa.Table) -> None:
+    """Another writer (not bqx) replaces a month of the sink."""
+    from bqx.core.uris import LakeURI
+
+    lake = LakeURI.parse(uri)
+    n = rows.num_rows
+    table = rows.add_column(0, "month", pa.array([month] * n)).add_column(
+        0, "pair", pa.array([pair] * n))  # fmt: skip
+    table = table.add_column(
+        4, "created_at", pa.array(np.full(n, np.datetime64("2025-01-01T00:00:00", "us")),
+                                  pa.timestamp("us", tz="UTC")))  # fmt: skip
+    dt = deltalake.DeltaTable(lake.uri, storage_options=lake.storage_options())
+    table = table.cast(pa.schema(dt.schema()))
+    deltalake.write_deltalake(dt, table, mode="overwrite",
+                              predicate=f"pair = '{pair}' AND month = '{month}'")  # fmt: skip
+
+
+def test_resume_redoes_a_month_whose_files_are_gone_or_that_another_writer_rewrote(
+    store, settings, layout, conn, make_bars, tmp_path
+):
+    _bars(make_bars)
+    ref = _other(settings, layout, conn)
+    try:
+        ref.backfill(workers=2)
+        sink = tmp_path / "lake"
+        store.backfill(workers=2, sink=str(sink))
+        # a month's file deleted behind Delta's back; another month rewritten by someone else
+        files = sorted((sink / "pair=EURUSD" / "month=2024-07").glob("*.parquet"))
+        assert len(files) == 1
+        files[0].unlink()
+        other = store.read_metrics("usdjpy", "2024-08", "2024-09")
+        _overwrite(str(sink), "USDJPY", "2024-08", other.slice(0, 100))
+        plan = store.plan()
+        why = {(j.pair, str(j.month)): j.reason for j in plan.todo}
+        assert why == {("eurusd", "2024-07"): "partition missing",
+                       ("usdjpy", "2024-08"): "metrics written by another writer"}  # fmt: skip
+        run = store.backfill(workers=2)
+        assert run.jobs_done == 2 and run.jobs_skipped == 4
+        for pair in PAIRS:
+            _equal_bit_for_bit(_reference(ref, pair), store.read_metrics(pair))
+        assert store.backfill().jobs_done == 0
     finally:
         _drop(conn, ref.layout.schema)

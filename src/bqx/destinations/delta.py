@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -344,6 +344,18 @@ class DeltaLake:
         if cols is None:
             table = table.drop_columns([c for c in PARTITIONS if c in table.column_names])
         return table.sort_by(TARGET_TIME)
+
+    def rows_at(
+        self, pair: str, columns: Sequence[str], times: Sequence[datetime]
+    ) -> list[tuple[Any, ...]]:
+        """(ts_utc, rate, *columns) of the stored rows at ``times``, None where NULL."""
+        if not times:
+            return []
+        table = self.read_table(pair, min(times), max(times) + timedelta(microseconds=1),
+                                [TARGET_RATE, *columns])  # fmt: skip
+        wanted = pa.array([t.astimezone(UTC) for t in times], pa.timestamp("us", tz="UTC"))
+        table = table.filter(pc.is_in(table.column(TARGET_TIME), value_set=wanted))
+        return [tuple(r.values()) for r in table.to_pylist()]
 
     def newest(self, pair: str) -> datetime | None:
         """The newest ``ts_utc`` of a pair (from the log's file statistics)."""

@@ -25,6 +25,7 @@ from markdown_it.token import Token
 
 from bqx.core.layout import Layout
 from bqx.core.months import Month
+from bqx.core.params import Params
 from bqx.core.text import plural
 from bqx.errors import BqxError
 from bqx.metrics import metric_columns
@@ -160,6 +161,13 @@ def collect(
     )  # fmt: skip
     data.total_rows = sum(data.rows.values())
     data.partitions = len(planned)
+    sink = run["params"].get("sink")
+    if sink:  # a Delta sink: its months, and queries a reader runs on the table
+        data.extras["partitions_present"] = _lake_months(conn, layout, record, planned)
+        data.extras["check_queries"] = targets.lake_check_queries(sink) + ledger.check_queries(
+            record.run_id
+        )
+        return data
     attached = catalog.attached_partitions(conn, layout)
     data.extras["partitions_present"] = sum(
         1 for p_, m in planned if layout.target_partition_name(p_, Month.parse(m)) in attached
@@ -168,6 +176,18 @@ def collect(
         record.run_id
     )
     return data
+
+
+def _lake_months(
+    conn: psycopg.Connection, layout: Layout, record: Any, planned: set[tuple[str, str]]
+) -> int:
+    """How many planned months the Delta sink holds files for, all present in storage."""
+    from bqx.pipeline.plan import default_destination
+
+    params = Params.recorded(record.params, layout, Params())
+    keys = [(p, Month.parse(m)) for p, m in sorted(planned)]
+    states = default_destination(params).month_states(conn, params, keys)
+    return sum(1 for k in keys if states.get(k) != "missing")
 
 
 # -- figures ----------------------------------------------------------------------------------
@@ -491,11 +511,20 @@ def _md_technical(d: ReportData) -> list[str]:
         f" {6 * len(windows)} window + 7 aggregates)",
         f"- Source tables: `{src if '.' in src else d.layout.schema + '.' + src}`"
         f" (time `{p.get('time_column')}`, price `{p.get('price_column')}`)",
-        f"- Target tables: `{d.layout.schema}.bqx_{{pair}}`, monthly partitions"
-        " `bqx_{pair}_{YYYY}m{MM}`, primary key `ts_utc`",
-        "- Writes: one transaction per (pair, month) job: TRUNCATE partition, binary COPY,"
-        " ledger update",
+        *_target_lines(d.layout, p.get("sink")),
     ])  # fmt: skip
+
+
+def _target_lines(layout: Layout, sink: str | None) -> list[str]:
+    if sink:
+        return [f"- Target: the Delta table `{sink}`, partitioned by `pair` and `month`"
+                " (docs/lake.md); the ledger in PostgreSQL",
+                "- Writes: one Delta commit per (pair, month) job (an overwrite of its"
+                " partition), inside the transaction that marks the job done"]  # fmt: skip
+    return [f"- Target tables: `{layout.schema}.bqx_{{pair}}`, monthly partitions"
+            " `bqx_{pair}_{YYYY}m{MM}`, primary key `ts_utc`",
+            "- Writes: one transaction per (pair, month) job: TRUNCATE partition, binary COPY,"
+            " ledger update"]  # fmt: skip
 
 
 def _md_performance(d: ReportData, s: dict[str, Any]) -> list[str]:

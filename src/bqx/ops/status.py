@@ -142,8 +142,12 @@ def freshness(
         if not catalog.has_source(conn, params.layout, pair):
             continue
         bar = bars.bar_bounds(conn, params.layout, pair)[1]
-        metric = targets.newest(conn, layout, pair) if catalog.has_target(conn, layout, pair) \
-            else None  # fmt: skip
+        if params.sink:  # a Delta sink: the newest time its log's statistics give
+            metric = default_destination(params).newest(pair)  # type: ignore[attr-defined]
+        elif catalog.has_target(conn, layout, pair):
+            metric = targets.newest(conn, layout, pair)
+        else:
+            metric = None
         lag = None if bar is None or metric is None else max(0.0, (bar - metric).total_seconds())
         out[pair] = (_iso(bar), _iso(metric), lag)
     return out
