@@ -4,6 +4,11 @@ checked against the database's own partitions bit for bit (docs/lake.md)."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -15,6 +20,7 @@ from psycopg import sql
 
 from bqx.api import Store
 from bqx.core.layout import Layout
+from conftest import alive, store_for, wait_for
 
 deltalake = pytest.importorskip("deltalake")
 
@@ -229,3 +235,140 @@ def test_resume_redoes_a_month_whose_files_are_gone_or_that_another_writer_rewro
         assert store.backfill().jobs_done == 0
     finally:
         _drop(conn, ref.layout.schema)
+
+
+def test_kill_9_after_the_delta_commit_then_a_rerun_leaves_every_month_exact(
+    store, settings, layout, conn, make_bars, tmp_path, cli_env, pg_url
+):
+    """The window that matters for a lake: the month is committed to Delta but the ledger
+    does not say done yet. The worker and the backfill are killed there (SIGKILL); the rerun
+    redoes the job, and every month holds exactly its rows once."""
+    from bqx.store import names
+
+    _bars(make_bars)
+    ref = _other(settings, layout, conn)
+    sink = tmp_path / "lake"
+    try:
+        ref.backfill(workers=2)
+        store.backfill(workers=2, sink=str(sink))
+        version = _delta(str(sink)).version()
+        blocker = psycopg.connect(pg_url)  # the job's attempt row waits: after the commit
+        blocker.execute(
+            sql.SQL("LOCK TABLE {} IN SHARE MODE").format(names.table(layout, "bqx_attempts"))
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bqx.cli", "backfill", "--pairs", "EURUSD", "--force",
+             "--workers", "1", "--executor", "local", "--sink", str(sink)],
+            env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            jobs = names.table(layout, "bqx_jobs")
+
+            def blocked() -> int | None:
+                row = conn.execute(
+                    sql.SQL(
+                        "SELECT j.worker FROM {} j JOIN pg_stat_activity a ON a.wait_event_type"
+                        " = 'Lock' AND a.query ILIKE %s WHERE j.status = 'running'"
+                    ).format(jobs),
+                    ("%INSERT INTO%bqx_attempts%",),
+                ).fetchone()
+                return int(row[0].rsplit(":", 1)[1]) if row else None
+
+            wait_for(lambda: blocked() is not None, what="the worker to block after its commit")
+            worker = blocked()
+            assert _delta(str(sink)).version() == version + 1  # its month is committed
+            os.kill(proc.pid, signal.SIGKILL)
+            os.kill(worker, signal.SIGKILL)
+            proc.wait(timeout=30)
+            wait_for(lambda: not alive(worker), what="the worker to die")
+        finally:
+            blocker.rollback()
+            blocker.close()
+        run = store.backfill(workers=2)
+        assert run.jobs_failed == 0 and run.jobs_done == 3  # the forced pair's three months
+        for pair in PAIRS:
+            _equal_bit_for_bit(_reference(ref, pair), store.read_metrics(pair))
+        table = _delta(str(sink)).to_pyarrow_table(columns=["pair", "ts_utc"])
+        assert table.num_rows == sum(_reference(ref, p).num_rows for p in PAIRS)  # no duplicate
+        assert store.verify(full=True).ok
+    finally:
+        _drop(conn, ref.layout.schema)
+
+
+def test_two_runs_at_once_on_s3_lose_and_duplicate_nothing(
+    store, settings, layout, conn, make_bars, bucket, cli_env, aws_env
+):
+    """Two `bqx backfill --sink s3://…` processes at the same time, 3 worker threads each,
+    committing to one table on the S3 server: concurrent commits are retried (the log's
+    conditional PUTs answer 412 to the loser), every month is written, none twice, and the
+    values are the database path's."""
+    pairs = [*PAIRS, "gbpusd"]
+    _bars(make_bars, months=3, pairs=pairs)
+    ref = _other(settings, layout, conn)
+    sink = f"s3://{bucket}/two/bqx"
+    try:
+        ref.backfill(workers=2)
+        env = {**cli_env, **aws_env}
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "bqx.cli", "backfill", "--workers", "3", "--sink", sink,
+                 "--json"],
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            for _ in range(2)
+        ]
+        outs = [p.communicate(timeout=300) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in outs]
+        import json
+
+        runs = [json.loads(o) for o, _ in outs]
+        done = sum(r["jobs_done"] for r in runs)
+        assert done == 12 and all(r["jobs_failed"] == 0 for r in runs)
+        for pair in pairs:
+            _equal_bit_for_bit(_reference(ref, pair), _delta_rows(sink, pair))
+        assert _delta(sink).version() == done  # version 0 created it; one commit per job after
+        assert store.verify(full=True).ok
+    finally:
+        _drop(conn, ref.layout.schema)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A Dask cluster bqx did not start: 2 worker processes, one thread each."""
+    import logging
+
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+        dashboard_address=":0", silence_logs=logging.ERROR,
+    ) as c:  # fmt: skip
+        yield c
+
+
+def test_dask_workers_write_the_sink_themselves(
+    store, settings, layout, conn, make_bars, tmp_path, cluster
+):
+    _bars(make_bars)
+    ref = _other(settings, layout, conn)
+    sink = tmp_path / "lake"
+    try:
+        ref.backfill(workers=2)
+        run = store.backfill(executor="dask", scheduler=cluster.scheduler_address, workers=2,
+                             sink=str(sink))  # fmt: skip
+        assert run.jobs_done == 6 and run.jobs_failed == 0
+        for pair in PAIRS:
+            _equal_bit_for_bit(_reference(ref, pair), store.read_metrics(pair))
+        workers = {int(w.split(":")[-1]) for w in _writers(str(sink))}
+        from distributed import Client
+
+        with Client(cluster, set_as_default=False) as client:
+            pids = set(client.run(os.getpid).values())
+        assert workers and workers <= pids and os.getpid() not in workers
+    finally:
+        _drop(conn, ref.layout.schema)
+
+
+def _writers(uri: str) -> list[str]:
+    """The ``host:pid`` of the process behind each bqx commit, from the table's history."""
+    return [h["bqx.writer"] for h in _delta(uri).history() if "bqx.writer" in h]

@@ -36,6 +36,7 @@ from bqx.core.layout import TARGET_RATE, TARGET_TIME
 from bqx.core.months import Month
 from bqx.core.params import Job, Params
 from bqx.core.uris import LakeURI
+from bqx.db.connect import worker_id
 from bqx.errors import BqxError
 from bqx.extras import require
 
@@ -124,7 +125,9 @@ class DeltaLake:
         self.uri = self.lake.uri
         self.options = self.lake.storage_options()
         self._table: Any = None  # this worker's DeltaTable, kept current by its own writes
-        self._lock = threading.Lock()
+        # one DeltaTable per object, used by one thread at a time (verify reads months from
+        # several threads: concurrent refreshes of one table object hang on S3)
+        self._lock = threading.RLock()
         self.last_commit: int | None = None  # the table version of this object's last write
 
     def __repr__(self) -> str:
@@ -134,6 +137,10 @@ class DeltaLake:
 
     def table(self, *, fresh: bool = True) -> Any | None:
         """The table at its latest version (None when there is none yet)."""
+        with self._lock:
+            return self._load(fresh)
+
+    def _load(self, fresh: bool) -> Any | None:
         dl = deltalake()
         if self._table is not None:
             if fresh:
@@ -149,8 +156,9 @@ class DeltaLake:
 
     def files(self, pairs: Sequence[str] | None = None) -> dict[JobKey, list[tuple[str, int]]]:
         """(pair, month) -> [(file path, rows)] as the latest version of the log lists them."""
-        dt = self.table()
-        return {} if dt is None else _listed(dt, pairs)
+        with self._lock:
+            dt = self.table()
+            return {} if dt is None else _listed(dt, pairs)
 
     def _stored(self) -> set[str]:
         """The data files present in storage (one listing of the table's directory tree)."""
@@ -165,19 +173,21 @@ class DeltaLake:
 
     def check(self, conn: psycopg.Connection, params: Params, pair: str) -> None:
         """Refuse a table whose columns are not the parameters' (other windows)."""
-        dt = self.table()
-        if dt is None:
-            return
-        have = pa.schema(dt.schema()).names
-        want = schema(params.columns).names
-        if have != want:
-            missing = [c for c in want if c not in have]
-            extra = [c for c in have if c not in want]
-            raise BqxError(
-                f"the Delta table at {self.uri} has other columns than windows"
-                f" {','.join(map(str, params.windows))} give (missing: {', '.join(missing) or '-'};"
-                f" extra: {', '.join(extra) or '-'}): use another sink or the windows it holds"
-            )
+        with self._lock:
+            dt = self.table()
+            if dt is None:
+                return
+            have = pa.schema(dt.schema()).names
+            want = schema(params.columns).names
+            if have != want:
+                missing = [c for c in want if c not in have]
+                extra = [c for c in have if c not in want]
+                raise BqxError(
+                    f"the Delta table at {self.uri} has other columns than windows"
+                    f" {','.join(map(str, params.windows))} give (missing:"
+                    f" {', '.join(missing) or '-'};"
+                    f" extra: {', '.join(extra) or '-'}): use another sink or the windows it holds"
+                )
 
     def prepare(self, conn: psycopg.Connection, params: Params, jobs: Sequence[Job]) -> None:
         """Create the empty, partitioned table when there is none (two runs may race: the
@@ -227,14 +237,15 @@ class DeltaLake:
         self, cur: psycopg.Cursor | None, params: Params, pair: str, month: Month
     ) -> int | None:
         """The month's version as this object's last commit left it (else the latest)."""
-        dt = self.table(fresh=self.last_commit is None)
-        if dt is None:
-            return None
-        if self.last_commit is not None and dt.version() != self.last_commit:
-            dt = deltalake().DeltaTable(self.uri, version=self.last_commit,
-                                        storage_options=self.options)  # fmt: skip
-        listed = _listed(dt, [pair]).get((pair.lower(), month))
-        return _digest([p for p, _ in listed]) if listed else None
+        with self._lock:
+            dt = self.table(fresh=self.last_commit is None)
+            if dt is None:
+                return None
+            if self.last_commit is not None and dt.version() != self.last_commit:
+                dt = deltalake().DeltaTable(self.uri, version=self.last_commit,
+                                            storage_options=self.options)  # fmt: skip
+            listed = _listed(dt, [pair]).get((pair.lower(), month))
+            return _digest([p for p, _ in listed]) if listed else None
 
     def replace_month(
         self, cur: psycopg.Cursor | None, params: Params, pair: str, month: Month,
@@ -253,7 +264,12 @@ class DeltaLake:
         dl = deltalake()
         props = dl.CommitProperties(
             max_commit_retries=MAX_COMMIT_RETRIES,
-            custom_metadata={"bqx.pair": pair.upper(), "bqx.month": str(month)},
+            # which process wrote it: the table's history names the worker (host:pid)
+            custom_metadata={
+                "bqx.pair": pair.upper(),
+                "bqx.month": str(month),
+                "bqx.writer": worker_id(),
+            },  # fmt: skip
         )
         where = partition_predicate(pair, month)
         with self._lock:
@@ -322,17 +338,17 @@ class DeltaLake:
     ) -> Any:  # fmt: skip
         """A pair's rows with ``lo <= ts_utc < hi`` as an Arrow table sorted by ``ts_utc``:
         ``ts_utc`` then ``columns`` (default every column but the partition ones)."""
-
-        dt = self.table()
         cols = None if columns is None else [TARGET_TIME, *columns]
-        if dt is None:
+        filters: list[tuple[str, str, Any]] = [("pair", "=", pair.upper())]
+        months = _months_between(lo, hi)
+        if months is not None:
+            filters.append(("month", "in", [str(m) for m in months]))
+        with self._lock:
+            dt = self.table()
+            dataset = None if dt is None else dt.to_pyarrow_dataset(file_pruning_predicate=filters)
+        if dataset is None:
             table = schema([]).empty_table()
         else:
-            filters: list[tuple[str, str, Any]] = [("pair", "=", pair.upper())]
-            months = _months_between(lo, hi)
-            if months is not None:
-                filters.append(("month", "in", [str(m) for m in months]))
-            dataset = dt.to_pyarrow_dataset(file_pruning_predicate=filters)
             expr = None
             for op, bound in ((">=", lo), ("<", hi)):
                 if bound is not None:
@@ -359,29 +375,31 @@ class DeltaLake:
 
     def newest(self, pair: str) -> datetime | None:
         """The newest ``ts_utc`` of a pair (from the log's file statistics)."""
-        dt = self.table()
-        if dt is None:
-            return None
-        actions = pa.table(dt.get_add_actions(flatten=True))
-        key = f"max.{TARGET_TIME}"
-        if key not in actions.column_names:
-            return None
-        best = None
-        for p, t in zip(actions.column("partition.pair").to_pylist(),
-                        actions.column(key).to_pylist(), strict=True):  # fmt: skip
-            if p == pair.upper() and t is not None and (best is None or t > best):
-                best = t
-        if best is None:
-            return None
-        return best if best.tzinfo else best.replace(tzinfo=UTC)
+        with self._lock:
+            dt = self.table()
+            if dt is None:
+                return None
+            actions = pa.table(dt.get_add_actions(flatten=True))
+            key = f"max.{TARGET_TIME}"
+            if key not in actions.column_names:
+                return None
+            best = None
+            for p, t in zip(actions.column("partition.pair").to_pylist(),
+                            actions.column(key).to_pylist(), strict=True):  # fmt: skip
+                if p == pair.upper() and t is not None and (best is None or t > best):
+                    best = t
+            if best is None:
+                return None
+            return best if best.tzinfo else best.replace(tzinfo=UTC)
 
     def columns(self) -> list[str] | None:
         """``rate`` and the metric columns of the table, in table order (None: no table)."""
-        dt = self.table()
-        if dt is None:
-            return None
-        return [n for n in pa.schema(dt.schema()).names
-                if n not in (*PARTITIONS, TARGET_TIME, "created_at")]  # fmt: skip
+        with self._lock:
+            dt = self.table()
+            if dt is None:
+                return None
+            return [n for n in pa.schema(dt.schema()).names
+                    if n not in (*PARTITIONS, TARGET_TIME, "created_at")]  # fmt: skip
 
     def pairs(self) -> list[str]:
         return sorted({p for p, _ in self.files()})
