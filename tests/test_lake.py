@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import uuid
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from psycopg import sql
 
 from bqx.api import Store
 from bqx.core.layout import Layout
-from conftest import alive, store_for, wait_for
+from conftest import alive, wait_for
 
 deltalake = pytest.importorskip("deltalake")
 
@@ -311,9 +310,21 @@ def test_two_runs_at_once_on_s3_lose_and_duplicate_nothing(
         env = {**cli_env, **aws_env}
         procs = [
             subprocess.Popen(
-                [sys.executable, "-m", "bqx.cli", "backfill", "--workers", "3", "--sink", sink,
-                 "--json"],
-                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                [
+                    sys.executable,
+                    "-m",
+                    "bqx.cli",
+                    "backfill",
+                    "--workers",
+                    "3",
+                    "--sink",
+                    sink,
+                    "--json",
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
             )  # fmt: skip
             for _ in range(2)
         ]
