@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import psycopg
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from psycopg import sql
 
@@ -383,3 +384,118 @@ def test_dask_workers_write_the_sink_themselves(
 def _writers(uri: str) -> list[str]:
     """The ``host:pid`` of the process behind each bqx commit, from the table's history."""
     return [h["bqx.writer"] for h in _delta(uri).history() if "bqx.writer" in h]
+
+
+# -- bars from Parquet and Delta ------------------------------------------------------------
+
+
+def test_source_parquet_from_export_bars_equals_the_database_bars(
+    store, settings, layout, conn, make_bars, tmp_path
+):
+    """`export --bars` writes today's bars in the shape `--source` reads; a backfill from them
+    gives the database path's values bit for bit; resume notices a rewritten month from its
+    file alone; `--source-check exact` redoes only the months whose bars changed."""
+    _bars(make_bars)
+    ref = _other(settings, layout, conn)
+    data = tmp_path / "bars"
+    try:
+        ref.backfill(workers=2)
+        out = store.export(data, bars=True)
+        assert out.files == 6 and out.rows == sum(
+            conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
+                sql.Identifier(layout.schema, f"m1_{p}"))).fetchone()[0]
+            for p in PAIRS
+        )  # fmt: skip
+        assert sorted(p.name for p in data.iterdir()) == ["pair=EURUSD", "pair=USDJPY"]
+        meta = pq.ParquetFile(data / "pair=EURUSD" / "month=2024-07" / "data.parquet").metadata
+        assert "BYTE_STREAM_SPLIT" in str(meta.row_group(0).column(4).encodings)
+        # the lake's own schema, so nothing in the database's source tables is read
+        lake = Store(settings, schema=f"l_{uuid.uuid4().hex[:10]}")
+        try:
+            run = lake.backfill(workers=2, source=str(data), sink=str(tmp_path / "m"))
+            assert run.jobs_done == 6 and run.jobs_failed == 0
+            for pair in PAIRS:
+                _equal_bit_for_bit(_reference(ref, pair), lake.read_metrics(pair))
+            assert lake.verify(full=True).ok
+            assert lake.backfill().jobs_done == 0  # sink and source as recorded
+            # a corrected bar early in July: its file is rewritten
+            f = data / "pair=EURUSD" / "month=2024-07" / "data.parquet"
+            table = pq.read_table(f)
+            close = table.column("close").to_numpy().copy()
+            close[100] += 0.0001
+            pq.write_table(table.set_column(4, "close", pa.array(close)), f)
+            auto = {(j.pair, str(j.month)): j.reason for j in lake.plan().todo}
+            assert auto == {("eurusd", "2024-07"): "source changed",
+                            ("eurusd", "2024-08"): "source changed"}  # fmt: skip
+            exact = {(j.pair, str(j.month)) for j in lake.plan(source_check="exact").todo}
+            assert exact == {("eurusd", "2024-07")}  # August's lookback is July's last bars
+            assert lake.backfill(source_check="exact").jobs_done == 1
+            assert lake.backfill().jobs_done == 1  # auto: August, whose file set moved
+            assert lake.verify(full=True).ok
+        finally:
+            _drop(conn, lake.layout.schema)
+    finally:
+        _drop(conn, ref.layout.schema)
+
+
+def test_source_one_file_per_pair_and_a_delta_table_of_bars_on_s3(
+    store, settings, layout, conn, make_bars, tmp_path, bucket
+):
+    _bars(make_bars)
+    ref = _other(settings, layout, conn)
+    try:
+        ref.backfill(workers=2)
+        # one file per pair, other column names, naive times, decimal prices
+        files = tmp_path / "files"
+        files.mkdir()
+        stored = {}
+        for pair in PAIRS:
+            stored[pair] = rows = conn.execute(
+                sql.SQL("SELECT time, close FROM {} ORDER BY time").format(
+                    sql.Identifier(layout.schema, f"m1_{pair}")
+                )
+            ).fetchall()
+            t = pa.array([r[0].replace(tzinfo=None) for r in rows], pa.timestamp("us"))
+            p = pa.array([r[1] for r in rows]).cast(pa.decimal128(12, 5))
+            pq.write_table(pa.table({"ts": t, "mid": p}), files / f"{pair.upper()}.parquet")
+        one = Store(settings, schema=f"l_{uuid.uuid4().hex[:10]}", time_column="ts",
+                    price_column="mid")  # fmt: skip
+        # a Delta table of bars on the S3 server, partitioned by pair
+        uri = f"s3://{bucket}/bars"
+        from bqx.core.uris import LakeURI
+
+        for pair in PAIRS:
+            rows = stored[pair]
+            table = pa.table({"pair": [pair.upper()] * len(rows),
+                              "time": pa.array([r[0] for r in rows], pa.timestamp("us", "UTC")),
+                              "close": pa.array([r[1] for r in rows], pa.float64())})  # fmt: skip
+            deltalake.write_deltalake(
+                uri,
+                table,
+                partition_by=["pair"],
+                mode="append",
+                storage_options=LakeURI.parse(uri).storage_options(),
+            )
+        delta = Store(settings, schema=f"l_{uuid.uuid4().hex[:10]}")
+        try:
+            a = one.backfill(workers=2, source=str(files), sink=str(tmp_path / "a"))
+            b = delta.backfill(workers=2, source=uri, sink=f"s3://{bucket}/metrics")
+            assert a.jobs_done == b.jobs_done == 6
+            for pair in PAIRS:
+                _equal_bit_for_bit(_reference(ref, pair), one.read_metrics(pair))
+                _equal_bit_for_bit(_reference(ref, pair), delta.read_metrics(pair))
+            assert delta.backfill().jobs_done == 0
+            # bars appended to the Delta table: the months they touch, and only those
+            extra = pa.table({"pair": ["EURUSD"], "time": pa.array(
+                np.array(["2024-10-01T00:00"], "datetime64[us]"), pa.timestamp("us", tz="UTC")),
+                "close": [1.1]})  # fmt: skip
+            deltalake.write_deltalake(
+                uri, extra, mode="append", storage_options=LakeURI.parse(uri).storage_options()
+            )
+            todo = {(j.pair, str(j.month)) for j in delta.plan().todo}
+            assert todo == {("eurusd", "2024-10")}
+        finally:
+            _drop(conn, one.layout.schema)
+            _drop(conn, delta.layout.schema)
+    finally:
+        _drop(conn, ref.layout.schema)

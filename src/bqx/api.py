@@ -353,9 +353,11 @@ class Store:
         from bqx.pipeline.plan import resolve_sink
 
         _lake_uri(sink, "sink")  # a bad URI is refused before any connection
+        _lake_uri(source, "source")
         with self.connect() as conn:
             where = resolve_sink(conn, self.layout, parse_pairs(pairs), sink)
-        return self.params(windows, mode, max_fill, sink=where, source=source)
+            bars = resolve_sink(conn, self.layout, parse_pairs(pairs), source, "source")
+        return self.params(windows, mode, max_fill, sink=where, source=bars)
 
     # -- data in -------------------------------------------------------------------------
 
@@ -711,21 +713,37 @@ class Store:
     def export(
         self, out: str | Path, *, pairs: PairsLike = None, start: MonthLike | None = None,
         end: MonthLike | None = None, columns: str | Sequence[str] | None = None,
-        compression: str = "zstd", progress: StepFn | None = None,
+        compression: str = "zstd", progress: StepFn | None = None, bars: bool = False,
+        sink: str | None = None,
     ) -> ExportSummary:  # fmt: skip
         """The metrics as Parquet, ``out/pair=…/month=…/data.parquet``, one month at a time;
         afterwards ``out`` holds exactly the table's partitions for the pairs and months
         exported (those the table no longer holds are removed). ``columns``: a subset of the
         metric columns (``ts_utc`` always comes first). ``progress(label, done, total,
-        rows=…)`` is called as the months go."""
+        rows=…)`` is called as the months go. Metrics in a Delta sink are read from it
+        (``sink``, by default the one recorded for the pairs).
+
+        ``bars``: the source bars instead, as ``out/pair=EURUSD/month=…/data.parquet``
+        (``time``, ``open``, ``high``, ``low``, ``close``, ``volume``), the shape
+        ``backfill(source=out)`` reads."""
         from bqx.core.months import check_span
-        from bqx.ops.export import export
+        from bqx.ops.export import export, export_bars, export_lake
         from bqx.ops.outdir import check_out_dir
 
         first, last = _months(start, end)
         check_span(first, last)
         check_out_dir(out, "pair=…/month=… Parquet files", home=self.settings.home_dir)
         with self.connect() as conn:
+            if bars:
+                if columns is not None:
+                    raise InvalidOption("columns", columns, "goes with metrics, not with bars")
+                return export_bars(conn, self.layout, Path(out), pairs=parse_pairs(pairs),
+                                   start=first, end=last, progress=progress)  # fmt: skip
+            lake = self._lake(conn, parse_pairs(pairs), sink)
+            if lake is not None:
+                return export_lake(lake, Path(out), pairs=parse_pairs(pairs), start=first,
+                                   end=last, columns=columns, compression=compression,
+                                   progress=progress)  # fmt: skip
             return export(conn, self.layout, Path(out), pairs=parse_pairs(pairs), start=first,
                           end=last, columns=columns, compression=compression,
                           progress=progress)  # fmt: skip

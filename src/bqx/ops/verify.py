@@ -14,12 +14,13 @@ and a two-pass variance, so a bug in the production kernel cannot hide itself.
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -34,6 +35,7 @@ from bqx.destinations import Destination
 from bqx.errors import BqxError
 from bqx.ops.recompute import Fault, MonthVerdict, check_month, fault
 from bqx.pipeline.plan import default_destination
+from bqx.sources.parquet import lake_bars
 from bqx.store import bars, catalog, checks, versions
 from bqx.store.ledger import STALE_AFTER_S, Ledger, MonthSeen, RunRecord, Verified, worker_is_dead
 
@@ -144,16 +146,25 @@ def _minute(t: datetime) -> int:
 
 
 def _history(
-    conn: psycopg.Connection, layout: Layout, pair: str, t: datetime, params: dict
-) -> tuple[float, list[float | None]]:
-    """p_t and the window prices before t (oldest first), read straight from the source."""
+    conn: psycopg.Connection, layout: Layout, pair: str, t: datetime, params: dict,
+    series: _Series | None = None,
+) -> tuple[float, list[float | None]]:  # fmt: skip
+    """p_t and the window prices before t (oldest first), read straight from the source (or
+    from ``series``, a lake source's bars read plainly from its files)."""
     wmax = max(params["windows"])
     if params.get("mode", "bars") == "bars":
-        prices = checks.bars_up_to(conn, layout, pair, t, wmax + 1)
+        if series is not None:
+            prices = series.up_to(t, wmax + 1)
+        else:
+            prices = checks.bars_up_to(conn, layout, pair, t, wmax + 1)
         return prices[-1], list(prices[:-1])
     max_fill = int(params.get("max_fill", 5))
-    rows = checks.bars_between(conn, layout, pair, t - timedelta(minutes=wmax + max_fill), t)
-    first = bars.bar_bounds(conn, layout, pair)[0]
+    lo = t - timedelta(minutes=wmax + max_fill)
+    if series is not None:
+        rows, first = series.between(lo, t), series.first()
+    else:
+        rows = checks.bars_between(conn, layout, pair, lo, t)
+        first = bars.bar_bounds(conn, layout, pair)[0]
     by_minute = {_minute(when): p for when, p in rows}
     now = _minute(t)
     first_minute = _minute(first) if first is not None else now
@@ -167,6 +178,34 @@ def _history(
                     break
         window.append(price)
     return by_minute[now], window
+
+
+@dataclass
+class _Series:
+    """A pair's bars from a lake source, read once, answered in plain Python."""
+
+    times: list[datetime]
+    prices: list[float]
+
+    @classmethod
+    def read(cls, lake: Any, pair: str) -> _Series:
+        times, prices = lake.read(pair)
+        return cls([_aware(t) for t in times.tolist()], [float(p) for p in prices])
+
+    def up_to(self, t: datetime, count: int) -> list[float]:
+        end = bisect.bisect_right(self.times, t)
+        return self.prices[max(0, end - count) : end]
+
+    def between(self, lo: datetime, hi: datetime) -> list[tuple[datetime, float]]:
+        a, b = bisect.bisect_left(self.times, lo), bisect.bisect_right(self.times, hi)
+        return list(zip(self.times[a:b], self.prices[a:b], strict=True))
+
+    def first(self) -> datetime | None:
+        return self.times[0] if self.times else None
+
+
+def _aware(t: datetime) -> datetime:
+    return t.replace(tzinfo=UTC)
 
 
 def _close(got: float | None, want: float | None, col: str, p_t: float) -> bool:
@@ -320,8 +359,13 @@ def _seen(
     """What each month of the pair looks like now, from versions and counters alone (a few
     queries per pair; a source bqx does not version is hashed bar by bar)."""
     sources: dict[Month, tuple[str | None, str | None]] = {}
+    lake = lake_bars(params)
     if has_source:
-        for job in versions.source_jobs(conn, params, pair, None, None, "auto"):
+        jobs = (
+            lake.jobs(params, pair, None, None, "auto") if lake is not None
+            else versions.source_jobs(conn, params, pair, None, None, "auto")
+        )  # fmt: skip
+        for job in jobs:
             sources[job.month] = (job.source_ver or job.source_sig, job.source_stats)
     tver = dest.month_versions(conn, params, [pair])
     stamps = dest.month_stamps(conn, params, [pair])
@@ -355,7 +399,11 @@ def _plan_values(ctx: _Context, dest: Destination, full: bool) -> _Work:
         by_pair.setdefault(pair, []).append(month)
     for pair, months in by_pair.items():
         params = scope.params[pair]
-        work.sources[pair] = catalog.has_source(conn, params.layout, pair)
+        lake = lake_bars(params)
+        work.sources[pair] = (
+            pair in lake.listing() if lake is not None
+            else catalog.has_source(conn, params.layout, pair)
+        )  # fmt: skip
         seen = _seen(conn, params, ctx.dest(pair, dest), pair, work.sources[pair])
         for month in months:
             now = seen.get(month) or MonthSeen(params.hash, "no bars", None, None, None)
@@ -463,13 +511,15 @@ def _sample_rows(ctx: _Context, pair: str, times: list[datetime]) -> tuple[list[
         rows = ctx.lakes[pair].rows_at(pair, cols, times) if times else []  # type: ignore[attr-defined]
     else:
         rows = checks.rows_at(ctx.conn, layout, pair, cols, times) if times else []
+    lake = lake_bars(params)
+    series = _Series.read(lake, pair) if lake is not None and rows else None
     # faults grouped per month and column: "EURUSD 2024-07: w60_bqx_avg wrong on 12 of 53
     # sampled rows (first 2024-07-03 04:17: 1.0733694 vs recomputed 1.0733587)"
     seen: dict[Month, int] = {}
     wrong: dict[tuple[Month, str], list[tuple[str, Any, Any]]] = {}
     for row in rows:
         t, rate = row[0], row[1]
-        p_t, window = _history(ctx.conn, layout, pair, t, doc)
+        p_t, window = _history(ctx.conn, layout, pair, t, doc, series)
         want = plain_metrics(window, p_t, windows)
         month = Month.of(t)
         seen[month] = seen.get(month, 0) + 1
