@@ -499,3 +499,46 @@ def test_source_one_file_per_pair_and_a_delta_table_of_bars_on_s3(
             _drop(conn, delta.layout.schema)
     finally:
         _drop(conn, ref.layout.schema)
+
+
+def test_update_on_a_sink_equals_a_forced_recompute_and_a_noop_commits_nothing(
+    store, settings, layout, conn, make_bars, tmp_path
+):
+    """New bars in a new month and a partly filled one, a corrected bar of July: `update`
+    brings the Delta months to what the database path computes from the same bars, one commit
+    per changed month; rows whose values did not change keep their created_at; an update with
+    nothing new commits nothing."""
+    from bqx.store.bars import load_bars
+    from conftest import random_walk_bars
+
+    times, ohlcv = random_walk_bars("2024-06-25", 60 * 24 * 65, seed=3)
+    cut = int(np.searchsorted(times, np.datetime64("2024-08-10T00:00", "us")))
+    load_bars(conn, layout, "eurusd", times[:cut], ohlcv[:cut], mode="replace")
+    sink = tmp_path / "lake"
+    store.backfill(workers=2, sink=str(sink))
+    before = _delta(str(sink)).to_pyarrow_table(
+        filters=[("pair", "=", "EURUSD"), ("month", "=", "2024-06")]
+    )
+    ohlcv = ohlcv.copy()
+    fix = int(np.searchsorted(times, np.datetime64("2024-07-20T10:00", "us")))
+    ohlcv[fix, 3] += 0.0002  # a corrected close in July
+    july = int(np.searchsorted(times, np.datetime64("2024-07-01T00:00", "us")))
+    load_bars(conn, layout, "eurusd", times[july:], ohlcv[july:], mode="merge")  # + August
+    version = _delta(str(sink)).version()
+    result = store.update()
+    assert result.pairs[0].months == ["2024-07", "2024-08"]
+    assert result.pairs[0].new_rows == len(times) - cut
+    assert _delta(str(sink)).version() == version + 2  # one commit per changed month
+    ref = _other(settings, layout, conn)
+    try:
+        ref.backfill(workers=2)
+        _equal_bit_for_bit(_reference(ref, "eurusd"), store.read_metrics("eurusd"))
+        after = _delta(str(sink)).to_pyarrow_table(
+            filters=[("pair", "=", "EURUSD"), ("month", "=", "2024-06")]
+        )
+        assert after.column("created_at").equals(before.column("created_at"))  # June untouched
+        assert store.update().rows == 0
+        assert _delta(str(sink)).version() == version + 2  # nothing new: no commit
+        assert store.verify(full=True).ok
+    finally:
+        _drop(conn, ref.layout.schema)

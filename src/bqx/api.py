@@ -547,25 +547,27 @@ class Store:
 
     def _updater(
         self, pairs: PairsLike, recheck: str | float, windows: Sequence[int] | None,
-        mode: str | None, max_fill: int | None,
+        mode: str | None, max_fill: int | None, sink: str | None = None,
     ) -> Any:  # fmt: skip
         from bqx.pipeline.update import Updater, parse_duration
 
         return Updater(self.url(), self.layout, pairs=parse_pairs(pairs),
                        recheck_s=parse_duration(recheck),
                        windows=check_windows(windows) if windows else None, mode=mode,
-                       max_fill=max_fill)  # fmt: skip
+                       max_fill=max_fill, sink=_lake_uri(sink, "sink"))  # fmt: skip
 
     def update(
         self, pairs: PairsLike = None, *, recheck: str | float = "1d",
         windows: Sequence[int] | None = None, mode: str | None = None,
-        max_fill: int | None = None,
+        max_fill: int | None = None, sink: str | None = None,
     ) -> UpdateResult:  # fmt: skip
         """Compute only the bars newer than each pair's metrics hold, and late or corrected
-        ones within ``recheck`` (seconds, or ``30m``, ``6h``, ``1d``), by upsert."""
+        ones within ``recheck`` (seconds, or ``30m``, ``6h``, ``1d``), by upsert. A pair
+        written to a Delta sink is updated there (``sink``: that table; by default the one
+        each pair was written to): each changed month in one commit of the whole month."""
         from bqx.pipeline.update import update_once
 
-        return update_once(self._updater(pairs, recheck, windows, mode, max_fill))
+        return update_once(self._updater(pairs, recheck, windows, mode, max_fill, sink))
 
     def follow(
         self, interval: float, *, pairs: PairsLike = None, recheck: str | float = "1d",

@@ -169,6 +169,7 @@ def update(
     database_url: DatabaseOpt = None,
     schema: SchemaOpt = None,
     json_out: JsonOpt = False,
+    sink: SinkOpt = None,
 ) -> None:
     """Compute only bars newer than each pair's target holds (and late or corrected ones)."""
     store = store_from(database_url, schema, source_table, time_column, price_column)
@@ -180,7 +181,7 @@ def update(
 
         try:
             result = store.update(pairs, recheck=recheck, windows=wins, mode=mode,
-                                  max_fill=max_fill)  # fmt: skip
+                                  max_fill=max_fill, sink=sink)  # fmt: skip
         except UpdateFailed as failed:  # the other pairs were updated: say both, exit 1
             print_json(failed.result.as_dict()) if json_out else say(failed.result.text())
             for line in failed.result.errors:
