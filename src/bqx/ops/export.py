@@ -325,16 +325,9 @@ def export_lake(
     check_span(start, end)
     summary = ExportSummary(Path(out))
     t0 = time.monotonic()
-    stored = lake.files(pairs)
-    have = sorted({p for p, _ in stored})
-    todo = [validate_pair(p) for p in pairs] if pairs else have
-    missing = [p for p in todo if p not in have]
-    if missing:
-        raise BqxError(f"no metrics for {', '.join(p.upper() for p in missing)} in the Delta"
-                       f" table at {lake.uri}")  # fmt: skip
+    have, todo, work = _lake_work(lake, pairs, start, end)
     chosen = {p: _select_columns(lake.columns() or [], columns, p) for p in todo}
     summary.columns = None if columns is None else chosen[todo[0]] if todo else []
-    work = sorted((p, m) for p, m in stored if p in todo and in_range(m, start, end))
     written: dict[str, set[Month]] = {p: set() for p in todo}
     for i, (pair, month) in enumerate(work):
         if progress is not None:
@@ -353,6 +346,20 @@ def export_lake(
         progress("writing", len(work), len(work), rows=summary.rows)
     summary.seconds = time.monotonic() - t0
     return summary
+
+
+def _lake_work(
+    lake: Any, pairs: Sequence[str] | None, start: Month | None, end: Month | None
+) -> tuple[list[str], list[str], list[tuple[str, Month]]]:
+    """(pairs the sink holds, pairs to export, their (pair, month) in range)."""
+    stored = lake.files(pairs)
+    have = sorted({p for p, _ in stored})
+    todo = [validate_pair(p) for p in pairs] if pairs else have
+    missing = [p for p in todo if p not in have]
+    if missing:
+        raise BqxError(f"no metrics for {', '.join(p.upper() for p in missing)} in the Delta"
+                       f" table at {lake.uri}")  # fmt: skip
+    return have, todo, sorted((p, m) for p, m in stored if p in todo and in_range(m, start, end))
 
 
 def _export_month(
