@@ -542,3 +542,32 @@ def test_update_on_a_sink_equals_a_forced_recompute_and_a_noop_commits_nothing(
         assert store.verify(full=True).ok
     finally:
         _drop(conn, ref.layout.schema)
+
+
+def test_bad_sinks_and_sources_are_one_line_and_write_nothing(
+    store, layout, conn, make_bars, tmp_path, bqx, monkeypatch
+):
+    _bars(make_bars, pairs=["eurusd"])
+    cases = [
+        (
+            ["backfill", "--sink", "ftp://host/x"],
+            2,
+            "invalid --sink 'ftp://host/x': unknown scheme",
+        ),
+        (["backfill", "--sink", "s3://AKIAX:hunter2@bucket/x"], 2, "holds a credential"),
+        (["backfill", "--source", str(tmp_path / "nothing")], 1, "no bars at"),
+    ]
+    for args, code, text in cases:
+        out = bqx(args)
+        assert out.returncode == code and text in out.stderr, (args, out.stderr)
+        assert len(out.stderr.strip().splitlines()) == 1 and "hunter2" not in out.stderr
+    # a table of other windows: refused before any job
+    sink = tmp_path / "lake"
+    assert store.backfill(sink=str(sink), windows=(15, 30)).jobs_done == 3
+    out = bqx(["backfill", "--sink", str(sink), "--windows", "15,30,60", "--force"])
+    assert out.returncode == 1 and "has other columns than windows 15,30,60" in out.stderr
+    # without the lake extra: one line naming it
+    monkeypatch.setitem(sys.modules, "deltalake", None)
+    out = bqx(["backfill", "--sink", str(tmp_path / "other"), "--force"])
+    assert out.returncode == 1 and 'needs the "lake" extra' in out.stderr, out.stderr
+    assert not (tmp_path / "other").exists()

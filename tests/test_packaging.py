@@ -175,32 +175,33 @@ def test_dev_covers_every_other_extra():
     for extra, requirements in EXTRAS.items():
         missing = expand(requirements) - dev
         assert not missing, f"[dev] lacks {sorted(missing)} of [{extra}]"
-    assert expand(EXTRAS["all"]) == expand(EXTRAS["dask"] + EXTRAS["ml"] + EXTRAS["service"])
+    assert expand(EXTRAS["all"]) == expand(
+        EXTRAS["dask"] + EXTRAS["ml"] + EXTRAS["service"] + EXTRAS["lake"]
+    )
 
 
 def test_every_requirement_is_pinned_and_the_core_holds_no_extra():
     for req in [*PROJECT["dependencies"], *(r for rs in EXTRAS.values() for r in expand(rs))]:
         assert re.fullmatch(r"[\w.\-\[\]]+==[\w.]+", req), f"not an exact pin: {req}"
     core = {dist_name(r) for r in PROJECT["dependencies"]}
-    for extra in ("dask", "ml", "service"):
+    for extra in ("dask", "ml", "service", "lake"):
         both = core & {dist_name(r) for r in expand(EXTRAS[extra])}
         assert not both, f"{sorted(both)} of [{extra}] are in the core dependencies"
 
 
 def _extra_modules() -> dict[str, str]:
-    """Module -> extra, for every package of the dask, ml and service extras."""
+    """Module -> extra, for every package of the dask, ml, service and lake extras."""
     return {
         IMPORT_NAME.get(dist_name(r), dist_name(r).replace("-", "_")): extra
-        for extra in ("dask", "ml", "service")
+        for extra in ("dask", "ml", "service", "lake")
         for r in expand(EXTRAS[extra])
     }
 
 
 def test_the_extras_packages_are_imported_only_through_require():
     modules = _extra_modules()
-    assert {"dask", "distributed", "psutil", "sklearn", "lightgbm", "prometheus_client"} <= set(
-        modules
-    )
+    assert {"dask", "distributed", "psutil", "sklearn", "lightgbm", "prometheus_client",
+            "deltalake"} <= set(modules)  # fmt: skip
     plain, asked = [], []
     for path in sorted(SRC.rglob("*.py")):
         tree = ast.parse(path.read_text(), str(path))
@@ -228,7 +229,7 @@ def test_the_extras_packages_are_imported_only_through_require():
                     f"{where}: {module} is not a package of the {extra!r} extra"
                 )
     assert not plain, "import these through bqx.extras.require:\n" + "\n".join(plain)
-    assert {extra for extra, _ in asked} == {"dask", "ml", "service"}
+    assert {extra for extra, _ in asked} == {"dask", "ml", "service", "lake"}
 
 
 def test_docs_install_the_distribution_not_the_other_bqx():
