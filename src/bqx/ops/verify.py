@@ -19,7 +19,7 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -645,7 +645,8 @@ def verify(
         return result
     ctx = _Context(conn, layout, scope, progress or (lambda *a, **k: None), partitions)
     ctx.lakes = {p: default_destination(q) for p, q in scope.params.items() if q.sink}
-    dest = dest or default_destination(next(iter(scope.params.values())))
+    # the database's partitions for the pairs not in a Delta sink
+    dest = dest or default_destination(replace(next(iter(scope.params.values())), sink=None))
     work = _plan_values(ctx, dest, full)
     result.checks = [check_partitions(ctx), check_keys(ctx)]
     values, verdicts = check_values(ctx, dest, work, url, workers, sample, seed)
