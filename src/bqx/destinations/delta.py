@@ -56,15 +56,15 @@ def deltalake() -> Any:
 def writer_properties() -> Any:
     """Parquet that pays for float columns: byte-stream-split (each byte plane of the doubles
     compresses on its own, so zstd finds the slowly varying exponent and high mantissa bytes),
-    no dictionary (every value differs), zstd; sorted times delta-encoded; one row group per
-    month."""
+    no dictionary (every value differs), zstd level 1 (level 3 saves 0.5 % of the bytes for a
+    third more CPU per write); sorted times delta-encoded; one row group per month."""
     dl = deltalake()
     # statistics per row group, not per page: a month is read whole, and page statistics of
     # 38 float columns cost CPU on every write
     floats = dl.ColumnProperties(dictionary_enabled=False, encoding="BYTE_STREAM_SPLIT",
                                  statistics_enabled="CHUNK")  # fmt: skip
     return dl.WriterProperties(
-        compression="ZSTD", compression_level=3, max_row_group_size=ROW_GROUP_ROWS,
+        compression="ZSTD", compression_level=1, max_row_group_size=ROW_GROUP_ROWS,
         default_column_properties=floats,
         column_properties={
             TARGET_TIME: dl.ColumnProperties(dictionary_enabled=False,
