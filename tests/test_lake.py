@@ -418,6 +418,9 @@ def test_source_parquet_from_export_bars_equals_the_database_bars(
                 _equal_bit_for_bit(_reference(ref, pair), lake.read_metrics(pair))
             assert lake.verify(full=True).ok
             assert lake.backfill().jobs_done == 0  # sink and source as recorded
+            status = {p.pair: p for p in lake.status().pairs}
+            assert status["EURUSD"].current and status["EURUSD"].outstanding == 0
+            assert status["EURUSD"].newest_bar == status["EURUSD"].newest_metric is not None
             # a corrected bar early in July: its file is rewritten
             f = data / "pair=EURUSD" / "month=2024-07" / "data.parquet"
             table = pq.read_table(f)

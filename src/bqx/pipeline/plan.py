@@ -468,7 +468,8 @@ def plan_backfill(
         for d in decisions
     ]  # fmt: skip
     doc = {"windows": list(params.windows), "mode": params.mode, "max_fill": params.max_fill,
-           "source_table": params.source_table, "schema": params.schema}  # fmt: skip
+           "source_table": params.source_table, "schema": params.schema,
+           **params.lake_doc()}  # fmt: skip
     return BackfillPlan(planned, doc, source_check)
 
 
