@@ -28,7 +28,13 @@ PROJECT = PYPROJECT["project"]
 NAME = PROJECT["name"]
 EXTRAS: dict[str, list[str]] = PROJECT["optional-dependencies"]
 IMPORT_NAME = {"scikit-learn": "sklearn"}  # distribution -> module, where they differ
-FEATURE_EXTRAS = ("dask", "ml", "service", "aws")  # each brings a feature; "all" is them all
+FEATURE_EXTRAS = (
+    "dask",
+    "ml",
+    "service",
+    "aws",
+    "lake",
+)  # each brings a feature; "all" is them all
 
 
 def dist_name(requirement: str) -> str:
@@ -195,7 +201,7 @@ def test_dev_covers_every_other_extra():
         missing = expand(requirements) - dev
         assert not missing, f"[dev] lacks {sorted(missing)} of [{extra}]"
     assert expand(EXTRAS["all"]) == expand(
-        EXTRAS["dask"] + EXTRAS["ml"] + EXTRAS["service"] + EXTRAS["aws"]
+        EXTRAS["dask"] + EXTRAS["ml"] + EXTRAS["service"] + EXTRAS["aws"] + EXTRAS["lake"]
     )
 
 
@@ -220,7 +226,7 @@ def _extra_modules() -> dict[str, str]:
 def test_the_extras_packages_are_imported_only_through_require():
     modules = _extra_modules()
     assert {"dask", "distributed", "psutil", "sklearn", "lightgbm", "prometheus_client",
-            "boto3", "botocore"} <= set(modules)  # fmt: skip
+            "boto3", "botocore", "deltalake"} <= set(modules)  # fmt: skip
     plain, asked = [], []
     for path in sorted(SRC.rglob("*.py")):
         tree = ast.parse(path.read_text(), str(path))

@@ -353,13 +353,25 @@ class Store:
             yield conn
 
     def params(self, windows: Sequence[int] = DEFAULT_WINDOWS, mode: str = "bars",
-               max_fill: int = 5) -> Params:  # fmt: skip
-        return Params.build(self.layout, windows, mode, max_fill)
+               max_fill: int = 5, *, sink: str | None = None,
+               source: str | None = None) -> Params:  # fmt: skip
+        return Params.build(self.layout, windows, mode, max_fill, sink=sink,
+                            bars=_lake_uri(source, "source"))  # fmt: skip
 
-    def _destination(self) -> Any:
-        from bqx.destinations.postgres import PostgresPartitions
+    def _lake_params(
+        self, pairs: PairsLike, windows: Sequence[int], mode: str, max_fill: int,
+        sink: str | None, source: str | None,
+    ) -> Params:  # fmt: skip
+        """Parameters with the sink resolved: the one given, else the one the pairs' metrics
+        are recorded in (docs/lake.md)."""
+        from bqx.pipeline.plan import resolve_sink
 
-        return PostgresPartitions(self.layout)
+        _lake_uri(sink, "sink")  # a bad URI is refused before any connection
+        _lake_uri(source, "source")
+        with self.connect() as conn:
+            where = resolve_sink(conn, self.layout, parse_pairs(pairs), sink)
+            bars = resolve_sink(conn, self.layout, parse_pairs(pairs), source, "source")
+        return self.params(windows, mode, max_fill, sink=where, source=bars)
 
     # -- data in -------------------------------------------------------------------------
 
@@ -498,13 +510,19 @@ class Store:
         mode: str = "bars", max_fill: int = 5, workers: int | None = None, force: bool = False,
         job_timeout: float = 600.0, executor: str = "threads", scheduler: str | None = None,
         source_check: str = "auto", progress: bool | Any = False, max_attempts: int = 3,
-        reconnect_within_s: float = 30.0,
+        reconnect_within_s: float = 30.0, sink: str | None = None, source: str | None = None,
     ) -> RunSummary:  # fmt: skip
         """Compute the metrics of every (pair, month) job with source bars; resumable, one
         transaction per job (docs/guarantees.md). ``progress=True`` draws a progress bar on
         stderr; raises ``NothingToDo`` when no month has bars in the range. A job is tried
         ``max_attempts`` times; a database that goes away is waited for
-        ``reconnect_within_s`` seconds before the run stops."""
+        ``reconnect_within_s`` seconds before the run stops.
+
+        ``sink``: a Delta table (a local path or ``s3://bucket/prefix``) instead of the
+        database's partitions; by default the one the pairs were last written to.
+        ``source``: bars from a Parquet dataset or Delta table instead of the source tables
+        (docs/lake.md)."""
+        from bqx.pipeline.plan import default_destination
         from bqx.pipeline.run import RunOptions, run_backfill
         from bqx.progress import BackfillProgress
 
@@ -519,48 +537,51 @@ class Store:
             reconnect_within_s=reconnect_within_s,
         )
         options.check()  # before anything is done, even starting a server
-        params = self.params(windows, mode, max_fill)
+        params = self._lake_params(pairs, windows, mode, max_fill, sink, source)
         first, last = _months(start, end)
         reporter = BackfillProgress() if progress is True else (progress or None)
-        return run_backfill(self.database_ref(), params, self._destination(),
+        return run_backfill(self.database_ref(), params, default_destination(params),
                             parse_pairs(pairs), first, last, options, reporter)  # fmt: skip
 
     def plan(
         self, pairs: PairsLike = None, start: MonthLike | None = None,
         end: MonthLike | None = None, *, windows: Sequence[int] = DEFAULT_WINDOWS,
         mode: str = "bars", max_fill: int = 5, force: bool = False, source_check: str = "auto",
+        sink: str | None = None, source: str | None = None,
     ) -> BackfillPlan:  # fmt: skip
         """What ``backfill`` would do and why (``--dry-run``); writes nothing at all."""
-        from bqx.pipeline.plan import plan_backfill
+        from bqx.pipeline.plan import default_destination, plan_backfill
 
-        params = self.params(windows, mode, max_fill)
+        params = self._lake_params(pairs, windows, mode, max_fill, sink, source)
         first, last = _months(start, end)
         with self.connect() as conn:
             return plan_backfill(conn, params, parse_pairs(pairs), first, last,
-                                 dest=self._destination(), force=force,
+                                 dest=default_destination(params), force=force,
                                  source_check=source_check)  # fmt: skip
 
     def _updater(
         self, pairs: PairsLike, recheck: str | float, windows: Sequence[int] | None,
-        mode: str | None, max_fill: int | None,
+        mode: str | None, max_fill: int | None, sink: str | None = None,
     ) -> Any:  # fmt: skip
         from bqx.pipeline.update import Updater, parse_duration
 
         return Updater(self.database_ref(), self.layout, pairs=parse_pairs(pairs),
                        recheck_s=parse_duration(recheck),
                        windows=check_windows(windows) if windows else None, mode=mode,
-                       max_fill=max_fill)  # fmt: skip
+                       max_fill=max_fill, sink=_lake_uri(sink, "sink"))  # fmt: skip
 
     def update(
         self, pairs: PairsLike = None, *, recheck: str | float = "1d",
         windows: Sequence[int] | None = None, mode: str | None = None,
-        max_fill: int | None = None,
+        max_fill: int | None = None, sink: str | None = None,
     ) -> UpdateResult:  # fmt: skip
         """Compute only the bars newer than each pair's metrics hold, and late or corrected
-        ones within ``recheck`` (seconds, or ``30m``, ``6h``, ``1d``), by upsert."""
+        ones within ``recheck`` (seconds, or ``30m``, ``6h``, ``1d``), by upsert. A pair
+        written to a Delta sink is updated there (``sink``: that table; by default the one
+        each pair was written to): each changed month in one commit of the whole month."""
         from bqx.pipeline.update import update_once
 
-        return update_once(self._updater(pairs, recheck, windows, mode, max_fill))
+        return update_once(self._updater(pairs, recheck, windows, mode, max_fill, sink))
 
     def follow(
         self, interval: float, *, pairs: PairsLike = None, recheck: str | float = "1d",
@@ -675,7 +696,7 @@ class Store:
 
     def read_metrics(
         self, pair: str, start: Any = None, end: Any = None,
-        columns: str | Sequence[str] | None = None,
+        columns: str | Sequence[str] | None = None, *, sink: str | None = None,
     ) -> pa.Table:  # fmt: skip
         """A pair's stored rows as a ``pyarrow.Table``: ``ts_utc`` (timestamp[us, UTC]), then
         ``rate`` and the metric columns (or ``columns``: a list, a name, or a comma list),
@@ -683,30 +704,62 @@ class Store:
 
         ``start`` is inclusive and ``end`` exclusive: ``read_metrics("EURUSD", "2024-07",
         "2024-08")`` is July 2024; an end before the start is refused. Times may be ISO text,
-        datetimes (naive = UTC), numpy or pandas."""
-        from bqx.ops.export import read_metrics_conn
+        datetimes (naive = UTC), numpy or pandas. A pair written to a Delta sink is read from
+        it (``sink``: that table, by default the one recorded for the pair)."""
+        from bqx.ops.export import read_metrics_conn, read_metrics_lake
 
         with self.connect() as conn:
+            lake = self._lake(conn, [validate_pair(pair)], sink)
+            if lake is not None:
+                return read_metrics_lake(lake, pair, start, end, columns)
             return read_metrics_conn(conn, self.layout, pair, start, end, columns)
+
+    def _lake(self, conn: psycopg.Connection, pairs: Sequence[str] | None,
+              sink: str | None) -> Any:  # fmt: skip
+        """The Delta sink the pairs' metrics are in (``sink``, else as recorded), or None."""
+        from bqx.pipeline.plan import resolve_sink
+
+        where = resolve_sink(conn, self.layout, pairs, sink)
+        if where is None:
+            return None
+        from bqx.destinations.delta import DeltaLake
+
+        return DeltaLake(where)
 
     def export(
         self, out: str | Path, *, pairs: PairsLike = None, start: MonthLike | None = None,
         end: MonthLike | None = None, columns: str | Sequence[str] | None = None,
-        compression: str = "zstd", progress: StepFn | None = None,
+        compression: str = "zstd", progress: StepFn | None = None, bars: bool = False,
+        sink: str | None = None,
     ) -> ExportSummary:  # fmt: skip
         """The metrics as Parquet, ``out/pair=…/month=…/data.parquet``, one month at a time;
         afterwards ``out`` holds exactly the table's partitions for the pairs and months
         exported (those the table no longer holds are removed). ``columns``: a subset of the
         metric columns (``ts_utc`` always comes first). ``progress(label, done, total,
-        rows=…)`` is called as the months go."""
+        rows=…)`` is called as the months go. Metrics in a Delta sink are read from it
+        (``sink``, by default the one recorded for the pairs).
+
+        ``bars``: the source bars instead, as ``out/pair=EURUSD/month=…/data.parquet``
+        (``time``, ``open``, ``high``, ``low``, ``close``, ``volume``), the shape
+        ``backfill(source=out)`` reads."""
         from bqx.core.months import check_span
-        from bqx.ops.export import export
+        from bqx.ops.export import export, export_bars, export_lake
         from bqx.ops.outdir import check_out_dir
 
         first, last = _months(start, end)
         check_span(first, last)
         check_out_dir(out, "pair=…/month=… Parquet files", home=self.settings.home_dir)
         with self.connect() as conn:
+            if bars:
+                if columns is not None:
+                    raise InvalidOption("columns", columns, "goes with metrics, not with bars")
+                return export_bars(conn, self.layout, Path(out), pairs=parse_pairs(pairs),
+                                   start=first, end=last, progress=progress)  # fmt: skip
+            lake = self._lake(conn, parse_pairs(pairs), sink)
+            if lake is not None:
+                return export_lake(lake, Path(out), pairs=parse_pairs(pairs), start=first,
+                                   end=last, columns=columns, compression=compression,
+                                   progress=progress)  # fmt: skip
             return export(conn, self.layout, Path(out), pairs=parse_pairs(pairs), start=first,
                           end=last, columns=columns, compression=compression,
                           progress=progress)  # fmt: skip
@@ -868,6 +921,15 @@ def run_demo(
     for step in result.next_steps:
         say(f"    {step}")
     return result
+
+
+def _lake_uri(uri: str | Path | None, param: str) -> str | None:
+    """A lake location normalised (an absolute path, or s3://bucket/prefix); None stays."""
+    if uri is None:
+        return None
+    from bqx.core.uris import LakeURI
+
+    return LakeURI.parse(uri, param).uri
 
 
 def _check_count(param: str, value: int) -> None:

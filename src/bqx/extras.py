@@ -1,9 +1,10 @@
 """Optional parts of bqx and the extras that install them.
 
 ``pip install bqx-metrics`` holds what backfill, update, status, verify, report, export, ingest,
-generate and the embedded server need. Three features need more, each through an extra of
-pyproject.toml: the Dask executor (``dask``), the ML baseline (``ml``) and the Prometheus
-server of ``bqx update --follow --metrics-port`` (``service``); ``all`` is the three.
+generate and the embedded server need. Four features need more, each through an extra of
+pyproject.toml: the Dask executor (``dask``), the ML baseline (``ml``), the Prometheus
+server of ``bqx update --follow --metrics-port`` (``service``) and Delta Lake tables for
+``--sink``/``--source`` (``lake``); ``all`` is the four.
 
 Those packages are imported through :func:`require` only, so that a missing one is one line
 naming the extra and the command that installs it, never a traceback.

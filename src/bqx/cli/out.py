@@ -39,19 +39,35 @@ def export(
     json_out: JsonOpt = False,
     database_url: DatabaseOpt = None,
     schema: SchemaOpt = None,
+    bars: Annotated[
+        bool,
+        typer.Option(
+            "--bars",
+            help="The source bars instead (pair=EURUSD/month=…/data.parquet: time, open, high,"
+            " low, close, volume), in the shape `backfill --source` reads.",
+        ),
+    ] = False,
+    source_table: SourceTableOpt = "m1_{pair}",
 ) -> None:
     """The stored metrics as Parquet, Hive-partitioned by pair and month, one month at a time.
 
     Afterwards the directory holds exactly the table's rows for the pairs and months exported:
     a partition whose rows are gone from the table (deleted bars, a dropped pair) is removed.
+    Metrics kept in a Delta sink (`backfill --sink`) are read from it.
     """
     from bqx.progress import RateProgress
 
-    store = store_from(database_url, schema)
+    store = store_from(database_url, schema, source_table)
     progress = RateProgress("export")
     try:
         summary = store.export(
-            out, pairs=pairs, start=start, end=end, columns=columns, progress=progress
+            out,
+            pairs=pairs,
+            start=start,
+            end=end,
+            columns=columns,
+            progress=progress,
+            bars=bars,
         )
     finally:
         progress.close()

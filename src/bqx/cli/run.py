@@ -35,6 +35,24 @@ WindowsOpt = Annotated[
     str, typer.Option("--windows", help="Window sizes in bars/minutes, comma separated.")
 ]
 ModeOpt = Annotated[str, typer.Option("--mode", help="Window mode: bars or clock.")]
+SinkOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--sink",
+        help="A Delta Lake table for the metrics instead of the database's partitions: a local"
+        " path or s3://bucket/prefix (AWS_* variables; the lake extra) [default: where the"
+        " pairs were last written]. See docs/lake.md.",
+    ),
+]
+SourceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--source",
+        help="Bars from a Parquet dataset (pair=EURUSD/… folders, or a file per pair) or a"
+        " Delta table, local or s3://…, instead of the source tables (--time-column and"
+        " --price-column name its columns).",
+    ),
+]
 MaxFillOpt = Annotated[
     int,
     typer.Option("--max-fill", help="clock mode: forward-fill a price at most this many minutes."),
@@ -85,6 +103,8 @@ def backfill(
         bool,
         typer.Option("--dry-run", help="Show the jobs to do and to skip, and why; write nothing."),
     ] = False,
+    sink: SinkOpt = None,
+    source: SourceOpt = None,
 ) -> None:
     """Compute BQX metrics for every (pair, month) job; resumable, one transaction per job.
 
@@ -94,13 +114,14 @@ def backfill(
     wins = windows_option(windows)
     if dry_run:
         plan = store.plan(pairs, start, end, windows=wins, mode=mode, max_fill=max_fill,
-                          force=force, source_check=source_check)  # fmt: skip
+                          force=force, source_check=source_check, sink=sink,
+                          source=source)  # fmt: skip
         print_json(plan.as_dict()) if json_out else say(plan.text())
         return
     summary = store.backfill(
         pairs, start, end, windows=wins, mode=mode, max_fill=max_fill, workers=workers,
         force=force, job_timeout=job_timeout, executor=executor, scheduler=scheduler,
-        source_check=source_check, progress=not json_out,
+        source_check=source_check, progress=not json_out, sink=sink, source=source,
     )  # fmt: skip
     if json_out:
         print_json(summary.as_dict())
@@ -148,6 +169,7 @@ def update(
     database_url: DatabaseOpt = None,
     schema: SchemaOpt = None,
     json_out: JsonOpt = False,
+    sink: SinkOpt = None,
 ) -> None:
     """Compute only bars newer than each pair's target holds (and late or corrected ones)."""
     store = store_from(database_url, schema, source_table, time_column, price_column)
@@ -159,7 +181,7 @@ def update(
 
         try:
             result = store.update(pairs, recheck=recheck, windows=wins, mode=mode,
-                                  max_fill=max_fill)  # fmt: skip
+                                  max_fill=max_fill, sink=sink)  # fmt: skip
         except UpdateFailed as failed:  # the other pairs were updated: say both, exit 1
             print_json(failed.result.as_dict()) if json_out else say(failed.result.text())
             for line in failed.result.errors:

@@ -19,6 +19,7 @@ MODES = metrics.MODES
 # how resume tells that a job's source is unchanged: "auto" compares the versions bqx keeps
 # where its triggers guard them and hashes the bars elsewhere; "exact" always hashes
 SOURCE_CHECKS = ("auto", "exact")
+_LAKE_KEYS = ("sink", "bars")
 MAX_WINDOW = 7 * 24 * 60  # one week of minute bars
 PG_MAX_COLUMNS = 1600  # PostgreSQL's limit on columns per table
 
@@ -69,9 +70,15 @@ class Params:
     source_table: str = "m1_{pair}"
     time_column: str = "time"
     price_column: str = "close"
+    # lake locations (docs/lake.md); None, the default, keeps the hash of older ledgers
+    sink: str | None = None  # a Delta table for the metrics (None: the database's partitions)
+    bars: str | None = None  # a Parquet dataset or Delta table of bars (None: source_table)
 
     @classmethod
-    def build(cls, layout: Layout, windows: Any, mode: str, max_fill: int) -> Params:
+    def build(
+        cls, layout: Layout, windows: Any, mode: str, max_fill: int, *, sink: str | None = None,
+        bars: str | None = None,
+    ) -> Params:  # fmt: skip
         wins = check_windows(windows)
         if mode not in MODES:
             raise InvalidOption("mode", mode, f"expected one of {', '.join(MODES)}")
@@ -80,7 +87,7 @@ class Params:
         return cls(
             windows=wins, mode=mode, max_fill=int(max_fill), schema=layout.schema,
             source_table=layout.source_table, time_column=layout.time_column,
-            price_column=layout.price_column,
+            price_column=layout.price_column, sink=sink, bars=bars,
         )  # fmt: skip
 
     @classmethod
@@ -93,6 +100,7 @@ class Params:
             source_table=doc.get("source_table", default.source_table),
             time_column=doc.get("time_column", default.time_column),
             price_column=doc.get("price_column", default.price_column),
+            sink=doc.get("sink"), bars=doc.get("bars"),
         )  # fmt: skip
 
     @property
@@ -114,6 +122,9 @@ class Params:
     @cached_property  # asked once per job while planning
     def hash(self) -> str:
         doc = {**asdict(self), "formula_version": FORMULA_VERSION}
+        for key in _LAKE_KEYS:  # absent unless set: a ledger of an older bqx keeps its hashes
+            if doc[key] is None:
+                del doc[key]
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
     def describe(self) -> dict[str, Any]:
@@ -122,15 +133,21 @@ class Params:
             "windows": list(self.windows), "mode": self.mode, "max_fill": self.max_fill,
             "schema": self.schema, "source_table": self.source_table,
             "time_column": self.time_column, "price_column": self.price_column,
+            **self.lake_doc(),
         }  # fmt: skip
+
+    def lake_doc(self) -> dict[str, str]:
+        """The lake locations that are set: ``sink``, ``bars``."""
+        return {k: v for k in _LAKE_KEYS if (v := getattr(self, k)) is not None}
 
     def target_doc(self, pair: str) -> dict[str, Any]:
         """The parameters a target table's rows depend on, as recorded per target."""
         schema, table = self.layout.source_name(pair)
         return {
             "windows": list(self.windows), "mode": self.mode, "max_fill": self.max_fill,
-            "source": f"{schema}.{table}", "time_column": self.time_column,
+            "source": self.bars or f"{schema}.{table}", "time_column": self.time_column,
             "price_column": self.price_column, "formula_version": FORMULA_VERSION,
+            "sink": self.sink,
         }  # fmt: skip
 
 

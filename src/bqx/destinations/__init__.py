@@ -4,8 +4,9 @@ A destination takes a month of computed rows and makes the store hold exactly th
 (``replace_month``: a backfill job), or the rows from a time on (``upsert_range``: an
 update), inside the write transaction of the job's ledger row, so that the ledger never says
 "done" for rows that are not there. ``PostgresPartitions`` (the database's monthly
-partitions) is the first; a new destination implements the same protocol and is chosen in
-``bqx.api`` (docs/architecture.md).
+partitions) and ``DeltaLake`` (one Delta Lake table on a disk or S3, ``delta.py``) implement
+it; ``bqx.pipeline.plan.default_destination`` picks one from the parameters (docs/architecture.md,
+docs/lake.md).
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ the directory equal to the table for the pairs and months it covers.
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -125,6 +126,34 @@ def read_metrics_conn(
     return _read(conn, layout, pair, names, lo, hi)
 
 
+def read_metrics_lake(
+    lake: Any, pair: str, start: TimeLike | None = None, end: TimeLike | None = None,
+    columns: str | Sequence[str] | None = None,
+) -> pa.Table:  # fmt: skip
+    """``read_metrics`` from a Delta sink (``bqx.destinations.delta.DeltaLake``): the same
+    table as from the database's partitions."""
+    pair = validate_pair(pair)
+    lo = None if start is None else to_utc_us(start, "start")
+    hi = None if end is None else to_utc_us(end, "end")
+    if lo is not None and hi is not None and hi < lo:
+        raise InvalidOption("end", end, f"is before start {start!r} (start is inclusive, end"
+                            " exclusive)")  # fmt: skip
+    have = lake.columns()
+    if have is None:
+        raise BqxError(f"{pair.upper()}: no metrics in the Delta table at {lake.uri} (run"
+                       " `bqx backfill --sink …` first)")  # fmt: skip
+    names = _select_columns(have, columns, pair)
+    bounds = [None if t is None else _aware(t) for t in (lo, hi)]
+    table = lake.read_table(pair, bounds[0], bounds[1], names)
+    return table.cast(pa.schema([pa.field("ts_utc", pa.timestamp("us", tz="UTC")),
+                                 *(pa.field(n, pa.float64()) for n in names)]))  # fmt: skip
+
+
+def _aware(t: np.datetime64) -> datetime:
+    """A naive-UTC datetime64 as an aware datetime."""
+    return datetime.fromisoformat(str(t.astype("datetime64[us]"))).replace(tzinfo=UTC)
+
+
 def _read(
     conn: psycopg.Connection, layout: Layout, pair: str, names: list[str], lo: Any, hi: Any
 ) -> pa.Table:
@@ -231,6 +260,106 @@ def export(
         progress("writing", len(work), len(work), rows=summary.rows)
     summary.seconds = time.monotonic() - t0
     return summary
+
+
+def bars_writer_options() -> dict[str, Any]:
+    """Parquet for bars that pays: byte-stream-split floats (zstd then finds the repeated
+    exponent and high bytes of each price), delta-encoded sorted times, zstd, one row group
+    per month."""
+    floats = {c: "BYTE_STREAM_SPLIT" for c in ("open", "high", "low", "close", "volume")}
+    return {"compression": "zstd", "use_dictionary": False,
+            "column_encoding": {"time": "DELTA_BINARY_PACKED", **floats},
+            "row_group_size": 1 << 17}  # fmt: skip
+
+
+def _write_parquet(table: pa.Table, options: dict[str, Any], path: Path) -> None:
+    pq.write_table(table, path, **options)
+
+
+def export_bars(
+    conn: psycopg.Connection, layout: Layout, out: Path, *, pairs: Sequence[str] | None = None,
+    start: Month | None = None, end: Month | None = None, progress: ProgressFn | None = None,
+) -> ExportSummary:  # fmt: skip
+    """Today's source bars as Parquet in the shape ``--source`` reads:
+    ``out/pair=EURUSD/month=2024-07/data.parquet`` with ``time`` (UTC) and ``open``, ``high``,
+    ``low``, ``close``, ``volume``; each file renamed into place whole."""
+    from bqx.store import bars
+
+    check_span(start, end)
+    summary = ExportSummary(Path(out))
+    t0 = time.monotonic()
+    have = catalog.source_pairs(conn, layout)
+    todo = [validate_pair(p) for p in pairs] if pairs else have
+    missing = [p for p in todo if p not in have]
+    if missing:
+        raise BqxError(f"no source bars for {', '.join(p.upper() for p in missing)} in"
+                       f" {layout.source_table!r}")  # fmt: skip
+    work = [(p, m) for p in todo for m in sorted(bars.month_counts(conn, layout, p))
+            if in_range(m, start, end)]  # fmt: skip
+    for i, (pair, month) in enumerate(work):
+        if progress is not None:
+            progress("writing", i, len(work), rows=summary.rows)
+        times, v = bars.read_ohlcv(conn, layout, pair, month.start, month.end)
+        table = pa.table({
+            "time": pa.array(times, pa.timestamp("us", tz="UTC")),
+            **{c: pa.array(v[j]) for j, c in enumerate(("open", "high", "low", "close"))},
+            "volume": pa.array(v[4], mask=np.isnan(v[4])),
+        })  # fmt: skip
+        final = summary.out / f"pair={pair.upper()}" / f"month={month}" / "data.parquet"
+        write_atomic(final, functools.partial(_write_parquet, table, bars_writer_options()))
+        summary.files += 1
+        summary.rows += table.num_rows
+    summary.pairs = list(todo)
+    if progress is not None:
+        progress("writing", len(work), len(work), rows=summary.rows)
+    summary.seconds = time.monotonic() - t0
+    return summary
+
+
+def export_lake(
+    lake: Any, out: Path, *, pairs: Sequence[str] | None = None, start: Month | None = None,
+    end: Month | None = None, columns: str | Sequence[str] | None = None,
+    compression: str = "zstd", progress: ProgressFn | None = None,
+) -> ExportSummary:  # fmt: skip
+    """``export`` of metrics kept in a Delta sink: the same files as from the database."""
+    check_span(start, end)
+    summary = ExportSummary(Path(out))
+    t0 = time.monotonic()
+    have, todo, work = _lake_work(lake, pairs, start, end)
+    chosen = {p: _select_columns(lake.columns() or [], columns, p) for p in todo}
+    summary.columns = None if columns is None else chosen[todo[0]] if todo else []
+    written: dict[str, set[Month]] = {p: set() for p in todo}
+    for i, (pair, month) in enumerate(work):
+        if progress is not None:
+            progress("writing", i, len(work), rows=summary.rows)
+        table = read_metrics_lake(lake, pair, month.start, month.end, chosen[pair])
+        if not table.num_rows:
+            continue
+        final = summary.out / pair_dir(pair) / f"month={month}" / "data.parquet"
+        write_atomic(final, functools.partial(_write_parquet, table, {"compression": compression}))
+        summary.files += 1
+        summary.rows += table.num_rows
+        written[pair].add(month)
+    summary.pairs = list(todo)
+    _remove_stale(summary, written, start, end, gone_too=None if pairs else set(have))
+    if progress is not None:
+        progress("writing", len(work), len(work), rows=summary.rows)
+    summary.seconds = time.monotonic() - t0
+    return summary
+
+
+def _lake_work(
+    lake: Any, pairs: Sequence[str] | None, start: Month | None, end: Month | None
+) -> tuple[list[str], list[str], list[tuple[str, Month]]]:
+    """(pairs the sink holds, pairs to export, their (pair, month) in range)."""
+    stored = lake.files(pairs)
+    have = sorted({p for p, _ in stored})
+    todo = [validate_pair(p) for p in pairs] if pairs else have
+    missing = [p for p in todo if p not in have]
+    if missing:
+        raise BqxError(f"no metrics for {', '.join(p.upper() for p in missing)} in the Delta"
+                       f" table at {lake.uri}")  # fmt: skip
+    return have, todo, sorted((p, m) for p, m in stored if p in todo and in_range(m, start, end))
 
 
 def _export_month(

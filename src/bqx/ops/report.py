@@ -12,7 +12,7 @@ import io
 import re
 import statistics
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from markdown_it.token import Token
 
 from bqx.core.layout import Layout
 from bqx.core.months import Month
+from bqx.core.params import Params
 from bqx.core.text import plural
 from bqx.db.connect import DatabaseLike
 from bqx.errors import BqxError
@@ -161,15 +162,37 @@ def collect(
     )  # fmt: skip
     data.total_rows = sum(data.rows.values())
     data.partitions = len(planned)
+    # pairs kept in a Delta sink (recorded per pair): their months and queries from the table
+    sinks = {p: d["sink"] for p, d in ledger.recorded_params(conn, pairs).items() if d.get("sink")}
     attached = catalog.attached_partitions(conn, layout)
     data.extras["partitions_present"] = sum(
-        1 for p_, m in planned if layout.target_partition_name(p_, Month.parse(m)) in attached
-    )
+        1 for p_, m in planned
+        if p_ not in sinks and layout.target_partition_name(p_, Month.parse(m)) in attached
+    ) + _lake_months(conn, layout, record, sinks, planned)  # fmt: skip
     data.extras["earlier_failures"] = ledger.earlier_failures(conn, record.run_id, jobs)
-    data.extras["check_queries"] = targets.check_queries(layout, pairs) + ledger.check_queries(
-        record.run_id
-    )
+    queries = targets.check_queries(layout, [p for p in pairs if p not in sinks])
+    for sink in sorted(set(sinks.values())):
+        queries += targets.lake_check_queries(sink)
+    data.extras["check_queries"] = queries + ledger.check_queries(record.run_id)
+    data.extras["sinks"] = [(k, sorted(p for p in sinks if sinks[p] == k))
+                            for k in sorted(set(sinks.values()))]  # fmt: skip
     return data
+
+
+def _lake_months(
+    conn: psycopg.Connection, layout: Layout, record: Any, sinks: dict[str, str],
+    planned: set[tuple[str, str]],
+) -> int:  # fmt: skip
+    """How many planned months of the pairs in Delta sinks have their files, all present."""
+    from bqx.pipeline.plan import default_destination
+
+    found = 0
+    for sink in set(sinks.values()):
+        params = replace(Params.recorded(record.params, layout, Params()), sink=sink)
+        keys = [(p, Month.parse(m)) for p, m in sorted(planned) if sinks.get(p) == sink]
+        states = default_destination(params).month_states(conn, params, keys)
+        found += sum(1 for k in keys if states.get(k) != "missing")
+    return found
 
 
 # -- figures ----------------------------------------------------------------------------------
@@ -495,11 +518,21 @@ def _md_technical(d: ReportData) -> list[str]:
         f" {6 * len(windows)} window + 7 aggregates)",
         f"- Source tables: `{src if '.' in src else d.layout.schema + '.' + src}`"
         f" (time `{p.get('time_column')}`, price `{p.get('price_column')}`)",
-        f"- Target tables: `{d.layout.schema}.bqx_{{pair}}`, monthly partitions"
-        " `bqx_{pair}_{YYYY}m{MM}`, primary key `ts_utc`",
-        "- Writes: one transaction per (pair, month) job: TRUNCATE partition, binary COPY,"
-        " ledger update",
+        *_target_lines(d.layout, d.extras.get("sinks", [])),
     ])  # fmt: skip
+
+
+def _target_lines(layout: Layout, sinks: list[tuple[str, list[str]]]) -> list[str]:
+    lines = []
+    for sink, pairs in sinks:
+        lines += [f"- Target of {', '.join(p.upper() for p in pairs)}: the Delta table"
+                  f" `{sink}`, partitioned by `pair` and `month` (docs/lake.md); the ledger in"
+                  " PostgreSQL; one Delta commit per (pair, month) job (an overwrite of its"
+                  " partition), inside the transaction that marks the job done"]  # fmt: skip
+    return lines + [f"- Target tables: `{layout.schema}.bqx_{{pair}}`, monthly partitions"
+            " `bqx_{pair}_{YYYY}m{MM}`, primary key `ts_utc`",
+            "- Writes: one transaction per (pair, month) job: TRUNCATE partition, binary COPY,"
+            " ledger update"]  # fmt: skip
 
 
 def _md_performance(d: ReportData, s: dict[str, Any]) -> list[str]:

@@ -17,6 +17,7 @@ from bqx.core.months import Month
 from bqx.core.params import Params
 from bqx.core.text import format_eta, plural
 from bqx.pipeline.plan import default_destination, outstanding
+from bqx.sources.parquet import lake_bars
 from bqx.store import bars, catalog, targets
 from bqx.store.ledger import STALE_AFTER_S, JobRecord, Ledger, RunRecord
 
@@ -139,21 +140,34 @@ def freshness(
     """Per pair: newest source bar, newest metric row and the lag between them."""
     out = {}
     for pair, params in pair_params(conn, layout, pairs).items():
-        if not catalog.has_source(conn, params.layout, pair):
+        lake = lake_bars(params)  # bars from Parquet or Delta: their files' statistics
+        if not _has_bars(conn, params, pair):
             continue
-        bar = bars.bar_bounds(conn, params.layout, pair)[1]
-        metric = targets.newest(conn, layout, pair) if catalog.has_target(conn, layout, pair) \
-            else None  # fmt: skip
+        bar = lake.newest(pair) if lake is not None else bars.bar_bounds(conn, params.layout,
+                                                                           pair)[1]  # fmt: skip
+        if params.sink:  # a Delta sink: the newest time its log's statistics give
+            metric = default_destination(params).newest(pair)  # type: ignore[attr-defined]
+        elif catalog.has_target(conn, layout, pair):
+            metric = targets.newest(conn, layout, pair)
+        else:
+            metric = None
         lag = None if bar is None or metric is None else max(0.0, (bar - metric).total_seconds())
         out[pair] = (_iso(bar), _iso(metric), lag)
     return out
+
+
+def _has_bars(conn: psycopg.Connection, params: Params, pair: str) -> bool:
+    lake = lake_bars(params)
+    if lake is not None:
+        return pair in lake.listing()
+    return catalog.has_source(conn, params.layout, pair)
 
 
 def _currency(conn: psycopg.Connection, p: PairStatus, params: Params) -> None:
     """Whether the pair's metrics are exactly its bars' now, as a plain backfill would see."""
     todo = (
         outstanding(conn, params, default_destination(params), p.pair.lower())
-        if catalog.has_source(conn, params.layout, p.pair.lower()) else None
+        if _has_bars(conn, params, p.pair.lower()) else None
     )  # fmt: skip
     if todo is None:
         p.note = (

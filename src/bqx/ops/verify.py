@@ -14,12 +14,13 @@ and a two-pass variance, so a bug in the production kernel cannot hide itself.
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from datetime import date, datetime, timedelta
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -34,6 +35,7 @@ from bqx.destinations import Destination
 from bqx.errors import BqxError
 from bqx.ops.recompute import Fault, MonthVerdict, check_month, fault
 from bqx.pipeline.plan import default_destination
+from bqx.sources.parquet import lake_bars
 from bqx.store import bars, catalog, checks, versions
 from bqx.store.ledger import STALE_AFTER_S, Ledger, MonthSeen, RunRecord, Verified, worker_is_dead
 
@@ -144,17 +146,26 @@ def _minute(t: datetime) -> int:
 
 
 def _histories(
-    conn: psycopg.Connection, layout: Layout, pair: str, times: list[datetime], params: dict
-) -> dict[datetime, tuple[float, list[float | None]]]:
+    conn: psycopg.Connection, layout: Layout, pair: str, times: list[datetime], params: dict,
+    series: _Series | None = None,
+) -> dict[datetime, tuple[float, list[float | None]]]:  # fmt: skip
     """For each of ``times``: p_t and the window prices before t (oldest first), read straight
-    from the source by a plain query (one per pair)."""
+    from the source by a plain query (one per pair), or from ``series`` (a lake source's bars
+    read plainly from its files)."""
     wmax = max(params["windows"])
     if params.get("mode", "bars") == "bars":
-        found = checks.histories_by_count(conn, layout, pair, times, wmax + 1)
+        if series is not None:
+            found = {t: series.up_to(t, wmax + 1) for t in times}
+        else:
+            found = checks.histories_by_count(conn, layout, pair, times, wmax + 1)
         return {t: (prices[-1], list(prices[:-1])) for t, prices in found.items() if prices}
     max_fill = int(params.get("max_fill", 5))
-    spans = checks.histories_by_span(conn, layout, pair, times, wmax + max_fill)
-    first = bars.bar_bounds(conn, layout, pair)[0]
+    if series is not None:
+        spans = {t: series.between(t - timedelta(minutes=wmax + max_fill), t) for t in times}
+        first = series.first()
+    else:
+        spans = checks.histories_by_span(conn, layout, pair, times, wmax + max_fill)
+        first = bars.bar_bounds(conn, layout, pair)[0]
     out = {}
     for t, rows in spans.items():
         by_minute = {_minute(when): p for when, p in rows}
@@ -173,6 +184,34 @@ def _histories(
             window.append(price)
         out[t] = (by_minute[now], window)
     return out
+
+
+@dataclass
+class _Series:
+    """A pair's bars from a lake source, read once, answered in plain Python."""
+
+    times: list[datetime]
+    prices: list[float]
+
+    @classmethod
+    def read(cls, lake: Any, pair: str) -> _Series:
+        times, prices = lake.read(pair)
+        return cls([_aware(t) for t in times.tolist()], [float(p) for p in prices])
+
+    def up_to(self, t: datetime, count: int) -> list[float]:
+        end = bisect.bisect_right(self.times, t)
+        return self.prices[max(0, end - count) : end]
+
+    def between(self, lo: datetime, hi: datetime) -> list[tuple[datetime, float]]:
+        a, b = bisect.bisect_left(self.times, lo), bisect.bisect_right(self.times, hi)
+        return list(zip(self.times[a:b], self.prices[a:b], strict=True))
+
+    def first(self) -> datetime | None:
+        return self.times[0] if self.times else None
+
+
+def _aware(t: datetime) -> datetime:
+    return t.replace(tzinfo=UTC)
 
 
 def _close(got: float | None, want: float | None, col: str, p_t: float) -> bool:
@@ -250,6 +289,11 @@ class _Context:
     step: StepFn
     partitions: dict[str, tuple[datetime, datetime]]
     rows: dict[tuple[str, Month], int] = field(default_factory=dict)  # stored rows per month
+    # pairs whose metrics are not the database's partitions (a Delta sink): their store
+    lakes: dict[str, Destination] = field(default_factory=dict)
+
+    def dest(self, pair: str, default: Destination) -> Destination:
+        return self.lakes.get(pair, default)
 
 
 # -- the checks ---------------------------------------------------------------------------------
@@ -259,11 +303,17 @@ def check_partitions(ctx: _Context) -> Check:
     """1. Every planned partition exists, attached with its month's bounds."""
     ctx.step("partitions", 0, len(CHECKS))
     faults = []
+    in_lake = _lake_states(ctx)
     for pair, first_day in ctx.scope.jobs:
         month = Month.of(first_day)
         name = ctx.layout.target_partition_name(pair, month)
         bound = ctx.partitions.get(name)
-        if bound is None:
+        if pair in ctx.lakes:  # a Delta sink: the month's files, listed and present
+            if in_lake.get((pair, month)) == "missing":
+                faults.append(fault(
+                    f"{pair.upper()} {month}: no files for it in {ctx.lakes[pair]}", pair, month,
+                    expected="files", got=None))  # fmt: skip
+        elif bound is None:
             faults.append(fault(
                 f"{pair.upper()} {month}: partition {ctx.layout.schema}.{name} is missing",
                 pair, month, expected=name, got=None))  # fmt: skip
@@ -277,12 +327,22 @@ def check_partitions(ctx: _Context) -> Check:
                   {"partitions": n, "missing": len(faults)})  # fmt: skip
 
 
+def _lake_states(ctx: _Context) -> dict[tuple[str, Month], str]:
+    out: dict[tuple[str, Month], str] = {}
+    for pair, lake in ctx.lakes.items():
+        keys = [(p, Month.of(d)) for p, d in ctx.scope.jobs if p == pair]
+        out.update(lake.month_states(ctx.conn, ctx.scope.params[pair], keys))
+    return out
+
+
 def check_keys(ctx: _Context) -> Check:
     """2. Every target table and partition has its primary key (one catalog query each)."""
     ctx.step("keys", 1, len(CHECKS))
     conn, layout, faults = ctx.conn, ctx.layout, []
     for pair in ctx.scope.pairs:
         name = layout.target_name(pair)
+        if pair in ctx.lakes:  # no key in a Delta table: a time stored twice fails "values"
+            continue
         if catalog.has_target(conn, layout, pair) and not catalog.has_primary_key(
             conn, layout.schema, name
         ):
@@ -305,8 +365,13 @@ def _seen(
     """What each month of the pair looks like now, from versions and counters alone (a few
     queries per pair; a source bqx does not version is hashed bar by bar)."""
     sources: dict[Month, tuple[str | None, str | None]] = {}
+    lake = lake_bars(params)
     if has_source:
-        for job in versions.source_jobs(conn, params, pair, None, None, "auto"):
+        jobs = (
+            lake.jobs(params, pair, None, None, "auto") if lake is not None
+            else versions.source_jobs(conn, params, pair, None, None, "auto")
+        )  # fmt: skip
+        for job in jobs:
             sources[job.month] = (job.source_ver or job.source_sig, job.source_stats)
     tver = dest.month_versions(conn, params, [pair])
     stamps = dest.month_stamps(conn, params, [pair])
@@ -340,8 +405,12 @@ def _plan_values(ctx: _Context, dest: Destination, full: bool) -> _Work:
         by_pair.setdefault(pair, []).append(month)
     for pair, months in by_pair.items():
         params = scope.params[pair]
-        work.sources[pair] = catalog.has_source(conn, params.layout, pair)
-        seen = _seen(conn, params, dest, pair, work.sources[pair])
+        lake = lake_bars(params)
+        work.sources[pair] = (
+            pair in lake.listing() if lake is not None
+            else catalog.has_source(conn, params.layout, pair)
+        )  # fmt: skip
+        seen = _seen(conn, params, ctx.dest(pair, dest), pair, work.sources[pair])
         for month in months:
             now = seen.get(month) or MonthSeen(params.hash, "no bars", None, None, None)
             if not full and _unchanged(seen.get(month), last.get((pair, month))):
@@ -362,7 +431,7 @@ def _run_months(
     def one(conn: psycopg.Connection, i: int) -> MonthVerdict:
         pair, month, _ = todo[i]
         rng = random.Random(f"{seed}:{pair}:{month}")
-        return check_month(conn, ctx.scope.params[pair], dest, pair, month,
+        return check_month(conn, ctx.scope.params[pair], ctx.dest(pair, dest), pair, month,
                            has_source=work.sources[pair], sample=sample, rng=rng)  # fmt: skip
 
     def tick(v: MonthVerdict) -> MonthVerdict:
@@ -444,12 +513,17 @@ def _sample_rows(ctx: _Context, pair: str, times: list[datetime]) -> tuple[list[
     layout, windows = params.layout, list(params.windows)
     doc = {"windows": windows, "mode": params.mode, "max_fill": params.max_fill}
     cols = params.columns
-    rows = checks.rows_at(ctx.conn, layout, pair, cols, times) if times else []
+    if pair in ctx.lakes:
+        rows = ctx.lakes[pair].rows_at(pair, cols, times) if times else []  # type: ignore[attr-defined]
+    else:
+        rows = checks.rows_at(ctx.conn, layout, pair, cols, times) if times else []
+    lake = lake_bars(params)
+    series = _Series.read(lake, pair) if lake is not None and rows else None
     # faults grouped per month and column: "EURUSD 2024-07: w60_bqx_avg wrong on 12 of 53
     # sampled rows (first 2024-07-03 04:17: 1.0733694 vs recomputed 1.0733587)"
     seen: dict[Month, int] = {}
     wrong: dict[tuple[Month, str], list[tuple[str, Any, Any]]] = {}
-    history = _histories(ctx.conn, layout, pair, [r[0] for r in rows], doc)
+    history = _histories(ctx.conn, layout, pair, [r[0] for r in rows], doc, series)
     for row in rows:
         t, rate = row[0], row[1]
         if t not in history:  # its bar is gone: the values check names that row
@@ -579,7 +653,9 @@ def verify(
         )
         return result
     ctx = _Context(conn, layout, scope, progress or (lambda *a, **k: None), partitions)
-    dest = dest or default_destination(next(iter(scope.params.values())))
+    ctx.lakes = {p: default_destination(q) for p, q in scope.params.items() if q.sink}
+    # the database's partitions for the pairs not in a Delta sink
+    dest = dest or default_destination(replace(next(iter(scope.params.values())), sink=None))
     work = _plan_values(ctx, dest, full)
     result.checks = [check_partitions(ctx), check_keys(ctx)]
     values, verdicts = check_values(ctx, dest, work, url, workers, sample, seed)

@@ -29,6 +29,7 @@ from bqx.core.params import Job, Params
 from bqx.db.connect import DatabaseLike, connect, is_transient, worker_id
 from bqx.destinations import Destination
 from bqx.errors import BqxError
+from bqx.sources.parquet import lake_bars
 from bqx.store import bars, versions
 from bqx.store.ledger import HEARTBEAT_INTERVAL_S, Ledger, Written, worker_is_dead
 from bqx.store.versions import check_exactly
@@ -92,13 +93,23 @@ def read_and_compute(
 
     The source month's write counters are read first, so that a write slipping past the
     triggers after this read shows later as moved counters. A bad bar (NULL, non-finite, out
-    of order) is a ``PermanentError`` naming it."""
-    stats = versions.partition_stats(cur, params.layout, pair, Month.of(since))
-    try:
-        times, prices, sig = bars.read_series(cur, params, pair, since, until, signed=signed)
-    except BqxError:  # a NULL time or price: name the bar, not the stream
-        cur.connection.rollback()
-        raise PermanentError(bars.null_bar_message(cur, params, pair, until)) from None
+    of order) is a ``PermanentError`` naming it. Bars from a lake (``params.bars``) are read
+    from its files, and have no write counters."""
+    lake = lake_bars(params)
+    stats: str | None = None
+    sig: str | None
+    if lake is not None:
+        try:
+            times, prices, sig = lake.read_series(params, pair, since, until)
+        except BqxError as exc:
+            raise PermanentError(str(exc)) from None
+    else:
+        stats = versions.partition_stats(cur, params.layout, pair, Month.of(since))
+        try:
+            times, prices, sig = bars.read_series(cur, params, pair, since, until, signed=signed)
+        except BqxError:  # a NULL time or price: name the bar, not the stream
+            cur.connection.rollback()
+            raise PermanentError(bars.null_bar_message(cur, params, pair, until)) from None
     try:
         out_times, matrix = compute_rows(params, since, times, prices)
     except ValueError as exc:
@@ -149,11 +160,11 @@ class JobRunner:
         self, url: DatabaseLike, params: Params, run_id: int, worker: str | None = None,
         dest: Destination | None = None,
     ) -> None:  # fmt: skip
-        from bqx.destinations.postgres import PostgresPartitions
+        from bqx.pipeline.plan import default_destination
 
         self.url, self.params, self.run_id = url, params, run_id
         self.ledger = Ledger(params.layout)
-        self.dest = dest or PostgresPartitions(params.layout)
+        self.dest = dest or default_destination(params)  # each worker writes the sink itself
         self.worker = worker or worker_id()
         self.conn: psycopg.Connection | None = None
         # set when the driver stops this worker (a thread cannot be killed): no retry, and

@@ -23,6 +23,7 @@ from bqx.core.symbols import validate_pair
 from bqx.db.connect import DatabaseLike, pool
 from bqx.destinations import Destination
 from bqx.errors import BqxError, InvalidOption, NothingToDo
+from bqx.sources.parquet import lake_bars
 from bqx.store import catalog, ddl, names
 from bqx.store.ledger import Ledger, LedgerRow
 from bqx.store.versions import check_exactly, source_jobs, versioned
@@ -32,19 +33,74 @@ PLAN_LOCK_TIMEOUT_S = 10.0  # planning waits this long for a lock, then says who
 SKIP_REASON = "done, unchanged"
 RUNNING_ELSEWHERE = "running elsewhere"
 # parameters whose change is refused without --force (a new formula version just recomputes)
-_REFUSED_CHANGES = ("windows", "mode", "max_fill", "source", "time_column", "price_column")
+_REFUSED_CHANGES = (
+    "windows", "mode", "max_fill", "source", "time_column", "price_column", "sink",
+)  # fmt: skip
 
 
 def empty_month_job(conn: psycopg.Connection, params: Params, pair: str, month: Month) -> Job:
     """The job of a month without bars: its exact signature is its lookback's alone."""
+    lake = lake_bars(params)
+    if lake is not None:
+        return lake.empty_job(params, pair, month)
     return check_exactly(conn, params, Job(pair, month, 0, None))
 
 
 def default_destination(params: Params) -> Destination:
-    """The database's own monthly partitions, in the parameters' schema."""
+    """The parameters' sink: a Delta table (``params.sink``), else the database's own monthly
+    partitions in the parameters' schema."""
+    if params.sink:
+        from bqx.destinations.delta import DeltaLake
+
+        return DeltaLake(params.sink)
     from bqx.destinations.postgres import PostgresPartitions
 
     return PostgresPartitions(params.layout)
+
+
+def resolve_sink(
+    conn: psycopg.Connection, layout: Layout, pairs: Sequence[str] | None, sink: str | None,
+    param: str = "sink",
+) -> str | None:  # fmt: skip
+    """The sink a run writes: ``sink`` when given (as a normalised URI), else the one the
+    pairs' metrics are recorded in (the ledger's parameters per target), so it need not be
+    repeated; None, the database's partitions, when none is recorded. Pairs recorded in
+    different places are refused: one run writes one place. ``param="source"``: the same for
+    a lake of bars (``bars``)."""
+    from bqx.core.uris import LakeURI
+
+    if sink is not None:
+        return LakeURI.parse(sink, param).uri
+    ledger = Ledger(layout)
+    if not ledger.exists(conn):
+        return None
+    known = [validate_pair(p) for p in pairs] if pairs else sorted(ledger.pair_params(conn))
+    where = {p: _recorded_lake(doc, param) for p, doc in
+             ledger.recorded_params(conn, known).items()}  # fmt: skip
+    here = "the database"
+    places = sorted({str(v) for v in where.values() if v}) + (
+        [here] if any(not v for v in where.values()) else []
+    )
+    if len(places) > 1:
+        shown = "; ".join(
+            f"{', '.join(p.upper() for p in sorted(where) if (where[p] or here) == w)} in {w}"
+            for w in places
+        )  # fmt: skip
+        what = "metrics" if param == "sink" else "bars"
+        raise InvalidOption(
+            param, None, f"the pairs' {what} are in different places ({shown}): name it, or"
+            " run the pairs apart", shown="(as recorded)",
+        )  # fmt: skip
+    return next((v for v in where.values() if v), None)
+
+
+def _recorded_lake(doc: dict[str, Any], param: str) -> str | None:
+    """The lake location a target's recorded parameters name: its sink, or its source when
+    that is a lake (an absolute path or a URI, never a table's ``schema.table``)."""
+    if param == "sink":
+        return doc.get("sink") or None
+    source = str(doc.get("source") or "")
+    return source if source.startswith("/") or "://" in source else None
 
 
 # -- the resume rule ----------------------------------------------------------------------
@@ -237,6 +293,10 @@ def plan_jobs(
     flight instead of waiting for them.
     """
 
+    lake = lake_bars(params)
+    if lake is not None:  # a Parquet dataset or Delta table: its files, no database
+        return [j for pair in pairs for j in lake.jobs(params, pair, start, end, source_check)]
+
     def scan(c: psycopg.Connection, pair: str) -> list[Job]:
         try:
             with catalog.lock_timeout(c, lock_timeout):
@@ -343,9 +403,13 @@ def checked_plan(
     has source bars (or stored metrics without bars) in the range."""
     check_source_check(source_check)
     check_range(start, end)
-    pairs = resolve_pairs(conn, params.layout, pairs)
+    lake = lake_bars(params)
+    if lake is not None:  # bars from a Parquet dataset or Delta table
+        pairs = lake.resolve_pairs(pairs)
+    else:
+        pairs = resolve_pairs(conn, params.layout, pairs)
     for pair in pairs:
-        catalog.check_source(conn, params.layout, pair)
+        lake.check(pair) if lake is not None else catalog.check_source(conn, params.layout, pair)
         dest.check(conn, params, pair)
     changed = changed_params(conn, params, pairs, force)
     same = [p for p in pairs if p not in changed]
@@ -404,7 +468,8 @@ def plan_backfill(
         for d in decisions
     ]  # fmt: skip
     doc = {"windows": list(params.windows), "mode": params.mode, "max_fill": params.max_fill,
-           "source_table": params.source_table, "schema": params.schema}  # fmt: skip
+           "source_table": params.source_table, "schema": params.schema,
+           **params.lake_doc()}  # fmt: skip
     return BackfillPlan(planned, doc, source_check)
 
 
@@ -459,9 +524,13 @@ def outstanding(
     from the source's versions (no bar is read in full: a month whose counters moved without a
     version counts as to do, ``check bar by bar``). None when the source is not versioned by
     bqx, so only hashing every bar could tell."""
-    if not versioned(conn, params.layout, pair):
+    lake = lake_bars(params)
+    if lake is not None:  # a lake's files say what changed
+        jobs = lake.jobs(params, pair, None, None, "auto")
+    elif not versioned(conn, params.layout, pair):
         return None
-    jobs = source_jobs(conn, params, pair, None, None, "auto")
+    else:
+        jobs = source_jobs(conn, params, pair, None, None, "auto")
     rows = Ledger(params.layout).read_jobs(conn, [pair])
     jobs = with_orphans(conn, params, jobs, rows, {pair: (None, None)})
     versions = dest.month_versions(conn, params, [pair])

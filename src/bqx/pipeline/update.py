@@ -16,7 +16,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -29,10 +29,17 @@ from bqx.core.months import Month
 from bqx.core.params import Job, Params
 from bqx.core.symbols import validate_pair
 from bqx.db.connect import DatabaseLike, connect, is_transient
+from bqx.destinations import Destination
 from bqx.destinations.postgres import PostgresPartitions
 from bqx.errors import BqxError, InvalidOption
 from bqx.pipeline.job import Busy, upsert_month
-from bqx.pipeline.plan import Decision, resolve, target_reason, with_orphans
+from bqx.pipeline.plan import (
+    Decision,
+    default_destination,
+    resolve,
+    target_reason,
+    with_orphans,
+)
 from bqx.store import bars, catalog, targets
 from bqx.store.ledger import Ledger
 from bqx.store.versions import source_jobs, versioned
@@ -169,6 +176,7 @@ class Updater:
         windows: Sequence[int] | None = None,
         mode: str | None = None,
         max_fill: int | None = None,
+        sink: str | None = None,
     ) -> None:
         if recheck_s < 0:
             raise InvalidOption("recheck", recheck_s, "must be ≥ 0 seconds")
@@ -185,6 +193,8 @@ class Updater:
         }  # fmt: skip
         self.ledger = Ledger(layout)
         self.dest = PostgresPartitions(layout)
+        self.sink = sink  # a Delta table asked for (None: where each pair was written)
+        self.lakes: dict[str, Destination] = {}  # a Delta sink's destination, per URI
         self.conn: psycopg.Connection | None = None
         self.checked: set[tuple[str, str]] = set()  # (pair, params hash) already checked
         self.unfinished: list[int] = []  # runs the connection was lost in, to close when back
@@ -225,12 +235,33 @@ class Updater:
         """The parameters the pair was computed with, checked against its tables once."""
         doc = recorded.get(pair)
         params = self.default if doc is None else Params.recorded(doc, self.layout, self.default)
+        if doc is None and self.sink:
+            params = replace(params, sink=self.sink)
         self._check_explicit(pair, params)
+        if params.bars:
+            raise BqxError(f"{pair.upper()} reads its bars from {params.bars}: `bqx update` reads"
+                           " the database's bar tables; run `bqx backfill` (it redoes only the"
+                           " months whose files changed)")  # fmt: skip
+        if self.sink and params.sink != self.sink:
+            raise BqxError(f"{pair.upper()}'s metrics are in {params.sink or 'the database'}, not"
+                           f" {self.sink}: run `bqx backfill --pairs {pair.upper()} --sink"
+                           f" {self.sink} --force` to move them")  # fmt: skip
         if (pair, params.hash) not in self.checked:
             catalog.check_source(conn, params.layout, pair)
-            catalog.check_target_columns(conn, params.layout, pair, params.windows)
+            if params.sink:
+                self._dest(params).check(conn, params, pair)
+            else:
+                catalog.check_target_columns(conn, params.layout, pair, params.windows)
             self.checked.add((pair, params.hash))
         return params
+
+    def _dest(self, params: Params) -> Destination:
+        """Where the pair's metrics are: its Delta sink, else the database's partitions."""
+        if not params.sink:
+            return self.dest
+        if params.sink not in self.lakes:
+            self.lakes[params.sink] = default_destination(params)
+        return self.lakes[params.sink]
 
     def _check_explicit(self, pair: str, params: Params) -> None:
         for key, want in self.explicit.items():
@@ -243,6 +274,9 @@ class Updater:
                 )
 
     def _newest(self, conn: psycopg.Connection, params: Params, pair: str) -> tuple[Any, Any]:
+        if params.sink:  # the newest time in the Delta log's statistics
+            lake: Any = self._dest(params)
+            return bars.bar_bounds(conn, params.layout, pair)[1], lake.newest(pair)
         if pair not in self.targets and catalog.has_target(conn, self.layout, pair):
             self.targets.add(pair)  # a target, once there, stays: no catalog look-up
         bar = bars.bar_bounds(conn, params.layout, pair)[1]
@@ -321,7 +355,7 @@ class Updater:
         jobs = source_jobs(conn, params, pair, start, None, "auto")
         rows = self.ledger.read_jobs(conn, [pair])
         jobs = with_orphans(conn, params, jobs, rows, {pair: (start, None)})
-        decisions, seen = resolve(conn, params, self.dest, jobs, rows, force=False)
+        decisions, seen = resolve(conn, params, self._dest(params), jobs, rows, force=False)
         if seen:
             self.ledger.observe(conn, seen)
         for d in decisions:
@@ -406,8 +440,8 @@ class Updater:
         month, row = d.job.month, plan.rows.get((d.job.pair, d.job.month))
         if not first or d.reason != "source changed" or row is None or row.status != "done":
             return month.start
-        if target_reason(d.job, row, d.target) is not None:
-            return month.start
+        if target_reason(d.job, row, d.target) is not None or plan.params.sink:
+            return month.start  # a Delta month is rewritten whole anyway
         diff = targets.first_difference(conn, plan.params, plan.pair, month.start, month.end)
         return month.end if diff is None else diff
 
@@ -416,8 +450,12 @@ class Updater:
         pu: PairUpdate,
     ) -> None:  # fmt: skip
         pair, month = job.pair, job.month
+        dest = self._dest(params)
         if (pair, month) not in self.partitions:
-            self.dest.ensure_month(conn, params, pair, month)
+            if params.sink:
+                dest.prepare(conn, params, [job])  # the table, once
+            else:
+                self.dest.ensure_month(conn, params, pair, month)
             self.targets.add(pair)
         self.partitions.add((pair, month))
         retrying = tenacity.Retrying(
@@ -429,7 +467,7 @@ class Updater:
         try:
             for attempt in retrying:
                 with attempt:
-                    counts = upsert_month(conn, self.ledger, self.dest, params, run_id, job,
+                    counts = upsert_month(conn, self.ledger, dest, params, run_id, job,
                                           since)  # fmt: skip
         except Busy:
             pu.busy.append(str(month))

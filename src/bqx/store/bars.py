@@ -265,6 +265,20 @@ def read_hlv(
     return times, values
 
 
+def read_ohlcv(
+    conn: psycopg.Connection, layout: Layout, pair: str, lo: Any, hi: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """(times, [open, high, low, close, volume]) of the source bars in [lo, hi), NaN where
+    NULL (``bqx export --bars``)."""
+    q = sql.SQL(
+        "SELECT {t}, open::float8, high::float8, low::float8, close::float8, volume::float8"
+        " FROM {src} WHERE {t} >= %s AND {t} < %s ORDER BY {t}"
+    ).format(t=names.time(layout), src=names.source(layout, pair))
+    with conn.cursor() as cur:
+        times, values, _ = copy_out_columns(cur, q, [lo, hi], 5)
+    return times, values
+
+
 def month_counts(conn: psycopg.Connection, layout: Layout, pair: str) -> dict[Month, int]:
     """Exact bars per month of a pair (``count(*)``)."""
     q = sql.SQL("SELECT date_trunc('month', {t})::date, count(*) FROM {src} GROUP BY 1").format(

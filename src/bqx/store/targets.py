@@ -202,3 +202,13 @@ def check_queries(layout: Layout, pairs: Sequence[str]) -> list[tuple[str, str]]
         ("exact rows per month of one pair", per_month.as_string(None)),
         ("partitions in the catalog with their bounds", parts.as_string(None)),
     ]  # fmt: skip
+
+
+def lake_check_queries(sink: str) -> list[tuple[str, str]]:
+    """SQL a reader can run with DuckDB (its delta extension) over a Delta sink."""
+    where = "'" + sink.replace("'", "''") + "'"
+    return [
+        ("rows per pair and month in the Delta table (DuckDB: INSTALL delta; LOAD delta;)",
+         "SELECT pair, month, count(*) FROM delta_scan(" + where + ")"  # noqa: S608 - quoted
+         " GROUP BY ALL ORDER BY ALL;"),
+    ]  # fmt: skip
