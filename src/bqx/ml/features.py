@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from bqx.core.layout import Layout
 from bqx.core.months import Month
-from bqx.core.symbols import validate_pair
+from bqx.core.symbols import display, validate_pair
 from bqx.errors import BqxError, InvalidOption
 from bqx.ops.export import metric_table_columns, read_metrics_conn, to_utc_us
 from bqx.store import bars as bar_store
@@ -299,12 +299,13 @@ class _Build:
     def add(self, pair: str, pf: PairFeatures) -> None:
         for k, v in pf.dropped.items():
             self.dropped[k] += v
-        self.per_pair[pair] = {}
+        name = display(pair)  # the one name a reader sees: file, column, manifest
+        self.per_pair[name] = {}
         for code, s in enumerate(SPLITS):
             sel = pf.labels == code
             rows = int(sel.sum())
-            write_split(self.out / s / f"{pair}.parquet", pair, pf, sel, self.names)
-            self.per_pair[pair][s] = rows
+            write_split(self.out / s / f"{name}.parquet", name, pf, sel, self.names)
+            self.per_pair[name][s] = rows
             self.total += rows
             if rows:
                 st = self.stats[s]
@@ -391,7 +392,7 @@ def _manifest(
             s: {"start": _iso(v["start"]), "end": _iso(v["end"]), "rows": v["rows"]}
             for s, v in b.stats.items()
         },
-        "pairs": pairs,
+        "pairs": [display(p) for p in pairs],
         "rows_per_pair": b.per_pair,
         "split_fractions": list(fractions),
         "cuts": {"validation_from": _iso(b.cuts[0]), "test_from": _iso(b.cuts[1])},

@@ -9,6 +9,7 @@ at a time, so memory holds one month of one pair whatever the size of the databa
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ import pyarrow.parquet as pq
 
 from bqx.core.layout import Layout
 from bqx.core.months import Month, in_range, month_range
-from bqx.core.symbols import validate_pair
+from bqx.core.symbols import display, validate_pair
 from bqx.errors import BqxError
 from bqx.store import catalog, targets
 
@@ -142,10 +143,11 @@ def export(
     end: Month | None = None,
     compression: str = "zstd",
 ) -> ExportSummary:
-    """Write the metrics as Parquet, ``out/pair=eurusd/month=2024-07/data.parquet``.
+    """Write the metrics as Parquet, ``out/pair=EURUSD/month=2024-07/data.parquet``.
 
     One (pair, month) is read and written at a time. Each file is written beside its final
     name and renamed into place, so a reader never sees half a file and a rerun replaces it.
+    The symbol is written as everywhere else, upper case (``WHERE pair = 'EURUSD'``).
     """
     summary = ExportSummary(Path(out))
     t0 = time.monotonic()
@@ -158,10 +160,11 @@ def export(
             f" {layout.schema} (run `bqx backfill` first)"
         )
     for pair in todo:
+        _adopt_other_case(summary.out, pair)
         for month in _target_months(conn, layout, pair):
             if in_range(month, start, end):
                 _export_month(conn, layout, pair, month, summary, compression)
-        summary.pairs.append(pair)
+        summary.pairs.append(display(pair))
     summary.seconds = time.monotonic() - t0
     return summary
 
@@ -173,10 +176,32 @@ def _export_month(
     table = read_metrics_conn(conn, layout, pair, month.start, month.end)
     if table.num_rows == 0:
         return
-    folder = summary.out / f"pair={pair}" / f"month={month}"
+    folder = summary.out / f"pair={display(pair)}" / f"month={month}"
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / ".data.parquet.tmp"
     pq.write_table(table, tmp, compression=compression)
     os.replace(tmp, folder / "data.parquet")
     summary.files += 1
     summary.rows += table.num_rows
+
+
+def _adopt_other_case(out: Path, pair: str) -> None:
+    """Fold a ``pair=eurusd`` folder (older bqx wrote symbols lower case) into ``pair=EURUSD``,
+    so that a dataset never holds one instrument under two names: renamed when the new one is
+    not there yet, else its months that the new one lacks moved over and the rest dropped."""
+    if not out.is_dir():
+        return
+    want = f"pair={display(pair)}"
+    for old in out.iterdir():
+        if old.name == want or old.name.lower() != want.lower() or not old.is_dir():
+            continue
+        new = out / want
+        if not new.exists() or old.samefile(new):  # samefile: a case-insensitive file system
+            tmp = out / f".{old.name}.renaming"
+            os.replace(old, tmp)  # via another name: a case-only rename is a no-op on some
+            os.replace(tmp, new)
+            continue
+        for month in old.iterdir():
+            if not (new / month.name).exists():
+                os.replace(month, new / month.name)
+        shutil.rmtree(old)
