@@ -312,18 +312,28 @@ class Store:
     def generate(
         self, pairs: PairsLike = None, start: MonthLike = "2024-07",
         end: MonthLike | None = None, *, seed: int = 0, workers: int = 1,
-        progress: Callable[[str, int], None] | None = None,
+        progress: Callable[[str, int], None] | None = None, instruments: int | None = None,
     ) -> GenerateSummary:  # fmt: skip
-        """Synthetic minute bars for the report's 28 crosses (or ``pairs``) into ``m1_{pair}``;
-        a month's bars depend only on the seed."""
+        """Synthetic minute bars for the report's 28 crosses (or ``pairs``, or the first
+        ``instruments`` of a universe of mixed kinds: forex, metals, indices, crypto, futures,
+        stocks) into ``m1_{pair}``; a month's bars depend only on the seed."""
         from bqx.core.params import check_positive
         from bqx.sources.generate import generate
+        from bqx.sources.universe import symbol_of, universe
 
         first, last = _months(start, end or start)
         assert first is not None and last is not None
         check_positive("workers", workers, integer=True)
-        return generate(self.url(), self.layout, parse_pairs(pairs) or list(REPORT_PAIRS),
-                        first, last, seed=seed, workers=workers, progress=progress)  # fmt: skip
+        chosen = parse_pairs(pairs) or list(REPORT_PAIRS)
+        if instruments is not None:
+            check_positive("instruments", instruments, integer=True)
+            if pairs is not None:
+                raise InvalidOption(
+                    "instruments", instruments, "give pairs or instruments, not both"
+                )
+            chosen = [symbol_of(i) for i in universe(instruments, seed)]
+        return generate(self.url(), self.layout, chosen, first, last, seed=seed, workers=workers,
+                        progress=progress)  # fmt: skip
 
     def ingest(
         self, files: Sequence[str | Path], pair: str, *, fmt: str = "auto",

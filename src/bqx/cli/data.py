@@ -56,14 +56,24 @@ def generate(
     workers: Annotated[
         int | None, typer.Option("--workers", help="Loading threads [default: 1].")
     ] = None,
+    instruments: Annotated[
+        int | None,
+        typer.Option(
+            "--instruments",
+            help="N instruments of mixed kinds (forex, metals, indices, crypto, futures,"
+            " stocks), each with its own level, grid, volatility and hours; instead of --pairs.",
+        ),
+    ] = None,
     database_url: DatabaseOpt = None,
     schema: SchemaOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Synthetic minute bars for 28 crosses of 8 correlated currencies into m1_{pair}."""
+    """Synthetic minute bars into m1_{pair}: the 28 crosses of 8 correlated currencies, or a
+    universe of N instruments of mixed kinds (--instruments)."""
     summary = store_from(database_url, schema).generate(
-        pairs, start, end or start, seed=seed, workers=1 if workers is None else workers
-    )
+        pairs, start, end or start, seed=seed, workers=1 if workers is None else workers,
+        instruments=instruments,
+    )  # fmt: skip
     print_json(summary.as_dict()) if json_out else say(summary.text())
 
 

@@ -177,6 +177,8 @@ _EXPORT_NAMES = (
 _SUFFIXED_PAIR = re.compile(r"(?<![A-Za-z])([A-Z]{3})([A-Z]{3})(?=[a-z]{1,4}(?![a-z]))")
 # the decoration brokers add to a symbol: .m, _i, -ecn, .cash
 _BROKER_SUFFIX = re.compile(r"[._-][a-z0-9]{1,6}$")
+# quotes of four letters and more, which are no broker's suffix (BTCUSDT is not BTCUSD + t)
+_LONG_QUOTES = frozenset({"usdt", "usdc", "busd", "tusd", "usdp", "fdusd", "eurt", "eurc"})
 
 
 def _data_names(path: Path) -> list[str]:
@@ -195,7 +197,7 @@ def symbol_core(symbol: str) -> str:
     """The instrument a broker's symbol decorates, lower case: ``EURUSD.m``, ``EURUSDm``,
     ``EURUSD_i`` and ``EURUSD`` are all ``eurusd``; ``US500.cash`` is ``us500``."""
     core = _BROKER_SUFFIX.sub("", symbol.lower()) or symbol.lower()
-    if 6 < len(core) <= 9 and core.isalpha():
+    if 6 < len(core) <= 9 and core.isalpha() and core[3:] not in _LONG_QUOTES:
         base, quote = core[:3].upper(), core[3:6].upper()
         if base in CURRENCY_CODES and quote in CURRENCY_CODES and base != quote:
             return core[:6]
