@@ -29,14 +29,27 @@ class PostgresPartitions:
         catalog.check_target_columns(conn, self.layout, pair, params.windows)
 
     def prepare(self, conn: psycopg.Connection, params: Params, jobs: Sequence[Job]) -> None:
-        pairs = sorted({j.pair for j in jobs})
-        existing = catalog.target_partitions(conn, self.layout, pairs)
-        for pair in pairs:
-            if self.layout.target_name(pair) not in existing:
-                ddl.create_target_table(conn, self.layout, pair, params.windows)
+        """The targets and partitions the jobs write into, those missing only: one transaction
+        per pair (``conn`` must not be in one), so a run over hundreds of instruments never
+        holds more locks than one pair's DDL takes (a lock per new table and index, held to
+        the commit: 6,000 new partitions in one transaction exhaust the server's lock table,
+        64 × max_connections by default)."""
+        months: dict[str, list[Month]] = {}
         for job in jobs:
-            if self.layout.target_partition_name(job.pair, job.month) not in existing:
-                ddl.ensure_target_partition(conn, self.layout, job.pair, job.month)
+            months.setdefault(job.pair, []).append(job.month)
+        existing = catalog.target_partitions(conn, self.layout, sorted(months))
+        for pair, wanted in sorted(months.items()):
+            table = self.layout.target_name(pair)
+            missing = [m for m in wanted
+                       if self.layout.target_partition_name(pair, m) not in existing]  # fmt: skip
+            if table in existing and not missing:
+                continue
+            with conn.transaction():
+                ddl.lock_key(conn, f"bqx target {self.layout.schema}.{table} ddl")
+                if table not in existing:
+                    ddl.create_target_table(conn, self.layout, pair, params.windows)
+                for month in missing:
+                    ddl.ensure_target_partition(conn, self.layout, pair, month)
 
     def ensure_month(
         self, conn: psycopg.Connection, params: Params, pair: str, month: Month

@@ -124,15 +124,19 @@ def freshness(
     ledger = Ledger(layout)
     recorded = ledger.pair_params(conn)
     default = Params.build(layout, Params().windows, "bars", 5)
+    # which tables exist: one catalog query per source layout, not two per pair
+    sources: dict[Layout, set[str]] = {}
+    have_target = set(catalog.target_pairs(conn, layout))
     out = {}
     for pair in pairs:
         doc = recorded.get(pair)
         params = default if doc is None else Params.recorded(doc, layout, default)
-        if not catalog.has_source(conn, params.layout, pair):
+        if params.layout not in sources:
+            sources[params.layout] = set(catalog.source_pairs(conn, params.layout))
+        if pair not in sources[params.layout]:
             continue
-        bar = bars.bar_bounds(conn, params.layout, pair)[1]
-        metric = targets.newest(conn, layout, pair) if catalog.has_target(conn, layout, pair) \
-            else None  # fmt: skip
+        bar = bars.newest_bar(conn, params.layout, pair)
+        metric = targets.newest(conn, layout, pair) if pair in have_target else None
         lag = None if bar is None or metric is None else max(0.0, (bar - metric).total_seconds())
         out[pair] = (_iso(bar), _iso(metric), lag)
     return out

@@ -180,6 +180,16 @@ def bar_bounds(
     return (row[0], row[1]) if row else (None, None)
 
 
+def newest_bar(conn: psycopg.Connection, layout: Layout, pair: str) -> datetime | None:
+    """The newest bar's time of a pair: one index look-up in its newest partition."""
+    row = conn.execute(
+        sql.SQL("SELECT max({t})::timestamptz FROM {src}").format(
+            t=names.time(layout), src=names.source(layout, pair)
+        )
+    ).fetchone()
+    return row[0] if row else None
+
+
 def level_near(conn: psycopg.Connection, layout: Layout, pair: str, month: Month) -> float | None:
     """The median close of a few thousand bars near ``month`` (None when there are none).
 
