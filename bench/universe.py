@@ -17,6 +17,11 @@ Two universes, each in its own schema of one embedded server (BQX_HOME, default
    database's size.
 
 Writes bench/results/universe.json and universe.md (the table the README shows).
+
+``--sparse 28x12,28x120,500x12`` instead measures what grows with the catalog rather than the
+rows: N instruments × M months (ending 2024-12) with ``--bars`` bars each (loaded directly),
+each in its own schema; the same commands, rounds interleaved across the shapes. Writes
+bench/results/universe_sparse.json and .md.
 """
 
 from __future__ import annotations
@@ -185,6 +190,88 @@ def table(result: dict) -> list[str]:
     return md
 
 
+def sparse_setup(n: int, months: int, bars: int, a: argparse.Namespace) -> dict:
+    """N instruments × M months ending 2024-12, ``bars`` bars at the start of each month."""
+    import numpy as np
+
+    from bqx.core.layout import Layout
+    from bqx.core.months import Month, month_range
+    from bqx.sources.universe import symbol_of, universe
+    from bqx.store.bars import load_bars
+
+    schema = f"bench_sparse_{n}x{months}"
+    span = month_range(Month(1900, 1), Month(2024, 12))[-months:]
+    out: dict = {"schema": schema, "instruments": n, "months": months, "bars": bars,
+                 "first": str(span[0]), "last": str(span[-1])}  # fmt: skip
+    if not catalog(schema)["partitioned"]:
+        layout = Layout(schema)
+        rng = np.random.default_rng(n * 1000 + months)
+        with connect(load_settings(schema_name=schema), autocommit=True) as conn:
+            for symbol in (symbol_of(i) for i in universe(n)):
+                for month in span:
+                    t0 = np.datetime64(month.start.replace(tzinfo=None), "m")
+                    times = (t0 + np.arange(bars).astype("timedelta64[m]")).astype("M8[us]")
+                    close = np.round(1.1 + np.cumsum(rng.integers(-3, 4, bars)) * 1e-5, 5)
+                    ohlcv = np.column_stack([close, close, close, close, np.ones(bars)])
+                    load_bars(conn, layout, symbol, times, ohlcv, mode="replace")
+    scope = ["--start", str(span[0]), "--end", str(span[-1]), "--schema", schema]
+    wall, doc, cpu = bqx(["backfill", *scope, "--workers", str(a.workers), "--force", "--json"])
+    first_run = json.loads(doc)
+    assert first_run["jobs_failed"] == 0, first_run
+    out["backfill"] = {"wall_s": wall, "cpu_s": cpu, "jobs": first_run["jobs_total"],
+                       "rows": first_run["rows_written"]}  # fmt: skip
+    out["scope"] = ["--start", str(span[0]), "--end", str(span[-1])]
+    return out
+
+
+def sparse(a: argparse.Namespace) -> None:
+    shapes = [tuple(int(x) for x in item.split("x")) for item in a.sparse.split(",")]
+    found = {f"{n}x{m}": sparse_setup(n, m, a.bars, a) for n, m in shapes}
+    # every shape's own months: interleaved rounds need one scope per shape
+    with tempfile.TemporaryDirectory() as tmp:
+        walls: dict[str, dict[str, list]] = {k: {} for k in found}
+        for _ in range(a.repeat):
+            for name in ("resume", "status", "verify", "report"):
+                for k, u in found.items():
+                    cmd = commands(u["schema"], u["scope"], f"{tmp}/{k}")[name]
+                    wall, stdout, _ = bqx(cmd)
+                    check(name, stdout, u["backfill"]["jobs"])
+                    walls[k].setdefault(name, []).append(wall)
+    for k, u in found.items():
+        for name, runs in walls[k].items():
+            u[name] = {"median_s": statistics.median(runs), "runs_s": runs}
+        u["catalog"] = catalog(u["schema"])
+    RESULTS.mkdir(exist_ok=True)
+    doc = {"when": datetime.now(UTC).isoformat(timespec="seconds"), "bars_per_month": a.bars,
+           "workers": a.workers, "repeat": a.repeat, "shapes": found}  # fmt: skip
+    (RESULTS / "universe_sparse.json").write_text(json.dumps(doc, indent=2) + "\n")
+    head = (
+        "| seconds (whole process) | "
+        + " | ".join(
+            f"{u['instruments']} × {u['months']} months ({u['backfill']['jobs']:,} jobs)"
+            for u in found.values()
+        )
+        + " |"
+    )
+    md = [f"Catalog-bound costs: {a.bars} bars per instrument-month, {a.workers} workers;"
+          f" median of {a.repeat} interleaved rounds:", "", head,
+          "|---|" + "---:|" * len(found)]  # fmt: skip
+    rows = {"`backfill --force`": lambda u: u["backfill"]["wall_s"],
+            "no-op resume": lambda u: u["resume"]["median_s"],
+            "`status --json`": lambda u: u["status"]["median_s"],
+            "`verify --json`": lambda u: u["verify"]["median_s"],
+            "`report`": lambda u: u["report"]["median_s"]}  # fmt: skip
+    for label, key in rows.items():
+        md.append(f"| {label} | " + " | ".join(f"{key(u):,.2f}" for u in found.values()) + " |")
+    md.append(
+        "| relations (tables + indexes) | "
+        + " | ".join(f"{u['catalog']['relations']:,}" for u in found.values())
+        + " |"
+    )
+    (RESULTS / "universe_sparse.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--instruments", type=int, default=500)
@@ -193,7 +280,12 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--only", choices=["28", "N"], default=None)
+    ap.add_argument("--sparse", default=None, help="shapes NxM, e.g. 28x12,28x120,500x12")
+    ap.add_argument("--bars", type=int, default=20, help="bars per instrument-month (--sparse)")
     a = ap.parse_args()
+    if a.sparse:
+        sparse(a)
+        return
     scope = ["--start", a.start, "--end", a.end]
     path = RESULTS / "universe.json"
     result: dict = {"universes": {}}
