@@ -229,3 +229,41 @@ def test_hundreds_of_instruments_a_year_each_fit_the_servers_lock_table(store, c
                                                          names.source(layout, pair)))  # fmt: skip
     for i in range(300):
         conn.execute(sql.SQL("DROP TABLE {}").format(names.target(layout, f"j{i:03d}")))
+
+
+def test_a_jobs_read_plans_its_own_months_not_the_whole_history(store, conn, layout):
+    """A job reads its month and the W_max bars before it. With only a bound found by a
+    subquery, the server planned and locked every partition before the month (240 for the
+    last month of 20 years); a first look 31 days back bounds it. After a gap longer than
+    that, the whole history is searched. Either way: the bars the plain statement gives."""
+    from bqx.core.months import Month, month_range
+    from bqx.store.bars import load_bars, read_series
+
+    months = [*month_range(Month(2021, 1), Month(2023, 12)), Month(2024, 3)]  # a 2-month gap
+    for i, month in enumerate(months):  # the last 100 minutes of each month
+        t0 = np.datetime64(month.end.replace(tzinfo=None), "m") - np.timedelta64(100, "m")
+        times = (t0 + np.arange(100).astype("timedelta64[m]")).astype("datetime64[us]")
+        close = np.round(1.1 + 1e-5 * (np.arange(100) % 7 + i), 5)
+        load_bars(conn, layout, "eurusd", times, np.column_stack([close] * 4 + [np.ones(100)]))
+    params = store.params()
+    every = conn.execute(
+        sql.SQL("SELECT time, close FROM {} ORDER BY time").format(names.source(layout, "eurusd"))
+    ).fetchall()
+
+    def plain(month: Month) -> list:
+        before = [r for r in every if r[0] < month.start][-params.lookback_bars :]
+        return before + [r for r in every if month.start <= r[0] < month.end]
+
+    for month, most_locks in ((Month(2023, 12), 12), (Month(2024, 3), None)):
+        with conn.transaction(), conn.cursor() as cur:
+            times, prices = read_series(cur, params, "eurusd", month.start, month.end)
+            locks = cur.execute(
+                "SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid()"
+                " AND locktype = 'relation'"
+            ).fetchone()[0]
+        want = plain(month)
+        assert len(times) == len(want) == params.lookback_bars + 100
+        assert [t.replace(tzinfo=None) for t, _ in want] == times.astype(object).tolist()
+        assert [p for _, p in want] == prices.tolist()
+        if most_locks is not None:  # 2023-10 to 2023-12 and their indexes, not 36 of each
+            assert locks <= most_locks, locks

@@ -9,7 +9,7 @@ in the same transaction (``bqx.store.versions``), and wakes ``bqx update --follo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import numpy as np
@@ -127,26 +127,54 @@ def _has_rows(cur: psycopg.Cursor, table: sql.Composable) -> bool:
 # -- reading ------------------------------------------------------------------------------
 
 
+# where a job looks for its lookback bars first: the W_max bars before a month lie in the days
+# before it, and a constant bound lets the server prune to those partitions when it plans
+LOOKBACK_FIRST = timedelta(days=31)
+
+
 def read_series(
     cur: psycopg.Cursor, params: Params, pair: str, since: datetime, until: datetime
 ) -> tuple[np.ndarray, np.ndarray]:
     """Bars in [since, until) plus the lookback the first of them needs, crossing month
-    boundaries, in one statement: in bars mode the first bar read is found by a subquery (the
-    W_max-th bar before ``since``, however long ago; all of them if fewer)."""
+    boundaries: in bars mode the first bar read is found by a subquery (the W_max-th bar
+    before ``since``, however long ago; all of them if fewer).
+
+    Bars mode looks ``LOOKBACK_FIRST`` back first: without a constant lower bound the server
+    plans, and locks, every partition before ``since`` (240 for the last month of 20 years).
+    Only when that finds fewer than W_max bars before ``since`` (the start of the history, or
+    a longer gap) is the unbounded statement run; both give the same bars."""
+    if params.mode == "bars":
+        floor = since - LOOKBACK_FIRST
+        times, prices = _read_bars_mode(cur, params, pair, since, until, floor)
+        if int((times < np.datetime64(_naive_utc(since), "us")).sum()) >= params.lookback_bars:
+            return times, prices
+        return _read_bars_mode(cur, params, pair, since, until, None)
     layout = params.layout
     src, t, p = names.source(layout, pair), names.time(layout), names.price(layout)
-    if params.mode == "bars":
-        q = sql.SQL(
-            "SELECT {t}::timestamptz, {p}::float8 FROM {src} WHERE {t} < %s AND {t} >= coalesce("
-            "(SELECT {t} FROM {src} WHERE {t} < %s ORDER BY {t} DESC OFFSET %s LIMIT 1),"
-            " '-infinity')"
-        )
-        args: list[Any] = [until, since, params.lookback_bars - 1]
-    else:
-        lo = since - timedelta(minutes=params.lookback_minutes)
-        q = sql.SQL("SELECT {t}::timestamptz, {p}::float8 FROM {src} WHERE {t} >= %s AND {t} < %s")
-        args = [lo, until]
-    return select_series(cur, q.format(t=t, p=p, src=src), args)
+    lo = since - timedelta(minutes=params.lookback_minutes)
+    q = sql.SQL("SELECT {t}::timestamptz, {p}::float8 FROM {src} WHERE {t} >= %s AND {t} < %s")
+    return select_series(cur, q.format(t=t, p=p, src=src), [lo, until])
+
+
+def _naive_utc(t: datetime) -> datetime:
+    return t.astimezone(UTC).replace(tzinfo=None) if t.tzinfo is not None else t
+
+
+def _read_bars_mode(
+    cur: psycopg.Cursor, params: Params, pair: str, since: datetime, until: datetime,
+    floor: datetime | None,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Bars in [since, until) and the W_max before ``since``, none older than ``floor``."""
+    layout = params.layout
+    src, t, p = names.source(layout, pair), names.time(layout), names.price(layout)
+    bound = sql.SQL("") if floor is None else sql.SQL(" AND {t} >= %s").format(t=t)
+    q = sql.SQL(
+        "SELECT {t}::timestamptz, {p}::float8 FROM {src} WHERE {t} < %s{bound}"
+        " AND {t} >= coalesce((SELECT {t} FROM {src} WHERE {t} < %s{bound}"
+        " ORDER BY {t} DESC OFFSET %s LIMIT 1), '-infinity')"
+    ).format(t=t, p=p, src=src, bound=bound)
+    floors = [] if floor is None else [floor]
+    return select_series(cur, q, [until, *floors, since, *floors, params.lookback_bars - 1])
 
 
 def null_bar_message(cur: psycopg.Cursor, params: Params, pair: str, until: datetime) -> str:
