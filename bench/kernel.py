@@ -7,6 +7,8 @@ All compute the 37 columns of the default windows (docs/metrics.md) in month-siz
 
 - bqx.metrics on 5-decimal prices (the grid path: exact integer window sums);
 - bqx.metrics on prices off the decimal grid (the scan, its fallback);
+- bqx.metrics on other instruments' grids: BTC-like prices near 65,000 at 2 decimals (the grid
+  10^-2) and a coin near 0.0000123 at 8 decimals (10^-8);
 - pandas rolling windows; polars rolling expressions (POLARS_MAX_THREADS=1);
 - bottleneck move_* functions; numbagg move_sum/move_mean/move_std (numbagg has no moving
   max/min, so that peer takes them from bottleneck).
@@ -250,6 +252,10 @@ def main() -> None:
     off_grid = walk  # raw floats: the scan
     m = min(args.sample_bars, n)
     ts, ps, po = times[:m], prices[:m], off_grid[:m]
+    others = {  # name: prices on another instrument's grid (docs/metrics.md, "Price grids")
+        "bqx (grid 10^-2: BTC-like, 65,000 at 2 decimals)": np.round(walk[:m] * 60185.0, 2),
+        "bqx (grid 10^-8: a coin, 0.0000123 at 8 decimals)": np.round(walk[:m] * 1.14e-5, 8),
+    }
 
     grid, scan = "bqx (grid path)", "bqx (scan, prices off the grid)"
     peers: dict[str, Callable] = {
@@ -261,15 +267,21 @@ def main() -> None:
     }
     calls = {name: month_calls(fn, ts, ps) for name, fn in peers.items()}
     calls[scan] = month_calls(bqx_matrix, ts, po)
+    for name, p_other in others.items():
+        calls[name] = month_calls(bqx_matrix, ts, p_other)
     for fn in peers.values():  # compile, load caches, warm up
         fn(ts[:5000], ps[:5000])
-    bqx_matrix(ts[:5000], po[:5000])
+    for p_warm in (po, *others.values()):
+        bqx_matrix(ts[:5000], p_warm[:5000])
 
     # accuracy of every contender on the first month
     k = min(JOB, m)
     ref_on = reference(ps[:k])
     errors = {name: worst_error(fn(ts[:k], ps[:k]), ref_on, ps[:k]) for name, fn in peers.items()}
     errors[scan] = worst_error(bqx_matrix(ts[:k], po[:k]), reference(po[:k]), po[:k])
+    for name, p_other in others.items():
+        q = p_other[:k]
+        errors[name] = worst_error(bqx_matrix(ts[:k], q), reference(q), q)
 
     best = interleaved(calls, args.repeat)
     rate = {name: m / s for name, s in best.items()}

@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -44,22 +42,10 @@ from bqx.metrics import DEFAULT_WINDOWS  # noqa: E402
 from bqx.pipeline.plan import plan_backfill  # noqa: E402
 from bqx.store import names
 from bqx.store.bars import load_bars  # noqa: E402
+from common import run  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 CLI = [sys.executable, "-m", "bqx.cli"]
-
-
-def run(args: list[str]) -> tuple[float, str, float]:
-    """(wall seconds, stdout, CPU seconds user + sys of the process and its children)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    res = subprocess.run(args, capture_output=True, text=True, timeout=3600)
-    dt = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    if res.returncode != 0:
-        raise SystemExit(f"{' '.join(args)} failed ({res.returncode}): {res.stderr.strip()}")
-    return dt, res.stdout.strip(), cpu
 
 
 def _proc_cpu(pid: int) -> float:

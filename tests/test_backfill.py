@@ -242,8 +242,8 @@ def _schema_objects(conn: psycopg.Connection, schema: str) -> list[str]:
 
 def test_invalid_pair_fails_fast_and_writes_nothing(settings, layout, conn, two_pairs):
     before = _schema_objects(conn, layout.schema)
-    with pytest.raises(BqxError, match=r"invalid pair name 'EUR-USD'"):
-        store_for(settings, layout).backfill(pairs=["EUR-USD"])
+    with pytest.raises(BqxError, match=r"invalid pair name 'EUR/USD'"):
+        store_for(settings, layout).backfill(pairs=["EUR/USD"])
     assert _schema_objects(conn, layout.schema) == before
 
 
@@ -272,11 +272,11 @@ def test_column_mismatch_fails_fast_and_writes_nothing(settings, layout, conn, t
 
 def test_cli_reports_config_errors_on_one_line(cli_env):
     res = subprocess.run(
-        [sys.executable, "-m", "bqx.cli", "backfill", "--pairs", "EURUSD,XX"],
+        [sys.executable, "-m", "bqx.cli", "backfill", "--pairs", "EURUSD,X Y"],
         env=cli_env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert res.returncode == 1
-    assert "invalid pair name 'XX'" in res.stderr
+    assert "invalid pair name 'X Y'" in res.stderr
     assert "Traceback" not in res.stderr
 
 

@@ -123,6 +123,7 @@ def test_features_command_on_stored_bars(settings, layout, make_bars, cli_env, t
     assert manifest["target"] == "w15_bqx_return" and manifest["horizon"] == h
     assert manifest["embargo_bars"] == h + 75
     assert set(manifest["splits"]) == {"train", "validation", "test"}
+    assert manifest["pairs"] == ["EURUSD", "USDJPY"] == sorted(manifest["rows_per_pair"])
     from bqx import read_metrics
 
     total = 0
@@ -132,11 +133,11 @@ def test_features_command_on_stored_bars(settings, layout, make_bars, cli_env, t
         col = stored.column("w15_bqx_return").to_numpy(zero_copy_only=False)
         positions = {}
         for split in ("train", "validation", "test"):
-            tab = pq.read_table(out / split / f"{pair}.parquet")
+            tab = pq.read_table(out / split / f"{pair.upper()}.parquet")
             assert tab.column_names[:2] == ["pair", "ts_utc"]
             assert tab.column_names[2:-1] == manifest["features"]
             assert tab.column_names[-1] == "target"
-            assert set(tab.column("pair").to_pylist()) <= {pair}
+            assert set(tab.column("pair").to_pylist()) <= {pair.upper()}
             pos = np.searchsorted(t_all, tab.column("ts_utc").to_numpy())
             np.testing.assert_array_equal(tab.column("target").to_numpy(), col[pos + h])
             positions[split] = pos

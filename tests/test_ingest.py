@@ -387,7 +387,7 @@ def test_bad_invocations_fail_clearly_and_write_nothing(settings, layout, conn, 
     cases = [
         ([tmp_path / "missing.csv"], "EURUSD", "auto", {}, r"missing.csv: no such file"),
         ([junk], "EURUSD", "auto", {}, r"junk.txt: unknown format"),
-        ([good], "EURUS", "auto", {}, r"invalid pair name 'EURUS'"),
+        ([good], "EUR/US", "auto", {}, r"invalid pair name 'EUR/US'"),
         ([good], "EURUSD", "excel", {}, r"invalid format 'excel': unknown format"),
         ([good, tmp_path / "missing.csv"], "EURUSD", "auto", {}, r"missing.csv: no such file"),
         ([good, tmp_path], "EURUSD", "auto", {}, r"is a directory"),

@@ -201,10 +201,14 @@ def test_grid_detection_is_exact():
     wmax = max(DEFAULT_WINDOWS)
     qmax = kernels._grid_qmax(wmax)
     on = np.array([1.07123, 160.123, 0.00001, 1.5, 99.99999])
-    assert kernels._grid_off(on, qmax) == 0
+    assert kernels._grid_off(on, qmax, 1e5) == 0
     # one ulp away from a 5-decimal price, a sixth decimal, too large for int64 sums: off
     off = np.array([np.nextafter(1.07123, 2.0), 1.071235, (qmax + 1) / 1e5, 1e-6])
-    assert kernels._grid_off(off, qmax) == len(off)
+    assert kernels._grid_off(off, qmax, 1e5) == len(off)
+    # and per grid: 1.071235 is on 10^-6, 1e-6 on 10^-6 to 10^-12, one ulp off on none
+    assert kernels._grid_off(np.array([1.071235, 1e-6]), qmax, 1e6) == 0
+    assert metrics.row_grids(np.array([1.071235]), windows=(2,)).tolist() == [6]
+    assert metrics.row_grids(np.array([np.nextafter(1.07123, 2.0)]), windows=(2,)).tolist() == [-1]
     # the largest grid price really fits: W·Σq² and the block prefix sums stay below 2^63
     assert wmax * wmax * qmax**2 < 2**63 and (512 + wmax) * qmax**2 < 2**63
 
@@ -215,7 +219,7 @@ def test_grid_path_matches_reference(level, decimals):
     n = 1200
     times = minutes_from("2024-07-01", np.arange(n))
     prices = walk(n, level, seed=21, decimals=decimals, vol=3e-4)
-    assert kernels._grid_off(prices, kernels._grid_qmax(75)) == 0  # the grid path, all rows
+    assert kernels._grid_off(prices, kernels._grid_qmax(75), 1e5) == 0  # the grid path, all rows
     assert_close(compute(times, prices), reference(times, prices), prices)
 
 
@@ -223,16 +227,92 @@ def test_scan_path_matches_reference_off_the_grid():
     n = 1200
     times = minutes_from("2024-07-01", np.arange(n))
     prices = walk(n, 1.07, seed=22, decimals=12)
-    assert kernels._grid_off(prices, kernels._grid_qmax(75)) == n  # the scan, all rows
+    assert (metrics.row_grids(prices) == -1).all()  # the scan, all rows
     assert_close(compute(times, prices), reference(times, prices), prices)
 
 
 def test_prices_too_large_for_the_grid_take_the_scan():
     n = 400
     times = minutes_from("2024-07-01", np.arange(n))
-    prices = walk(n, 65000.0, seed=23, decimals=2)  # BTC-like: q·W would overflow int64 sums
-    assert kernels._grid_off(prices, kernels._grid_qmax(75)) == n
+    # BTC in rupiah: whole numbers near 1.5e9, whose W·Σq² would overflow int64 on any grid
+    prices = walk(n, 1.5e9, seed=23, decimals=0)
+    assert kernels._grid_off(prices, kernels._grid_qmax(75), 1.0) == n
+    assert (metrics.row_grids(prices) == -1).all()
     assert_close(compute(times, prices), reference(times, prices), prices)
+
+
+# The instruments of docs/metrics.md, each on its own grid: (level, decimals, the grid its rows
+# take with the default windows). Forex keeps 10^-5 (JPY's 3 decimals are on it too); large
+# prices take the finest grid whose integers fit the int64 sums, fine ones their own.
+GRIDS = {
+    "EURUSD": (1.07, 5, 5), "USDJPY": (160.0, 3, 5), "XAUUSD": (2400.0, 2, 4),
+    "XAUUSD3": (2400.0, 3, 4), "US500": (5000.0, 2, 3), "GER40": (18000.0, 1, 3),
+    "JPN225": (38000.0, 0, 2), "BTCUSDT": (100000.0, 2, 2), "ETHBTC": (0.05, 5, 5),
+    "SHIBUSDT": (0.00001234, 8, 8), "PEPEBTC": (2.5e-9, 12, 12), "6E": (1.085, 5, 5),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", GRIDS)
+def test_each_grid_takes_its_fast_path_and_matches_reference(name):
+    """Every row of an instrument on its grid takes the integer path on the grid named in
+    docs/metrics.md, and agrees with the two-pass reference within the tolerances: near
+    100,000 (BTC) and below 0.0001 (small coins) too."""
+    level, decimals, grid = GRIDS[name]
+    n = 900
+    times = minutes_from("2024-07-01", np.arange(n))
+    prices = walk(n, level, seed=31, decimals=decimals, vol=3e-4)
+    assert len(np.unique(prices)) > 20  # a real walk on that grid, not a constant
+    scales = metrics.row_grids(prices)  # (a first price may have fewer decimals)
+    assert (scales >= 0).all() and (scales[100:] == grid).all()
+    # the shortcut for an instrument on one grid says so exactly when every row is on it
+    one = kernels._one_grid(prices, kernels._grid_qmax(75), 75, grid)
+    assert one == (grid != 5 and (scales == grid).all())
+    got = compute(times, prices)
+    assert_close(got, reference(times, prices), prices)
+    prices[300:316] = prices[300]  # a flat window on the grid: stdev exactly 0
+    assert compute(times, prices)["w15_bqx_stdev"][315:317].tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("name", GRIDS)
+def test_each_grid_falls_back_to_the_scan_only_where_it_must(name):
+    """A stretch of prices on no grid (nudged by 3e-13, as a computed mid price may be): the
+    rows whose window holds one take the scan, every other row its grid; all agree with the
+    reference, and each row at a switch equals that row computed from its own window alone."""
+    level, decimals, grid = GRIDS[name]
+    n = 700
+    times = minutes_from("2024-07-01", np.arange(n))
+    prices = walk(n, level, seed=32, decimals=decimals, vol=3e-4)
+    prices[300:305] *= 1 + 3e-13
+    scales = metrics.row_grids(prices)
+    assert np.flatnonzero(scales == -1).tolist() == list(range(300, 305 + 75))
+    assert (np.delete(scales, np.arange(300, 380)) == grid).all()
+    got = compute(times, prices)
+    assert_close(got, reference(times, prices), prices)
+    for r in (299, 300, 379, 380, 455):
+        lo = max(0, r - 75)
+        alone = compute(times[lo : r + 1], prices[lo : r + 1])
+        for col in got:
+            assert np.array_equal(alone[col][-1:], got[col][r : r + 1], equal_nan=True), (r, col)
+
+
+def test_a_series_crossing_grids_is_split_into_runs():
+    """BTC from 20,000 to 40,000 at 2 decimals: windows below ~28,600 fit 10^-3, above only
+    10^-2; a window holding a 9-decimal tick fits neither (the scan). Each row takes the grid
+    of its own window, so any tail with its lookback gives the same bits."""
+    n = 3000
+    times = minutes_from("2024-07-01", np.arange(n))
+    prices = np.round(np.linspace(20000.0, 40000.0, n) * (1 + 1e-4 * np.sin(np.arange(n))), 2)
+    prices[2000] = 36000.123456789
+    scales = metrics.row_grids(prices)
+    assert set(np.unique(scales).tolist()) == {-1, 2, 3}
+    assert len(metrics.grid_runs(scales)) == 4  # 3, then 2, then the scan, then 2 again
+    whole = compute(times, prices)
+    assert_close(whole, reference(times, prices), prices)
+    for cut in (1000, 1300, 1999, 2040, 2076):
+        lo = cut - 75
+        tail = compute(times[lo:], prices[lo:])
+        for col in whole:
+            assert np.array_equal(tail[col][75:], whole[col][cut:], equal_nan=True), (cut, col)
 
 
 def test_series_switching_between_the_paths():
@@ -244,7 +324,7 @@ def test_series_switching_between_the_paths():
     prices = off_grid(walk(n, 1.07, seed=24), 200, 210)
     prices = off_grid(prices, 500, 501)
     prices[600:700] = prices[600]  # a flat stretch right after the grid resumes
-    rows = kernels._grid_misses(prices, kernels._grid_qmax(75), 75)
+    rows = np.flatnonzero(metrics.row_grids(prices) == -1)
     assert rows.tolist() == list(range(200, 285)) + list(range(500, 576))
     got = compute(times, prices)
     assert_close(got, reference(times, prices), prices)
@@ -322,8 +402,11 @@ def series(draw):
     rng = np.random.default_rng(seed)
     gaps = rng.choice([1, 1, 1, 1, 2, 3, 7, 600], size=n)
     times = minutes_from("2024-07-01", np.cumsum(gaps))
-    level = draw(st.sampled_from([0.61, 1.07, 160.0]))
-    prices = np.round(level * np.exp(np.cumsum(rng.normal(0, 3e-4, n))), 5)
+    level, decimals, _ = draw(st.sampled_from(sorted(GRIDS.values())))
+    prices = np.round(level * np.exp(np.cumsum(rng.normal(0, 3e-4, n))), decimals)
+    if n and draw(st.booleans()):  # a stretch on a finer grid: the rows change grids
+        at = draw(st.integers(min_value=0, max_value=n - 1))
+        prices[at : at + draw(st.integers(1, 100))] += 10.0 ** -(decimals + 1)
     flat = draw(st.integers(min_value=0, max_value=n))
     if flat < n:
         prices[flat : flat + 90] = prices[flat]

@@ -288,6 +288,7 @@ def test_cli_json_and_one_line_errors(cli_env, conn, layout):
     (p,) = doc["pairs"]
     assert set(p) >= {"pair", "new_rows", "newest_bar", "newest_metric", "lag_s"}
     assert p["new_rows"] == len(times) and p["lag_s"] == 0.0
+    assert p["pair"] == "EURUSD"  # the one case a person or a script sees
     bad = subprocess.run([*cmd, "--recheck", "soon"], env=cli_env, capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr  # a usage error
     assert bad.stderr.strip().count("\n") == 0 and "--recheck" in bad.stderr
@@ -386,12 +387,12 @@ def test_follow_catches_up_across_a_database_restart_and_stops_on_sigterm(tmp_pa
                 return r.read().decode()
 
         # the counters move just after the commit that the row count above already sees
-        written = f'bqx_rows_written_total{{pair="eurusd"}} {float(len(times))}'
+        written = f'bqx_rows_written_total{{pair="EURUSD"}} {float(len(times))}'
         with contextlib.suppress(AssertionError):
             _wait_for(lambda: written in scrape(), timeout=10)
         text = scrape()
-        assert 'bqx_target_lag_seconds{pair="eurusd"} 0.0' in text
-        assert f'bqx_rows_written_total{{pair="eurusd"}} {float(len(times))}' in text
+        assert 'bqx_target_lag_seconds{pair="EURUSD"} 0.0' in text
+        assert f'bqx_rows_written_total{{pair="EURUSD"}} {float(len(times))}' in text
         errors = [ln for ln in text.splitlines() if ln.startswith("bqx_update_errors_total")]
         assert float(errors[0].split()[1]) >= 1
         assert "bqx_last_poll_timestamp_seconds" in text

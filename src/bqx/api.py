@@ -396,19 +396,30 @@ class Store:
         self, pairs: PairsLike = None, start: MonthLike = "2024-07",
         end: MonthLike | None = None, *, seed: int = 0, workers: int = 1,
         replace: bool = False, progress: Callable[[str, int], None] | None = None,
+        instruments: int | None = None,
     ) -> GenerateSummary:  # fmt: skip
-        """Synthetic minute bars for the report's 28 crosses (or ``pairs``) into ``m1_{pair}``;
-        a month's bars depend only on the seed. A month holding bars bqx did not generate is
-        refused (``NeedsOption``, nothing written) unless ``replace``; a month that already
-        holds these bars is left as it is."""
+        """Synthetic minute bars for the report's 28 crosses (or ``pairs``, or the first
+        ``instruments`` of a universe of mixed kinds: forex, metals, indices, crypto, futures,
+        stocks) into ``m1_{pair}``; a month's bars depend only on the seed. A month holding
+        bars bqx did not generate is refused (``NeedsOption``, nothing written) unless
+        ``replace``; a month that already holds these bars is left as it is."""
         from bqx.core.params import check_positive
         from bqx.sources.generate import generate
+        from bqx.sources.universe import symbol_of, universe
 
         first, last = _months(start, end or start)
         assert first is not None and last is not None
         check_positive("workers", workers, integer=True)
-        return generate(self.database_ref(), self.layout, parse_pairs(pairs) or list(REPORT_PAIRS),
-                        first, last, seed=seed, workers=workers, replace=replace,
+        chosen = parse_pairs(pairs) or list(REPORT_PAIRS)
+        if instruments is not None:
+            check_positive("instruments", instruments, integer=True)
+            if pairs is not None:
+                raise InvalidOption(
+                    "instruments", instruments, "give pairs or instruments, not both"
+                )
+            chosen = [symbol_of(i) for i in universe(instruments, seed)]
+        return generate(self.database_ref(), self.layout, chosen, first, last, seed=seed,
+                        workers=workers, replace=replace,
                         progress=progress)  # fmt: skip
 
     def ingest(

@@ -153,25 +153,56 @@ def _validate(times: np.ndarray, prices: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def _bars(prices: np.ndarray, wins: np.ndarray, out: np.ndarray) -> None:
-    """Bars mode: the grid kernel for rows whose window and price are on the 10^-5 grid, the
-    scan for the others. The choice is per row, from its own window, so a row's values never
-    depend on how the series is split."""
+    """Bars mode: the grid kernel for rows whose window and price are on a decimal grid, each
+    run of rows on one grid in one call, and the scan for the others. The choice is per row,
+    from its own window (``kernels._row_scales``), so a row's values never depend on how the
+    series is split."""
     from bqx.core import kernels as k
 
     n = len(prices)
     wmax = int(wins[-1])
     qmax = k._grid_qmax(wmax)
-    off = k._grid_off(prices, qmax)
-    if off == n:
-        k._scan(prices, np.arange(n, dtype=np.int64), prices, wins, out, True)
-        return
     stream = out.nbytes > STREAM_BYTES and out.flags.aligned
-    k._grid_kernel(prices, wins, out, qmax, stream)
-    if off:
-        rows = k._grid_misses(prices, qmax, wmax)
+    if k._grid_off(prices, qmax, k._GRID) == 0:  # forex: every row on 10^-5, one call
+        k._grid_kernel(prices, wins, out, qmax, k._GRID, 0, n, stream)
+        return
+    # an instrument on one grid: its first rows' grid, checked for the whole series at once
+    head = k._row_scales(prices[: 2 * wmax + 2], qmax, wmax)
+    if k._one_grid(prices, qmax, wmax, int(head[-1])):
+        k._grid_kernel(prices, wins, out, qmax, float(10 ** int(head[-1])), 0, n, stream)
+        return
+    scales = k._row_scales(prices, qmax, wmax)
+    for lo, hi, d in grid_runs(scales):
+        if d == k.NO_GRID:
+            continue
+        k._grid_kernel(prices, wins, out, qmax, float(10**d), lo, hi, stream)
+    rows = np.flatnonzero(scales == k.NO_GRID)
+    if len(rows) == n:
+        k._scan(prices, np.arange(n, dtype=np.int64), prices, wins, out, True)
+    elif len(rows):
         part = np.empty((out.shape[0], len(rows)), dtype=np.float64)
         k._scan(prices, rows, prices[rows], wins, part, False)
         out[:, rows] = part
+
+
+def grid_runs(scales: np.ndarray) -> list[tuple[int, int, int]]:
+    """(first row, end row, decimals) of each run of rows on one grid (decimals -1: none)."""
+    if not len(scales):
+        return []
+    cuts = np.flatnonzero(np.diff(scales)) + 1
+    starts = np.concatenate(([0], cuts))
+    ends = np.concatenate((cuts, [len(scales)]))
+    return [(int(a), int(b), int(scales[a])) for a, b in zip(starts, ends, strict=True)]
+
+
+def row_grids(prices: np.ndarray, windows: Sequence[int] = DEFAULT_WINDOWS) -> np.ndarray:
+    """The decimals of the grid each row's bars-mode metrics are computed on (-1: the scan,
+    no grid fits its window): what ``compute`` does, for tests and for the curious."""
+    from bqx.core import kernels as k
+
+    wins = normalize_windows(windows)
+    p = np.ascontiguousarray(prices, dtype=np.float64)
+    return k._row_scales(p, k._grid_qmax(wins[-1]), wins[-1]).astype(np.int64)
 
 
 def compute_matrix(

@@ -64,11 +64,20 @@ def generate(
             " since). Without it such a month stops the command before anything is written.",
         ),
     ] = False,
+    instruments: Annotated[
+        int | None,
+        typer.Option(
+            "--instruments",
+            help="N instruments of mixed kinds (forex, metals, indices, crypto, futures,"
+            " stocks), each with its own level, grid, volatility and hours; instead of --pairs.",
+        ),
+    ] = None,
     database_url: DatabaseOpt = None,
     schema: SchemaOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Synthetic minute bars for 28 crosses of 8 correlated currencies into m1_{pair}.
+    """Synthetic minute bars into m1_{pair}: the 28 crosses of 8 correlated currencies, or a
+    universe of N instruments of mixed kinds (--instruments).
 
     A month that holds bars bqx did not generate (ingested ones) is refused, naming the months
     and their bars, unless --replace; a month that already holds the same bars is left as it
@@ -76,7 +85,7 @@ def generate(
     """
     summary = store_from(database_url, schema).generate(
         pairs, start, end or start, seed=seed, workers=1 if workers is None else workers,
-        replace=replace,
+        replace=replace, instruments=instruments,
     )  # fmt: skip
     print_json(summary.as_dict()) if json_out else say(summary.text())
 

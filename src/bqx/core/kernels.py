@@ -213,9 +213,21 @@ def _stream_copy(dst, src):  # pragma: no cover - compiled
 
 
 # -- the grid path: prices on a decimal grid, exact integer window sums ---------------------
+#
+# A price p is on the grid 10^-d when it is the float64 nearest to q·10^-d for an integer q
+# (checked by the round trip). Which d: per row, from the prices of its own window (and its
+# own), so a row's values never depend on how the series is split. Every grid a window is on
+# is exact; the row takes GRID_DECIMALS (10^-5: every 5- and 3-decimal forex price, so forex
+# rows are computed as they always were) when its window is on it, else the grid nearest to it
+# that the window is on: the finest one whose integers fit the int64 sums for large prices
+# (indices at 2 decimals on 10^-3, BTC near 100,000 on 10^-2), the coarsest one for fine ones
+# (a coin at 0.00001234 on 10^-8). A row whose window is on no grid takes the scan.
 
 GRID_DECIMALS = 5  # 10^-5: every 5-decimal price is on it, and so is every 3-decimal (JPY) one
+MAX_DECIMALS = 12  # the finest grid tried: 10^-12
+NO_GRID = -1  # a row's scale when its window is on no grid: the scan computes it
 _GRID = 10.0**GRID_DECIMALS
+_ROUND_TRIP_MAX = 2.0**50  # above this the float64 round trip says nothing (see _exact)
 _GRID_BLOCK = 512  # rows per block: local prefix sums and sparse tables stay in L1/L2
 # streaming: blocks collected per copy to ``out``; 16 KB runs per row stream far better than
 # 4 KB ones, and the 37 × 2048 scratch (600 KB) still stays in L2
@@ -226,7 +238,7 @@ def _grid_qmax(wmax: int) -> int:
     """Largest grid integer the int64 arithmetic of :func:`_grid_kernel` takes without overflow.
 
     Window sums of squares W·Σq² ≤ (W·q)² and block prefix sums (block + W)·q² must stay below
-    2^63; beyond this (prices above ~400 at 5 decimals with the default windows) the scan runs.
+    2^63: about 2.9e7 with the default windows (prices up to ~286 on 10^-5, ~286,000 on 10^-2).
     """
     limit = 2**62
     by_window = int(np.sqrt(limit)) // wmax
@@ -235,47 +247,162 @@ def _grid_qmax(wmax: int) -> int:
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _on_grid(x, qmax):  # pragma: no cover - compiled
-    """x·10^5 as an integer if x is exactly the float64 nearest to that decimal (round-trip
-    exact) and 0 < x·10^5 ≤ qmax; else 0 (off the grid)."""
-    r = np.rint(x * _GRID)
-    ok = (r / _GRID == x) and (r > 0.0) and (r <= qmax)
+def _on_grid(x, g, qmax):  # pragma: no cover - compiled
+    """x·g (g = 10^d) as an integer if x is exactly the float64 nearest to that decimal
+    (round-trip exact) and 0 < x·g ≤ qmax; else 0 (off the grid)."""
+    r = np.rint(x * g)
+    ok = (r / g == x) and (r > 0.0) and (r <= qmax)
     return np.int64(r) if ok else np.int64(0)
 
 
 @numba.njit(cache=True, nogil=True)
-def _grid_off(values, qmax):  # pragma: no cover - compiled
-    """How many values are off the grid."""
+def _grid_off(values, qmax, g):  # pragma: no cover - compiled
+    """How many values are off the grid 1/g."""
     off = 0
     for i in range(values.shape[0]):
-        off += 1 if _on_grid(values[i], qmax) == 0 else 0
+        off += 1 if _on_grid(values[i], g, qmax) == 0 else 0
     return off
 
 
-@numba.njit(cache=True, nogil=True)
-def _grid_misses(values, qmax, wmax):  # pragma: no cover - compiled
-    """Rows whose own price or any of the ``wmax`` bars before it is off the grid."""
-    n = values.shape[0]
-    rows = np.empty(n, dtype=np.int64)
-    count = 0
-    last_off = -(wmax + 2)
-    for r in range(n):
-        if _on_grid(values[r], qmax) == 0:
-            last_off = r
-        if r - last_off <= wmax:
-            rows[count] = r
-            count += 1
-    return rows[:count]
+@numba.njit(cache=True, nogil=True, inline="always")
+def _exact(x, g):  # pragma: no cover - compiled
+    """Whether x is the float64 nearest to a positive multiple of 1/g.
+
+    Exact and monotone: if x = fl(q/10^d), then x·10^(d+1) is within q·2^-52 of the integer
+    10q, which rounds back to it while 10q < 2^51, and 10q / 10^(d+1) rounds to x again. So
+    a value on a grid is on every finer one (below ``_ROUND_TRIP_MAX``)."""
+    r = np.rint(x * g)
+    return r > 0.0 and r <= _ROUND_TRIP_MAX and r / g == x
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _grid_rows(c1b, c1a, c2b, c2a, hi_a, hi_b, lo_a, lo_b, qt, qw, inv_q, w_int, o_ret, o_max,
-               o_min, o_avg, o_sd, o_end):  # pragma: no cover - compiled  # fmt: skip
+def _decimals(x, d, powers):  # pragma: no cover - compiled
+    """The coarsest grid 10^-k that x is on (``powers.shape[0]``: none), searched from d."""
+    top = powers.shape[0] - 1
+    while d > 0 and np.rint(x * powers[d]) > _ROUND_TRIP_MAX:
+        d -= 1  # too fine to tell there: the answer, if any, is coarser
+    if _exact(x, powers[d]):
+        while d > 0 and _exact(x, powers[d - 1]):
+            d -= 1
+        return d
+    while d < top and np.rint(x * powers[d + 1]) <= _ROUND_TRIP_MAX:
+        d += 1
+        if _exact(x, powers[d]):
+            return d
+    return top + 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _value_grids(values, qmax, powers, lo, hi):  # pragma: no cover - compiled
+    """Per value: ``lo``, its decimals (the coarsest grid it is on; MAX_DECIMALS + 1: none),
+    and ``hi``, the finest grid whose integer for it fits ``qmax`` (-1: none). It is on the
+    grid 10^-d, in the kernel's sense, exactly for lo ≤ d ≤ hi. Each search starts from the
+    previous value's answer, which in a price series is nearly always the answer again."""
+    top = powers.shape[0] - 1
+    d_lo = GRID_DECIMALS
+    d_hi = GRID_DECIMALS
+    for i in range(values.shape[0]):
+        x = values[i]
+        found = _decimals(x, d_lo, powers)
+        lo[i] = found
+        d_lo = min(found, top)
+        d_hi = min(max(d_hi, 0), top)
+        if np.rint(x * powers[d_hi]) <= qmax:
+            while d_hi < top and np.rint(x * powers[d_hi + 1]) <= qmax:
+                d_hi += 1
+        else:
+            while d_hi >= 0 and np.rint(x * powers[d_hi]) > qmax:
+                d_hi -= 1
+        hi[i] = d_hi
+
+
+@numba.njit(cache=True, nogil=True)
+def _one_grid(values, qmax, wmax, d):  # pragma: no cover - compiled
+    """Whether every row's grid is 10^-d (what ``_row_scales`` would say) with two cheap checks
+    a value: every value is on it, and every window holds a value that rules out the grid one
+    step nearer to ``GRID_DECIMALS`` (too large for 10^-(d+1) when d < 5; not on 10^-(d-1)
+    when d > 5). An instrument on one grid is answered so at a fraction of the full search."""
+    if d == GRID_DECIMALS or d < 0 or d > MAX_DECIMALS:
+        return False
+    g = 10.0**d
+    nearer = 10.0 ** (d + 1) if d < GRID_DECIMALS else 10.0 ** (d - 1)
+    last = -(wmax + 2)  # the last value that rules the nearer grid out
+    for r in range(values.shape[0]):
+        x = values[r]
+        if _on_grid(x, g, qmax) == 0:
+            return False
+        if d < GRID_DECIMALS:
+            out = np.rint(x * nearer) > qmax
+        else:
+            out = not _exact(x, nearer)
+        if out:
+            last = r
+        if r - last > wmax:
+            return False
+    return True
+
+
+@numba.njit(cache=True, nogil=True)
+def _window_max(x, k):  # pragma: no cover - compiled
+    """max(x[r − k + 1 … r]) for every r (fewer at the start), in O(n): prefix and suffix
+    maxima within blocks of k, so a window is one block's suffix and the next one's prefix."""
+    n = x.shape[0]
+    pre = np.empty(n, dtype=x.dtype)
+    suf = np.empty(n, dtype=x.dtype)
+    for b0 in range(0, n, k):
+        b1 = min(b0 + k, n)
+        m = x[b0]
+        for i in range(b0, b1):
+            m = max(m, x[i])
+            pre[i] = m
+        m = x[b1 - 1]
+        for i in range(b1 - 1, b0 - 1, -1):
+            m = max(m, x[i])
+            suf[i] = m
+    out = np.empty(n, dtype=x.dtype)
+    for r in range(n):
+        a = r - k + 1
+        out[r] = pre[r] if a <= 0 else max(suf[a], pre[r])
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _row_scales(values, qmax, wmax):  # pragma: no cover - compiled
+    """Each row's grid decimals (``NO_GRID``: the scan), from its own price and the ``wmax``
+    before it: the window is on 10^-d for max(lo) ≤ d ≤ min(hi) over those values, and the
+    row takes the d of that range nearest to ``GRID_DECIMALS``."""
+    n = values.shape[0]
+    powers = np.empty(MAX_DECIMALS + 1)
+    g = 1.0
+    for d in range(MAX_DECIMALS + 1):
+        powers[d] = g  # exact: every 10^d up to 10^22 is a float64
+        g *= 10.0
+    lo = np.empty(n, dtype=np.int8)
+    hi = np.empty(n, dtype=np.int8)
+    _value_grids(values, qmax, powers, lo, hi)
+    out = np.empty(n, dtype=np.int8)
+    if n == 0:
+        return out
+    if lo.min() == lo.max() and hi.min() == hi.max():  # one grid for the whole series
+        w_lo, w_hi = lo[0], hi[0]
+        out[:] = NO_GRID if w_lo > w_hi else min(max(GRID_DECIMALS, w_lo), w_hi)
+        return out
+    lo = _window_max(lo, wmax + 1)
+    hi = -_window_max(-hi, wmax + 1)
+    for r in range(n):
+        out[r] = NO_GRID if lo[r] > hi[r] else min(max(GRID_DECIMALS, lo[r]), hi[r])
+    return out
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _grid_rows(c1b, c1a, c2b, c2a, hi_a, hi_b, lo_a, lo_b, qt, qw, inv_q, w_int, g, o_ret,
+               o_max, o_min, o_avg, o_sd, o_end):  # pragma: no cover - compiled  # fmt: skip
     """One window for a run of rows; every array is a 1-D slice indexed from 0, so the loop
-    vectorises."""
+    vectorises. ``g``: the grid's 10^d."""
     w = float(w_int)
-    c_avg = 1.0 / (w * _GRID)
+    c_avg = 1.0 / (w * g)
     c_var = 1.0 / (w * (w - 1.0))
+    inv_g = 1.0 / g
     for i in range(o_ret.shape[0]):
         s1 = c1b[i] - c1a[i]
         s2 = c2b[i] - c2a[i]
@@ -288,26 +415,26 @@ def _grid_rows(c1b, c1a, c2b, c2a, hi_a, hi_b, lo_a, lo_b, qt, qw, inv_q, w_int,
         o_max[i] = x1 if x1 > x2 else x2
         o_min[i] = x3 if x3 < x4 else x4
         o_avg[i] = float(s1) * c_avg
-        o_sd[i] = np.sqrt(float(num) * c_var) * (1.0 / _GRID)
+        o_sd[i] = np.sqrt(float(num) * c_var) * inv_g
         o_end[i] = float(qw[i] - qt[i]) * inv_q[i]
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")  # 1/0 on off-grid rows: inf, no raise
-def _grid_kernel(values, wins, out, qmax, stream):  # pragma: no cover - compiled
-    """Bars mode for prices on the grid: every window sum is an exact int64 difference of
-    block-local prefix sums, so each row costs O(1) per window whatever W is, and its values
-    depend only on its own window (bit-identical however the series is split).
+def _grid_kernel(values, wins, out, qmax, g, row0, row1, stream):  # pragma: no cover - compiled
+    """Bars mode for rows ``row0`` … ``row1`` − 1 whose windows are on the grid 1/g (g = 10^d):
+    every window sum is an exact int64 difference of block-local prefix sums, so each row
+    costs O(1) per window whatever W is, and its values depend only on its own window
+    (bit-identical however the series is split). Other rows of ``out`` are not touched.
 
     ``stream``: compute the blocks into a scratch matrix of ``_STREAM_COLS`` rows (it stays in
     L2) and copy each full one to ``out`` with streaming stores (see ``STREAM_BYTES``); the
     values are the same either way.
 
-    With S1 = Σq and S2 = Σq² over the window (q = p·10^5): mean = S1 / (W·10^5), and the
+    With S1 = Σq and S2 = Σq² over the window (q = p·10^d): mean = S1 / (W·10^d), and the
     sample variance has the exact integer numerator W·S2 − S1² (≥ 0, and 0 exactly when the
     window is constant). Return and endpoint have exact integer numerators too. Max and min
     come from a sparse table over the float64 prices themselves (exact).
     """
-    n = values.shape[0]
     nw = wins.shape[0]
     wmax = wins[nw - 1]
     levels = 1
@@ -324,16 +451,16 @@ def _grid_kernel(values, wins, out, qmax, stream):  # pragma: no cover - compile
     last = 6 * (nw - 1)
     agg = 6 * nw
     scratch = np.empty((out.shape[0], _STREAM_COLS if stream else 0))
-    for r0 in range(0, n, _GRID_BLOCK):
-        m = min(_GRID_BLOCK, n - r0)
+    for r0 in range(row0, row1, _GRID_BLOCK):
+        m = min(_GRID_BLOCK, row1 - r0)
         dst = scratch if stream else out  # the block's rows are dst[:, c0 : c0 + m]
-        c0 = r0 % _STREAM_COLS if stream else r0
+        c0 = (r0 - row0) % _STREAM_COLS if stream else r0
         seg = max(0, r0 - wmax)
         span = r0 + m - seg
         off = r0 - seg  # local index of row r0
         src = values[seg : seg + span]
         for i in range(span):
-            q[i] = _on_grid(src[i], qmax)
+            q[i] = _on_grid(src[i], g, qmax)
         c1[0] = 0
         c2[0] = 0
         for i in range(span):
@@ -376,7 +503,7 @@ def _grid_kernel(values, wins, out, qmax, stream):  # pragma: no cover - compile
                 c1[b0:b1], c1[b0 - w_int : b1 - w_int], c2[b0:b1], c2[b0 - w_int : b1 - w_int],
                 tmax[lv, b0 - w_int : b1 - w_int], tmax[lv, b0 - width : b1 - width],
                 tmin[lv, b0 - w_int : b1 - w_int], tmin[lv, b0 - width : b1 - width],
-                qb[j0:], q[b0 - w_int : b1 - w_int], iq[j0:], w_int,
+                qb[j0:], q[b0 - w_int : b1 - w_int], iq[j0:], w_int, g,
                 dst[base, c0 + j0 : c0 + m], dst[base + 1, c0 + j0 : c0 + m],
                 dst[base + 2, c0 + j0 : c0 + m], dst[base + 3, c0 + j0 : c0 + m],
                 dst[base + 4, c0 + j0 : c0 + m], dst[base + 5, c0 + j0 : c0 + m],
@@ -394,7 +521,7 @@ def _grid_kernel(values, wins, out, qmax, stream):  # pragma: no cover - compile
             inv_p = 1.0 / vb[j]
             o_rng[j] = (hi[j] - lo[j]) * inv_p
             o_vol[j] = sd[j] * inv_p
-        if stream and (c0 + m == _STREAM_COLS or r0 + m == n):
+        if stream and (c0 + m == _STREAM_COLS or r0 + m == row1):
             a = r0 + m - (c0 + m)
             for c in range(out.shape[0]):
                 _stream_copy(out[c, a : r0 + m], scratch[c, : c0 + m])

@@ -11,11 +11,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bqx.core.months import Month
-from bqx.core.symbols import validate_pair
+from bqx.core.symbols import display, validate_pair
 from bqx.errors import BqxError, InvalidOption
 from bqx.metrics import DEFAULT_WINDOWS, metric_columns
 
 _IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+NAME_BYTES = 63  # PostgreSQL truncates longer identifiers (NAMEDATALEN - 1)
+PARTITION_SUFFIX = len("_2024m07")
 
 # The target table's own columns: the bar's time, its price, when the row was written.
 TARGET_TIME = "ts_utc"
@@ -84,10 +86,18 @@ class Layout:
             )
 
     def source_name(self, pair: str) -> tuple[str, str]:
-        """(schema, table) of a pair's source bars."""
+        """(schema, table) of a pair's source bars; refused when its partitions' names would
+        be longer than PostgreSQL keeps (a long symbol in a long pattern)."""
         parts = self.source_table.split(".")
         schema = parts[0] if len(parts) == 2 else self.schema
-        return schema, parts[-1].replace("{pair}", validate_pair(pair))
+        table = parts[-1].replace("{pair}", validate_pair(pair))
+        if len(table.encode()) + PARTITION_SUFFIX > NAME_BYTES:
+            raise BqxError(
+                f"symbol {display(pair.strip())} is too long for the source table pattern"
+                f" {self.source_table!r}: its partitions ({table}_2024m07) would pass"
+                f" PostgreSQL's {NAME_BYTES}-byte names; use a shorter pattern"
+            )
+        return schema, table
 
     def source_schema(self) -> str:
         return self.source_name("xxxxxx")[0]

@@ -33,7 +33,8 @@ class Destination(Protocol):
         """Refuse, before anything is written, to write ``params``' columns for ``pair``."""
 
     def prepare(self, conn: psycopg.Connection, params: Params, jobs: Sequence[Job]) -> None:
-        """Create what the jobs will write into (tables, partitions); idempotent."""
+        """Create what the jobs will write into (tables, partitions); idempotent. ``conn`` is
+        in no transaction: the work may be committed in parts (a transaction per pair)."""
 
     def month_states(
         self, conn: psycopg.Connection, params: Params, keys: Sequence[JobKey]

@@ -30,19 +30,36 @@ class PostgresPartitions:
 
     def prepare(self, conn: psycopg.Connection, params: Params, jobs: Sequence[Job]) -> None:
         """The targets and partitions the jobs write into, each with the triggers that version
-        its months, all only where missing."""
-        pairs = sorted({j.pair for j in jobs})
-        existing = catalog.target_partitions(conn, self.layout, pairs)
-        for pair in pairs:
-            if self.layout.target_name(pair) not in existing:
-                ddl.create_target_table(conn, self.layout, pair, params.windows)
+        its months, those missing only: one transaction
+        per pair (``conn`` must not be in one), so a run over hundreds of instruments never
+        holds more locks than one pair's DDL takes (a lock per new table and index, held to
+        the commit: 6,000 new partitions in one transaction exhaust the server's lock table,
+        64 × max_connections by default)."""
+        months: dict[str, list[Month]] = {}
         for job in jobs:
-            if self.layout.target_partition_name(job.pair, job.month) not in existing:
-                ddl.ensure_target_partition(conn, self.layout, job.pair, job.month)
-        unguarded = versions.unguarded_targets(conn, self.layout, [(j.pair, j.month) for j in jobs])
-        with conn.cursor() as cur:
-            for pair, month in unguarded:
-                versions.install_target(cur, self.layout, pair, month)
+            months.setdefault(job.pair, []).append(job.month)
+        existing = catalog.target_partitions(conn, self.layout, sorted(months))
+        for pair, wanted in sorted(months.items()):
+            table = self.layout.target_name(pair)
+            missing = [m for m in wanted
+                       if self.layout.target_partition_name(pair, m) not in existing]  # fmt: skip
+            if table in existing and not missing:
+                continue
+            with conn.transaction():
+                ddl.lock_key(conn, f"bqx target {self.layout.schema}.{table} ddl")
+                if table not in existing:
+                    ddl.create_target_table(conn, self.layout, pair, params.windows)
+                for month in missing:
+                    ddl.ensure_target_partition(conn, self.layout, pair, month)
+        unguarded: dict[str, list[Month]] = {}
+        for pair, month in versions.unguarded_targets(
+            conn, self.layout, [(j.pair, j.month) for j in jobs]
+        ):
+            unguarded.setdefault(pair, []).append(month)
+        for pair, wanted in sorted(unguarded.items()):
+            with conn.transaction(), conn.cursor() as cur:
+                for month in wanted:
+                    versions.install_target(cur, self.layout, pair, month)
 
     def ensure_month(
         self, conn: psycopg.Connection, params: Params, pair: str, month: Month

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from bqx.core.layout import Layout
 from bqx.core.months import Month, check_span
-from bqx.core.symbols import validate_pair
+from bqx.core.symbols import display, validate_pair
 from bqx.errors import BqxError, InvalidOption
 from bqx.ops.export import metric_table_columns, read_metrics_conn, to_utc_us
 from bqx.ops.outdir import write_atomic, write_text_atomic
@@ -308,16 +308,17 @@ class _Build:
         self.longest = max(self.longest, bars)
         for k, v in pf.dropped.items():
             self.dropped[k] += v
-        self.per_pair[pair] = {}
+        name = display(pair)  # the one name a reader sees: file, column, manifest
+        self.per_pair[name] = {}
         for code, s in enumerate(SPLITS):
             sel = pf.labels == code
             rows = int(sel.sum())
-            final = self.out / s / f"{pair}.parquet"
+            final = self.out / s / f"{name}.parquet"
             tmp = final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
             self.pending.append((tmp, final))
-            pq.write_table(split_table(pair, pf, sel, self.names), tmp, compression="zstd")
-            self.fingerprints[f"{s}/{pair}.parquet"] = fingerprint(tmp)
-            self.per_pair[pair][s] = rows
+            pq.write_table(split_table(name, pf, sel, self.names), tmp, compression="zstd")
+            self.fingerprints[f"{s}/{name}.parquet"] = fingerprint(tmp)
+            self.per_pair[name][s] = rows
             self.total += rows
             if rows:
                 st = self.stats[s]
@@ -443,7 +444,7 @@ def _manifest(
             s: {"start": _iso(v["start"]), "end": _iso(v["end"]), "rows": v["rows"]}
             for s, v in b.stats.items()
         },
-        "pairs": pairs,
+        "pairs": [display(p) for p in pairs],
         "rows_per_pair": b.per_pair,
         "split_fractions": list(fractions),
         "cuts": {"validation_from": _iso(b.cuts[0]), "test_from": _iso(b.cuts[1])},

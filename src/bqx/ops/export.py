@@ -10,6 +10,8 @@ the directory equal to the table for the pairs and months it covers.
 from __future__ import annotations
 
 import functools
+import os
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -25,7 +27,7 @@ import pyarrow.parquet as pq
 
 from bqx.core.layout import Layout
 from bqx.core.months import Month, check_span, in_range, month_range
-from bqx.core.symbols import validate_pair
+from bqx.core.symbols import display, validate_pair
 from bqx.errors import BqxError, InvalidOption
 from bqx.ops.outdir import write_atomic
 from bqx.store import catalog, targets
@@ -208,7 +210,7 @@ def _target_months(conn: psycopg.Connection, layout: Layout, pair: str) -> list[
 
 def pair_dir(pair: str) -> str:
     """The Hive partition folder of a pair."""
-    return f"pair={pair}"
+    return f"pair={display(pair)}"
 
 
 def export(
@@ -223,13 +225,14 @@ def export(
     compression: str = "zstd",
     progress: ProgressFn | None = None,
 ) -> ExportSummary:
-    """Write the metrics as Parquet, ``out/pair=eurusd/month=2024-07/data.parquet``.
+    """Write the metrics as Parquet, ``out/pair=EURUSD/month=2024-07/data.parquet``.
 
     One (pair, month) is read and written at a time. Each file is written under a name of its
     own beside its final name and renamed into place, so a reader never sees half a file, a
     rerun replaces it, and two exports into one directory never share a temporary file. The
     partitions of the covered pairs and months that the table no longer holds (bars deleted,
     a pair dropped) are removed, so the directory reads as the table does.
+    The symbol is written as everywhere else, upper case (``WHERE pair = 'EURUSD'``).
     """
     check_span(start, end)
     summary = ExportSummary(Path(out))
@@ -249,12 +252,14 @@ def export(
         (p, m) for p in todo for m in _target_months(conn, layout, p) if in_range(m, start, end)
     ]
     written: dict[str, set[Month]] = {p: set() for p in todo}
+    for pair in todo:
+        _adopt_other_case(summary.out, pair)
     for i, (pair, month) in enumerate(work):
         if progress is not None:
             progress("writing", i, len(work), rows=summary.rows)
         if _export_month(conn, layout, pair, month, chosen[pair], summary, compression):
             written[pair].add(month)
-    summary.pairs = list(todo)
+    summary.pairs = [display(p) for p in todo]
     _remove_stale(summary, written, start, end, gone_too=None if pairs else set(have))
     if progress is not None:
         progress("writing", len(work), len(work), rows=summary.rows)
@@ -305,11 +310,11 @@ def export_bars(
             **{c: pa.array(v[j]) for j, c in enumerate(("open", "high", "low", "close"))},
             "volume": pa.array(v[4], mask=np.isnan(v[4])),
         })  # fmt: skip
-        final = summary.out / f"pair={pair.upper()}" / f"month={month}" / "data.parquet"
+        final = summary.out / pair_dir(pair) / f"month={month}" / "data.parquet"
         write_atomic(final, functools.partial(_write_parquet, table, bars_writer_options()))
         summary.files += 1
         summary.rows += table.num_rows
-    summary.pairs = list(todo)
+    summary.pairs = [display(p) for p in todo]
     if progress is not None:
         progress("writing", len(work), len(work), rows=summary.rows)
     summary.seconds = time.monotonic() - t0
@@ -329,6 +334,8 @@ def export_lake(
     chosen = {p: _select_columns(lake.columns() or [], columns, p) for p in todo}
     summary.columns = None if columns is None else chosen[todo[0]] if todo else []
     written: dict[str, set[Month]] = {p: set() for p in todo}
+    for pair in todo:
+        _adopt_other_case(summary.out, pair)
     for i, (pair, month) in enumerate(work):
         if progress is not None:
             progress("writing", i, len(work), rows=summary.rows)
@@ -340,7 +347,7 @@ def export_lake(
         summary.files += 1
         summary.rows += table.num_rows
         written[pair].add(month)
-    summary.pairs = list(todo)
+    summary.pairs = [display(p) for p in todo]
     _remove_stale(summary, written, start, end, gone_too=None if pairs else set(have))
     if progress is not None:
         progress("writing", len(work), len(work), rows=summary.rows)
@@ -425,3 +432,25 @@ def _rmdir(path: Path) -> None:
         path.rmdir()
     except OSError:
         pass  # not empty (another writer's file, a user's file): it stays
+
+
+def _adopt_other_case(out: Path, pair: str) -> None:
+    """Fold a ``pair=eurusd`` folder (older bqx wrote symbols lower case) into ``pair=EURUSD``,
+    so that a dataset never holds one instrument under two names: renamed when the new one is
+    not there yet, else its months that the new one lacks moved over and the rest dropped."""
+    if not out.is_dir():
+        return
+    want = f"pair={display(pair)}"
+    for old in out.iterdir():
+        if old.name == want or old.name.lower() != want.lower() or not old.is_dir():
+            continue
+        new = out / want
+        if not new.exists() or old.samefile(new):  # samefile: a case-insensitive file system
+            tmp = out / f".{old.name}.renaming"
+            os.replace(old, tmp)  # via another name: a case-only rename is a no-op on some
+            os.replace(tmp, new)
+            continue
+        for month in old.iterdir():
+            if not (new / month.name).exists():
+                os.replace(month, new / month.name)
+        shutil.rmtree(old)

@@ -138,16 +138,25 @@ def freshness(
     conn: psycopg.Connection, layout: Layout, pairs: list[str]
 ) -> dict[str, tuple[str | None, str | None, float | None]]:
     """Per pair: newest source bar, newest metric row and the lag between them."""
+    # which tables exist: one catalog query per source layout, not two per pair
+    sources: dict[Layout, set[str]] = {}
+    have_target = set(catalog.target_pairs(conn, layout))
     out = {}
     for pair, params in pair_params(conn, layout, pairs).items():
         lake = lake_bars(params)  # bars from Parquet or Delta: their files' statistics
-        if not _has_bars(conn, params, pair):
-            continue
-        bar = lake.newest(pair) if lake is not None else bars.bar_bounds(conn, params.layout,
-                                                                           pair)[1]  # fmt: skip
+        if lake is not None:
+            if pair not in lake.listing():
+                continue
+            bar = lake.newest(pair)
+        else:
+            if params.layout not in sources:
+                sources[params.layout] = set(catalog.source_pairs(conn, params.layout))
+            if pair not in sources[params.layout]:
+                continue
+            bar = bars.newest_bar(conn, params.layout, pair)
         if params.sink:  # a Delta sink: the newest time its log's statistics give
             metric = default_destination(params).newest(pair)  # type: ignore[attr-defined]
-        elif catalog.has_target(conn, layout, pair):
+        elif pair in have_target:
             metric = targets.newest(conn, layout, pair)
         else:
             metric = None

@@ -439,9 +439,10 @@ def preflight(
     plan = checked_plan(conn, params, dest, pairs, start, end, url, force, source_check,
                         lock_timeout)  # fmt: skip
     try:
-        with catalog.lock_timeout(conn, lock_timeout), conn.transaction():
-            Ledger(layout).create(conn)
-            dest.prepare(conn, params, plan.jobs)
+        with catalog.lock_timeout(conn, lock_timeout):
+            with conn.transaction():
+                Ledger(layout).create(conn)
+            dest.prepare(conn, params, plan.jobs)  # a transaction per pair: see its docstring
     except pgerrors.LockNotAvailable as exc:
         raise BqxError(
             f"a ledger or target table in schema {layout.schema} is locked by another session;"
@@ -508,7 +509,9 @@ def init_tables(
         catalog.check_target_columns(conn, layout, pair, params.windows)
     with conn.transaction():
         Ledger(layout).create(conn)
-        for pair in pairs:
+    for pair in pairs:  # a transaction per pair: the locks of new tables are held to the commit
+        with conn.transaction():
+            ddl.lock_key(conn, f"bqx init {layout.schema}.{layout.target_name(pair)} ddl")
             ddl.create_source_table(conn, layout, pair)
             ddl.create_target_table(conn, layout, pair, params.windows)
             for month in months:

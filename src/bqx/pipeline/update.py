@@ -82,7 +82,7 @@ class PairUpdate:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "pair": self.pair, "new_rows": self.new_rows, "changed_rows": self.changed_rows,
+            "pair": self.pair.upper(), "new_rows": self.new_rows, "changed_rows": self.changed_rows,
             "deleted_rows": self.deleted_rows, "newest_bar": _iso(self.newest_bar),
             "newest_metric": _iso(self.newest_metric), "lag_s": self.lag_s,
             "months": self.months, "busy": self.busy, "error": self.error,

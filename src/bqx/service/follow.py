@@ -62,10 +62,10 @@ class _Metrics:
     def observe(self, result: UpdateResult) -> None:
         for p in result.pairs:
             if p.lag_s is not None:
-                self.lag.labels(pair=p.pair).set(p.lag_s)
-            self.rows.labels(pair=p.pair).inc(p.written)
+                self.lag.labels(pair=p.pair.upper()).set(p.lag_s)
+            self.rows.labels(pair=p.pair.upper()).inc(p.written)
             if p.error:
-                self.pair_errors.labels(pair=p.pair).inc()
+                self.pair_errors.labels(pair=p.pair.upper()).inc()
         self.last_poll.set(time.time())
 
     def close(self) -> None:

@@ -7,6 +7,9 @@ Formats:
   HH:MM:SS.fff`` (also ``Local time`` exports whose times end in ``GMT+0200``);
 - MetaTrader history exports: MT4 ``YYYY.MM.DD,HH:MM,o,h,l,c,v`` and MT5 tab-separated
   ``<DATE> <TIME> <OPEN> …`` files, in the broker's server time given by ``--tz``;
+- crypto exchanges' kline CSVs (Binance's ``open_time,open,high,low,close,volume,close_time,…``,
+  with or without that header): the open time in epoch milliseconds (microseconds in Binance
+  spot files since 2025, seconds elsewhere: told apart per row by magnitude), UTC;
 - generic CSV or Parquet with a column mapping (ISO 8601 times or ``--time-format``).
 
 ``.gz`` and ``.zip`` inputs are read directly. Files are streamed in blocks with pyarrow's CSV
@@ -37,6 +40,7 @@ import pyarrow.csv as pacsv
 
 from bqx.errors import BqxError, InvalidOption, NeedsOption
 from bqx.sources.columns import (
+    _NAT,
     FIELDS,
     TICK_PRICES,
     Block,
@@ -49,7 +53,7 @@ from bqx.sources.columns import (
     why,
 )
 
-FORMATS = ("auto", "histdata", "dukascopy", "metatrader", "csv", "parquet")
+FORMATS = ("auto", "histdata", "dukascopy", "metatrader", "klines", "csv", "parquet")
 BLOCK_BYTES = 2 << 20  # text parsed per block: a block takes ~25x its size while parsed
 HISTDATA_SHIFT = timedelta(hours=5)  # HistData times are EST (UTC−5) all year
 _READ_ERRORS = (OSError, EOFError, zipfile.BadZipFile, pa.ArrowInvalid)
@@ -161,15 +165,8 @@ def _zip_member(path: Path, z: zipfile.ZipFile) -> str:
 
 def pairs_in_name(path: Path) -> set[str]:
     """Pairs that a file's name (and a zip's data member's name) spells, e.g. ``USDJPY``."""
-    names = [path.name]
-    if path.name.lower().endswith(".zip"):
-        try:
-            with zipfile.ZipFile(path) as z:
-                names.append(Path(_zip_member(path, z)).name)
-        except (OSError, zipfile.BadZipFile, BqxError):
-            pass  # reading it later says what is wrong
     found = set()
-    for name in names:
+    for name in _data_names(path):
         for m in _NAME_PAIR.finditer(name.upper()):
             if (
                 m.group(1) in CURRENCY_CODES
@@ -178,6 +175,70 @@ def pairs_in_name(path: Path) -> set[str]:
             ):
                 found.add((m.group(1) + m.group(2)).lower())
     return found
+
+
+# whole symbols in the names of files that name their instrument exactly: an MT5 "Export bars"
+# file (US500_M1_202401020000_202401312359.csv, EURUSD.m_M1_…) and a Binance kline file
+# (BTCUSDT-1m-2024-01.csv, daily ones -2024-01-15)
+_EXPORT_NAMES = (
+    re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*?)_(?:M\d+|H\d+|D1|W1|MN1?)_\d{8,12}_\d{8,12}\."),
+    re.compile(r"^([A-Z0-9]{2,20})-(?:\d+(?:s|m|h|d|w|mo))-\d{4}-\d{2}(?:-\d{2})?\."),
+)
+# a pair of codes followed by a broker's lower-case suffix: EURUSDm_M1…, XAUUSDpro.csv
+_SUFFIXED_PAIR = re.compile(r"(?<![A-Za-z])([A-Z]{3})([A-Z]{3})(?=[a-z]{1,4}(?![a-z]))")
+# the decoration brokers add to a symbol: .m, _i, -ecn, .cash
+_BROKER_SUFFIX = re.compile(r"[._-][a-z0-9]{1,6}$")
+# quotes of four letters and more, which are no broker's suffix (BTCUSDT is not BTCUSD + t)
+_LONG_QUOTES = frozenset({"usdt", "usdc", "busd", "tusd", "usdp", "fdusd", "eurt", "eurc"})
+
+
+def _data_names(path: Path) -> list[str]:
+    """The file's name, and a zip's data member's name."""
+    names = [path.name]
+    if path.name.lower().endswith(".zip"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names.append(Path(_zip_member(path, z)).name)
+        except (OSError, zipfile.BadZipFile, BqxError):
+            pass  # reading it later says what is wrong
+    return names
+
+
+def symbol_core(symbol: str) -> str:
+    """The instrument a broker's symbol decorates, lower case: ``EURUSD.m``, ``EURUSDm``,
+    ``EURUSD_i`` and ``EURUSD`` are all ``eurusd``; ``US500.cash`` is ``us500``."""
+    core = _BROKER_SUFFIX.sub("", symbol.lower()) or symbol.lower()
+    if 6 < len(core) <= 9 and core.isalpha() and core[3:] not in _LONG_QUOTES:
+        base, quote = core[:3].upper(), core[3:6].upper()
+        if base in CURRENCY_CODES and quote in CURRENCY_CODES and base != quote:
+            return core[:6]
+    return core
+
+
+def symbols_in_name(path: Path) -> set[str]:
+    """Instruments a file's name says it holds, lower case: currency pairs (``USDJPY``, also
+    with a broker's suffix) and whole symbols of exports that name them (``US500``)."""
+    found = set(pairs_in_name(path))
+    for name in _data_names(path):
+        for pattern in _EXPORT_NAMES:
+            m = pattern.match(name)
+            if m:
+                found.add(m.group(1).lower())
+        for m in _SUFFIXED_PAIR.finditer(name):
+            if m.group(1) in CURRENCY_CODES and m.group(2) in CURRENCY_CODES:
+                found.add((m.group(1) + m.group(2)).lower())
+    return found
+
+
+def name_mismatch(path: Path, symbol: str) -> set[str]:
+    """The instruments a file's name says it holds when none of them is ``symbol`` (a broker's
+    suffix on either side does not count: ``EURUSD.m`` fits ``EURUSD_M1_2024.csv``); empty
+    when the name fits or says nothing."""
+    said = symbols_in_name(path)
+    if not said or symbol in said:
+        return set()
+    core = symbol_core(symbol)
+    return set() if any(symbol_core(s) == core for s in said) else said
 
 
 def _head(path: Path, lines: int = 5) -> list[str]:
@@ -235,6 +296,17 @@ def _metatrader_like(first: str, second: str) -> bool:
     return first[:1].isalpha() and matches(second[:16], _MT4_START)
 
 
+_KLINES_HEADER = "open_time,open,high,low,close"
+
+
+def _klines_like(first: str, second: str) -> bool:
+    """An exchange's kline file: epoch open time, then OHLCV (a header row optional)."""
+    if first.lower().replace(" ", "").startswith(_KLINES_HEADER):
+        return True
+    fields = first.split(",")
+    return len(fields) >= 6 and fields[0].isdigit() and len(fields[0]) in (10, 13, 16)
+
+
 def _csv_like(first: str, second: str) -> bool:
     return (first[:1].isalpha() or first[:1] in "\"'_") and any(s in first for s in ",;\t")
 
@@ -244,6 +316,7 @@ _SNIFFERS: tuple[tuple[str, Callable[[str, str], bool]], ...] = (
     ("histdata", _histdata_like),
     ("dukascopy", _dukascopy_like),
     ("metatrader", _metatrader_like),
+    ("klines", _klines_like),
     ("csv", _csv_like),
 )
 
@@ -265,6 +338,7 @@ class TextSpec:
     field_cols: list[int | None]  # per FIELDS entry; None: the file has no such column
     quoted: bool = False
     ticks: TickColumns | None = None  # a tick file: where its prices are
+    epoch: bool = False  # the time is a count since 1970 (s, ms or µs), not text
 
 
 @dataclass
@@ -295,7 +369,36 @@ def _text_spec(path: Path, fmt: str, mapping: Mapping, tz: str | None = None) ->
         return _dukascopy_spec(path, first, head[1] if len(head) > 1 else "", tz)
     if fmt == "metatrader":
         return _metatrader_spec(path, first)
+    if fmt == "klines":
+        return _klines_spec(first)
     return _csv_spec(path, first, mapping)
+
+
+def _klines_spec(first: str) -> TextSpec:
+    """open time, open, high, low, close, volume first (Binance adds six more columns)."""
+    header = first.lower().replace(" ", "").startswith(_KLINES_HEADER)
+    width = max(first.count(",") + 1, 6)
+    return TextSpec(",", width, header, [0], (), (), timedelta(0), [1, 2, 3, 4, 5], epoch=True)
+
+
+# an epoch time's unit from its size: seconds until 5138 (1e11), ms until 5138 (1e14), µs
+_EPOCH_UNITS = ((1e11, 1_000_000), (1e14, 1_000), (1e17, 1))
+
+
+def _epoch_times(col: pa.Array) -> np.ndarray:
+    """int64 µs UTC of integer epoch times; the unit of each from its magnitude (a file that
+    spans Binance's switch from ms to µs in 2025 mixes both). Not a whole number: unparseable.
+    (Parsed as float64, exact for integers below 2^53: µs since 1970 stay below it until 2255.)
+    """
+    values = parse_floats(col)[0]
+    ok = np.isfinite(values) & (values >= 0) & (values == np.floor(values))
+    us = np.full(len(values), _NAT, np.int64)
+    lower = 0.0
+    for upper, factor in _EPOCH_UNITS:
+        sel = ok & (values >= lower) & (values < upper)
+        us[sel] = values[sel].astype(np.int64) * factor
+        lower = upper
+    return us
 
 
 _DUKASCOPY_TEMPLATES = (
@@ -549,7 +652,10 @@ def _text_rows(cols: list[pa.Array], lines: np.ndarray, spec: TextSpec, tz: str 
     tcol = cols[spec.time_cols[0]]
     if len(spec.time_cols) > 1:
         tcol = pc.binary_join_element_wise(*[cols[i] for i in spec.time_cols], " ")
-    times, later = parse_local_times(tcol, spec.templates, spec.formats, tz, spec.shift)
+    if spec.epoch:  # an instant already: no local time, no repeated hour
+        times, later = _epoch_times(tcol), np.zeros(len(tcol), np.int64)
+    else:
+        times, later = parse_local_times(tcol, spec.templates, spec.formats, tz, spec.shift)
     text = _row_text(cols, spec.sep)
     if spec.ticks is not None:
         quotes = {q: parse_floats(cols[i]) for q, i in spec.ticks.cols.items()}

@@ -35,6 +35,9 @@ from bqx.core.symbols import REPORT_PAIRS, validate_pair
 from bqx.core.text import plural
 from bqx.db.connect import DatabaseLike, connect, pool
 from bqx.errors import BqxError, InvalidOption, NeedsOption
+from bqx.sources.universe import find as find_instrument
+from bqx.sources.universe import instrument_bars
+from bqx.sources.universe import stream as _stream
 from bqx.store.ddl import create_source_table
 from bqx.store.generated import foreign_bars, store_generated_month
 
@@ -56,13 +59,6 @@ WEEK_MIN = 7 * 1440
 # minute of the week with Monday 00:00 = 0 (1970-01-01 was a Thursday: +3 days)
 _CLOSE = 4 * 1440 + 22 * 60  # Friday 22:00
 _OPEN = 6 * 1440 + 22 * 60  # Sunday 22:00
-
-
-def _stream(seed: int, *key: str) -> np.random.Generator:
-    """An independent random stream per (seed, key), stable across runs and subsets."""
-    digest = hashlib.sha256("/".join(key).encode()).digest()
-    words = [int.from_bytes(digest[i : i + 4], "little") for i in range(0, 16, 4)]
-    return np.random.default_rng(np.random.SeedSequence([seed, *words]))
 
 
 def open_minutes(start: Month, end: Month) -> np.ndarray:
@@ -247,14 +243,8 @@ def generate(
     ``workers`` threads, each on its own connection (COPY releases the GIL).
     """
     pairs = [validate_pair(p) for p in (pairs or REPORT_PAIRS)]
-    known = {*CURRENCIES, "USD"}
     for pair in pairs:
-        base, quote = pair[:3].upper(), pair[3:].upper()
-        if base not in known or quote not in known or base == quote:
-            raise BqxError(
-                f"cannot generate {pair.upper()}: synthetic pairs are crosses of "
-                f"{', '.join(sorted(known))}"
-            )
+        _check_synthetic(pair, seed)
     if end < start:
         raise InvalidOption("end", str(end), f"is before start {start}")
     t0 = time.monotonic()
@@ -267,8 +257,8 @@ def generate(
             create_source_table(conn, layout, pair)
 
     def load(job: tuple[str, Month, tuple]) -> tuple[str, int, str]:
-        pair, month, (minutes, paths, starts) = job
-        times, ohlcv = pair_bars(pair, month, minutes, paths, starts, seed)
+        pair, month, forex = job
+        times, ohlcv = _bars_of(pair, month, forex, seed)
         digest = bars_digest(times, ohlcv)
         with conns.connection() as conn:
             outcome = store_generated_month(conn, layout, pair, month, times, ohlcv, seed=seed,
@@ -322,3 +312,29 @@ def _refuse_foreign(
             f" {_listed(found)}; nothing was written",
             "replace", "overwrites them",
         )  # fmt: skip
+
+
+def _is_cross(pair: str) -> bool:
+    known = {*CURRENCIES, "USD"}
+    base, quote = pair[:3].upper(), pair[3:].upper()
+    return len(pair) == 6 and base in known and quote in known and base != quote
+
+
+def _check_synthetic(pair: str, seed: int) -> None:
+    """A cross of the eight currencies, or an instrument of the synthetic universe."""
+    if not _is_cross(pair) and find_instrument(pair, seed) is None:
+        raise BqxError(
+            f"cannot generate {pair.upper()}: synthetic instruments are the crosses of"
+            f" {', '.join(sorted({*CURRENCIES, 'USD'}))} and the instruments of"
+            " `generate --instruments N` (e.g. XAUUSD, US500, GER40, BTCUSDT, 6E)"
+        )
+
+
+def _bars_of(pair: str, month: Month, forex: tuple, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """One instrument's month: a cross from the month's currency paths, else its own walk."""
+    if _is_cross(pair):
+        minutes, paths, starts = forex
+        return pair_bars(pair, month, minutes, paths, starts, seed)
+    inst = find_instrument(pair, seed)
+    assert inst is not None  # _check_synthetic let it through
+    return instrument_bars(inst, month, seed)

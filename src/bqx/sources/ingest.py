@@ -38,7 +38,7 @@ from bqx.sources.formats import (
     FORMATS,
     Mapping,
     TextSpec,
-    pairs_in_name,
+    name_mismatch,
     read_blocks,
     reading_plan,
     sniff,
@@ -306,8 +306,8 @@ def _kind(p: Path) -> str | None:
 
 def _check_name(p: Path, pair: str, allow_mismatch: bool) -> None:
     """A file whose name spells other pairs only is refused, unless mismatches are allowed."""
-    named = pairs_in_name(p)
-    if named and pair not in named and not allow_mismatch:
+    named = name_mismatch(p, pair)
+    if named and not allow_mismatch:
         other = "/".join(sorted(n.upper() for n in named))
         raise BqxError(
             f"{p}: the file name says {other}, not {pair.upper()}: give --pair {other}, or"
@@ -324,6 +324,8 @@ def _check_zone(p: Path, kind: str, tz: str | None) -> None:
             f"{p}: HistData.com times are fixed EST (UTC-5) all year and converted to UTC"
             " by bqx: drop --tz"
         )
+    if kind == "klines" and tz not in (None, "UTC"):
+        raise BqxError(f"{p}: kline open times count from 1970 in UTC: drop --tz")
     if kind == "metatrader" and tz is None:
         raise BqxError(
             f"{p}: MetaTrader times are in the broker's server time: give --tz"

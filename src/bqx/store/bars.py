@@ -169,37 +169,65 @@ def _has_rows(cur: psycopg.Cursor, table: sql.Composable) -> bool:
 # -- reading ------------------------------------------------------------------------------
 
 
+# where a job looks for its lookback bars first: the W_max bars before a month lie in the days
+# before it, and a constant bound lets the server prune to those partitions when it plans
+LOOKBACK_FIRST = timedelta(days=31)
+
+
 def read_series(
     cur: psycopg.Cursor, params: Params, pair: str, since: datetime, until: datetime,
     *, signed: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, str | None]:  # fmt: skip
     """Bars in [since, until) plus the lookback the first of them needs, crossing month
-    boundaries, in one statement: in bars mode the first bar read is found by a subquery (the
-    W_max-th bar before ``since``, however long ago; all of them if fewer). Also the exact
-    signature of every bar read (``versions.exact_signature``), from the same scan."""
-    layout = params.layout
-    src, t, p = names.source(layout, pair), names.time(layout), names.price(layout)
-    if params.mode == "bars":
-        q = sql.SQL(
-            "SELECT {t}::timestamptz, {p}::float8 FROM {src} WHERE {t} < %s AND {t} >= coalesce("
-            "(SELECT {t} FROM {src} WHERE {t} < %s ORDER BY {t} DESC OFFSET %s LIMIT 1),"
-            " '-infinity')"
-        )
-        args: list[Any] = [until, since, params.lookback_bars - 1]
-    else:
-        lo = since - timedelta(minutes=params.lookback_minutes)
-        q = sql.SQL("SELECT {t}::timestamptz, {p}::float8 FROM {src} WHERE {t} >= %s AND {t} < %s")
-        args = [lo, until]
+    boundaries: in bars mode the first bar read is found by a subquery (the W_max-th bar
+    before ``since``, however long ago; all of them if fewer). Also the exact signature of
+    every bar read (``versions.exact_signature``), from the same scan.
+
+    Bars mode looks ``LOOKBACK_FIRST`` back first: without a constant lower bound the server
+    plans, and locks, every partition before ``since`` (240 for the last month of 20 years).
+    Only when that finds fewer than W_max bars before ``since`` (the start of the history, or
+    a longer gap) is the unbounded statement run; both give the same bars."""
     h, at = bar_hash(sql.SQL("s.t"), sql.SQL("s.p")), sql.Literal(since)
-    extra = sql.SQL(
+    # not signed: a reader that only computes (verify) spends no server time on the hash
+    extra = None if not signed else sql.SQL(
         "count(*) FILTER (WHERE s.t >= {at}), (sum({h}) FILTER (WHERE s.t >= {at}))::text,"
         " count(*) FILTER (WHERE s.t < {at}), (sum({h}) FILTER (WHERE s.t < {at}))::text"
-    ).format(h=h, at=at)
-    if not signed:  # a reader that only computes (verify): no hash to spend server time on
-        times, prices, _ = select_series_with(cur, q.format(t=t, p=p, src=src), args)
-        return times, prices, None
-    times, prices, parts = select_series_with(cur, q.format(t=t, p=p, src=src), args, extra)
-    return times, prices, exact_signature(*parts)
+    ).format(h=h, at=at)  # fmt: skip
+    if params.mode == "bars":
+        floor = since - LOOKBACK_FIRST
+        times, prices, parts = _read_bars_mode(cur, params, pair, since, until, floor, extra)
+        if int((times < np.datetime64(_naive_utc(since), "us")).sum()) < params.lookback_bars:
+            times, prices, parts = _read_bars_mode(cur, params, pair, since, until, None, extra)
+    else:
+        layout = params.layout
+        src, t, p = names.source(layout, pair), names.time(layout), names.price(layout)
+        lo = since - timedelta(minutes=params.lookback_minutes)
+        q = sql.SQL("SELECT {t}::timestamptz, {p}::float8 FROM {src} WHERE {t} >= %s AND {t} < %s")
+        times, prices, parts = select_series_with(cur, q.format(t=t, p=p, src=src), [lo, until],
+                                                  extra)  # fmt: skip
+    return times, prices, exact_signature(*parts) if signed else None
+
+
+def _naive_utc(t: datetime) -> datetime:
+    return t.astimezone(UTC).replace(tzinfo=None) if t.tzinfo is not None else t
+
+
+def _read_bars_mode(
+    cur: psycopg.Cursor, params: Params, pair: str, since: datetime, until: datetime,
+    floor: datetime | None, extra: sql.Composable | None,
+) -> tuple[np.ndarray, np.ndarray, tuple[Any, ...]]:  # fmt: skip
+    """Bars in [since, until) and the W_max before ``since``, none older than ``floor``."""
+    layout = params.layout
+    src, t, p = names.source(layout, pair), names.time(layout), names.price(layout)
+    bound = sql.SQL("") if floor is None else sql.SQL(" AND {t} >= %s").format(t=t)
+    q = sql.SQL(
+        "SELECT {t}::timestamptz, {p}::float8 FROM {src} WHERE {t} < %s{bound}"
+        " AND {t} >= coalesce((SELECT {t} FROM {src} WHERE {t} < %s{bound}"
+        " ORDER BY {t} DESC OFFSET %s LIMIT 1), '-infinity')"
+    ).format(t=t, p=p, src=src, bound=bound)
+    floors = [] if floor is None else [floor]
+    args = [until, *floors, since, *floors, params.lookback_bars - 1]
+    return select_series_with(cur, q, args, extra)
 
 
 def null_bar_message(cur: psycopg.Cursor, params: Params, pair: str, until: datetime) -> str:
@@ -231,6 +259,16 @@ def bar_bounds(
         )
     ).fetchone()
     return (row[0], row[1]) if row else (None, None)
+
+
+def newest_bar(conn: psycopg.Connection, layout: Layout, pair: str) -> datetime | None:
+    """The newest bar's time of a pair: one index look-up in its newest partition."""
+    row = conn.execute(
+        sql.SQL("SELECT max({t})::timestamptz FROM {src}").format(
+            t=names.time(layout), src=names.source(layout, pair)
+        )
+    ).fetchone()
+    return row[0] if row else None
 
 
 def level_near(conn: psycopg.Connection, layout: Layout, pair: str, month: Month) -> float | None:

@@ -218,6 +218,9 @@ def worker_is_dead(worker: str | None) -> bool:
         return False
 
 
+_RUN_LISTS = ("jobs", "pairs", "months")  # a run document's lists, as long as the run is big
+
+
 def _doc(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else json.loads(value)
 
@@ -619,13 +622,22 @@ class Ledger:
         """Per pair, the parameters of the latest run that wrote one of its months."""
         if not self.has_jobs_table(conn):
             return {}
-        rows = conn.execute(
+        latest = conn.execute(
             self._q(
-                "SELECT DISTINCT ON (j.pair) j.pair, r.params FROM {jobs} j"
-                " JOIN {runs} r ON r.run_id = j.run_id ORDER BY j.pair, j.run_id DESC"
+                "SELECT DISTINCT ON (pair) pair, run_id FROM {jobs} WHERE run_id IS NOT NULL"
+                " ORDER BY pair, run_id DESC"
             )
         ).fetchall()
-        return {p: _doc(d) for p, d in rows}
+        # each run's document once, without its lists of jobs, pairs and months: a run of N
+        # pairs lists every one of its jobs, and reading it once per pair cost O(N × jobs)
+        runs = {
+            run_id: _doc(doc)
+            for run_id, doc in conn.execute(
+                self._q("SELECT run_id, params - %s::text[] FROM {runs} WHERE run_id = ANY(%s)"),
+                (list(_RUN_LISTS), sorted({r for _, r in latest})),
+            )
+        }
+        return {pair: runs[r] for pair, r in latest if r in runs}
 
     # -- a job's life --------------------------------------------------------------------
 
