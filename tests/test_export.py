@@ -176,25 +176,25 @@ def test_a_reexport_leaves_the_directory_equal_to_the_table(stored, conn, layout
     # August of EURUSD goes (an undone ingest); the same export again removes its partition
     store.delete_bars("eurusd", "2024-08", "2024-08")
     again = store.export(out)
-    assert again.removed == ["pair=eurusd/month=2024-08"]
+    assert again.removed == ["pair=EURUSD/month=2024-08"]
     assert again.as_dict()["removed"] == 1 and "removed 1 partition" in again.text()
-    assert not (out / "pair=eurusd" / "month=2024-08").exists()
+    assert not (out / "pair=EURUSD" / "month=2024-08").exists()
     frame = pl.read_parquet(out / "**" / "*.parquet", hive_partitioning=True)
     want = _stored_count(conn, layout, "eurusd") + _stored_count(conn, layout, "usdjpy")
     assert frame.height == want  # readers see the table, not what was deleted
     # a month range covers those months only: July is not removed when only August is asked
     store.delete_bars("usdjpy", "2024-07", "2024-07")
     part = store.export(out, pairs="USDJPY", start="2024-08", end="2024-08")
-    assert part.removed == [] and (out / "pair=usdjpy" / "month=2024-07" / "data.parquet").exists()
+    assert part.removed == [] and (out / "pair=USDJPY" / "month=2024-07" / "data.parquet").exists()
     whole = store.export(out, pairs="USDJPY")
-    assert whole.removed == ["pair=usdjpy/month=2024-07"]
+    assert whole.removed == ["pair=USDJPY/month=2024-07"]
     # a file of the user's own in a partition folder stays, and so does its folder
-    (out / "pair=eurusd" / "month=2024-07" / "notes.txt").write_text("mine")
+    (out / "pair=EURUSD" / "month=2024-07" / "notes.txt").write_text("mine")
     store.delete_bars("eurusd", "2024-07", "2024-07")
     store.export(out, pairs="EURUSD")
-    assert (out / "pair=eurusd" / "month=2024-07" / "notes.txt").read_text() == "mine"
+    assert (out / "pair=EURUSD" / "month=2024-07" / "notes.txt").read_text() == "mine"
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*.parquet")) == [  # USDJPY's August
-        "pair=usdjpy/month=2024-08/data.parquet"
+        "pair=USDJPY/month=2024-08/data.parquet"
     ]
 
 
@@ -220,7 +220,7 @@ def test_exports_into_one_directory_at_once_share_no_temporary_file(stored, conn
     assert not list(out.rglob("*.tmp"))
     dataset = ds.dataset(out, format="parquet", partitioning="hive")
     for pair in ("eurusd", "usdjpy"):
-        table = dataset.to_table(filter=ds.field("pair") == pair).sort_by("ts_utc")
+        table = dataset.to_table(filter=ds.field("pair") == pair.upper()).sort_by("ts_utc")
         _same_rows(table.drop_columns(["pair", "month"]), _plain_select(conn, layout, pair))
 
 

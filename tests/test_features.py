@@ -152,7 +152,7 @@ def test_features_command_on_stored_bars(settings, layout, make_bars, cli_env, t
     # each file's fingerprint is recorded, for `bqx baseline` to check; no temporary file left
     assert manifest["fingerprints"] == {
         f"{s}/{p}.parquet": fingerprint(out / s / f"{p}.parquet")
-        for s in ("train", "validation", "test") for p in ("eurusd", "usdjpy")
+        for s in ("train", "validation", "test") for p in ("EURUSD", "USDJPY")
     }  # fmt: skip
     assert not list(out.rglob("*.tmp"))
 

@@ -256,7 +256,7 @@ def test_a_jobs_read_plans_its_own_months_not_the_whole_history(store, conn, lay
 
     for month, most_locks in ((Month(2023, 12), 12), (Month(2024, 3), None)):
         with conn.transaction(), conn.cursor() as cur:
-            times, prices = read_series(cur, params, "eurusd", month.start, month.end)
+            times, prices, _ = read_series(cur, params, "eurusd", month.start, month.end)
             locks = cur.execute(
                 "SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid()"
                 " AND locktype = 'relation'"

@@ -73,10 +73,31 @@ def test_parse_pairs_keeps_order_and_one_name_per_instrument():
 
 def test_reserved_words_are_the_tables_bqx_keeps_beside_the_targets():
     """A symbol's target ``bqx_{symbol}`` may never be one of bqx's own tables."""
-    from bqx.store import ledger, versions
+    from bqx.store import generated, ledger, versions
 
-    own = {ledger.RUNS, ledger.JOBS, ledger.ATTEMPTS, ledger.TARGETS, versions.SOURCE_VERSIONS}
+    own = {ledger.RUNS, ledger.JOBS, ledger.ATTEMPTS, ledger.TARGETS, ledger.VERIFICATIONS,
+           versions.SOURCE_VERSIONS, versions.TARGET_VERSIONS, generated.GENERATED}  # fmt: skip
     assert {f"bqx_{w}" for w in RESERVED} == own
+
+
+def test_no_table_bqx_keeps_is_taken_for_a_pair(store, conn, layout):
+    """Every table a generate, backfill and verify leave in the schema: only the pair's own
+    metrics table reads as a pair (a new ledger table must join RESERVED)."""
+    from bqx.store import catalog
+
+    store.generate(["EURUSD"], "2024-07", "2024-07")
+    store.backfill(workers=1)
+    assert store.verify().ok
+    assert catalog.target_pairs(conn, layout) == ["eurusd"]
+    assert catalog.source_pairs(conn, layout) == ["eurusd"]
+    tables = {r[0] for r in conn.execute(
+        "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.relkind IN ('r', 'p') AND NOT c.relispartition",
+        (layout.schema,),
+    )}  # fmt: skip
+    assert {t for t in tables if t.startswith("bqx_")} == {"bqx_eurusd"} | {
+        f"bqx_{w}" for w in RESERVED
+    }
 
 
 def test_every_name_built_from_the_longest_symbol_fits_postgres():

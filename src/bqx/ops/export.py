@@ -252,8 +252,7 @@ def export(
         (p, m) for p in todo for m in _target_months(conn, layout, p) if in_range(m, start, end)
     ]
     written: dict[str, set[Month]] = {p: set() for p in todo}
-    for pair in todo:
-        _adopt_other_case(summary.out, pair)
+    _adopt_other_case(summary.out, todo)
     for i, (pair, month) in enumerate(work):
         if progress is not None:
             progress("writing", i, len(work), rows=summary.rows)
@@ -334,8 +333,7 @@ def export_lake(
     chosen = {p: _select_columns(lake.columns() or [], columns, p) for p in todo}
     summary.columns = None if columns is None else chosen[todo[0]] if todo else []
     written: dict[str, set[Month]] = {p: set() for p in todo}
-    for pair in todo:
-        _adopt_other_case(summary.out, pair)
+    _adopt_other_case(summary.out, todo)
     for i, (pair, month) in enumerate(work):
         if progress is not None:
             progress("writing", i, len(work), rows=summary.rows)
@@ -434,15 +432,16 @@ def _rmdir(path: Path) -> None:
         pass  # not empty (another writer's file, a user's file): it stays
 
 
-def _adopt_other_case(out: Path, pair: str) -> None:
+def _adopt_other_case(out: Path, pairs: Sequence[str]) -> None:
     """Fold a ``pair=eurusd`` folder (older bqx wrote symbols lower case) into ``pair=EURUSD``,
     so that a dataset never holds one instrument under two names: renamed when the new one is
     not there yet, else its months that the new one lacks moved over and the rest dropped."""
     if not out.is_dir():
         return
-    want = f"pair={display(pair)}"
+    wanted = {pair_dir(p).lower(): pair_dir(p) for p in pairs}
     for old in out.iterdir():
-        if old.name == want or old.name.lower() != want.lower() or not old.is_dir():
+        want = wanted.get(old.name.lower())
+        if want is None or old.name == want or not old.is_dir():
             continue
         new = out / want
         if not new.exists() or old.samefile(new):  # samefile: a case-insensitive file system

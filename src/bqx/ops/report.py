@@ -162,21 +162,29 @@ def collect(
     )  # fmt: skip
     data.total_rows = sum(data.rows.values())
     data.partitions = len(planned)
-    # pairs kept in a Delta sink (recorded per pair): their months and queries from the table
+    data.extras["earlier_failures"] = ledger.earlier_failures(conn, record.run_id, jobs)
+    _where_kept(conn, layout, ledger, record, data)
+    return data
+
+
+def _where_kept(
+    conn: psycopg.Connection, layout: Layout, ledger: Ledger, record: Any, data: ReportData
+) -> None:
+    """The months present and the queries to check them, from the database's partitions or,
+    for pairs kept in a Delta sink (recorded per pair), from the table."""
+    pairs, planned = data.pairs, data.planned
     sinks = {p: d["sink"] for p, d in ledger.recorded_params(conn, pairs).items() if d.get("sink")}
     attached = catalog.attached_partitions(conn, layout)
     data.extras["partitions_present"] = sum(
         1 for p_, m in planned
         if p_ not in sinks and layout.target_partition_name(p_, Month.parse(m)) in attached
     ) + _lake_months(conn, layout, record, sinks, planned)  # fmt: skip
-    data.extras["earlier_failures"] = ledger.earlier_failures(conn, record.run_id, jobs)
     queries = targets.check_queries(layout, [p for p in pairs if p not in sinks])
     for sink in sorted(set(sinks.values())):
         queries += targets.lake_check_queries(sink)
     data.extras["check_queries"] = queries + ledger.check_queries(record.run_id)
     data.extras["sinks"] = [(k, sorted(p for p in sinks if sinks[p] == k))
                             for k in sorted(set(sinks.values()))]  # fmt: skip
-    return data
 
 
 def _lake_months(
