@@ -238,13 +238,8 @@ def export(
     summary = ExportSummary(Path(out))
     t0 = time.monotonic()
     have = catalog.target_pairs(conn, layout)
-    todo = [validate_pair(p) for p in pairs] if pairs else have
-    missing = [p for p in todo if p not in have]
-    if missing:
-        raise BqxError(
-            f"no metrics table for {', '.join(p.upper() for p in missing)} in schema"
-            f" {layout.schema} (run `bqx backfill` first)"
-        )
+    todo = _chosen(pairs, have, "no metrics table for {} in schema"
+                   f" {layout.schema} (run `bqx backfill` first)")  # fmt: skip
     # every pair's columns are checked before anything is written
     chosen = {p: _select_columns(metric_table_columns(conn, layout, p), columns, p) for p in todo}
     summary.columns = None if columns is None else chosen[todo[0]] if todo else []
@@ -293,11 +288,7 @@ def export_bars(
     summary = ExportSummary(Path(out))
     t0 = time.monotonic()
     have = catalog.source_pairs(conn, layout)
-    todo = [validate_pair(p) for p in pairs] if pairs else have
-    missing = [p for p in todo if p not in have]
-    if missing:
-        raise BqxError(f"no source bars for {', '.join(p.upper() for p in missing)} in"
-                       f" {layout.source_table!r}")  # fmt: skip
+    todo = _chosen(pairs, have, "no source bars for {} in " + repr(layout.source_table))
     work = [(p, m) for p in todo for m in sorted(bars.month_counts(conn, layout, p))
             if in_range(m, start, end)]  # fmt: skip
     for i, (pair, month) in enumerate(work):
@@ -359,12 +350,18 @@ def _lake_work(
     """(pairs the sink holds, pairs to export, their (pair, month) in range)."""
     stored = lake.files(pairs)
     have = sorted({p for p, _ in stored})
-    todo = [validate_pair(p) for p in pairs] if pairs else have
-    missing = [p for p in todo if p not in have]
-    if missing:
-        raise BqxError(f"no metrics for {', '.join(p.upper() for p in missing)} in the Delta"
-                       f" table at {lake.uri}")  # fmt: skip
+    todo = _chosen(pairs, have, "no metrics for {} in the Delta table at " + str(lake.uri))
     return have, todo, sorted((p, m) for p, m in stored if p in todo and in_range(m, start, end))
+
+
+def _chosen(pairs: Sequence[str] | None, have: list[str], missing: str) -> list[str]:
+    """The pairs asked for (all of ``have`` when none), each one of ``have``; else one error,
+    ``missing`` with the absent ones in its ``{}``."""
+    todo = [validate_pair(p) for p in pairs] if pairs else have
+    absent = [p for p in todo if p not in have]
+    if absent:
+        raise BqxError(missing.replace("{}", ", ".join(display(p) for p in absent), 1))
+    return todo
 
 
 def _export_month(

@@ -24,7 +24,13 @@ from bqx.store import names
 from bqx.store.catalog import has_source, has_target
 from bqx.store.ddl import ensure_source, ensure_source_partition, lock_key
 from bqx.store.upsert import stage_table, upsert
-from bqx.store.versions import bar_hash, exact_signature, publish_counters, record_source_version
+from bqx.store.versions import (
+    LOOKBACK_FIRST,
+    bar_hash,
+    exact_signature,
+    publish_counters,
+    record_source_version,
+)
 
 CHANNEL = "bqx_bars"  # bqx's own loads NOTIFY here (payload: the pair) when they commit bars
 
@@ -167,11 +173,6 @@ def _has_rows(cur: psycopg.Cursor, table: sql.Composable) -> bool:
 
 
 # -- reading ------------------------------------------------------------------------------
-
-
-# where a job looks for its lookback bars first: the W_max bars before a month lie in the days
-# before it, and a constant bound lets the server prune to those partitions when it plans
-LOOKBACK_FIRST = timedelta(days=31)
 
 
 def read_series(

@@ -226,15 +226,15 @@ def attached_partitions(
     return out
 
 
-def has_primary_key(conn: psycopg.Connection, schema: str, table: str) -> bool:
-    return bool(
-        conn.execute(
-            "SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid"
-            " JOIN pg_namespace n ON n.oid = c.relnamespace"
-            " WHERE n.nspname = %s AND c.relname = %s AND i.indisprimary",
-            (schema, table),
-        ).fetchone()
-    )
+def tables_with_primary_key(conn: psycopg.Connection, schema: str) -> set[str]:
+    """Every table (and partition) of ``schema`` that has a primary key: one catalog query."""
+    rows = conn.execute(
+        "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND i.indisprimary",
+        (schema,),
+    ).fetchall()
+    return {r[0] for r in rows}
 
 
 @contextmanager

@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import psycopg
@@ -379,16 +380,26 @@ def exact_signature(n: Any, h: Any, lb_n: Any, lb_h: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _lookback_sql(params: Params, pair: str) -> sql.Composable:
-    """Per month ``m.k``: count and hash of exactly the bars before it that a job reads."""
+# where a job looks for its lookback bars first: the W_max bars before a month lie in the days
+# before it, and a lower bound lets the server prune to those partitions
+LOOKBACK_FIRST = timedelta(days=31)
+
+
+def _lookback_sql(params: Params, pair: str, bounded: bool = False) -> sql.Composable:
+    """Per month ``m.k``: count and hash of exactly the bars before it that a job reads
+    (``bounded``: only those of the ``LOOKBACK_FIRST`` before it, the same bars whenever they
+    are W_max or more)."""
     layout = params.layout
     t, p, src = names.time(layout), names.price(layout), names.source(layout, pair)
     h = bar_hash(t, p)
     if params.mode == "bars":  # the W_max bars before the month, however long ago
+        floor = sql.SQL(" AND {t} >= m.k - {d}::interval").format(
+            t=t, d=sql.Literal(f"{LOOKBACK_FIRST.days} days")
+        ) if bounded else sql.SQL("")  # fmt: skip
         return sql.SQL(
             "SELECT count(*) AS n, sum({h})::text AS h FROM (SELECT {t}, {p} FROM {src}"
-            " WHERE {t} < m.k ORDER BY {t} DESC LIMIT {k}) lb"
-        ).format(h=h, t=t, p=p, src=src, k=sql.Literal(params.lookback_bars))
+            " WHERE {t} < m.k{floor} ORDER BY {t} DESC LIMIT {k}) lb"
+        ).format(h=h, t=t, p=p, src=src, floor=floor, k=sql.Literal(params.lookback_bars))
     return sql.SQL(
         "SELECT count(*) AS n, sum({h})::text AS h FROM {src}"
         " WHERE {t} >= m.k - make_interval(mins => {mins}) AND {t} < m.k"
@@ -541,11 +552,24 @@ def _lookback_hashes(
     (or minutes) each, found through the time index, in one query per pair."""
     if not months:
         return {}
-    q = sql.SQL(
-        "SELECT m.k, lb.n, lb.h FROM unnest(%s::timestamptz[]) AS m(k)"
-        " LEFT JOIN LATERAL ({}) lb ON true"
-    ).format(_lookback_sql(params, pair))
-    return {Month.of(k): (int(n), h) for k, n, h in conn.execute(q, ([m.start for m in months],))}
+
+    def hashes(which: Sequence[Month], bounded: bool) -> dict[Month, tuple[int, str | None]]:
+        q = sql.SQL(
+            "SELECT m.k, lb.n, lb.h FROM unnest(%s::timestamptz[]) AS m(k)"
+            " LEFT JOIN LATERAL ({}) lb ON true"
+        ).format(_lookback_sql(params, pair, bounded))
+        rows = conn.execute(q, ([m.start for m in which],))
+        return {Month.of(k): (int(n), h) for k, n, h in rows}
+
+    if params.mode != "bars":
+        return hashes(months, False)
+    # the days before each month first: with no lower bound the server scans an index of
+    # every earlier partition for each month (quadratic in the months of a history)
+    out = hashes(months, True)
+    short = [m for m in months if out[m][0] < params.lookback_bars]
+    if short:  # the start of the history, or a gap longer than LOOKBACK_FIRST
+        out.update(hashes(short, False))
+    return out
 
 
 def source_jobs(
