@@ -8,6 +8,7 @@ in the same transaction (``bqx.store.versions``), and wakes ``bqx update --follo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -295,13 +296,7 @@ def read_hlv(
     conn: psycopg.Connection, layout: Layout, pair: str, lo: Any, hi: Any
 ) -> tuple[np.ndarray, np.ndarray]:
     """(times, [high, low, volume]) of the source bars in [lo, hi), NaN where NULL."""
-    q = sql.SQL(
-        "SELECT {t}, high::float8, low::float8, volume::float8 FROM {src}"
-        " WHERE {t} >= %s AND {t} < %s ORDER BY {t}"
-    ).format(t=names.time(layout), src=names.source(layout, pair))
-    with conn.cursor() as cur:
-        times, values, _ = copy_out_columns(cur, q, [lo, hi], 3)
-    return times, values
+    return _read_columns(conn, layout, pair, lo, hi, ("high", "low", "volume"))
 
 
 def read_ohlcv(
@@ -309,12 +304,20 @@ def read_ohlcv(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(times, [open, high, low, close, volume]) of the source bars in [lo, hi), NaN where
     NULL (``bqx export --bars``)."""
-    q = sql.SQL(
-        "SELECT {t}, open::float8, high::float8, low::float8, close::float8, volume::float8"
-        " FROM {src} WHERE {t} >= %s AND {t} < %s ORDER BY {t}"
-    ).format(t=names.time(layout), src=names.source(layout, pair))
+    return _read_columns(conn, layout, pair, lo, hi, ("open", "high", "low", "close", "volume"))
+
+
+def _read_columns(
+    conn: psycopg.Connection, layout: Layout, pair: str, lo: Any, hi: Any,
+    columns: Sequence[str],
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    q = sql.SQL("SELECT {t}, {cols} FROM {src} WHERE {t} >= %s AND {t} < %s ORDER BY {t}").format(
+        t=names.time(layout),
+        cols=sql.SQL(", ").join(sql.SQL("{}::float8").format(sql.Identifier(c)) for c in columns),
+        src=names.source(layout, pair),
+    )
     with conn.cursor() as cur:
-        times, values, _ = copy_out_columns(cur, q, [lo, hi], 5)
+        times, values, _ = copy_out_columns(cur, q, [lo, hi], len(columns))
     return times, values
 
 
