@@ -26,7 +26,7 @@ from bqx.errors import BqxError, InvalidOption, NothingToDo
 from bqx.sources.parquet import lake_bars
 from bqx.store import catalog, ddl, names
 from bqx.store.ledger import Ledger, LedgerRow
-from bqx.store.versions import check_exactly, source_jobs, versioned
+from bqx.store.versions import check_exactly, source_jobs, versioned_jobs
 
 PLAN_LOCK_TIMEOUT_S = 10.0  # planning waits this long for a lock, then says who holds it
 
@@ -530,10 +530,11 @@ def outstanding(
     lake = lake_bars(params)
     if lake is not None:  # a lake's files say what changed
         jobs = lake.jobs(params, pair, None, None, "auto")
-    elif not versioned(conn, params.layout, pair):
-        return None
     else:
-        jobs = source_jobs(conn, params, pair, None, None, "auto")
+        found = versioned_jobs(conn, params, pair)
+        if found is None:
+            return None
+        jobs = found
     rows = Ledger(params.layout).read_jobs(conn, [pair])
     jobs = with_orphans(conn, params, jobs, rows, {pair: (None, None)})
     versions = dest.month_versions(conn, params, [pair])

@@ -603,14 +603,16 @@ class Ledger:
             for target, doc in conn.execute(self._q("SELECT target_table, params FROM {targets}")):
                 out[target] = _doc(doc)
         # targets written before parameters were recorded: the run of their latest done job
+        # (asked only for those: a run's document lists all its jobs, 40 KB at 1,500)
+        older = [p for p in pairs if self.layout.target_name(p) not in out]
         for pair, doc in conn.execute(
             self._q(
                 "SELECT DISTINCT ON (j.pair) j.pair, r.params FROM {jobs} j JOIN {runs} r"
                 " ON r.param_hash = j.param_hash WHERE j.status = 'done' AND j.pair = ANY(%s)"
                 " ORDER BY j.pair, j.finished_at DESC NULLS LAST, r.run_id DESC"
             ),
-            (list(pairs),),
-        ):
+            (older,),
+        ) if older else ():  # fmt: skip
             target = self.layout.target_name(pair)
             if target not in out:
                 out[target] = _legacy_target_doc(_doc(doc), pair, self.layout)

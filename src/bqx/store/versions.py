@@ -585,6 +585,20 @@ def source_jobs(
     only makes the next resume redo the month, never skip it.
     """
     vers = _source_versions(conn, params.layout, pair)
+    return _jobs_of(conn, params, pair, start, end, source_check, vers)
+
+
+def versioned_jobs(conn: psycopg.Connection, params: Params, pair: str) -> list[Job] | None:
+    """``source_jobs`` of every month, ``auto``, when the source is versioned by bqx; None when
+    it is not (only hashing every bar could tell what changed)."""
+    vers = _source_versions(conn, params.layout, pair)
+    return None if vers is None else _jobs_of(conn, params, pair, None, None, "auto", vers)
+
+
+def _jobs_of(
+    conn: psycopg.Connection, params: Params, pair: str, start: Month | None, end: Month | None,
+    source_check: str, vers: dict[Month, Version] | None,
+) -> list[Job]:  # fmt: skip
     if source_check == "exact" or vers is None:
         jobs = exact_jobs(conn, params, pair, start, end, vers)
         if vers is not None:  # versioned months that lost every bar: their metrics must go
