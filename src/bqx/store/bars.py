@@ -313,7 +313,7 @@ def _read_columns(
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     q = sql.SQL("SELECT {t}, {cols} FROM {src} WHERE {t} >= %s AND {t} < %s ORDER BY {t}").format(
         t=names.time(layout),
-        cols=sql.SQL(", ").join(sql.SQL("{}::float8").format(sql.Identifier(c)) for c in columns),
+        cols=sql.SQL(", ").join(sql.SQL("{}::float8").format(names.column(c)) for c in columns),
         src=names.source(layout, pair),
     )
     with conn.cursor() as cur:

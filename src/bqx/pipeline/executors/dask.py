@@ -34,7 +34,10 @@ from bqx.errors import BqxError
 from bqx.extras import require
 from bqx.pipeline.executors import ExecutorLost
 
-FINISH_GRACE_S = 5.0  # at a normal end, how long the last tasks get to return
+# at a normal end, how long the last tasks get to return by themselves: every job is done, so
+# a task still running is starting (importing bqx on a loaded worker takes seconds) or making
+# its final, empty claim; killing it would restart a worker of the user's cluster
+FINISH_GRACE_S = 30.0
 NO_WORKER_TIMEOUT_S = 60.0  # a cluster without any usable worker for this long is an error
 CONNECT_TIMEOUT_S = 15.0
 # Dask's nannies start workers with MALLOC_TRIM_THRESHOLD_=65536, which also pins glibc's mmap
