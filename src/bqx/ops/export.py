@@ -246,17 +246,14 @@ def export(
     work = [
         (p, m) for p in todo for m in _target_months(conn, layout, p) if in_range(m, start, end)
     ]
-    written: dict[str, set[Month]] = {p: set() for p in todo}
-    _adopt_other_case(summary.out, todo)
-    for i, (pair, month) in enumerate(work):
-        if progress is not None:
-            progress("writing", i, len(work), rows=summary.rows)
-        if _export_month(conn, layout, pair, month, chosen[pair], summary, compression):
-            written[pair].add(month)
-    summary.pairs = [display(p) for p in todo]
-    _remove_stale(summary, written, start, end, gone_too=None if pairs else set(have))
-    if progress is not None:
-        progress("writing", len(work), len(work), rows=summary.rows)
+    options = {"compression": compression}
+
+    def one(pair: str, month: Month) -> pa.Table:
+        return _read(conn, layout, pair, chosen[pair], month.start.replace(tzinfo=None),
+                     month.end.replace(tzinfo=None))  # fmt: skip
+
+    _write_months(summary, todo, work, one, options, progress,
+                  stale=(start, end, None if pairs else set(have)))  # fmt: skip
     summary.seconds = time.monotonic() - t0
     return summary
 
@@ -291,22 +288,16 @@ def export_bars(
     todo = _chosen(pairs, have, "no source bars for {} in " + repr(layout.source_table))
     work = [(p, m) for p in todo for m in sorted(bars.month_counts(conn, layout, p))
             if in_range(m, start, end)]  # fmt: skip
-    for i, (pair, month) in enumerate(work):
-        if progress is not None:
-            progress("writing", i, len(work), rows=summary.rows)
+
+    def one(pair: str, month: Month) -> pa.Table:
         times, v = bars.read_ohlcv(conn, layout, pair, month.start, month.end)
-        table = pa.table({
+        return pa.table({
             "time": pa.array(times, pa.timestamp("us", tz="UTC")),
             **{c: pa.array(v[j]) for j, c in enumerate(("open", "high", "low", "close"))},
             "volume": pa.array(v[4], mask=np.isnan(v[4])),
         })  # fmt: skip
-        final = summary.out / pair_dir(pair) / f"month={month}" / "data.parquet"
-        write_atomic(final, functools.partial(_write_parquet, table, bars_writer_options()))
-        summary.files += 1
-        summary.rows += table.num_rows
-    summary.pairs = [display(p) for p in todo]
-    if progress is not None:
-        progress("writing", len(work), len(work), rows=summary.rows)
+
+    _write_months(summary, todo, work, one, bars_writer_options(), progress, stale=None)
     summary.seconds = time.monotonic() - t0
     return summary
 
@@ -323,23 +314,12 @@ def export_lake(
     have, todo, work = _lake_work(lake, pairs, start, end)
     chosen = {p: _select_columns(lake.columns() or [], columns, p) for p in todo}
     summary.columns = None if columns is None else chosen[todo[0]] if todo else []
-    written: dict[str, set[Month]] = {p: set() for p in todo}
-    _adopt_other_case(summary.out, todo)
-    for i, (pair, month) in enumerate(work):
-        if progress is not None:
-            progress("writing", i, len(work), rows=summary.rows)
-        table = read_metrics_lake(lake, pair, month.start, month.end, chosen[pair])
-        if not table.num_rows:
-            continue
-        final = summary.out / pair_dir(pair) / f"month={month}" / "data.parquet"
-        write_atomic(final, functools.partial(_write_parquet, table, {"compression": compression}))
-        summary.files += 1
-        summary.rows += table.num_rows
-        written[pair].add(month)
-    summary.pairs = [display(p) for p in todo]
-    _remove_stale(summary, written, start, end, gone_too=None if pairs else set(have))
-    if progress is not None:
-        progress("writing", len(work), len(work), rows=summary.rows)
+
+    def one(pair: str, month: Month) -> pa.Table:
+        return read_metrics_lake(lake, pair, month.start, month.end, chosen[pair])
+
+    _write_months(summary, todo, work, one, {"compression": compression}, progress,
+                  stale=(start, end, None if pairs else set(have)))  # fmt: skip
     summary.seconds = time.monotonic() - t0
     return summary
 
@@ -364,19 +344,35 @@ def _chosen(pairs: Sequence[str] | None, have: list[str], missing: str) -> list[
     return todo
 
 
-def _export_month(
-    conn: psycopg.Connection, layout: Layout, pair: str, month: Month, names: list[str],
-    summary: ExportSummary, compression: str,
-) -> bool:  # fmt: skip
-    table = _read(conn, layout, pair, names, month.start.replace(tzinfo=None),
-                  month.end.replace(tzinfo=None))  # fmt: skip
-    if table.num_rows == 0:
-        return False
-    final = summary.out / pair_dir(pair) / f"month={month}" / "data.parquet"
-    write_atomic(final, lambda tmp: pq.write_table(table, tmp, compression=compression))
-    summary.files += 1
-    summary.rows += table.num_rows
-    return True
+def _write_months(
+    summary: ExportSummary, todo: list[str], work: list[tuple[str, Month]],
+    read: Callable[[str, Month], pa.Table], options: dict[str, Any],
+    progress: ProgressFn | None,
+    stale: tuple[Month | None, Month | None, set[str] | None] | None,
+) -> None:  # fmt: skip
+    """Each (pair, month) of ``work``: its rows (``read``) written to ``pair=…/month=…/
+    data.parquet`` and renamed into place whole, a month without rows skipped; progress as it
+    goes. With ``stale`` (start, end, every pair's name or None), the partitions in that range
+    that were not written are removed afterwards (``_remove_stale``)."""
+    written: dict[str, set[Month]] = {p: set() for p in todo}
+    if stale is not None:
+        _adopt_other_case(summary.out, todo)
+    for i, (pair, month) in enumerate(work):
+        if progress is not None:
+            progress("writing", i, len(work), rows=summary.rows)
+        table = read(pair, month)
+        if not table.num_rows:
+            continue
+        final = summary.out / pair_dir(pair) / f"month={month}" / "data.parquet"
+        write_atomic(final, functools.partial(_write_parquet, table, options))
+        summary.files += 1
+        summary.rows += table.num_rows
+        written[pair].add(month)
+    summary.pairs = [display(p) for p in todo]
+    if stale is not None:
+        _remove_stale(summary, written, *stale)
+    if progress is not None:
+        progress("writing", len(work), len(work), rows=summary.rows)
 
 
 def _remove_stale(
