@@ -11,7 +11,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +161,43 @@ def bqx(cli_env, monkeypatch, capsys):
         return subprocess.CompletedProcess(args, code, out, err)
 
     return run
+
+
+@contextmanager
+def held_run(
+    pg_url: str,
+    layout: Layout,
+    conn: psycopg.Connection,
+    cli_env: dict[str, str],
+    args: Sequence[str],
+) -> Iterator[tuple[subprocess.Popen, list[int]]]:
+    """``bqx backfill ARGS`` as a process whose two workers are held inside their first jobs
+    by a lock on the attempts table: yields (the process, its workers' pids). On the way out
+    the lock is released and the process killed if it is still there."""
+    from bqx.store import names
+
+    blocker = psycopg.connect(pg_url)
+    blocker.execute(
+        sql.SQL("LOCK TABLE {} IN SHARE MODE").format(names.table(layout, "bqx_attempts"))
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bqx.cli", "backfill", *args],
+        env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    running = sql.SQL("SELECT worker FROM {} WHERE status = 'running'").format(
+        names.table(layout, "bqx_jobs")
+    )
+    try:
+        wait_for(lambda: len(conn.execute(running).fetchall()) == 2, what="two running jobs")
+        workers = [  # host:pid, or host:pid#n for a thread of the driver
+            int(w.rsplit(":", 1)[1].split("#")[0]) for (w,) in conn.execute(running)
+        ]
+        yield proc, workers
+    finally:
+        blocker.rollback()
+        blocker.close()
+        if proc.poll() is None:
+            proc.kill()
 
 
 def wait_for(predicate, timeout: float = 60.0, what: str = "condition") -> None:

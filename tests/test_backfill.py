@@ -20,7 +20,7 @@ from bqx.core.months import Month
 from bqx.db import connect
 from bqx.errors import BqxError
 from bqx.store import names
-from conftest import alive, random_walk_bars, store_for, wait_for
+from conftest import alive, held_run, random_walk_bars, store_for, wait_for
 
 WINDOWS = (15, 30, 45, 60, 75)
 COLS = metrics.metric_columns(WINDOWS)
@@ -343,39 +343,12 @@ def test_ctrl_c_stops_every_worker_and_the_next_run_resumes(
     settings, layout, conn, two_pairs, cli_env, pg_url, executor
 ):
     # hold the workers inside their first jobs, then press Ctrl-C
-    blocker = psycopg.connect(pg_url)
     store_for(settings, layout).backfill(pairs=["eurusd"], start=Month(2024, 7), end=Month(2024, 7))
-    blocker.execute(
-        sql.SQL("LOCK TABLE {} IN SHARE MODE").format(names.table(layout, "bqx_attempts"))
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bqx.cli", "backfill", "--workers", "2", "--executor", executor],
-        env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    jobs = names.table(layout, "bqx_jobs")
-    try:
-        wait_for(
-            lambda: (
-                conn.execute(
-                    sql.SQL("SELECT count(*) FROM {} WHERE status = 'running'").format(jobs)
-                ).fetchone()[0]
-                == 2
-            ),
-            what="two running jobs",
-        )
-        workers = [  # host:pid, or host:pid#n for a thread of the driver
-            int(w.rsplit(":", 1)[1].split("#")[0])
-            for (w,) in conn.execute(
-                sql.SQL("SELECT worker FROM {} WHERE status = 'running'").format(jobs)
-            )
-        ]
+    args = ["--workers", "2", "--executor", executor]
+    with held_run(pg_url, layout, conn, cli_env, args) as (proc, workers):
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 130
-    finally:
-        blocker.rollback()
-        blocker.close()
-        if proc.poll() is None:
-            proc.kill()
+    jobs = names.table(layout, "bqx_jobs")
     assert "Traceback" not in proc.stderr.read()
     for pid in workers:  # no orphan: every worker is gone (or a zombie nobody waits for)
         assert not alive(pid)
@@ -495,26 +468,10 @@ def test_an_interrupted_forced_run_is_finished_by_a_plain_backfill(
     """Ctrl-C in `backfill --force` says to run `bqx backfill` without --force, and that
     finishes exactly the jobs the forced run had left (none redone twice)."""
     store_for(settings, layout).backfill(workers=2)
-    blocker = psycopg.connect(pg_url)
-    blocker.execute(
-        sql.SQL("LOCK TABLE {} IN SHARE MODE").format(names.table(layout, "bqx_attempts"))
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bqx.cli", "backfill", "--force", "--workers", "2"],
-        env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    jobs = names.table(layout, "bqx_jobs")
-    try:
-        wait_for(lambda: conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE status ="
-                                              " 'running'").format(jobs)).fetchone()[0] == 2,
-                 what="two running jobs")  # fmt: skip
+    with held_run(pg_url, layout, conn, cli_env, ["--force", "--workers", "2"]) as (proc, _):
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 130
-    finally:
-        blocker.rollback()
-        blocker.close()
-        if proc.poll() is None:
-            proc.kill()
+    jobs = names.table(layout, "bqx_jobs")
     err = proc.stderr.read()
     assert "interrupted: run `bqx backfill` without --force to finish exactly the jobs this" \
         " run had left" in err, err  # fmt: skip

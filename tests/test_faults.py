@@ -19,7 +19,7 @@ from psycopg import sql
 from bqx.core.layout import Layout
 from bqx.db import EmbeddedServer
 from bqx.store import names
-from conftest import alive, random_walk_bars, store_for, wait_for
+from conftest import alive, held_run, random_walk_bars, store_for, wait_for
 
 
 def _count(conn: psycopg.Connection, query: str, table: sql.Composable) -> int:
@@ -32,43 +32,13 @@ def eurusd(make_bars):
     return make_bars("eurusd", "2024-07-01", 62 * 1440, seed=3)
 
 
-def _held_run(pg_url, layout, conn, cli_env, extra=()):
-    """A CLI backfill whose two workers are held inside their first jobs by a lock."""
-    blocker = psycopg.connect(pg_url)
-    blocker.execute(
-        sql.SQL("LOCK TABLE {} IN SHARE MODE").format(names.table(layout, "bqx_attempts"))
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bqx.cli", "backfill", "--workers", "2", "--force", *extra],
-        env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    jobs = names.table(layout, "bqx_jobs")
-    wait_for(
-        lambda: _count(conn, "SELECT count(*) FROM {} WHERE status = 'running'", jobs) == 2,
-        what="two running jobs",
-    )
-    workers = [  # host:pid, or host:pid#n for a thread of the driver
-        int(w.rsplit(":", 1)[1].split("#")[0])
-        for (w,) in conn.execute(
-            sql.SQL("SELECT worker FROM {} WHERE status = 'running'").format(jobs)
-        )
-    ]
-    return blocker, proc, workers
-
-
 def test_sigterm_stops_like_ctrl_c_and_records_the_run_as_interrupted(
     settings, layout, conn, eurusd, cli_env, pg_url
 ):
     store_for(settings, layout).backfill(workers=1)  # creates the ledger the blocker locks
-    blocker, proc, workers = _held_run(pg_url, layout, conn, cli_env)
-    try:
+    with held_run(pg_url, layout, conn, cli_env, ["--workers", "2", "--force"]) as (proc, workers):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 130
-    finally:
-        blocker.rollback()
-        blocker.close()
-        if proc.poll() is None:
-            proc.kill()
     err = proc.stderr.read()
     assert "Traceback" not in err
     # a forced run (the held run is one): a plain backfill finishes what it had left
@@ -89,13 +59,10 @@ def test_killed_driver_leaves_no_worker_and_next_run_marks_its_run_interrupted(
     settings, layout, conn, eurusd, cli_env, pg_url, executor
 ):
     store_for(settings, layout).backfill(workers=1)
-    blocker, proc, workers = _held_run(pg_url, layout, conn, cli_env, ("--executor", executor))
-    try:
+    args = ["--workers", "2", "--force", "--executor", executor]
+    with held_run(pg_url, layout, conn, cli_env, args) as (proc, workers):
         proc.kill()  # SIGKILL: no handler runs, the run row stays 'running'
         proc.wait(timeout=10)
-    finally:
-        blocker.rollback()
-        blocker.close()
     wait_for(lambda: not any(alive(p) for p in workers), 10, "workers to die with the driver")
     runs = names.table(layout, "bqx_runs")
     orphan = conn.execute(
