@@ -119,13 +119,19 @@ def read_metrics_conn(
 ) -> pa.Table:
     """A pair's stored BQX rows as a ``pyarrow.Table`` (see ``bqx.Store.read_metrics``)."""
     pair = validate_pair(pair)
+    lo, hi = _bounds(start, end)
+    names = _select_columns(metric_table_columns(conn, layout, pair), columns, pair)
+    return _read(conn, layout, pair, names, lo, hi)
+
+
+def _bounds(start: TimeLike | None, end: TimeLike | None) -> tuple[Any, Any]:
+    """``read_metrics``' [start, end) as UTC microseconds (None: open), end not before start."""
     lo = None if start is None else to_utc_us(start, "start")
     hi = None if end is None else to_utc_us(end, "end")
     if lo is not None and hi is not None and hi < lo:
         raise InvalidOption("end", end, f"is before start {start!r} (start is inclusive, end"
                             " exclusive)")  # fmt: skip
-    names = _select_columns(metric_table_columns(conn, layout, pair), columns, pair)
-    return _read(conn, layout, pair, names, lo, hi)
+    return lo, hi
 
 
 def read_metrics_lake(
@@ -135,11 +141,7 @@ def read_metrics_lake(
     """``read_metrics`` from a Delta sink (``bqx.destinations.delta.DeltaLake``): the same
     table as from the database's partitions."""
     pair = validate_pair(pair)
-    lo = None if start is None else to_utc_us(start, "start")
-    hi = None if end is None else to_utc_us(end, "end")
-    if lo is not None and hi is not None and hi < lo:
-        raise InvalidOption("end", end, f"is before start {start!r} (start is inclusive, end"
-                            " exclusive)")  # fmt: skip
+    lo, hi = _bounds(start, end)
     have = lake.columns()
     if have is None:
         raise BqxError(f"{pair.upper()}: no metrics in the Delta table at {lake.uri} (run"
