@@ -43,6 +43,7 @@ from bqx.core.uris import LakeURI
 from bqx.db.connect import worker_id
 from bqx.errors import BqxError
 from bqx.extras import require
+from bqx.store.ddl import lock_key
 
 JobKey = tuple[str, Month]
 FEATURE = "a Delta Lake sink or source"
@@ -204,18 +205,24 @@ class DeltaLake:
                 )
 
     def prepare(self, conn: psycopg.Connection, params: Params, jobs: Sequence[Job]) -> None:
-        """Create the empty, partitioned table when there is none (two runs may race: the
-        loser finds the winner's table)."""
+        """Create the empty, partitioned table when there is none. Two runs on one ledger
+        create it one at a time (an advisory lock in the ledger's database), so the second
+        finds the first's: delta-rs's ``mode="ignore"`` alone still commits a second version
+        of the table's metadata when it loses that race."""
         if self.table() is not None:
             return
         dl = deltalake()
-        try:
-            dl.DeltaTable.create(self.uri, schema(params.columns), partition_by=PARTITIONS,
-                                 mode="ignore", storage_options=self.options)  # fmt: skip
-        except OSError as exc:
-            raise BqxError(
-                f"cannot create the Delta table at {self.uri}: {_one_line(exc)}"
-            ) from None
+        with conn.transaction():
+            lock_key(conn, f"bqx delta create {self.uri}")
+            if self.table() is not None:
+                return
+            try:
+                dl.DeltaTable.create(self.uri, schema(params.columns), partition_by=PARTITIONS,
+                                     mode="ignore", storage_options=self.options)  # fmt: skip
+            except OSError as exc:
+                raise BqxError(
+                    f"cannot create the Delta table at {self.uri}: {_one_line(exc)}"
+                ) from None
         self._table = None
         self.check(conn, params, jobs[0].pair if jobs else "")
 
