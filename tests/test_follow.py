@@ -94,10 +94,13 @@ def test_one_pairs_trouble_leaves_the_others_current_and_survives_a_restart(
     errors = {e["pair"]: e["error"] for e in store.status().errors}
     assert {"GBPUSD", "USDJPY"} <= set(errors)
     # a restart under systemd does not refuse the healthy pairs
-    proc = _follower(cli_env)
+    port = _port()
+    proc = _follower(cli_env, "--metrics-port", str(port))
     try:
         load_bars(conn, layout, "eurusd", times[750:], ohlcv[750:])
         wait_for(lambda: _rows(conn, layout, "eurusd") == len(times), 60, "EURUSD, restarted")
+        # mended only once this follower has failed on it (else it may never see it bad)
+        wait_for(lambda: _pair_errors(_scrape(port), "usdjpy") >= 1, 30, "USDJPY failing")
         # the bad bar mended: the pair is brought up to date by the next poll
         good = bars["usdjpy"][1][599, 3]
         conn.execute(sql.SQL("UPDATE {} SET close = %s WHERE close = 'NaN'").format(src), (good,))

@@ -247,6 +247,36 @@ def test_update_equals_a_forced_recompute(settings, layout, conn):
     assert verify(conn, layout, sample=20).ok
 
 
+def test_bars_loaded_between_planning_and_writing_are_in_the_same_write(
+    settings, layout, conn, monkeypatch
+):
+    """An update finds where a month first differs in its write's own snapshot: bars that
+    land after planning are computed with it, not recorded done without their rows (a
+    follower restarted under load showed this)."""
+    import bqx.pipeline.update as update_module
+
+    times, ohlcv = _bars("2024-07-01", 900, seed=5)
+    cut = len(times) - 120
+    load_bars(conn, layout, "usdjpy", times[:cut], ohlcv[:cut])
+    store_for(settings, layout).backfill(workers=1)
+    src = names.source(layout, "usdjpy")  # a new source version, no bar differs
+    conn.execute(sql.SQL("UPDATE {} SET close = close WHERE time = (SELECT max(time) FROM {})")
+                 .format(src, src))  # fmt: skip
+    real = update_module.upsert_month
+
+    def bars_arrive_first(*args, **kw):
+        load_bars(conn, layout, "usdjpy", times[cut:], ohlcv[cut:])  # another connection
+        return real(*args, **kw)
+
+    monkeypatch.setattr(update_module, "upsert_month", bars_arrive_first)
+    result = _poll(settings, layout)
+
+    assert result.pairs[0].new_rows == len(times) - cut and not result.pairs[0].error
+    _assert_equals_whole_series(conn, layout, "usdjpy")
+    monkeypatch.setattr(update_module, "upsert_month", real)
+    assert _poll(settings, layout).rows == 0  # recorded with what it computed: nothing left
+
+
 # -- ledger, status, options --------------------------------------------------------------
 
 

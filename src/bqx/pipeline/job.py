@@ -32,6 +32,7 @@ from bqx.errors import BqxError
 from bqx.sources.parquet import lake_bars
 from bqx.store import bars, versions
 from bqx.store.ledger import HEARTBEAT_INTERVAL_S, Ledger, Written, worker_is_dead
+from bqx.store.targets import first_difference
 from bqx.store.versions import check_exactly
 
 MAX_TRANSIENT_RETRIES = 5
@@ -284,26 +285,31 @@ class UpsertCounts:
 
 def upsert_month(
     conn: psycopg.Connection, ledger: Ledger, dest: Destination, params: Params, run_id: int,
-    job: Job, since: datetime,
+    job: Job, since: datetime | None,
 ) -> UpsertCounts:  # fmt: skip
     """Bring a month to exactly what a forced recompute would write, by upsert: its rows from
     ``since`` on are recomputed and upserted (unchanged rows are not rewritten; rows whose bar
     is gone are deleted), in one repeatable-read transaction that holds the month's ledger row
-    (the lock a backfill's write takes). The caller picks ``since``: the month's start, or its
-    first row whose bar differs when nothing before that row can have changed.
+    (the lock a backfill's write takes). The caller picks ``since``: the month's start, or
+    None, the month's first row whose bar differs, when nothing before that row can have
+    changed.
 
     The job is recorded done with what it read, from the same snapshot, so a later resume
     compares with exactly that. Raises ``Busy`` when a live backfill worker holds the month.
     """
     started = time.time()
     pair, month = job.pair, job.month
-    lo = max(since, month.start)
     with conn.transaction(), conn.cursor() as cur:
-        # one snapshot for the bars read, the rows written and what is recorded
+        # one snapshot for the first difference, the bars read, the rows written and what is
+        # recorded: a difference looked for before it could miss bars loaded in between, and
+        # the month would be recorded done with bars it never computed
         cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         status, worker, stale = ledger.lock_month(cur, run_id, pair, month, params.hash)
         if status == "running" and not (stale or worker_is_dead(worker)):
             raise Busy()
+        if since is None:
+            since = first_difference(conn, params, pair, month.start, month.end) or month.end
+        lo = max(since, month.start)
         try:
             done = read_and_compute(cur, params, pair, lo, month.end)
         except PermanentError as exc:

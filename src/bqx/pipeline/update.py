@@ -429,25 +429,26 @@ class Updater:
         for i, d in enumerate(plan.changed):
             if stop is not None and stop.is_set():
                 return
-            since = self._since(conn, plan, d, first=i == 0)
+            since = self._since(plan, d, first=i == 0)
             self._write_month(conn, run_id, plan.params, d.job, since, pu)
         pu.newest_bar, pu.newest_metric = self._newest(conn, plan.params, plan.pair)
 
-    def _since(self, conn: psycopg.Connection, plan: _PairPlan, d: Decision, first: bool) -> Any:
-        """Where a changed month's recompute starts: its first row whose bar differs, when it
-        is the pair's earliest changed month, was done, and its metrics are as that job left
-        them (so nothing before that row can have changed); else the month's start."""
+    @staticmethod
+    def _since(plan: _PairPlan, d: Decision, first: bool) -> datetime | None:
+        """Where a changed month's recompute starts: None (its first row whose bar differs,
+        found in the write's snapshot) when it is the pair's earliest changed month, was done,
+        and its metrics are as that job left them (so nothing before that row can have
+        changed); else the month's start."""
         month, row = d.job.month, plan.rows.get((d.job.pair, d.job.month))
         if not first or d.reason != "source changed" or row is None or row.status != "done":
             return month.start
         if target_reason(d.job, row, d.target) is not None or plan.params.sink:
             return month.start  # a Delta month is rewritten whole anyway
-        diff = targets.first_difference(conn, plan.params, plan.pair, month.start, month.end)
-        return month.end if diff is None else diff
+        return None
 
     def _write_month(
-        self, conn: psycopg.Connection, run_id: int, params: Params, job: Job, since: datetime,
-        pu: PairUpdate,
+        self, conn: psycopg.Connection, run_id: int, params: Params, job: Job,
+        since: datetime | None, pu: PairUpdate,
     ) -> None:  # fmt: skip
         pair, month = job.pair, job.month
         dest = self._dest(params)
