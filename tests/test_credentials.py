@@ -247,6 +247,30 @@ def test_backfill_from_a_url_file_600_and_644_refused(
     assert_equals_a_forced_recompute(settings, layout, conn)
 
 
+def test_a_python_caller_names_the_database_by_a_url_file_and_it_replaces_the_environments(
+    settings, layout, conn, bars, pg_url, schema_name, tmp_path, monkeypatch
+):
+    """``Store(database_url_file=...)`` as ``BQX_DATABASE_URL_FILE`` would: the caller's
+    choice wins over a URL in the environment or in the settings given; two at once are one
+    error."""
+    f = tmp_path / "bqx-url"
+    f.write_text(pg_url + "\n")
+    f.chmod(0o600)
+    monkeypatch.setenv("BQX_DATABASE_URL", "postgresql://nobody:S3cret@127.0.0.1:9/none")
+    store = Store(database_url_file=f, schema=schema_name, home=tmp_path / "home")
+    assert store.database_ref().source == "file" and "S3cret" not in repr(store)
+    assert store.backfill(workers=1).jobs_failed == 0  # it reached the real database
+    assert_equals_a_forced_recompute(settings, layout, conn)
+    again = Store(settings, database_url_file=f)  # settings naming a URL: the file replaces it
+    assert again.database_ref().source == "file" and again.status().pairs
+    with pytest.raises(BqxError, match="are both set") as err:
+        Store(database_url_file=f, database_secret="prod/bqx")
+    assert "S3cret" not in str(err.value)
+    f.chmod(0o644)
+    with pytest.raises(BqxError, match="chmod 600"):
+        Store(database_url_file=f, schema=schema_name).status()
+
+
 # -- AWS Secrets Manager -------------------------------------------------------------------
 
 

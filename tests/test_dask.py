@@ -302,7 +302,7 @@ def test_preflight_refuses_a_socket_url_for_workers_on_other_hosts(
     with pytest.raises(BqxError) as err:
         store_for(settings, layout).backfill(executor="dask", scheduler=cluster.scheduler_address)
     text = str(err.value)
-    assert "\n" not in text and "set BQX_DATABASE_URL to a TCP address" in text
+    assert "\n" not in text and "give a TCP address" in text and "BQX_DATABASE_URL_FILE" in text
     assert "somewhere-else" not in text and "runs on host" in text
     left = _q(conn, "SELECT status, count(*) FROM {jobs} GROUP BY 1", layout)
     assert left == [("pending", 4)]  # no job ran

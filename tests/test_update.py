@@ -293,6 +293,24 @@ def test_status_shows_newest_bar_metric_and_lag(settings, layout, conn):
     assert p["lag_s"] == 0.0 and p["newest_metric"] == p["newest_bar"]
 
 
+def test_a_pair_left_behind_shows_its_lag_in_hours_and_minutes(settings, layout, conn):
+    times, ohlcv = _bars("2024-07-01", 1440)
+    load_bars(conn, layout, "eurusd", times[:-90], ohlcv[:-90])
+    _poll(settings, layout)
+    load_bars(conn, layout, "eurusd", times[-90:], ohlcv[-90:])
+    src = names.source(layout, "eurusd")
+    conn.execute(sql.SQL("UPDATE {} SET close = 'NaN' WHERE time = %s").format(src),
+                 (times[-90].astype(datetime).replace(tzinfo=UTC),))  # fmt: skip
+
+    result = _poll(settings, layout)
+
+    assert result.pairs[0].error and "bad source bar" in result.pairs[0].error
+    minutes = int((times[-1] - times[-91]) / np.timedelta64(1, "m"))
+    assert minutes >= 90 and result.lag_max_s == minutes * 60
+    shown = f"lag max {minutes // 60} h {minutes % 60:02d} m"
+    assert shown in result.text(), result.text()
+
+
 def test_options_that_contradict_the_recorded_parameters_are_refused(settings, layout, conn):
     times, ohlcv = _bars("2024-07-01", 600)
     load_bars(conn, layout, "eurusd", times[:-10], ohlcv[:-10])

@@ -27,7 +27,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bqx.config import Settings, load_settings
+from bqx.config import CREDENTIAL_SETTINGS, Settings, load_settings
 from bqx.core.layout import DEFAULT_SOURCE_TABLE, Layout
 from bqx.core.months import Month, MonthLike, as_month, month_range
 from bqx.core.params import BackfillPlan, Params, RunSummary, check_windows
@@ -307,18 +307,28 @@ class Store:
         settings: Settings | None = None,
         *,
         database_url: str | None = None,
+        database_url_file: str | Path | None = None,
+        database_secret: str | None = None,
+        database_iam: bool | None = None,
         schema: str | None = None,
         home: str | Path | None = None,
         source_table: str | None = None,
         time_column: str | None = None,
         price_column: str | None = None,
     ) -> None:
-        given = {"database_url": database_url, "schema_name": schema, "home": home}
+        """The database as the command line names it (``database_url``, a URL file, an AWS
+        secret, IAM tokens: docs/configuration.md), else as the environment does."""
+        given = {"database_url": database_url, "database_url_file": database_url_file,
+                 "database_secret": database_secret, "database_iam": database_iam,
+                 "schema_name": schema, "home": home}  # fmt: skip
         overrides = {k: v for k, v in given.items() if v is not None}
         if settings is None:
             settings = load_settings(**overrides)
         elif overrides:
-            settings = load_settings(**{**_given(settings), **overrides})
+            base = _given(settings)
+            if overrides.keys() & CREDENTIAL_SETTINGS:  # the database given replaces the old
+                base = {k: v for k, v in base.items() if k not in CREDENTIAL_SETTINGS}
+            settings = load_settings(**{**base, **overrides})
         self.settings = settings
         self.layout = Layout(settings.schema_name).with_source(
             source_table or DEFAULT_SOURCE_TABLE, time_column, price_column

@@ -85,7 +85,9 @@ class Settings(BaseSettings):
 
 
 def load_settings(**overrides: Any) -> Settings:
-    """Settings from the environment, with explicit (non-None) overrides from the command line."""
+    """Settings from the environment, with explicit (non-None) overrides from the command line
+    or a Python caller; a database given so (a URL, a URL file or a secret) replaces the
+    environment's, two given at once are an error."""
     from pydantic import ValidationError
 
     from bqx.errors import BqxError
@@ -93,9 +95,9 @@ def load_settings(**overrides: Any) -> Settings:
     values: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
     if isinstance(values.get("database_url"), str):
         values["database_url"] = SecretStr(values["database_url"])
-    if "database_url" in values:  # a URL given by the caller wins over the environment's
-        values.setdefault("database_url_file", None)
-        values.setdefault("database_secret", None)
+    if values.keys() & CREDENTIAL_SETTINGS:  # what the caller gives wins over the environment
+        for name in CREDENTIAL_SETTINGS:
+            values.setdefault(name, None)
     try:
         settings = Settings(**values)
     except ValidationError as exc:  # one line naming the setting, never its value

@@ -165,18 +165,12 @@ def freshness(
     return out
 
 
-def _has_bars(conn: psycopg.Connection, params: Params, pair: str) -> bool:
-    lake = lake_bars(params)
-    if lake is not None:
-        return pair in lake.listing()
-    return catalog.has_source(conn, params.layout, pair)
-
-
-def _currency(conn: psycopg.Connection, p: PairStatus, params: Params) -> None:
-    """Whether the pair's metrics are exactly its bars' now, as a plain backfill would see."""
+def _currency(conn: psycopg.Connection, p: PairStatus, params: Params, has_bars: bool) -> None:
+    """Whether the pair's metrics are exactly its bars' now, as a plain backfill would see;
+    ``has_bars``: its source exists (as ``freshness`` found it)."""
     todo = (
         outstanding(conn, params, default_destination(params), p.pair.lower())
-        if _has_bars(conn, params, p.pair.lower()) else None
+        if has_bars else None
     )  # fmt: skip
     if todo is None:
         p.note = (
@@ -207,11 +201,11 @@ def _pairs(conn: psycopg.Connection, layout: Layout, records: list[JobRecord]) -
         p.rows += int(r.rows_written or 0) if r.status == "done" else 0
         p.failed += r.status == "failed"
         p.running += r.status == "running"
-    fresh = freshness(conn, layout, list(pairs))
+    fresh = freshness(conn, layout, list(pairs))  # a pair without a source is left out
     for pair, params in pair_params(conn, layout, list(pairs)).items():
         p = pairs[pair]
         p.newest_bar, p.newest_metric, p.lag_s = fresh.get(pair, (None, None, None))
-        _currency(conn, p, params)
+        _currency(conn, p, params, pair in fresh)
     return list(pairs.values())
 
 

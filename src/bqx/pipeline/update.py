@@ -28,6 +28,7 @@ from bqx.core.layout import Layout
 from bqx.core.months import Month
 from bqx.core.params import Job, Params
 from bqx.core.symbols import validate_pair
+from bqx.core.text import format_duration
 from bqx.db.connect import DatabaseLike, connect, is_transient
 from bqx.destinations import Destination
 from bqx.destinations.postgres import PostgresPartitions
@@ -123,8 +124,9 @@ class UpdateResult:
                 busy = f" ({', '.join(p.busy)} left to a running backfill)" if p.busy else ""
                 lines.append(f"{p.pair.upper()}: +{p.new_rows:,} new, {p.changed_rows:,}"
                              f" changed, {p.deleted_rows:,} removed{busy}")  # fmt: skip
+        lag = format_duration(self.lag_max_s)
         lines.append(f"{self.rows:,} rows written for {len(self.pairs)} pairs in"
-                     f" {self.seconds:.2f}s · lag max {self.lag_max_s:.0f} s")  # fmt: skip
+                     f" {self.seconds:.2f} s · lag max {lag}")  # fmt: skip
         return "\n".join(lines)
 
     def summary(self) -> str:
@@ -136,7 +138,7 @@ class UpdateResult:
         tail = f" · {busy} months left to a running backfill" if busy else ""
         return (
             f"updated {len(wrote)} pairs ({pairs}{more}) · {self.rows} rows"
-            f" · lag max {self.lag_max_s:.0f} s · {self.seconds:.2f} s{tail}"
+            f" · lag max {format_duration(self.lag_max_s)} · {self.seconds:.2f} s{tail}"
         )
 
 

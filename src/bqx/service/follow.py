@@ -21,6 +21,7 @@ import tenacity
 from bqx import metrics
 from bqx.core.layout import Layout
 from bqx.core.symbols import validate_pair
+from bqx.core.text import format_duration
 from bqx.db.connect import DatabaseLike, connect, is_transient
 from bqx.errors import BqxError, InvalidOption
 from bqx.extras import require
@@ -164,8 +165,8 @@ class Follower:
             log.info("%s", result.summary())
         elif full and time.monotonic() - self.quiet_since >= 60:
             self.quiet_since = time.monotonic()
-            log.info("nothing new (%d pairs, lag max %.0f s; next such line in a minute"
-                     " at most)", len(result.pairs), result.lag_max_s)  # fmt: skip
+            log.info("nothing new (%d pairs, lag max %s; next such line in a minute"
+                     " at most)", len(result.pairs), format_duration(result.lag_max_s))  # fmt: skip
 
     def _log_pair_errors(self, result: UpdateResult) -> None:
         """A line when a pair starts failing or its error changes (then once a minute while

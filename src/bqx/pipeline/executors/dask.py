@@ -133,11 +133,16 @@ def check_workers(
         if res["host"] != local_host and is_unix_socket(url):
             raise BqxError(
                 f"Dask worker {addr} runs on host {res['host']} but the database URL is a Unix"
-                " socket on this host: set BQX_DATABASE_URL to a TCP address"
-                " (postgresql://user@host:5432/db) that every worker can reach (docs/scaling.md)"
+                " socket on this host: give a TCP address (postgresql://user@host:5432/db, through"
+                " BQX_DATABASE_URL, BQX_DATABASE_URL_FILE or the secret's host) that every"
+                " worker can reach (docs/scaling.md)"
             )
         if res["error"]:
-            hint = " (set BQX_DATABASE_URL to a TCP address)" if is_unix_socket(url) else ""
+            hint = (
+                " (give the database a TCP address every worker can reach)"
+                if is_unix_socket(url)
+                else ""
+            )
             raise BqxError(f"Dask worker {addr} cannot reach the database: {res['error']}{hint}")
         ok[addr] = res
     return ok
