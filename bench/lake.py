@@ -164,9 +164,7 @@ def main() -> None:
 
     pairs = list(REPORT_PAIRS[: args.pairs])
     first = Month(2024, 7)
-    last = first
-    for _ in range(args.months - 1):
-        last = last.next()
+    last = first.plus(args.months - 1)
     months = month_range(first, last)
     settings = load_settings(schema_name=BARS)
     url = resolve_url(settings)

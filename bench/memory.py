@@ -36,9 +36,7 @@ from bqx import Store
 from bqx.core.months import Month
 from bqx.core.symbols import REPORT_PAIRS
 n_pairs, n_months = int(sys.argv[1]), int(sys.argv[2])
-end = Month(2024, 7)
-for _ in range(n_months - 1):
-    end = end.next()
+end = Month(2024, 7).plus(n_months - 1)
 run = Store(schema=sys.argv[3]).backfill(
     list(REPORT_PAIRS[:n_pairs]), Month(2024, 7), end, workers=1, force=True,
     executor=sys.argv[4])
@@ -61,9 +59,7 @@ def main() -> None:
     from bqx.core.symbols import REPORT_PAIRS
     from common import store_for
 
-    end = Month(2024, 7)
-    for _ in range(months[-1] - 1):
-        end = end.next()
+    end = Month(2024, 7).plus(months[-1] - 1)
     store_for(load_settings(schema_name=SCHEMA), Layout(SCHEMA)).generate(
         list(REPORT_PAIRS[: args.pairs]), Month(2024, 7), end, workers=1
     )

@@ -68,9 +68,7 @@ def main() -> None:
     settings = load_settings(schema_name=SCHEMA)
     layout = Layout(SCHEMA)
     pairs = list(REPORT_PAIRS[: args.pairs])
-    end = Month(2024, 7)
-    for _ in range(args.months - 1):
-        end = end.next()
+    end = Month(2024, 7).plus(args.months - 1)
     months = month_range(Month(2024, 7), end)
     url = resolve_url(settings)
     with psycopg.connect(url) as conn:

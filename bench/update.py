@@ -85,9 +85,7 @@ def prepare(settings, layout: Layout, pairs: list[str], months: int) -> None:
     with connect(url, autocommit=True) as c:
         c.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(SCHEMA)))
     start = Month(2024, 7)
-    end = start
-    for _ in range(months - 1):
-        end = end.next()
+    end = start.plus(months - 1)
     t0 = time.monotonic()
     store_for(settings, layout).generate(pairs, start, end, seed=1, workers=2)
     print(f"generated in {time.monotonic() - t0:.0f} s", flush=True)

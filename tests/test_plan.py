@@ -246,3 +246,14 @@ def test_a_locked_source_table_gives_a_message_and_ctrl_c_interrupts_planning(
         assert time.monotonic() - t0 < 5  # not the 10 s lock timeout
         assert proc.returncode != 0
         assert conn.execute(waiting).fetchone()[0] == 0  # its queries were cancelled
+
+
+def test_a_month_plus_n_is_n_steps_of_next_or_prev():
+    """``Month.plus`` against stepping one month at a time, across year ends both ways."""
+    for start in (Month(2024, 1), Month(2024, 7), Month(2023, 12)):
+        ahead = behind = start
+        for n in range(0, 40):
+            assert start.plus(n) == ahead and start.plus(-n) == behind, (start, n)
+            ahead, behind = ahead.next(), behind.prev()
+    with pytest.raises(BqxError, match="invalid month"):
+        Month(2999, 12).plus(1)

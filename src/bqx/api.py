@@ -908,9 +908,7 @@ def run_demo(
     verify and write the report into ``out``. ``bqx`` is how the user runs bqx (the next steps
     are printed with it, so that they run as printed)."""
     pairs = list(pairs or REPORT_PAIRS)
-    end = DEMO_START
-    for _ in range(months - 1):
-        end = end.next()
+    end = DEMO_START.plus(months - 1)
     say(
         f"1/4 generating {plural(len(pairs), 'pair')} × {plural(months, 'month')} of bars"
         f" ({DEMO_START}..{end})"

@@ -58,6 +58,11 @@ class Month:
     def prev(self) -> Month:
         return Month(self.year - (self.month == 1), (self.month - 2) % 12 + 1)
 
+    def plus(self, months: int) -> Month:
+        """The month ``months`` later (earlier when negative)."""
+        year, month0 = divmod(self.year * 12 + self.month - 1 + months, 12)
+        return Month(year, month0 + 1)
+
     def __str__(self) -> str:
         return f"{self.year:04d}-{self.month:02d}"
 
