@@ -114,6 +114,28 @@ def test_existing_cluster_gives_the_local_executors_values_bit_for_bit(
     assert client.run(os.getpid) == pids
 
 
+def test_a_normal_end_lets_a_task_still_running_return_instead_of_killing_its_worker(
+    cluster, client, tmp_path
+):
+    """At a normal end every job is done: a task that is still running (starting, or making
+    its last empty claim) gets its grace and returns; its worker is not killed. The executor's
+    client is not Dask's default one, and the wait must use it (it did not: the grace never
+    happened and the user's workers were restarted)."""
+    pids = client.run(os.getpid)
+    addr = sorted(pids)[0]
+    executor = dask_executor.DaskExecutor(1, scheduler=cluster.scheduler_address)
+    mark = tmp_path / "returned"
+    slow = executor.client.submit(
+        lambda: (time.sleep(2), mark.write_text("yes")), key="bqx-test-slow", workers=[addr],
+        pure=False,
+    )  # fmt: skip
+    worker = f"{dask_executor._this_host()}:{pids[addr]}"
+    executor.tasks[slow.key] = dask_executor._Task(slow, addr, pids[addr], worker)
+    assert executor.shutdown() == [worker]
+    assert mark.exists()  # it waited for the task to return
+    assert client.run(os.getpid) == pids  # no worker killed or restarted
+
+
 def test_killed_dask_worker_is_restarted_and_its_job_redone_exactly(
     settings, layout, conn, bars, pg_url
 ):

@@ -363,7 +363,9 @@ class DaskExecutor:
         if sys.exc_info()[0] is None and self.client is not None:
             # a normal end: the last tasks are only making their final (empty) claim; killing
             # them would cost a worker restart. On Ctrl-C or an error they are stopped at once.
-            with contextlib.suppress(Exception):
+            # ``wait`` finds the client through the default one, which ours is not (without
+            # as_current it raised at once and the grace never happened)
+            with contextlib.suppress(Exception), self.client.as_current():
                 distributed.wait([t.future for t in tasks], timeout=FINISH_GRACE_S)
         running = [t for t in tasks if not t.future.done()]
         self.tasks = {}
